@@ -1,0 +1,49 @@
+"""Shared benchmark plumbing: device naming, timing, long-format CSV and plots."""
+
+from __future__ import annotations
+
+import csv
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def device_slug() -> str:
+    return "".join(c if c.isalnum() else "-" for c in device_name().lower()).strip("-").replace("--", "-")
+
+
+def time_ms(fn, warmup: int = 5, reps: int = 20) -> float:
+    """Median milliseconds of ``fn()``: CUDA events via triton.testing.do_bench on GPU, perf_counter on CPU."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup * 5, rep=reps * 5, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return sorted(samples)[len(samples) // 2]
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path

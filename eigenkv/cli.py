@@ -1,0 +1,135 @@
+"""Command line: ``eigenkv ppl ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+from eigenkv._atomic import atomic_write_json
+
+
+def _environment() -> dict:
+    import torch
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _ppl(args: argparse.Namespace) -> int:
+    import torch
+
+    from eigenkv.eval.data import load_windows
+    from eigenkv.eval.kv_memory import kv_cache_bytes
+    from eigenkv.eval.models import describe_model, load_model, resolve_dtype
+    from eigenkv.eval.perplexity import perplexity
+
+    dtype = resolve_dtype(args.dtype)
+    count = None if args.windows == "all" else int(args.windows)
+    if count is not None and count < 1:
+        raise ValueError(f"--windows must be >= 1 or 'all'; got {args.windows}")
+    config = {
+        "command": "ppl",
+        "model": args.model,
+        "dataset": args.dataset,
+        "split": args.split,
+        "windows": args.windows,
+        "start": args.start,
+        "seq_len": args.seq_len,
+        "bos": args.bos,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": args.batch_size,
+    }
+    out = Path(args.json) if args.json else None
+    if out is not None and out.exists() and not args.overwrite:
+        previous = json.loads(out.read_text())
+        if previous.get("config") != config:
+            raise FileExistsError(
+                f"{out} holds a result for another configuration ({previous.get('config')}); "
+                "choose another --json path or pass --overwrite"
+            )
+        print(previous["line"] + "  (already computed: " + str(out) + ")")
+        return 0
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device, cache=args.cache_dir)
+    windows = load_windows(
+        args.dataset,
+        tokenizer,
+        args.seq_len,
+        split=args.split,
+        start=args.start,
+        count=count,
+        bos=args.bos,
+        data_dir_path=args.data_dir,
+    )
+    result = perplexity(model, windows, batch_size=args.batch_size, progress=not args.quiet)
+    kv = kv_cache_bytes(model, seq_len=2048, batch_size=1)
+    line = (
+        f"{args.model} {windows.source} windows={result.windows}x{result.seq_len} (from #{windows.first}) "
+        f"bos={args.bos} {config['dtype']}: ppl={result.ppl:.4f} nll={result.nll:.5f} tokens={result.tokens} "
+        f"kv_fp16@2048={kv.gb:.4f}GB time={result.seconds:.1f}s"
+    )
+    print(line)
+    if out is not None:
+        atomic_write_json(
+            out,
+            {
+                "config": config,
+                "result": result.to_dict(),
+                "windows": windows.describe(),
+                "model": describe_model(args.model, args.cache_dir),
+                "kv_cache_fp16_n2048": kv.to_dict(),
+                "environment": {**_environment(), "device_used": device},
+                "line": line,
+            },
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eigenkv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ppl = sub.add_parser("ppl", help="perplexity of a model on token windows of a text")
+    ppl.add_argument("--model", default="smollm2-135m", help="embedded alias, local folder or hub id")
+    ppl.add_argument("--dataset", default="wikitext2", help="wikitext2, brown, or a path to a text file")
+    ppl.add_argument("--split", default=None, help="dataset split (wikitext2: test offline; brown: all)")
+    ppl.add_argument("--windows", default="16", help="number of windows, or 'all'")
+    ppl.add_argument("--start", type=int, default=0, help="index of the first window")
+    ppl.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
+    ppl.add_argument("--bos", default="none", choices=["none", "window", "stream"], help="BOS policy")
+    ppl.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    ppl.add_argument("--batch-size", type=int, default=1)
+    ppl.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ppl.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ppl.add_argument("--json", default=None, help="write the result here (atomically); reruns reuse it")
+    ppl.add_argument("--overwrite", action="store_true", help="recompute even if --json already holds the result")
+    ppl.add_argument("--cache-dir", default=None, help="eigenkv cache (default $EIGENKV_CACHE_DIR or ~/.cache/eigenkv)")
+    ppl.add_argument("--data-dir", default=None, help="offline data folder (default $EIGENKV_DATA_DIR)")
+    ppl.add_argument("--quiet", action="store_true", help="no progress bar")
+    ppl.set_defaults(func=_ppl)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
+        print(f"eigenkv {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

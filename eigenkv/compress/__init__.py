@@ -1,0 +1,1 @@
+"""Eigen Attention: low-rank bases from calibration data, folded into attention weights."""

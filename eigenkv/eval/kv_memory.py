@@ -1,0 +1,214 @@
+"""Honest KV-cache accounting: bytes of everything a cache stores.
+
+A cache is described by a :class:`KVLayout`: for every layer, how many KV heads
+it has and how one head's keys and values are stored per token (a *storage*).
+``KVLayout.nbytes(seq_len, batch_size)`` sums every component a storage names
+(dense data now; codes, scales, zero points, full-precision windows and bases
+as later storages add them), so every reported size comes from one place and a
+test compares it with the bytes a real cache holds (:func:`cache_tensor_bytes`).
+
+Sizes are reported in GB of 2^30 bytes, as the paper's Figure 3 does at batch
+1 and n = 2048: an fp16 Llama-2-7B cache of 2048 tokens is exactly 1.00 GB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+GB = 2**30
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Attention sizes of a decoder: layers, query heads, KV heads, head size."""
+
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    sliding_window: int | None = None  # tokens a sliding-window layer keeps, when the model uses one
+
+    @classmethod
+    def from_config(cls, config) -> "AttentionShape":
+        """Read a transformers config (Llama/Mistral/Qwen2 with GQA, OPT, MPT, GPT-2 style names)."""
+        config = getattr(config, "get_text_config", lambda: config)()
+        layers = getattr(config, "num_hidden_layers", None)
+        q_heads = getattr(config, "num_attention_heads", None)
+        hidden = getattr(config, "hidden_size", None)
+        if layers is None or q_heads is None:
+            raise ValueError(
+                f"unsupported model config {type(config).__name__}: it names no num_hidden_layers / "
+                "num_attention_heads; build a KVLayout by hand for this architecture"
+            )
+        kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
+        head_dim = getattr(config, "head_dim", None) or (hidden // q_heads if hidden else None)
+        if head_dim is None:
+            raise ValueError(f"{type(config).__name__} names neither head_dim nor hidden_size")
+        if q_heads % kv_heads:
+            raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types:
+            sliding = any(t == "sliding_attention" for t in layer_types)
+        else:
+            sliding = bool(getattr(config, "use_sliding_window", True))
+        return cls(
+            layers=int(layers),
+            q_heads=int(q_heads),
+            kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            sliding_window=int(window) if (window and sliding) else None,
+        )
+
+
+class Storage(Protocol):
+    """How one KV head's keys (or values) of one layer are stored."""
+
+    def nbytes(self, tokens: int) -> dict[str, int]:
+        """Bytes per component (e.g. ``{"data": ...}``) for one sequence of ``tokens`` tokens."""
+        ...
+
+
+@dataclass(frozen=True)
+class DenseStorage:
+    """Every token stored as ``width`` elements of ``dtype`` (``width`` = head size, or a rank)."""
+
+    width: int
+    dtype: torch.dtype = torch.float16
+
+    def __post_init__(self):
+        if self.width < 1:
+            raise ValueError(f"width must be >= 1; got {self.width}")
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"dense caches hold floating-point values; got {self.dtype}")
+
+    def nbytes(self, tokens: int) -> dict[str, int]:
+        return {"data": tokens * self.width * self.dtype.itemsize}
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's cache: ``kv_heads`` heads, each with its key and value storage."""
+
+    kv_heads: int
+    keys: Storage
+    values: Storage
+
+
+@dataclass(frozen=True)
+class KVBytes:
+    """Bytes a cache holds, by component (``"keys.data"``, ``"values.data"``, ...)."""
+
+    components: dict[str, int]
+    seq_len: int
+    batch_size: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def gb(self) -> float:
+        """Total in GB of 2^30 bytes."""
+        return self.total / GB
+
+    def fraction_of(self, other: "KVBytes") -> float:
+        """This size over ``other`` (e.g. over the fp16 cache of the same model)."""
+        return self.total / other.total
+
+    def to_dict(self) -> dict:
+        return {
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "bytes": self.total,
+            "gb": self.gb,
+            "components": dict(self.components),
+        }
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Per-layer storage of a KV cache, plus fixed bytes that do not grow with tokens."""
+
+    layers: tuple[LayerKV, ...]
+    fixed: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def dense(cls, shape: AttentionShape, dtype: torch.dtype = torch.float16) -> "KVLayout":
+        """The uncompressed cache of transformers' DynamicCache: ``d_h`` elements per head and token."""
+        storage = DenseStorage(shape.head_dim, dtype)
+        return cls(layers=tuple(LayerKV(shape.kv_heads, storage, storage) for _ in range(shape.layers)))
+
+    def nbytes(self, seq_len: int = 2048, batch_size: int = 1) -> KVBytes:
+        """Bytes held for ``batch_size`` sequences of ``seq_len`` tokens each."""
+        if seq_len < 0 or batch_size < 1:
+            raise ValueError(f"need seq_len >= 0 and batch_size >= 1; got {seq_len}, {batch_size}")
+        components: dict[str, int] = {}
+        for layer in self.layers:
+            for kind, storage in (("keys", layer.keys), ("values", layer.values)):
+                for name, nbytes in storage.nbytes(seq_len).items():
+                    key = f"{kind}.{name}"
+                    components[key] = components.get(key, 0) + nbytes * layer.kv_heads * batch_size
+        components.update(self.fixed)
+        return KVBytes(components=components, seq_len=seq_len, batch_size=batch_size)
+
+
+def kv_cache_bytes(
+    model_or_config,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    dtype: torch.dtype | None = None,
+) -> KVBytes:
+    """Bytes of the KV cache for ``batch_size`` sequences of ``seq_len`` tokens.
+
+    Args:
+        model_or_config: a ``KVLayout``, or a model / transformers config (uncompressed cache).
+        seq_len: tokens per sequence (the paper reports n = 2048).
+        batch_size: sequences (the paper reports batch 1).
+        dtype: element type of an uncompressed cache (default float16, as the
+            paper counts); not allowed with a ``KVLayout``, which carries its own.
+
+    Returns:
+        ``KVBytes``; ``.total`` in bytes, ``.gb`` in units of 2^30 bytes.
+    """
+    if isinstance(model_or_config, KVLayout):
+        if dtype is not None:
+            raise ValueError("a KVLayout carries its own storage dtypes; do not pass dtype with it")
+        return model_or_config.nbytes(seq_len, batch_size)
+    config = getattr(model_or_config, "config", model_or_config)
+    shape = AttentionShape.from_config(config)
+    if shape.sliding_window is not None and seq_len > shape.sliding_window:
+        raise NotImplementedError(
+            f"{type(config).__name__} uses sliding-window attention (window {shape.sliding_window} < seq_len "
+            f"{seq_len}); its cache keeps fewer tokens than the sequence and this accounting does not model that"
+        )
+    layout = KVLayout.dense(shape, dtype or torch.float16)
+    return layout.nbytes(seq_len, batch_size)
+
+
+def cache_tensor_bytes(cache) -> int:
+    """Bytes of every distinct tensor reachable from a transformers ``Cache`` (or a tuple cache).
+
+    Walks the object's attributes, lists and dicts, so whatever a cache class
+    stores (keys, values, codes, scales, windows) is counted once.
+    """
+    seen: set[int] = set()
+    total = 0
+    stack = [cache]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            total += obj.numel() * obj.element_size()
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+            stack.extend(vars(obj).values())
+    return total

@@ -1,0 +1,46 @@
+"""Shared launcher plumbing: launch configs, compile specs and device checks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Compile-time block sizes and warps of one launch."""
+
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compilation of a kernel: argument types and constexpr values, as a launcher uses it."""
+
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+
+
+def check_kernel_device(x: torch.Tensor, kernel: str, reference: str) -> None:
+    """Refuse tensors a Triton kernel cannot run on, naming the fix."""
+    if x.is_cuda:
+        return
+    if x.device.type == "cpu" and interpreting():
+        return
+    raise RuntimeError(
+        f"{kernel} runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, set before importing eigenkv.kernels); "
+        f"got a {x.device.type} tensor: move it to CUDA or call {reference}"
+    )

@@ -1,0 +1,1 @@
+"""Group-wise integer quantization of the KV cache."""

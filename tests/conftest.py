@@ -1,0 +1,45 @@
+"""Test setup that must happen before any eigenkv module is imported.
+
+- Without a CUDA device, Triton kernels run in the interpreter: TRITON_INTERPRET
+  is read when ``@triton.jit`` decorates a function, so it is set here, first.
+- Hub lookups are switched off (each would wait ~50 s before failing offline).
+- EIGENKV_DATA_DIR points at ../shared/data when that folder exists.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_shared_data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if "EIGENKV_DATA_DIR" not in os.environ and _shared_data.is_dir():
+    os.environ["EIGENKV_DATA_DIR"] = str(_shared_data)
+
+import torch  # noqa: E402  (after the environment above)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 STAMP = $(VENV)/.installed
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all lint clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --runslow
+
+lint: $(STAMP)
+	$(BIN)/pip install --quiet ruff
+	$(BIN)/ruff check eigenkv tests benchmarks && $(BIN)/ruff format --check eigenkv tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -44,16 +44,23 @@ def main() -> None:
                 x = torch.randn(tokens, dim, dtype=dtype, device=device)
                 stats_bytes = x.numel() * x.element_size() + 2 * (x.numel() // group) * x.element_size()
                 for name, fn in providers.items():
-                    ms = time_ms(lambda: fn(x, group))
+                    ms = time_ms(lambda fn=fn, x=x, group=group: fn(x, group))
                     moved = 2 * x.numel() * x.element_size() if name == "copy" else stats_bytes
                     common = {
-                        "kernel": "group_minmax", "provider": name, "dtype": str(dtype).removeprefix("torch."),
-                        "tokens": tokens, "dim": dim, "group": group, "device": device_name(),
+                        "kernel": "group_minmax",
+                        "provider": name,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "tokens": tokens,
+                        "dim": dim,
+                        "group": group,
+                        "device": device_name(),
                     }
                     rows.append({**common, "metric": "ms", "value": round(ms, 5)})
                     rows.append({**common, "metric": "GB/s", "value": round(moved / ms / 1e6, 2)})
-                    print(f"{name:7s} {common['dtype']:9s} tokens={tokens:6d} dim={dim:5d} G={group:4d} "
-                          f"{ms:8.4f} ms {moved / ms / 1e6:8.1f} GB/s")
+                    print(
+                        f"{name:7s} {common['dtype']:9s} tokens={tokens:6d} dim={dim:5d} G={group:4d} "
+                        f"{ms:8.4f} ms {moved / ms / 1e6:8.1f} GB/s"
+                    )
     out = write_csv(rows, Path(args.out) if args.out else RESULTS / f"group_minmax_{device_slug()}.csv")
     print(f"wrote {out}")
     _plot(rows, out.with_suffix(".png"))
@@ -67,8 +74,15 @@ def _plot(rows: list[dict], path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for provider in sorted({r["provider"] for r in rows}):
-        pts = [r for r in rows if r["provider"] == provider and r["metric"] == "GB/s"
-               and r["dtype"] == "float16" and r["dim"] == 1024 and r["group"] == 64]
+        pts = [
+            r
+            for r in rows
+            if r["provider"] == provider
+            and r["metric"] == "GB/s"
+            and r["dtype"] == "float16"
+            and r["dim"] == 1024
+            and r["group"] == 64
+        ]
         ax.plot([r["tokens"] for r in pts], [r["value"] for r in pts], marker="o", label=provider)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens (dim 1024, group 64, fp16)")

@@ -33,7 +33,20 @@ def _ppl(args: argparse.Namespace) -> int:
     from eigenkv.eval.models import describe_model, load_model, resolve_dtype
     from eigenkv.eval.perplexity import perplexity
 
+    from eigenkv.quant import KVQuantConfig, QuantizedKV
+
     dtype = resolve_dtype(args.dtype)
+    quant = None
+    if args.kv_bits is not None:
+        quant = KVQuantConfig(
+            bits=args.kv_bits,
+            group_size=args.kv_group,
+            axis_k=args.kv_axis_k,
+            axis_v=args.kv_axis_v,
+            residual=args.kv_residual,
+            symmetric=args.kv_symmetric,
+            rotate=args.kv_rotate,
+        )
     count = None if args.windows == "all" else int(args.windows)
     if count is not None and count < 1:
         raise ValueError(f"--windows must be >= 1 or 'all'; got {args.windows}")
@@ -48,6 +61,7 @@ def _ppl(args: argparse.Namespace) -> int:
         "bos": args.bos,
         "dtype": str(dtype).removeprefix("torch."),
         "batch_size": args.batch_size,
+        "kv_quant": None if quant is None else quant.to_dict(),
     }
     out = Path(args.json) if args.json else None
     if out is not None and out.exists() and not args.overwrite:
@@ -74,12 +88,20 @@ def _ppl(args: argparse.Namespace) -> int:
         bos=args.bos,
         data_dir_path=args.data_dir,
     )
-    result = perplexity(model, windows, batch_size=args.batch_size, progress=not args.quiet)
-    kv = kv_cache_bytes(model, seq_len=2048, batch_size=1)
+    if quant is None:
+        result = perplexity(model, windows, batch_size=args.batch_size, progress=not args.quiet)
+    else:
+        with QuantizedKV(model, quant) as kv_quant:
+            result = perplexity(
+                model, windows, batch_size=args.batch_size, progress=not args.quiet, make_cache=kv_quant.new_cache
+            )
+    kv = kv_cache_bytes(model, seq_len=2048, batch_size=1, quant=quant)
+    kv_fp16 = kv_cache_bytes(model, seq_len=2048, batch_size=1)
     line = (
         f"{args.model} {windows.source} windows={result.windows}x{result.seq_len} (from #{windows.first}) "
-        f"bos={args.bos} {config['dtype']}: ppl={result.ppl:.4f} nll={result.nll:.5f} tokens={result.tokens} "
-        f"kv_fp16@2048={kv.gb:.4f}GB time={result.seconds:.1f}s"
+        f"bos={args.bos} {config['dtype']} kv={'fp16' if quant is None else quant.label()}: "
+        f"ppl={result.ppl:.4f} nll={result.nll:.5f} tokens={result.tokens} "
+        f"kv@2048={kv.gb:.4f}GB ({kv.fraction_of(kv_fp16):.3f} of fp16) time={result.seconds:.1f}s"
     )
     print(line)
     if out is not None:
@@ -90,7 +112,8 @@ def _ppl(args: argparse.Namespace) -> int:
                 "result": result.to_dict(),
                 "windows": windows.describe(),
                 "model": describe_model(args.model, args.cache_dir),
-                "kv_cache_fp16_n2048": kv.to_dict(),
+                "kv_cache_n2048": kv.to_dict(),
+                "kv_fraction_of_fp16": kv.fraction_of(kv_fp16),
                 "environment": {**_environment(), "device_used": device},
                 "line": line,
             },
@@ -118,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--cache-dir", default=None, help="eigenkv cache (default $EIGENKV_CACHE_DIR or ~/.cache/eigenkv)")
     ppl.add_argument("--data-dir", default=None, help="offline data folder (default $EIGENKV_DATA_DIR)")
     ppl.add_argument("--quiet", action="store_true", help="no progress bar")
+    quant = ppl.add_argument_group("quantized KV cache (off unless --kv-bits is given)")
+    quant.add_argument("--kv-bits", type=int, default=None, help="2, 3, 4 or 8")
+    quant.add_argument("--kv-group", type=int, default=64, help="group size")
+    quant.add_argument("--kv-axis-k", default="channel", choices=["channel", "token"], help="key grouping")
+    quant.add_argument("--kv-axis-v", default="token", choices=["channel", "token"], help="value grouping")
+    quant.add_argument("--kv-residual", type=int, default=0, help="recent tokens kept in full precision")
+    quant.add_argument("--kv-symmetric", action="store_true", help="scale only, no zero point")
+    quant.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate the head dimension first")
     ppl.set_defaults(func=_ppl)
     return parser
 

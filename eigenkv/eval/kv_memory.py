@@ -32,7 +32,7 @@ class AttentionShape:
     sliding_window: int | None = None  # tokens a sliding-window layer keeps, when the model uses one
 
     @classmethod
-    def from_config(cls, config) -> "AttentionShape":
+    def from_config(cls, config) -> AttentionShape:
         """Read a transformers config (Llama/Mistral/Qwen2 with GQA, OPT, MPT, GPT-2 style names)."""
         config = getattr(config, "get_text_config", lambda: config)()
         layers = getattr(config, "num_hidden_layers", None)
@@ -115,7 +115,7 @@ class KVBytes:
         """Total in GB of 2^30 bytes."""
         return self.total / GB
 
-    def fraction_of(self, other: "KVBytes") -> float:
+    def fraction_of(self, other: KVBytes) -> float:
         """This size over ``other`` (e.g. over the fp16 cache of the same model)."""
         return self.total / other.total
 
@@ -137,7 +137,7 @@ class KVLayout:
     fixed: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def dense(cls, shape: AttentionShape, dtype: torch.dtype = torch.float16) -> "KVLayout":
+    def dense(cls, shape: AttentionShape, dtype: torch.dtype = torch.float16) -> KVLayout:
         """The uncompressed cache of transformers' DynamicCache: ``d_h`` elements per head and token."""
         storage = DenseStorage(shape.head_dim, dtype)
         return cls(layers=tuple(LayerKV(shape.kv_heads, storage, storage) for _ in range(shape.layers)))
@@ -161,22 +161,26 @@ def kv_cache_bytes(
     seq_len: int = 2048,
     batch_size: int = 1,
     dtype: torch.dtype | None = None,
+    quant=None,
 ) -> KVBytes:
     """Bytes of the KV cache for ``batch_size`` sequences of ``seq_len`` tokens.
 
     Args:
-        model_or_config: a ``KVLayout``, or a model / transformers config (uncompressed cache).
+        model_or_config: a ``KVLayout``, or a model / transformers config.
         seq_len: tokens per sequence (the paper reports n = 2048).
         batch_size: sequences (the paper reports batch 1).
-        dtype: element type of an uncompressed cache (default float16, as the
-            paper counts); not allowed with a ``KVLayout``, which carries its own.
+        dtype: element type of the cache, or of a quantized cache's
+            full-precision window (default float16, as the paper counts); not
+            allowed with a ``KVLayout``, which carries its own.
+        quant: a ``KVQuantConfig`` for a quantized cache (codes, scales, zero
+            points, window); None for an uncompressed one.
 
     Returns:
         ``KVBytes``; ``.total`` in bytes, ``.gb`` in units of 2^30 bytes.
     """
     if isinstance(model_or_config, KVLayout):
-        if dtype is not None:
-            raise ValueError("a KVLayout carries its own storage dtypes; do not pass dtype with it")
+        if dtype is not None or quant is not None:
+            raise ValueError("a KVLayout carries its own storage; do not pass dtype or quant with it")
         return model_or_config.nbytes(seq_len, batch_size)
     config = getattr(model_or_config, "config", model_or_config)
     shape = AttentionShape.from_config(config)
@@ -185,7 +189,12 @@ def kv_cache_bytes(
             f"{type(config).__name__} uses sliding-window attention (window {shape.sliding_window} < seq_len "
             f"{seq_len}); its cache keeps fewer tokens than the sequence and this accounting does not model that"
         )
-    layout = KVLayout.dense(shape, dtype or torch.float16)
+    if quant is None:
+        layout = KVLayout.dense(shape, dtype or torch.float16)
+    else:
+        from eigenkv.quant.accounting import quantized_layout
+
+        layout = quantized_layout(shape, quant, dtype or torch.float16)
     return layout.nbytes(seq_len, batch_size)
 
 

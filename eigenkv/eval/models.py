@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from eigenkv._atomic import atomic_directory, atomic_write_json
+from eigenkv._env import env_flag
 
 DTYPES = {
     "float32": torch.float32,
@@ -188,7 +189,9 @@ def load_model(
         looks_local = local.is_absolute() or key.startswith((".", "~")) or key.count("/") > 1
         if local.exists():
             if not (local / "config.json").is_file():
-                raise FileNotFoundError(f"{local} exists but has no config.json; pass a folder written by save_pretrained")
+                raise FileNotFoundError(
+                    f"{local} exists but has no config.json; pass a folder written by save_pretrained"
+                )
             folder = local
         elif looks_local:
             raise FileNotFoundError(f"model folder {local} does not exist")
@@ -199,7 +202,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        offline = env_flag("HF_HUB_OFFLINE")
         raise FileNotFoundError(
             f"cannot load model {key!r}: {err}\n"
             f"It is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local folder"

@@ -44,17 +44,22 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def window_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
+def window_nll(model, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
     """Summed next-token NLL of each row.
 
     Args:
         model: a Hugging Face causal LM.
         input_ids: ``(batch, seq_len)`` int64 on the model's device.
+        cache: an empty transformers ``Cache`` the forward writes to and reads
+            from (a quantized cache, say); None for a plain cacheless forward.
 
     Returns:
         ``(batch,)`` float64: sum over positions ``1..seq_len-1`` of ``-log p(x_t | x_<t)``.
     """
-    logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+    if cache is None:
+        logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+    else:
+        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
     logits = logits[:, :-1].float()
     targets = input_ids[:, 1:]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
@@ -69,6 +74,7 @@ def perplexity(
     batch_size: int = 1,
     progress: bool = True,
     desc: str = "perplexity",
+    make_cache=None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` over every window, each window a full causal forward.
 
@@ -77,13 +83,18 @@ def perplexity(
         windows: ``TokenWindows`` or an int64 tensor ``(num_windows, seq_len)``.
         batch_size: windows per forward.
         progress: show a tqdm bar.
+        make_cache: called once per batch for a fresh, empty ``Cache`` that every
+            attention read goes through (e.g. ``QuantizedKV.new_cache``), so the
+            perplexity reflects what that cache stores; None: no cache.
 
     Returns:
         ``PerplexityResult``; NLL is accumulated in float64 over all predicted tokens.
     """
     ids = windows.input_ids if isinstance(windows, TokenWindows) else windows
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
-        raise ValueError(f"windows must be TokenWindows or an int64 tensor (num_windows, seq_len); got {_describe(ids)}")
+        raise ValueError(
+            f"windows must be TokenWindows or an int64 tensor (num_windows, seq_len); got {_describe(ids)}"
+        )
     num, seq_len = ids.shape
     if num < 1 or seq_len < 2:
         raise ValueError(f"need at least one window of >= 2 tokens; got shape {tuple(ids.shape)}")
@@ -102,7 +113,8 @@ def perplexity(
         with tqdm(total=num, desc=desc, unit="win", disable=not progress, leave=False) as bar:
             for i in range(0, num, batch_size):
                 batch = ids[i : i + batch_size].to(device)
-                total += float(window_nll(model, batch).sum())
+                cache = None if make_cache is None else make_cache()
+                total += float(window_nll(model, batch, cache).sum())
                 bar.update(batch.shape[0])
                 bar.set_postfix(ppl=f"{math.exp(total / ((i + batch.shape[0]) * (seq_len - 1))):.3f}")
     finally:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
+
+from eigenkv._env import env_flag
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class KernelSpec:
 
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+    return env_flag("TRITON_INTERPRET")
 
 
 def check_kernel_device(x: torch.Tensor, kernel: str, reference: str) -> None:

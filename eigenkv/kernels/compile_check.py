@@ -36,8 +36,16 @@ def compile_spec(spec: KernelSpec, capability: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    src = ASTSource(fn=spec.fn, signature={**spec.signature, **{k: "constexpr" for k in spec.constexprs}}, constexprs=spec.constexprs)
-    compiled = compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    src = ASTSource(
+        fn=spec.fn,
+        signature={**spec.signature, **{k: "constexpr" for k in spec.constexprs}},
+        constexprs=spec.constexprs,
+    )
+    compiled = compile(
+        src,
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()

@@ -114,7 +114,13 @@ def compile_specs():
             yield KernelSpec(
                 name=f"group_minmax[{dtype},G={block_g}]",
                 fn=_group_minmax_kernel,
-                signature={"X": f"*{dtype}", "MIN": f"*{dtype}", "MAX": f"*{dtype}", "n_rows": "i32", "n_groups": "i32"},
+                signature={
+                    "X": f"*{dtype}",
+                    "MIN": f"*{dtype}",
+                    "MAX": f"*{dtype}",
+                    "n_rows": "i32",
+                    "n_groups": "i32",
+                },
                 constexprs={"GROUP": block_g, **cfg.constexprs},
                 num_warps=cfg.num_warps,
             )

@@ -1,1 +1,27 @@
-"""Group-wise integer quantization of the KV cache."""
+"""Group-wise integer quantization of the KV cache.
+
+- ``reference``: pure torch quantize / dequantize (2, 3, 4, 8 bits; symmetric or
+  not; groups along any axis) and the Hadamard rotation.
+- ``packing``: dense bit packing of codes (3 bits as a 2-bit and a 1-bit plane).
+- ``store`` / ``cache``: a transformers ``Cache`` that holds packed codes, scales,
+  zero points and a full-precision window, read causally by perplexity.
+- ``accounting``: its bytes for any model config, equal to what it holds.
+"""
+
+from eigenkv.quant.cache import QuantizedKV, QuantizedKVCache
+from eigenkv.quant.config import KVQuantConfig
+from eigenkv.quant.packing import pack, packed_length, unpack
+from eigenkv.quant.reference import dequantize, fake_quantize, hadamard, quantize
+
+__all__ = [
+    "KVQuantConfig",
+    "QuantizedKV",
+    "QuantizedKVCache",
+    "dequantize",
+    "fake_quantize",
+    "hadamard",
+    "pack",
+    "packed_length",
+    "quantize",
+    "unpack",
+]

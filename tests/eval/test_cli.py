@@ -23,8 +23,20 @@ def text_file(tmp_path):
 
 
 def _args(model_dir, text_file, out, windows="3"):
-    return ["ppl", "--model", str(model_dir), "--dataset", str(text_file), "--windows", windows,
-            "--seq-len", "64", "--json", str(out), "--quiet"]
+    return [
+        "ppl",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(text_file),
+        "--windows",
+        windows,
+        "--seq-len",
+        "64",
+        "--json",
+        str(out),
+        "--quiet",
+    ]
 
 
 def test_ppl_prints_one_line_writes_json_and_reuses_it(model_dir, text_file, tmp_path, capsys):
@@ -35,7 +47,7 @@ def test_ppl_prints_one_line_writes_json_and_reuses_it(model_dir, text_file, tmp
     record = json.loads(out.read_text())
     assert record["result"]["windows"] == 3 and record["result"]["tokens"] == 3 * 63
     assert record["windows"]["seq_len"] == 64 and record["config"]["seq_len"] == 64
-    assert record["kv_cache_fp16_n2048"]["bytes"] == 2 * 2 * 2 * 16 * 2048 * 2
+    assert record["kv_cache_n2048"]["bytes"] == 2 * 2 * 2 * 16 * 2048 * 2
 
     stamp = out.stat().st_mtime_ns
     assert main(_args(model_dir, text_file, out)) == 0  # same config: reuse, do not recompute

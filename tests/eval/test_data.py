@@ -51,6 +51,19 @@ def test_train_split_is_not_offline(monkeypatch, tmp_path):
         load_text("wikitext2", "train")
 
 
+def test_wikitext2_goes_to_the_hub_only_when_allowed(monkeypatch, tmp_path):
+    from eigenkv.eval import data
+
+    monkeypatch.setenv("EIGENKV_DATA_DIR", str(tmp_path))  # no offline file there
+    monkeypatch.setattr(data, "_read_wikitext_from_hub", lambda split: f"hub {split}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    assert load_text("wikitext2", "train") == "hub train"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="unset HF_DATASETS_OFFLINE"):
+        load_text("wikitext2", "test")
+
+
 def test_local_text_file(tmp_path):
     path = tmp_path / "doc.txt"
     path.write_bytes(b"line one\r\nline two\r\n")

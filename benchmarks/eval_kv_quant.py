@@ -1,0 +1,96 @@
+"""Perplexity and KV size of the quantized cache over a grid of settings (issue 3's table).
+
+For bits x group size x axes (per-token, KIVI-style) x rotation, evaluates the
+model through ``QuantizedKVCache`` (every attention read of the past goes
+through the cache) and records perplexity and the cache's bytes at n = 2048
+(fp16 window, as the paper counts). One JSON line per point is appended to
+``<out>/points.jsonl`` as it finishes; a rerun skips finished points. A
+markdown table is written at the end.
+
+    EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 python benchmarks/eval_kv_quant.py --windows 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from eigenkv._atomic import atomic_write_json, atomic_write_text
+from eigenkv.eval import kv_cache_bytes, load_model, load_windows, perplexity
+from eigenkv.quant import KVQuantConfig, QuantizedKV
+
+AXES = {"per-token": ("token", "token"), "KIVI": ("channel", "token")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--bits", default="8,4,3,2")
+    parser.add_argument("--groups", default="128,64,32")
+    parser.add_argument("--residual", type=int, default=0)
+    parser.add_argument("--out", default=None, help="run folder (default results/kv_quant_<model>_<windows>x<seq>)")
+    args = parser.parse_args()
+    out = Path(args.out or f"results/kv_quant_{args.model}_{args.windows}x{args.seq_len}")
+    out.mkdir(parents=True, exist_ok=True)
+    run_config = vars(args) | {"torch": torch.__version__, "machine": platform.machine()}
+    config_file = out / "run_config.json"
+    if config_file.exists() and json.loads(config_file.read_text()) | {"out": None} != run_config | {"out": None}:
+        raise SystemExit(f"{out} holds a run with another configuration; choose another --out")
+    atomic_write_json(config_file, run_config)
+    points_file = out / "points.jsonl"
+    done = {}
+    if points_file.exists():
+        for line in points_file.read_text().splitlines():
+            row = json.loads(line)
+            done[row["label"]] = row
+
+    model, tokenizer = load_model(args.model)
+    windows = load_windows("wikitext2", tokenizer, args.seq_len, count=args.windows)
+    fp16 = kv_cache_bytes(model)
+    settings = [("fp16", None)]
+    for bits, group, (axes_name, (axis_k, axis_v)), rotate in itertools.product(
+        [int(b) for b in args.bits.split(",")], [int(g) for g in args.groups.split(",")], AXES.items(), (False, True)
+    ):
+        cfg = KVQuantConfig(bits=bits, group_size=group, axis_k=axis_k, axis_v=axis_v, residual=args.residual, rotate=rotate)
+        settings.append((f"{axes_name} {cfg.label()}", cfg))
+    for label, cfg in settings:
+        if label in done:
+            continue
+        if cfg is None:
+            result = perplexity(model, windows, desc=label)
+        else:
+            with QuantizedKV(model, cfg) as kv:
+                result = perplexity(model, windows, make_cache=kv.new_cache, desc=label)
+        kv_bytes = kv_cache_bytes(model, quant=cfg)
+        row = {
+            "label": label,
+            "config": None if cfg is None else cfg.to_dict(),
+            "ppl": result.ppl,
+            "kv_gb_n2048": kv_bytes.gb,
+            "fraction_of_fp16": kv_bytes.fraction_of(fp16),
+            "tokens": result.tokens,
+            "seconds": result.seconds,
+            "windows": windows.describe(),
+        }
+        with open(points_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        done[label] = row
+        print(f"{label:32s} ppl={result.ppl:9.4f} kv={kv_bytes.gb:.5f} GB ({kv_bytes.fraction_of(fp16):.3f})", flush=True)
+
+    lines = ["| setting | KV GB (n=2048) | fraction of fp16 | ppl |", "|---|---|---|---|"]
+    for label, _ in settings:
+        row = done[label]
+        lines.append(f"| {label} | {row['kv_gb_n2048']:.5f} | {row['fraction_of_fp16']:.3f} | {row['ppl']:.3f} |")
+    atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

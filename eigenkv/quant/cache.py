@@ -1,0 +1,221 @@
+"""A quantized KV cache for Hugging Face models, and attention that reads it causally.
+
+``QuantizedKVCache`` is a transformers ``Cache``: each layer keeps its keys and
+values in a :class:`~eigenkv.quant.store.QuantizedStream` (packed codes, scales,
+zero points and a full-precision window) and hands attention what it holds,
+dequantized. It works with ``model.generate`` and, one fresh cache per window,
+with :func:`eigenkv.eval.perplexity`.
+
+Causal reads in a multi-token forward. When one forward appends many tokens
+(a prompt, or a perplexity window), the token at position ``p`` must see the
+past as the cache would hold it after ``p + 1`` tokens: key ``j`` quantized if
+``j < T_q(p + 1)``, in full precision otherwise. (Attending to the unquantized
+states, as transformers' own QuantizedCache does in prefill, measures nothing.)
+The cache tags the tensors it returns with their unquantized twins and the
+per-query boundaries ``T_q(p + 1)``; the attention function registered as
+``"eigenkv_quant"`` builds the scores from both. Inside ``QuantizedKV(model,
+config)`` the model uses that attention function; a token-by-token decode
+through the same cache gives the same logits (a test).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from eigenkv.quant.config import KVQuantConfig
+from eigenkv.quant.reference import hadamard
+from eigenkv.quant.store import QuantizedStream, quantized_prefix
+
+ATTN_NAME = "eigenkv_quant"
+# Attribute set on the key/value tensors a multi-token update returns: (unquantized twin, boundaries).
+_TWIN = "_eigenkv_unquantized"
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """One layer of a :class:`QuantizedKVCache`."""
+
+    def __init__(self, config: KVQuantConfig, rotation_source: QuantizedKVCache):
+        super().__init__()
+        self.config = config
+        self._cache = rotation_source
+        self.key_stream: QuantizedStream | None = None
+        self.value_stream: QuantizedStream | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        rotation = self._cache.rotation(key_states.shape[-1], key_states.device)
+        self.key_stream = QuantizedStream(self.config, self.config.axis_k, rotation)
+        self.value_stream = QuantizedStream(self.config, self.config.axis_v, rotation)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``(B, H_kv, s, D)`` keys and values; return all held keys and values ``(B, H_kv, m, D)``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.key_stream.tokens
+        keys, keys_fp = self.key_stream.append(key_states)
+        values, values_fp = self.value_stream.append(value_states)
+        new = key_states.shape[-2]
+        if new > 1:
+            cfg = self.config
+            positions = range(start + 1, start + new + 1)
+            for held, twin, axis in ((keys, keys_fp, cfg.axis_k), (values, values_fp, cfg.axis_v)):
+                bounds = [quantized_prefix(m, axis, cfg.group_size, cfg.residual) for m in positions]
+                flushed_from = quantized_prefix(start, axis, cfg.group_size, cfg.residual)
+                # Query p (holding m = p + 1 tokens) reads the twin of token j in [bound, m) that this
+                # call quantized (j < bounds[-1]); tag only when that happens for some query.
+                if any(max(b, flushed_from) < min(m, bounds[-1]) for b, m in zip(bounds, positions)):
+                    setattr(held, _TWIN, (twin, torch.tensor(bounds, device=held.device)))
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return 0 if self.key_stream is None else self.key_stream.tokens
+
+    def reset(self) -> None:
+        self.key_stream = self.value_stream = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a quantized KV cache cannot drop tokens (its groups span several tokens)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported by QuantizedKVCache; use greedy or sampling")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("QuantizedKVCache does not support batch expansion (num_return_sequences > 1)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("QuantizedKVCache does not support batch selection")
+
+    def streams(self) -> tuple[QuantizedStream, ...]:
+        return () if self.key_stream is None else (self.key_stream, self.value_stream)
+
+
+class QuantizedKVCache(Cache):
+    """transformers ``Cache`` holding packed quantized keys and values (see the module doc).
+
+    Args:
+        config: the quantization settings.
+        model_config: the model's config (number of layers).
+    """
+
+    def __init__(self, config: KVQuantConfig, model_config):
+        text_config = getattr(model_config, "get_text_config", lambda **_: model_config)(decoder=True)
+        layer_types = getattr(text_config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"QuantizedKVCache supports full-attention layers only; this model has {set(layer_types)}")
+        self.config = config
+        self._rotation: torch.Tensor | None = None
+        super().__init__(layers=[QuantizedKVLayer(config, self) for _ in range(text_config.num_hidden_layers)])
+
+    def rotation(self, head_dim: int, device) -> torch.Tensor | None:
+        """The Hadamard matrix shared by all layers (created on first use), or None without ``rotate``."""
+        if not self.config.rotate:
+            return None
+        if self._rotation is None:
+            self._rotation = hadamard(head_dim, torch.float32, device)
+        return self._rotation
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held right now, by component: codes, scales, zeros, window (and the rotation matrix)."""
+        total = {"codes": 0, "scales": 0, "zeros": 0, "window": 0}
+        for layer in self.layers:
+            for stream in layer.streams():
+                for name, n in stream.nbytes().items():
+                    total[name] += n
+        if self._rotation is not None:
+            total["rotation"] = self._rotation.numel() * self._rotation.element_size()
+        return total
+
+
+def quantized_cache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over a :class:`QuantizedKVCache` with causal quantization (see the module doc).
+
+    Args follow transformers' attention interface: ``query`` (B, H, T, D),
+    ``key``/``value`` (B, H_kv, S, D), ``attention_mask`` additive (B, 1, T, S) or None.
+    Returns ``(output (B, T, H, D), None)``.
+
+    Each key position ``j`` appears in up to four versions (key quantized or
+    not, value quantized or not); the keys and values are concatenated over the
+    versions present and a boolean mask lets query ``p`` see exactly one version
+    of each ``j``, so one fused SDPA call computes the mixed attention.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    key_twin, value_twin = getattr(key, _TWIN, None), getattr(value, _TWIN, None)
+    if key_twin is None and value_twin is None:  # decode step, or no query sees a full-precision twin
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    seq = key.shape[-2]
+    positions = torch.arange(seq, device=query.device)
+
+    def versions(held, twin):  # [(tensor, (T, S) bool: query p reads this version of key j)]
+        if twin is None:
+            return [(held, torch.ones(1, seq, dtype=torch.bool, device=query.device))]
+        twin_tensor, bounds = twin
+        quantized = positions[None, :] < bounds[:, None]
+        return [(held, quantized), (twin_tensor, ~quantized)]
+
+    keys, values, masks = [], [], []
+    for k, k_mask in versions(key, key_twin):
+        for v, v_mask in versions(value, value_twin):
+            keys.append(k)
+            values.append(v)
+            masks.append(k_mask & v_mask)
+    allowed = torch.cat(masks, dim=-1)  # (T, n * S)
+    if attention_mask is not None:
+        visible = attention_mask[..., :seq] > torch.finfo(attention_mask.dtype).min / 2  # (B, 1, T, S)
+        allowed = allowed & visible.repeat(1, 1, 1, len(masks))
+    groups = query.shape[1] // key.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        torch.cat(keys, dim=-2).repeat_interleave(groups, dim=1),
+        torch.cat(values, dim=-2).repeat_interleave(groups, dim=1),
+        attn_mask=allowed,
+        scale=scaling,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTN_NAME, quantized_cache_attention)
+    AttentionMaskInterface.register(ATTN_NAME, eager_mask)  # an explicit additive mask, always materialised
+
+
+class QuantizedKV:
+    """Reversible switch of a model to quantized-KV attention, and a factory of caches.
+
+    Example::
+
+        with QuantizedKV(model, KVQuantConfig(bits=4, group_size=64)) as kv:
+            ppl = perplexity(model, windows, make_cache=kv.new_cache)
+            out = model.generate(ids, past_key_values=kv.new_cache(), max_new_tokens=20)
+    """
+
+    def __init__(self, model, config: KVQuantConfig):
+        if not isinstance(config, KVQuantConfig):
+            raise TypeError(f"config must be a KVQuantConfig; got {type(config).__name__}")
+        self.model = model
+        self.config = config
+        self._previous: str | None = None
+
+    def new_cache(self) -> QuantizedKVCache:
+        return QuantizedKVCache(self.config, self.model.config)
+
+    def __enter__(self) -> QuantizedKV:
+        _register()
+        self._previous = self.model.config._attn_implementation
+        try:
+            self.model.set_attn_implementation(ATTN_NAME)
+        except (ValueError, NotImplementedError) as err:
+            raise ValueError(
+                f"{type(self.model).__name__} does not route attention through transformers' AttentionInterface, "
+                f"so prompts cannot read the quantized cache causally: {err}"
+            ) from err
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.set_attn_implementation(self._previous)

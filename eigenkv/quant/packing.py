@@ -1,0 +1,90 @@
+"""Dense bit packing of integer codes into bytes, along one axis.
+
+Layout along the packed axis of length ``n`` (every other axis unchanged):
+
+- 8 bits: one code per byte (``n`` bytes).
+- 4 and 2 bits: ``k = 8 / bits`` consecutive codes per byte, the first code in
+  the lowest bits: byte ``j`` holds codes ``j*k .. j*k + k - 1``, code ``i`` at bit
+  offset ``(i mod k) * bits`` (``ceil(n / k)`` bytes).
+- 3 bits, as two planes (no code straddles a byte, and unpacking is the same
+  shift-and-mask as for the power-of-two widths): the low 2 bits of every code
+  packed as 2-bit codes (``ceil(n / 4)`` bytes), followed by the high bit of
+  every code packed 8 per byte (``ceil(n / 8)`` bytes). For ``n`` a multiple of 8
+  that is exactly 3 bits per code.
+
+When ``k`` (8 for the 3-bit high plane) does not divide ``n``, the last byte
+is completed with zero codes; ``unpack`` takes ``n`` to drop them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eigenkv.quant.config import SUPPORTED_BITS
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Bytes that ``n`` codes of ``bits`` bits take along the packed axis."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} is not supported; use one of {SUPPORTED_BITS}")
+    if bits == 3:
+        return -(-n // 4) + -(-n // 8)
+    per_byte = 8 // bits
+    return -(-n // per_byte)
+
+
+def _pack_plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``(..., n)`` < 2^bits, bits in {1, 2, 4, 8} -> bytes ``(..., ceil(n * bits / 8))``."""
+    per_byte = 8 // bits
+    n = codes.shape[-1]
+    pad = -n % per_byte
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    grouped = codes.view(*codes.shape[:-1], -1, per_byte).to(torch.int32)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (grouped << shifts).sum(-1).to(torch.uint8)
+
+
+def _unpack_plane(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.flatten(-2)[..., :n].to(torch.uint8)
+
+
+def pack(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Pack uint8 ``codes`` (values < 2^bits) along ``dim``; returns uint8 with that axis ``packed_length(n, bits)``."""
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8; got {codes.dtype}")
+    n = codes.shape[dim]
+    packed_length(n, bits)  # validates bits
+    if codes.numel() and int(codes.max()) >= 1 << bits:
+        raise ValueError(f"a code ({int(codes.max())}) does not fit in {bits} bits")
+    c = codes.movedim(dim, -1)
+    if bits == 8:
+        out = c
+    elif bits == 3:
+        out = torch.cat([_pack_plane(c & 3, 2), _pack_plane(c >> 2, 1)], dim=-1)
+    else:
+        out = _pack_plane(c, bits)
+    return out.movedim(-1, dim).contiguous()
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of ``pack``: uint8 ``packed`` -> uint8 codes with ``n`` elements along ``dim``."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed codes must be uint8; got {packed.dtype}")
+    if packed.shape[dim] != packed_length(n, bits):
+        raise ValueError(
+            f"{packed.shape[dim]} bytes along dim {dim} cannot hold {n} codes of {bits} bits "
+            f"(expected {packed_length(n, bits)})"
+        )
+    p = packed.movedim(dim, -1)
+    if bits == 8:
+        out = p
+    elif bits == 3:
+        low_bytes = -(-n // 4)
+        out = _unpack_plane(p[..., :low_bytes], 2, n) | (_unpack_plane(p[..., low_bytes:], 1, n) << 2)
+    else:
+        out = _unpack_plane(p, bits, n)
+    return out.movedim(-1, dim).contiguous()

@@ -1,0 +1,156 @@
+"""Packed storage of one tensor stream (the keys, or the values, of one layer).
+
+``QuantizedStream`` holds, for ``(batch, kv_heads)`` rows, the tokens appended
+so far as
+
+- quantized blocks: packed codes, scales and (asymmetric) zero points, and
+- a full-precision window of the most recent tokens,
+
+following this rule (``R`` = ``residual``, ``G`` = group size, ``m`` tokens held):
+
+- per-token grouping: ``T_q(m) = max(0, m - R)`` tokens are quantized, each token
+  on its own (groups of ``G`` features along the head dimension);
+- per-channel grouping: ``T_q(m) = G * floor(max(0, m - R) / G)``: whole groups of
+  ``G`` consecutive tokens, aligned at position 0, are quantized once they are
+  complete and older than the window; the rest stays in full precision.
+
+Storage layouts, per stream (``B`` batch, ``H`` KV heads, ``D`` head size, ``b`` bits):
+
+- per token:   codes ``(B, H, T_q, packed_length(D, b))`` uint8 packed along features,
+  scales / zeros ``(B, H, T_q, ceil(D / G))``;
+- per channel: codes ``(B, H, T_q / G * packed_length(G, b), D)`` uint8, each block of
+  ``G`` tokens packed along tokens (the axis a decode tile reads), scales / zeros
+  ``(B, H, T_q / G, D)``;
+- window:      ``(B, H, m - T_q, D)`` in the model's dtype.
+
+With ``rotate``, what is stored is ``x @ Hd`` (``Hd`` the normalised Hadamard
+matrix of size ``D``) and reads return ``x^ @ Hd^T``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eigenkv.quant.config import KVQuantConfig
+from eigenkv.quant.packing import pack, packed_length, unpack
+from eigenkv.quant.reference import QuantizedGroups, dequantize, quantize
+
+
+def quantized_prefix(tokens: int, axis: str, group_size: int, residual: int) -> int:
+    """``T_q``: how many of ``tokens`` held tokens are stored quantized (rule in the module doc)."""
+    old = max(0, tokens - residual)
+    return old if axis == "token" else (old // group_size) * group_size
+
+
+class QuantizedStream:
+    """Keys or values of one layer: packed quantized blocks plus a full-precision window."""
+
+    def __init__(self, config: KVQuantConfig, axis: str, rotation: torch.Tensor | None):
+        self.config = config
+        self.axis = axis
+        self.rotation = rotation  # (D, D) or None; shared by all streams of a cache
+        self.codes: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+        self.zero: torch.Tensor | None = None
+        self.window: torch.Tensor | None = None  # (B, H, m - T_q, D)
+        self.quantized_tokens = 0
+        self.head_dim = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.quantized_tokens + (0 if self.window is None else self.window.shape[-2])
+
+    # --- quantize / dequantize one block of tokens ------------------------------------------
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is None:
+            return x
+        wide = torch.promote_types(x.dtype, torch.float32)
+        return (x.to(wide) @ self.rotation.to(wide)).to(x.dtype)
+
+    def _unrotate(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is None:
+            return x
+        wide = torch.promote_types(x.dtype, torch.float32)
+        return (x.to(wide) @ self.rotation.T.to(wide)).to(x.dtype)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``x`` (B, H, t, D) -> packed codes, scales, zeros in the stream's layout."""
+        cfg = self.config
+        dim = -1 if self.axis == "token" else -2
+        q = quantize(
+            self._rotate(x), cfg.bits, cfg.group_size, dim, symmetric=cfg.symmetric, scale_dtype=cfg.torch_scale_dtype
+        )
+        if self.axis == "token":
+            return pack(q.codes, cfg.bits, dim=-1), q.scale, q.zero
+        # per channel: t is a multiple of G; pack each block of G tokens along tokens
+        b, h, t, d = x.shape
+        blocks = q.codes.view(b, h, t // cfg.group_size, cfg.group_size, d)
+        codes = pack(blocks, cfg.bits, dim=-2).flatten(2, 3)
+        return codes, q.scale, q.zero
+
+    def _decode(self, codes, scale, zero, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        """Packed blocks holding ``tokens`` tokens -> dequantized (B, H, tokens, D)."""
+        cfg = self.config
+        if self.axis == "token":
+            codes = unpack(codes, cfg.bits, self.head_dim, dim=-1)
+            dim = 3
+        else:
+            b, h, _, d = codes.shape
+            blocks = codes.view(b, h, tokens // cfg.group_size, packed_length(cfg.group_size, cfg.bits), d)
+            codes = unpack(blocks, cfg.bits, cfg.group_size, dim=-2).flatten(2, 3)
+            dim = 2
+        q = QuantizedGroups(codes, scale, zero, cfg.bits, cfg.group_size, dim, cfg.symmetric)
+        return self._unrotate(dequantize(q, dtype))
+
+    # --- public -------------------------------------------------------------------------------
+
+    def append(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``x`` (B, H, s, D); return ``(held, unquantized)``, each (B, H, m, D) in ``x.dtype``.
+
+        ``held`` is what the stream now holds (dequantized blocks, then the window);
+        ``unquantized`` is the same with the tokens quantized by *this* call still
+        in full precision, for the causal mixed view of a multi-token update.
+        """
+        if self.window is None:
+            self.window = x[..., :0, :]
+            self.head_dim = x.shape[-1]
+        elif x.shape[:2] != self.window.shape[:2] or x.shape[-1] != self.head_dim:
+            raise ValueError(f"appending states of shape {tuple(x.shape)} to a stream of shape {tuple(self.window.shape)}")
+        before = self.quantized_tokens
+        old = self.read_quantized(x.dtype)
+        pending = torch.cat([self.window.to(x.dtype), x], dim=-2)
+        target = quantized_prefix(before + pending.shape[-2], self.axis, self.config.group_size, self.config.residual)
+        flush = target - before
+        new = pending[..., :0, :]
+        if flush > 0:
+            codes, scale, zero = self._encode(pending[..., :flush, :])
+            self.codes = codes if self.codes is None else torch.cat([self.codes, codes], dim=2)
+            self.scale = scale if self.scale is None else torch.cat([self.scale, scale], dim=2)
+            if zero is not None:
+                self.zero = zero if self.zero is None else torch.cat([self.zero, zero], dim=2)
+            self.quantized_tokens = target
+            new = self._decode(codes, scale, zero, flush, x.dtype)
+        self.window = pending[..., flush:, :].contiguous()
+        held = torch.cat([old, new, self.window], dim=-2)
+        unquantized = torch.cat([old, pending], dim=-2)
+        return held, unquantized
+
+    def read_quantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The quantized tokens, dequantized: (B, H, T_q, D) (empty before any flush)."""
+        if not self.quantized_tokens:
+            return self.window[..., :0, :].to(dtype)
+        return self._decode(self.codes, self.scale, self.zero, self.quantized_tokens, dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.scale, self.zero, self.window) if t is not None]
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held, by component."""
+        size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
+        return {
+            "codes": size(self.codes),
+            "scales": size(self.scale),
+            "zeros": size(self.zero),
+            "window": size(self.window),
+        }

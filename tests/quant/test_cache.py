@@ -1,0 +1,154 @@
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+from eigenkv.eval.data import load_windows
+from eigenkv.eval.kv_memory import cache_tensor_bytes, kv_cache_bytes
+from eigenkv.eval.perplexity import perplexity
+from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
+from tests.helpers import tiny_llama
+
+CONFIGS = [
+    KVQuantConfig(bits=2, group_size=8, axis_k="token", axis_v="token"),
+    KVQuantConfig(bits=2, group_size=8, axis_k="channel", residual=4),
+    KVQuantConfig(bits=3, group_size=16, residual=5, rotate=True),
+    KVQuantConfig(bits=4, group_size=8, axis_k="channel", axis_v="channel", residual=3, symmetric=True),
+    KVQuantConfig(bits=8, group_size=12, axis_k="token", residual=2),  # group not dividing the head size
+]
+
+
+def _tiny_opt():
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                       word_embed_proj_dim=64, max_position_embeddings=128)
+    return OPTForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label())
+@pytest.mark.parametrize("build", [tiny_llama, _tiny_opt], ids=["llama-gqa", "opt"])
+def test_parallel_forward_equals_token_by_token_decoding(config, build):
+    """One multi-token forward must read the cache exactly as decoding one token at a time does.
+
+    float64, so that the different matmul shapes of the two paths cannot flip a code at a rounding boundary.
+    """
+    model = build().double()
+    ids = torch.randint(4, 96, (2, 37))
+    with QuantizedKV(model, config) as kv, torch.no_grad():
+        parallel = model(ids, past_key_values=kv.new_cache(), use_cache=True).logits
+        cache = kv.new_cache()
+        stepwise = torch.cat([model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+                              for t in range(ids.shape[1])], dim=1)
+        chunked_cache = kv.new_cache()
+        chunked = torch.cat([model(ids[:, a:b], past_key_values=chunked_cache, use_cache=True).logits
+                             for a, b in ((0, 11), (11, 30), (30, 37))], dim=1)
+        plain = model(ids).logits
+    torch.testing.assert_close(parallel, stepwise, atol=1e-9, rtol=0)
+    torch.testing.assert_close(chunked, stepwise, atol=1e-9, rtol=0)
+    assert (parallel - plain).abs().max() > 1e-5, "quantization had no effect on the logits"
+
+
+def test_attention_implementation_is_restored():
+    model = tiny_llama()
+    before = model.config._attn_implementation
+    with QuantizedKV(model, KVQuantConfig()):
+        assert model.config._attn_implementation == "eigenkv_quant"
+    assert model.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label())
+@pytest.mark.parametrize("tokens", [1, 19, 40])
+def test_nbytes_equals_held_tensors_and_accounting(config, tokens):
+    model = tiny_llama()
+    ids = torch.randint(4, 96, (3, tokens))
+    with QuantizedKV(model, config) as kv, torch.no_grad():
+        cache = kv.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+    held = cache.nbytes()
+    assert sum(held.values()) == cache_tensor_bytes(cache)
+    counted = kv_cache_bytes(model, seq_len=tokens, batch_size=3, dtype=torch.float32, quant=config)
+    assert counted.total == sum(held.values())
+    for part in ("codes", "scales", "zeros", "window"):
+        assert held[part] == counted.components[f"keys.{part}"] + counted.components[f"values.{part}"]
+
+
+def test_quantized_fraction_at_2048_matches_bits_plus_scale_overhead():
+    model = tiny_llama()  # head size 16: use group 16 so per-token groups are full
+    fp16 = kv_cache_bytes(model)
+    for bits in (2, 3, 4, 8):
+        cfg = KVQuantConfig(bits=bits, group_size=16, axis_k="token")
+        assert kv_cache_bytes(model, quant=cfg).fraction_of(fp16) == pytest.approx((bits + 32 / 16) / 16)
+
+
+def test_generate_through_the_cache_matches_manual_greedy_decoding():
+    model = tiny_llama()
+    ids = torch.randint(4, 96, (1, 9))
+    with QuantizedKV(model, KVQuantConfig(bits=4, group_size=8, residual=2)) as kv, torch.no_grad():
+        out = model.generate(ids, past_key_values=kv.new_cache(), max_new_tokens=6, do_sample=False,
+                             pad_token_id=3)
+        cache, tokens = kv.new_cache(), ids
+        logits = model(tokens, past_key_values=cache, use_cache=True).logits
+        for _ in range(6):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            logits = model(nxt, past_key_values=cache, use_cache=True).logits
+    assert torch.equal(out, tokens)
+
+
+def test_perplexity_reflects_quantization():
+    model = tiny_llama()
+    ids = torch.randint(4, 96, (2, 64))
+    base = perplexity(model, ids, progress=False).ppl
+    with QuantizedKV(model, KVQuantConfig(bits=8, group_size=16)) as kv:
+        eight = perplexity(model, ids, progress=False, make_cache=kv.new_cache).ppl
+    with QuantizedKV(model, KVQuantConfig(bits=2, group_size=16, axis_k="token")) as kv:
+        two = perplexity(model, ids, progress=False, make_cache=kv.new_cache).ppl
+    assert abs(eight - base) / base < 1e-3
+    assert abs(two - base) / base > 1e-3 and abs(two - base) > 10 * abs(eight - base)
+
+
+def test_config_validation_and_round_trip():
+    cfg = KVQuantConfig(bits=3, group_size=32, residual=16, rotate=True)
+    assert KVQuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"bits=5 is not supported"):
+        KVQuantConfig(bits=5)
+    with pytest.raises(ValueError, match="residual must be an int >= 0"):
+        KVQuantConfig(residual=-1)
+    with pytest.raises(ValueError, match="axis_k='rows'"):
+        KVQuantConfig(axis_k="rows")
+    with pytest.raises(ValueError, match="unknown KVQuantConfig fields"):
+        KVQuantConfig.from_dict({"bits": 4, "nbits": 4})
+    with pytest.raises(TypeError, match="must be a KVQuantConfig"):
+        QuantizedKV(tiny_llama(), {"bits": 4})
+
+
+def test_rotation_needs_a_power_of_two_head_size():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    with QuantizedKV(model, KVQuantConfig(rotate=True)) as kv, pytest.raises(ValueError, match="power-of-two"):
+        model(torch.randint(0, 32, (1, 4)), past_key_values=kv.new_cache(), use_cache=True)
+
+
+def test_unsupported_cache_operations_are_refused():
+    cache = QuantizedKVCache(KVQuantConfig(), tiny_llama().config)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        cache.layers[0].reorder_cache(torch.tensor([0]))
+
+
+def test_real_model_smoke(smollm2):
+    """SmolLM2 on one 512-token window: 8-bit is lossless, 4-bit KIVI close, 2-bit per token much worse."""
+    model, tokenizer = smollm2
+    try:
+        windows = load_windows("wikitext2", tokenizer, 512, count=1)
+    except FileNotFoundError:
+        pytest.skip("../shared/data is not beside the checkout")
+    base = perplexity(model, windows, progress=False).ppl
+    results = {}
+    for name, cfg in {"8": KVQuantConfig(bits=8), "4": KVQuantConfig(bits=4),
+                      "2": KVQuantConfig(bits=2, axis_k="token")}.items():
+        with QuantizedKV(model, cfg) as kv:
+            results[name] = perplexity(model, windows, progress=False, make_cache=kv.new_cache).ppl
+    assert abs(results["8"] / base - 1) < 0.01
+    assert 1.0 < results["4"] / base < 1.15
+    assert results["2"] / base > 1.5

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from eigenkv.quant.packing import pack, packed_length, unpack
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 7, 8, 19, 64, 129])
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_round_trip_is_exact(bits, n, dim):
+    shape = [3, n, 5] if dim == 1 else [3, 5, n]
+    codes = torch.randint(0, 2**bits, shape, dtype=torch.uint8)
+    packed = pack(codes, bits, dim=dim)
+    assert packed.dtype == torch.uint8 and packed.shape[dim] == packed_length(n, bits)
+    assert torch.equal(unpack(packed, bits, n, dim=dim), codes)
+
+
+def test_layout_is_little_endian_within_a_byte():
+    assert pack(torch.tensor([1, 2], dtype=torch.uint8), 4).tolist() == [0x21]
+    assert pack(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [0b00111001]
+    # 3 bits: low 2-bit plane (4 codes per byte), then high-bit plane (8 per byte)
+    codes = torch.tensor([5, 6, 7, 0, 1, 2, 3, 4], dtype=torch.uint8)
+    low = [c & 3 for c in codes.tolist()]
+    high = [c >> 2 for c in codes.tolist()]
+    expected = [
+        low[0] | low[1] << 2 | low[2] << 4 | low[3] << 6,
+        low[4] | low[5] << 2 | low[6] << 4 | low[7] << 6,
+        sum(h << i for i, h in enumerate(high)),
+    ]
+    assert pack(codes, 3).tolist() == expected
+
+
+def test_exact_bits_per_code():
+    assert [packed_length(64, b) * 8 / 64 for b in (2, 3, 4, 8)] == [2, 3, 4, 8]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="does not fit in 2 bits"):
+        pack(torch.tensor([4], dtype=torch.uint8), 2)
+    with pytest.raises(TypeError, match="uint8"):
+        pack(torch.tensor([1]), 4)
+    with pytest.raises(ValueError, match="bits=5"):
+        pack(torch.tensor([1], dtype=torch.uint8), 5)
+    with pytest.raises(ValueError, match="cannot hold 64 codes of 4 bits"):
+        unpack(torch.zeros(31, dtype=torch.uint8), 4, 64)

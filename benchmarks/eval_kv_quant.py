@@ -58,7 +58,9 @@ def main() -> None:
     for bits, group, (axes_name, (axis_k, axis_v)), rotate in itertools.product(
         [int(b) for b in args.bits.split(",")], [int(g) for g in args.groups.split(",")], AXES.items(), (False, True)
     ):
-        cfg = KVQuantConfig(bits=bits, group_size=group, axis_k=axis_k, axis_v=axis_v, residual=args.residual, rotate=rotate)
+        cfg = KVQuantConfig(
+            bits=bits, group_size=group, axis_k=axis_k, axis_v=axis_v, residual=args.residual, rotate=rotate
+        )
         settings.append((f"{axes_name} {cfg.label()}", cfg))
     for label, cfg in settings:
         if label in done:
@@ -82,7 +84,9 @@ def main() -> None:
         with open(points_file, "a") as f:
             f.write(json.dumps(row) + "\n")
         done[label] = row
-        print(f"{label:32s} ppl={result.ppl:9.4f} kv={kv_bytes.gb:.5f} GB ({kv_bytes.fraction_of(fp16):.3f})", flush=True)
+        print(
+            f"{label:32s} ppl={result.ppl:9.4f} kv={kv_bytes.gb:.5f} GB ({kv_bytes.fraction_of(fp16):.3f})", flush=True
+        )
 
     lines = ["| setting | KV GB (n=2048) | fraction of fp16 | ppl |", "|---|---|---|---|"]
     for label, _ in settings:

@@ -32,7 +32,6 @@ def _ppl(args: argparse.Namespace) -> int:
     from eigenkv.eval.kv_memory import kv_cache_bytes
     from eigenkv.eval.models import describe_model, load_model, resolve_dtype
     from eigenkv.eval.perplexity import perplexity
-
     from eigenkv.quant import KVQuantConfig, QuantizedKV
 
     dtype = resolve_dtype(args.dtype)

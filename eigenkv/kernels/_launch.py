@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,24 @@ class KernelSpec:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def backend() -> str:
+    """``$EIGENKV_BACKEND``: ``auto`` (Triton kernels on CUDA tensors, PyTorch references elsewhere),
+    ``triton`` (kernels always; CPU tensors need ``TRITON_INTERPRET=1``) or ``torch`` (references always)."""
+    value = os.environ.get("EIGENKV_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"EIGENKV_BACKEND={value!r}; use one of {BACKENDS}")
+    return value
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether eigenkv code paths should run their Triton kernel on ``x`` (see :func:`backend`)."""
+    choice = backend()
+    return choice == "triton" or (choice == "auto" and x.is_cuda)
 
 
 def interpreting() -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from pathlib import Path
 from eigenkv.kernels._launch import KernelSpec, interpreting
 
 # Kernel modules whose compile_specs() the compile check walks.
-KERNEL_MODULES = ("eigenkv.kernels.group_minmax",)
+KERNEL_MODULES = ("eigenkv.kernels.group_minmax", "eigenkv.kernels.quant_pack")
 
 # Shared memory per block (bytes) a kernel may use on each target.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -66,19 +68,36 @@ def compile_spec(spec: KernelSpec, capability: int) -> dict:
     }
 
 
-def all_specs():
-    for module in KERNEL_MODULES:
-        yield from importlib.import_module(module).compile_specs()
+def all_specs() -> list[KernelSpec]:
+    return [spec for module in KERNEL_MODULES for spec in importlib.import_module(module).compile_specs()]
+
+
+_SPECS: list[KernelSpec] = []
+
+
+def _compile_one(job: tuple[int, int]) -> dict:
+    index, capability = job
+    spec = _SPECS[index]
+    try:
+        return compile_spec(spec, capability)
+    except Exception as err:  # reported, and the run fails, after every other config is tried
+        return {"kernel": spec.name, "target": f"sm_{capability}", "error": f"{type(err).__name__}: {err}"}
 
 
 def main() -> int:
     if interpreting():
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU", file=sys.stderr)
         return 2
-    for spec in all_specs():
-        for capability in (80, 90):
-            print(json.dumps(compile_spec(spec, capability)), flush=True)
-    return 0
+    _SPECS[:] = all_specs()
+    jobs = [(i, capability) for i in range(len(_SPECS)) for capability in (80, 90)]
+    # fork: workers inherit the spec list (jitted functions do not pickle); compiling is CPU-bound
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        reports = pool.imap(_compile_one, jobs, chunksize=4)
+        failed = 0
+        for report in reports:
+            failed += "error" in report
+            print(json.dumps(report), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ class QuantizedStorage:
         }
 
 
-def quantized_layout(shape: AttentionShape, config: KVQuantConfig, window_dtype: torch.dtype = torch.float16) -> KVLayout:
+def quantized_layout(
+    shape: AttentionShape, config: KVQuantConfig, window_dtype: torch.dtype = torch.float16
+) -> KVLayout:
     """The ``KVLayout`` of a :class:`QuantizedKVCache` on a model of this shape."""
     keys = QuantizedStorage(shape.head_dim, config, config.axis_k, window_dtype)
     values = QuantizedStorage(shape.head_dim, config, config.axis_v, window_dtype)

@@ -65,7 +65,7 @@ class QuantizedKVLayer(DynamicLayer):
                 flushed_from = quantized_prefix(start, axis, cfg.group_size, cfg.residual)
                 # Query p (holding m = p + 1 tokens) reads the twin of token j in [bound, m) that this
                 # call quantized (j < bounds[-1]); tag only when that happens for some query.
-                if any(max(b, flushed_from) < min(m, bounds[-1]) for b, m in zip(bounds, positions)):
+                if any(max(b, flushed_from) < min(m, bounds[-1]) for b, m in zip(bounds, positions, strict=True)):
                     setattr(held, _TWIN, (twin, torch.tensor(bounds, device=held.device)))
         return keys, values
 
@@ -145,7 +145,9 @@ def quantized_cache_attention(module, query, key, value, attention_mask, scaling
 
     key_twin, value_twin = getattr(key, _TWIN, None), getattr(value, _TWIN, None)
     if key_twin is None and value_twin is None:  # decode step, or no query sees a full-precision twin
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     seq = key.shape[-2]
     positions = torch.arange(seq, device=query.device)
 

@@ -73,7 +73,13 @@ class KVQuantConfig:
 
     def label(self) -> str:
         """Short name for tables, e.g. ``4b-g64-kc-vt-r0``."""
-        parts = [f"{self.bits}b", f"g{self.group_size}", f"k{self.axis_k[0]}", f"v{self.axis_v[0]}", f"r{self.residual}"]
+        parts = [
+            f"{self.bits}b",
+            f"g{self.group_size}",
+            f"k{self.axis_k[0]}",
+            f"v{self.axis_v[0]}",
+            f"r{self.residual}",
+        ]
         if self.symmetric:
             parts.append("sym")
         if self.rotate:

@@ -101,7 +101,10 @@ def quantize(
     symmetric: bool = False,
     scale_dtype: torch.dtype = torch.float16,
 ) -> QuantizedGroups:
-    """Quantize ``x`` (any shape, fp16/bf16/fp32) in groups of ``group_size`` along ``dim`` (formulas in the module doc)."""
+    """Quantize ``x`` (any shape, floating) in groups of ``group_size`` along ``dim`` (formulas in the module doc).
+
+    Returns ``QuantizedGroups`` (codes uint8 of ``x``'s shape; scale and zero with ``dim`` of size ``ceil(n / G)``).
+    """
     check_quant_args(x, bits, group_size, scale_dtype)
     dim = dim % x.dim()
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -36,6 +36,12 @@ from eigenkv.quant.packing import pack, packed_length, unpack
 from eigenkv.quant.reference import QuantizedGroups, dequantize, quantize
 
 
+def _kernel_dtypes():
+    from eigenkv.kernels.quant_pack import KERNEL_DTYPES
+
+    return KERNEL_DTYPES
+
+
 def quantized_prefix(tokens: int, axis: str, group_size: int, residual: int) -> int:
     """``T_q``: how many of ``tokens`` held tokens are stored quantized (rule in the module doc)."""
     old = max(0, tokens - residual)
@@ -74,17 +80,40 @@ class QuantizedStream:
         wide = torch.promote_types(x.dtype, torch.float32)
         return (x.to(wide) @ self.rotation.T.to(wide)).to(x.dtype)
 
+    def _kernels(self, x: torch.Tensor, row_length: int) -> bool:
+        from eigenkv.kernels._launch import use_triton
+        from eigenkv.kernels.quant_pack import KERNEL_DTYPES, kernel_supports
+
+        return (
+            use_triton(x)
+            and x.dtype in KERNEL_DTYPES
+            and kernel_supports(row_length, self.config.group_size, self.config.torch_scale_dtype)
+        )
+
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``x`` (B, H, t, D) -> packed codes, scales, zeros in the stream's layout."""
         cfg = self.config
+        x = self._rotate(x)
+        b, h, t, d = x.shape
+        row_length = d if self.axis == "token" else cfg.group_size
+        if self._kernels(x, row_length):
+            from eigenkv.kernels.quant_pack import quantize_pack
+
+            if self.axis == "token":  # rows = tokens
+                codes, scale, zero = quantize_pack(x.reshape(-1, d), cfg.bits, cfg.group_size, symmetric=cfg.symmetric)
+                shape = (b, h, t, -1)
+                return codes.view(shape), scale.view(shape), None if zero is None else zero.view(shape)
+            # rows = (block, feature): G tokens of one feature, packed along tokens
+            blocks = x.view(b, h, t // cfg.group_size, cfg.group_size, d).transpose(-1, -2).reshape(-1, cfg.group_size)
+            codes, scale, zero = quantize_pack(blocks, cfg.bits, cfg.group_size, symmetric=cfg.symmetric)
+            codes = codes.view(b, h, t // cfg.group_size, d, -1).transpose(-1, -2).reshape(b, h, -1, d)
+            scale = scale.view(b, h, t // cfg.group_size, d)
+            return codes, scale, None if zero is None else zero.view(b, h, t // cfg.group_size, d)
         dim = -1 if self.axis == "token" else -2
-        q = quantize(
-            self._rotate(x), cfg.bits, cfg.group_size, dim, symmetric=cfg.symmetric, scale_dtype=cfg.torch_scale_dtype
-        )
+        q = quantize(x, cfg.bits, cfg.group_size, dim, symmetric=cfg.symmetric, scale_dtype=cfg.torch_scale_dtype)
         if self.axis == "token":
             return pack(q.codes, cfg.bits, dim=-1), q.scale, q.zero
         # per channel: t is a multiple of G; pack each block of G tokens along tokens
-        b, h, t, d = x.shape
         blocks = q.codes.view(b, h, t // cfg.group_size, cfg.group_size, d)
         codes = pack(blocks, cfg.bits, dim=-2).flatten(2, 3)
         return codes, q.scale, q.zero
@@ -92,6 +121,37 @@ class QuantizedStream:
     def _decode(self, codes, scale, zero, tokens: int, dtype: torch.dtype) -> torch.Tensor:
         """Packed blocks holding ``tokens`` tokens -> dequantized (B, H, tokens, D)."""
         cfg = self.config
+        row_length = self.head_dim if self.axis == "token" else cfg.group_size
+        if self._kernels(scale, row_length) and dtype in _kernel_dtypes():
+            from eigenkv.kernels.quant_pack import unpack_dequantize
+
+            b, h = codes.shape[:2]
+            d = self.head_dim
+            if self.axis == "token":
+                rows = unpack_dequantize(
+                    codes.reshape(b * h * tokens, -1),
+                    scale.reshape(b * h * tokens, -1),
+                    None if zero is None else zero.reshape(b * h * tokens, -1),
+                    cfg.bits,
+                    cfg.group_size,
+                    d,
+                    dtype,
+                )
+                return self._unrotate(rows.view(b, h, tokens, d))
+            nblocks = tokens // cfg.group_size
+            packed = codes.view(b, h, nblocks, -1, d).transpose(-1, -2).reshape(b * h * nblocks * d, -1)
+            rows = unpack_dequantize(
+                packed,
+                scale.reshape(-1, 1),
+                None if zero is None else zero.reshape(-1, 1),
+                cfg.bits,
+                cfg.group_size,
+                cfg.group_size,
+                dtype,
+            )
+            return self._unrotate(
+                rows.view(b, h, nblocks, d, cfg.group_size).transpose(-1, -2).reshape(b, h, tokens, d)
+            )
         if self.axis == "token":
             codes = unpack(codes, cfg.bits, self.head_dim, dim=-1)
             dim = 3
@@ -116,7 +176,9 @@ class QuantizedStream:
             self.window = x[..., :0, :]
             self.head_dim = x.shape[-1]
         elif x.shape[:2] != self.window.shape[:2] or x.shape[-1] != self.head_dim:
-            raise ValueError(f"appending states of shape {tuple(x.shape)} to a stream of shape {tuple(self.window.shape)}")
+            raise ValueError(
+                f"appending states of shape {tuple(x.shape)} to a stream of shape {tuple(self.window.shape)}"
+            )
         before = self.quantized_tokens
         old = self.read_quantized(x.dtype)
         pending = torch.cat([self.window.to(x.dtype), x], dim=-2)

@@ -6,7 +6,7 @@ from eigenkv.eval.data import load_windows
 from eigenkv.eval.kv_memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.eval.perplexity import perplexity
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
-from tests.helpers import tiny_llama
+from tests.helpers import DEVICE, tiny_llama
 
 CONFIGS = [
     KVQuantConfig(bits=2, group_size=8, axis_k="token", axis_v="token"),
@@ -19,8 +19,15 @@ CONFIGS = [
 
 def _tiny_opt():
     torch.manual_seed(0)
-    config = OPTConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-                       word_embed_proj_dim=64, max_position_embeddings=128)
+    config = OPTConfig(
+        vocab_size=96,
+        hidden_size=64,
+        num_hidden_layers=2,
+        ffn_dim=128,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        max_position_embeddings=128,
+    )
     return OPTForCausalLM(config).eval()
 
 
@@ -36,11 +43,17 @@ def test_parallel_forward_equals_token_by_token_decoding(config, build):
     with QuantizedKV(model, config) as kv, torch.no_grad():
         parallel = model(ids, past_key_values=kv.new_cache(), use_cache=True).logits
         cache = kv.new_cache()
-        stepwise = torch.cat([model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
-                              for t in range(ids.shape[1])], dim=1)
+        stepwise = torch.cat(
+            [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(ids.shape[1])], dim=1
+        )
         chunked_cache = kv.new_cache()
-        chunked = torch.cat([model(ids[:, a:b], past_key_values=chunked_cache, use_cache=True).logits
-                             for a, b in ((0, 11), (11, 30), (30, 37))], dim=1)
+        chunked = torch.cat(
+            [
+                model(ids[:, a:b], past_key_values=chunked_cache, use_cache=True).logits
+                for a, b in ((0, 11), (11, 30), (30, 37))
+            ],
+            dim=1,
+        )
         plain = model(ids).logits
     torch.testing.assert_close(parallel, stepwise, atol=1e-9, rtol=0)
     torch.testing.assert_close(chunked, stepwise, atol=1e-9, rtol=0)
@@ -83,8 +96,7 @@ def test_generate_through_the_cache_matches_manual_greedy_decoding():
     model = tiny_llama()
     ids = torch.randint(4, 96, (1, 9))
     with QuantizedKV(model, KVQuantConfig(bits=4, group_size=8, residual=2)) as kv, torch.no_grad():
-        out = model.generate(ids, past_key_values=kv.new_cache(), max_new_tokens=6, do_sample=False,
-                             pad_token_id=3)
+        out = model.generate(ids, past_key_values=kv.new_cache(), max_new_tokens=6, do_sample=False, pad_token_id=3)
         cache, tokens = kv.new_cache(), ids
         logits = model(tokens, past_key_values=cache, use_cache=True).logits
         for _ in range(6):
@@ -124,8 +136,16 @@ def test_config_validation_and_round_trip():
 def test_rotation_needs_a_power_of_two_head_size():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
     with QuantizedKV(model, KVQuantConfig(rotate=True)) as kv, pytest.raises(ValueError, match="power-of-two"):
         model(torch.randint(0, 32, (1, 4)), past_key_values=kv.new_cache(), use_cache=True)
 
@@ -145,10 +165,46 @@ def test_real_model_smoke(smollm2):
         pytest.skip("../shared/data is not beside the checkout")
     base = perplexity(model, windows, progress=False).ppl
     results = {}
-    for name, cfg in {"8": KVQuantConfig(bits=8), "4": KVQuantConfig(bits=4),
-                      "2": KVQuantConfig(bits=2, axis_k="token")}.items():
+    for name, cfg in {
+        "8": KVQuantConfig(bits=8),
+        "4": KVQuantConfig(bits=4),
+        "2": KVQuantConfig(bits=2, axis_k="token"),
+    }.items():
         with QuantizedKV(model, cfg) as kv:
             results[name] = perplexity(model, windows, progress=False, make_cache=kv.new_cache).ppl
     assert abs(results["8"] / base - 1) < 0.01
     assert 1.0 < results["4"] / base < 1.15
     assert results["2"] / base > 1.5
+
+
+@pytest.mark.parametrize(
+    "config",
+    [c for c in CONFIGS if c.group_size in (8, 16)]
+    + [
+        KVQuantConfig(bits=3, group_size=16, axis_k="token", axis_v="channel", residual=3),
+        KVQuantConfig(bits=4, group_size=16, symmetric=True, rotate=True),
+    ],
+    ids=lambda c: c.label(),
+)
+def test_triton_backend_gives_the_same_cache_as_the_torch_backend(config, monkeypatch):
+    """The cache's Triton path (kernels; interpreter on CPU) stores and returns exactly what the reference does."""
+    from eigenkv.kernels import quant_pack
+
+    calls = []
+    original = quant_pack.quantize_pack
+    monkeypatch.setattr(quant_pack, "quantize_pack", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = tiny_llama().to(DEVICE)
+    ids = torch.randint(4, 96, (2, 45), device=DEVICE)
+    results = {}
+    for name in ("torch", "triton"):
+        monkeypatch.setenv("EIGENKV_BACKEND", name)
+        with QuantizedKV(model, config) as kv, torch.no_grad():
+            cache = kv.new_cache()
+            logits = model(ids, past_key_values=cache, use_cache=True).logits
+            logits = torch.cat([logits, model(ids[:, :3], past_key_values=cache, use_cache=True).logits], dim=1)
+        stream = cache.layers[1].key_stream
+        results[name] = (logits, stream.codes, stream.scale)
+    for a, b in zip(results["torch"], results["triton"], strict=True):
+        assert torch.equal(a, b)
+    # head size 16: the kernels take groups of 16 and leave other sizes to the reference
+    assert bool(calls) == (config.group_size == 16)

@@ -1,0 +1,322 @@
+"""Fused group-wise quantize + pack, and unpack + dequantize, along the last axis.
+
+Both operate on a 2-D view ``x`` of shape ``(R, C)``: groups of ``G`` consecutive
+elements of a row share a scale (and zero point), and codes are packed along
+the row in the layout of :mod:`eigenkv.quant.packing` (4 and 2 bits: several
+codes per byte, first code in the low bits; 3 bits: a 2-bit plane of the whole
+row followed by a 1-bit plane). The math is that of
+:func:`eigenkv.quant.reference.quantize` (round half to even, codes computed
+from the stored, rounded scale and zero); the references are
+``pack(quantize(x, bits, G).codes)`` and ``dequantize(unpack(...))``.
+
+Per-channel grouping (G tokens of one feature) is the same operation on the
+transposed block; the cache transposes before calling.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from eigenkv.kernels._launch import KernelConfig, KernelSpec, check_kernel_device
+from eigenkv.quant.packing import pack, packed_length, unpack
+from eigenkv.quant.reference import QuantizedGroups, check_quant_args, dequantize, quantize
+
+KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# The kernels cover the common settings; anything else (other group sizes, remainder
+# groups, bf16/fp32 scales) goes through the reference functions, which handle it all.
+GROUP_SIZES = (16, 32, 64, 128)
+SCALE_DTYPE = torch.float16
+_TILE_ELEMENTS = 2048
+
+
+def quantize_pack_reference(x, bits, group_size, *, symmetric=False, scale_dtype=torch.float16):
+    """Reference of :func:`quantize_pack` (any group size, remainder groups included)."""
+    q = quantize(x, bits, group_size, -1, symmetric=symmetric, scale_dtype=scale_dtype)
+    return pack(q.codes, bits, dim=-1), q.scale, q.zero
+
+
+def unpack_dequantize_reference(packed, scale, zero, bits, group_size, n, dtype=torch.float16):
+    """Reference of :func:`unpack_dequantize`."""
+    codes = unpack(packed, bits, n, dim=-1)
+    q = QuantizedGroups(codes, scale, zero, bits, group_size, codes.dim() - 1, zero is None)
+    return dequantize(q, dtype)
+
+
+@triton.jit
+def _round_half_even(y):
+    r = tl.floor(y + 0.5)
+    tie = (r - y) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _pack_store(codes, P, rows, row_ok, col0, stride_p, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr):
+    # codes: (BLOCK_R, WIDTH) int32 < 2^BITS -> bytes at columns col0 .. col0 + WIDTH * BITS / 8 of P
+    PER: tl.constexpr = 8 // BITS
+    grouped = tl.reshape(codes, (BLOCK_R, WIDTH // PER, PER))
+    shifts = tl.arange(0, PER) * BITS
+    packed = tl.sum(grouped << shifts[None, None, :], axis=2)
+    cols = col0 + tl.arange(0, WIDTH // PER)
+    tl.store(P + rows[:, None].to(tl.int64) * stride_p + cols[None, :], packed.to(tl.uint8), mask=row_ok[:, None])
+
+
+@triton.jit
+def _quantize_pack_kernel(
+    X,  # (R, C), unit column stride
+    P,  # (R, packed bytes per row) uint8
+    S,  # (R, C / G)
+    Z,  # (R, C / G); unused when SYMMETRIC
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_p,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    g = tl.program_id(1)
+    n_groups = n_cols // GROUP
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    cols = g * GROUP + tl.arange(0, GROUP)
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=row_ok[:, None], other=0.0)
+    x = x.to(tl.float32)
+    out = rows.to(tl.int64) * n_groups + g
+    if SYMMETRIC:
+        QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+        scale = (tl.max(tl.abs(x), axis=1) / QMAX).to(S.dtype.element_ty)
+        s = scale.to(tl.float32)
+        safe = tl.where(s == 0.0, 1.0, s)
+        c = _round_half_even(x / safe[:, None])
+        c = tl.minimum(tl.maximum(c, -QMAX), QMAX) + (1 << (BITS - 1))
+    else:
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        lo = tl.min(x, axis=1)
+        hi = tl.max(x, axis=1)
+        scale = ((hi - lo) / LEVELS).to(S.dtype.element_ty)
+        zero = lo.to(Z.dtype.element_ty)
+        s = scale.to(tl.float32)
+        safe = tl.where(s == 0.0, 1.0, s)
+        c = _round_half_even((x - zero.to(tl.float32)[:, None]) / safe[:, None])
+        c = tl.minimum(tl.maximum(c, 0.0), LEVELS)
+        tl.store(Z + out, zero, mask=row_ok)
+    tl.store(S + out, scale, mask=row_ok)
+    codes = c.to(tl.int32)
+    if BITS == 3:
+        # low 2-bit plane of the row first, then the high-bit plane
+        _pack_store(codes & 3, P, rows, row_ok, g * (GROUP // 4), stride_p, BLOCK_R, GROUP, 2)
+        _pack_store(codes >> 2, P, rows, row_ok, n_cols // 4 + g * (GROUP // 8), stride_p, BLOCK_R, GROUP, 1)
+    else:
+        _pack_store(codes, P, rows, row_ok, g * (GROUP * BITS // 8), stride_p, BLOCK_R, GROUP, BITS)
+
+
+@triton.jit
+def _unpack_load(P, rows, row_ok, col0, stride_p, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr):
+    # inverse of _pack_store: (BLOCK_R, WIDTH) int32 codes
+    PER: tl.constexpr = 8 // BITS
+    cols = col0 + tl.arange(0, WIDTH // PER)
+    packed = tl.load(P + rows[:, None].to(tl.int64) * stride_p + cols[None, :], mask=row_ok[:, None], other=0)
+    shifts = tl.arange(0, PER) * BITS
+    codes = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (BLOCK_R, WIDTH))
+
+
+@triton.jit
+def _unpack_dequantize_kernel(
+    P,  # (R, packed bytes per row) uint8
+    S,  # (R, C / G)
+    Z,  # (R, C / G); unused when SYMMETRIC
+    OUT,  # (R, C)
+    n_rows,
+    n_cols,
+    stride_p,
+    stride_out,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    g = tl.program_id(1)
+    n_groups = n_cols // GROUP
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    if BITS == 3:
+        low = _unpack_load(P, rows, row_ok, g * (GROUP // 4), stride_p, BLOCK_R, GROUP, 2)
+        high = _unpack_load(P, rows, row_ok, n_cols // 4 + g * (GROUP // 8), stride_p, BLOCK_R, GROUP, 1)
+        codes = low | (high << 2)
+    else:
+        codes = _unpack_load(P, rows, row_ok, g * (GROUP * BITS // 8), stride_p, BLOCK_R, GROUP, BITS)
+    params = rows.to(tl.int64) * n_groups + g
+    s = tl.load(S + params, mask=row_ok, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        x = s[:, None] * (codes.to(tl.float32) - (1 << (BITS - 1)))
+    else:
+        z = tl.load(Z + params, mask=row_ok, other=0.0).to(tl.float32)
+        x = s[:, None] * codes.to(tl.float32) + z[:, None]
+    cols = g * GROUP + tl.arange(0, GROUP)
+    tl.store(
+        OUT + rows[:, None].to(tl.int64) * stride_out + cols[None, :], x.to(OUT.dtype.element_ty), mask=row_ok[:, None]
+    )
+
+
+def launch_config(group_size: int) -> KernelConfig:
+    """Rows per program for a group size (the compile test checks every one)."""
+    return KernelConfig(constexprs={"BLOCK_R": max(1, _TILE_ELEMENTS // group_size)}, num_warps=4)
+
+
+def kernel_supports(n_cols: int, group_size: int, scale_dtype: torch.dtype) -> bool:
+    """Whether the kernels handle rows of ``n_cols`` (else use the references, which handle any case)."""
+    return group_size in GROUP_SIZES and n_cols % group_size == 0 and scale_dtype == SCALE_DTYPE
+
+
+def _check_kernel_group(n_cols: int, group_size: int, scale_dtype: torch.dtype) -> None:
+    if scale_dtype != SCALE_DTYPE:
+        raise ValueError(f"the kernels store float16 scales; got {scale_dtype} (use the *_reference functions)")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(
+            f"the kernels need a power-of-two group size in {GROUP_SIZES}; got {group_size} "
+            "(use the *_reference functions for other sizes)"
+        )
+    if n_cols % group_size:
+        raise ValueError(
+            f"group_size {group_size} does not divide the row length {n_cols}; "
+            "the kernels need whole groups (the reference functions handle a remainder group)"
+        )
+
+
+def quantize_pack(
+    x: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = False, scale_dtype: torch.dtype = torch.float16
+):
+    """Triton: ``x`` (R, C) fp16/bf16/fp32 -> ``(packed, scale, zero)``.
+
+    ``packed`` is uint8 (R, packed_length(C, bits)); ``scale`` and ``zero`` are
+    float16 (R, C / G), ``zero`` None when symmetric.
+
+    ``x`` needs a unit stride along its last axis; CUDA, or CPU under ``TRITON_INTERPRET=1``.
+    """
+    check_quant_args(x, bits, group_size, scale_dtype)
+    check_kernel_device(x, "quantize_pack", "quantize_pack_reference")
+    if x.dtype not in KERNEL_DTYPES or x.dim() != 2:
+        raise ValueError(f"quantize_pack takes a 2-D fp16/bf16/fp32 tensor; got {x.dim()}-D {x.dtype}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n_rows, n_cols = x.shape
+    _check_kernel_group(n_cols, group_size, scale_dtype)
+    packed = torch.empty((n_rows, packed_length(n_cols, bits)), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((n_rows, n_cols // group_size), dtype=scale_dtype, device=x.device)
+    zero = None if symmetric else torch.empty_like(scale)
+    cfg = launch_config(group_size)
+    if n_rows:
+        grid = (triton.cdiv(n_rows, cfg.constexprs["BLOCK_R"]), n_cols // group_size)
+        _quantize_pack_kernel[grid](
+            x,
+            packed,
+            scale,
+            scale if zero is None else zero,
+            n_rows,
+            n_cols,
+            x.stride(0),
+            packed.stride(0),
+            BITS=bits,
+            GROUP=group_size,
+            SYMMETRIC=symmetric,
+            num_warps=cfg.num_warps,
+            **cfg.constexprs,
+        )
+    return packed, scale, zero
+
+
+def unpack_dequantize(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    n: int,
+    dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """Triton: inverse of :func:`quantize_pack` -> ``(R, n)`` in ``dtype``."""
+    check_kernel_device(packed, "unpack_dequantize", "unpack_dequantize_reference")
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"output dtype must be fp16, bf16 or fp32; got {dtype}")
+    _check_kernel_group(n, group_size, scale.dtype)
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != packed_length(n, bits):
+        raise ValueError(
+            f"packed must be uint8 (R, {packed_length(n, bits)}) for {n} codes of {bits} bits; "
+            f"got {packed.dtype} {tuple(packed.shape)}"
+        )
+    n_rows = packed.shape[0]
+    expected = (n_rows, n // group_size)
+    if tuple(scale.shape) != expected or (zero is not None and tuple(zero.shape) != expected):
+        raise ValueError(f"scale and zero must have shape {expected}")
+    packed, scale = packed.contiguous(), scale.contiguous()
+    zero = None if zero is None else zero.contiguous()
+    out = torch.empty((n_rows, n), dtype=dtype, device=packed.device)
+    cfg = launch_config(group_size)
+    if n_rows:
+        grid = (triton.cdiv(n_rows, cfg.constexprs["BLOCK_R"]), n // group_size)
+        _unpack_dequantize_kernel[grid](
+            packed,
+            scale,
+            scale if zero is None else zero,
+            out,
+            n_rows,
+            n,
+            packed.stride(0),
+            out.stride(0),
+            BITS=bits,
+            GROUP=group_size,
+            SYMMETRIC=zero is None,
+            num_warps=cfg.num_warps,
+            **cfg.constexprs,
+        )
+    return out
+
+
+def compile_specs():
+    """Every configuration the launchers can use, for the sm_80/sm_90 compile test."""
+    for dtype in ("fp16", "bf16", "fp32"):
+        for bits in (2, 3, 4, 8):
+            for group in GROUP_SIZES:
+                for symmetric in (False, True):
+                    cfg = launch_config(group)
+                    constexprs = {"BITS": bits, "GROUP": group, "SYMMETRIC": symmetric, **cfg.constexprs}
+                    tag = f"[{dtype},b={bits},G={group},sym={int(symmetric)}]"
+                    yield KernelSpec(
+                        name="quantize_pack" + tag,
+                        fn=_quantize_pack_kernel,
+                        signature={
+                            "X": f"*{dtype}",
+                            "P": "*u8",
+                            "S": "*fp16",
+                            "Z": "*fp16",
+                            "n_rows": "i32",
+                            "n_cols": "i32",
+                            "stride_x": "i32",
+                            "stride_p": "i32",
+                        },
+                        constexprs=constexprs,
+                        num_warps=cfg.num_warps,
+                    )
+                    yield KernelSpec(
+                        name="unpack_dequantize" + tag,
+                        fn=_unpack_dequantize_kernel,
+                        signature={
+                            "P": "*u8",
+                            "S": "*fp16",
+                            "Z": "*fp16",
+                            "OUT": f"*{dtype}",
+                            "n_rows": "i32",
+                            "n_cols": "i32",
+                            "stride_p": "i32",
+                            "stride_out": "i32",
+                        },
+                        constexprs=constexprs,
+                        num_warps=cfg.num_warps,
+                    )

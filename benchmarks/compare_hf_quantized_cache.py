@@ -1,0 +1,96 @@
+"""Compare eigenkv's QuantizedKVCache with transformers' QuantizedCache (quanto backend).
+
+Two measurements on the default model:
+
+1. "one forward": perplexity of 2048-token windows evaluated in one forward
+   each, the cache passed as ``past_key_values`` (how a prompt is prefilled,
+   and how a perplexity evaluation runs).
+2. "token by token": the NLL of the first ``--decode-tokens`` tokens of window
+   0, fed one token per forward through the cache (how generation reads it).
+
+Needs ``pip install optimum-quanto`` (an optional test dependency).
+
+    EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/compare_hf_quantized_cache.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import QuantizedCache
+
+from eigenkv._atomic import atomic_write_text
+from eigenkv.eval import load_model, load_windows, perplexity
+from eigenkv.quant import KVQuantConfig, QuantizedKV
+
+
+@torch.no_grad()
+def stepwise_ppl(model, ids: torch.Tensor, cache) -> float:
+    nll = 0.0
+    for t in range(ids.shape[1] - 1):
+        logits = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1].float()
+        nll += F.cross_entropy(logits, ids[:, t + 1]).item()
+    return math.exp(nll / (ids.shape[1] - 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--decode-tokens", type=int, default=512)
+    parser.add_argument("--residual", type=int, default=128, help="full-precision window of both caches")
+    parser.add_argument("--out", default="results/compare_hf_quantized_cache")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model("smollm2-135m")
+    windows = load_windows("wikitext2", tokenizer, 2048, count=args.windows)
+    decode_ids = windows.input_ids[:1, : args.decode_tokens]
+
+    rows = [
+        {
+            "cache": "none (fp32 states)",
+            "one_forward_ppl": perplexity(model, windows, progress=False).ppl,
+            "token_by_token_ppl": stepwise_ppl(model, decode_ids, None),
+        }
+    ]
+    for bits in (4, 2):
+        for group in (64, 32):
+
+            def hf_cache(bits=bits, group=group):
+                return QuantizedCache(
+                    "quanto", model.config, nbits=bits, q_group_size=group, residual_length=args.residual
+                )
+
+            rows.append(
+                {
+                    "cache": f"transformers QuantizedCache quanto {bits}-bit g{group} residual {args.residual}",
+                    "one_forward_ppl": perplexity(model, windows, progress=False, make_cache=hf_cache).ppl,
+                    "token_by_token_ppl": stepwise_ppl(model, decode_ids, hf_cache()),
+                }
+            )
+            cfg = KVQuantConfig(bits=bits, group_size=group, residual=args.residual)
+            with QuantizedKV(model, cfg) as kv:
+                rows.append(
+                    {
+                        "cache": f"eigenkv QuantizedKVCache {cfg.label()}",
+                        "one_forward_ppl": perplexity(model, windows, progress=False, make_cache=kv.new_cache).ppl,
+                        "token_by_token_ppl": stepwise_ppl(model, decode_ids, kv.new_cache()),
+                    }
+                )
+            print(json.dumps(rows[-2:]), flush=True)
+    lines = [
+        f"| cache | one forward, {args.windows}x2048 ppl | token by token, {args.decode_tokens} tokens ppl |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r['cache']} | {r['one_forward_ppl']:.3f} | {r['token_by_token_ppl']:.3f} |" for r in rows]
+    atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

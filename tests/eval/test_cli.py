@@ -63,3 +63,28 @@ def test_bad_input_exits_2_with_message(model_dir, text_file, tmp_path, capsys):
     assert "holds only" in capsys.readouterr().err
     assert main(["ppl", "--model", str(model_dir), "--dataset", "nope", "--quiet"]) == 2
     assert "unknown dataset" in capsys.readouterr().err
+
+
+def test_ppl_with_quantized_cache_records_config_and_size(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "q.json"
+    args = _args(model_dir, text_file, out) + ["--kv-bits", "2", "--kv-group", "16", "--kv-residual", "4"]
+    assert main(args) == 0
+    line = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert "kv=2b-g16-kc-vt-r4" in line
+    assert record["config"]["kv_quant"] == {
+        "bits": 2,
+        "group_size": 16,
+        "axis_k": "channel",
+        "axis_v": "token",
+        "residual": 4,
+        "symmetric": False,
+        "rotate": False,
+        "scale_dtype": "float16",
+    }
+    assert record["kv_fraction_of_fp16"] < 0.3
+    plain = tmp_path / "p.json"
+    assert main(_args(model_dir, text_file, plain)) == 0
+    assert record["result"]["ppl"] != json.loads(plain.read_text())["result"]["ppl"]
+    assert main(_args(model_dir, text_file, tmp_path / "bad.json") + ["--kv-bits", "5"]) == 2
+    assert "bits=5 is not supported" in capsys.readouterr().err

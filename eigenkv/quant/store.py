@@ -36,12 +36,6 @@ from eigenkv.quant.packing import pack, packed_length, unpack
 from eigenkv.quant.reference import QuantizedGroups, dequantize, quantize
 
 
-def _kernel_dtypes():
-    from eigenkv.kernels.quant_pack import KERNEL_DTYPES
-
-    return KERNEL_DTYPES
-
-
 def quantized_prefix(tokens: int, axis: str, group_size: int, residual: int) -> int:
     """``T_q``: how many of ``tokens`` held tokens are stored quantized (rule in the module doc)."""
     old = max(0, tokens - residual)
@@ -80,13 +74,14 @@ class QuantizedStream:
         wide = torch.promote_types(x.dtype, torch.float32)
         return (x.to(wide) @ self.rotation.T.to(wide)).to(x.dtype)
 
-    def _kernels(self, x: torch.Tensor, row_length: int) -> bool:
+    def _kernels(self, on: torch.Tensor, row_length: int, dtype: torch.dtype) -> bool:
+        """Whether to use the Triton kernels for rows of ``row_length`` in ``dtype`` on ``on``'s device."""
         from eigenkv.kernels._launch import use_triton
         from eigenkv.kernels.quant_pack import KERNEL_DTYPES, kernel_supports
 
         return (
-            use_triton(x)
-            and x.dtype in KERNEL_DTYPES
+            use_triton(on)
+            and dtype in KERNEL_DTYPES
             and kernel_supports(row_length, self.config.group_size, self.config.torch_scale_dtype)
         )
 
@@ -96,7 +91,7 @@ class QuantizedStream:
         x = self._rotate(x)
         b, h, t, d = x.shape
         row_length = d if self.axis == "token" else cfg.group_size
-        if self._kernels(x, row_length):
+        if self._kernels(x, row_length, x.dtype):
             from eigenkv.kernels.quant_pack import quantize_pack
 
             if self.axis == "token":  # rows = tokens
@@ -122,7 +117,7 @@ class QuantizedStream:
         """Packed blocks holding ``tokens`` tokens -> dequantized (B, H, tokens, D)."""
         cfg = self.config
         row_length = self.head_dim if self.axis == "token" else cfg.group_size
-        if self._kernels(scale, row_length) and dtype in _kernel_dtypes():
+        if self._kernels(scale, row_length, dtype):
             from eigenkv.kernels.quant_pack import unpack_dequantize
 
             b, h = codes.shape[:2]
@@ -203,9 +198,6 @@ class QuantizedStream:
         if not self.quantized_tokens:
             return self.window[..., :0, :].to(dtype)
         return self._decode(self.codes, self.scale, self.zero, self.quantized_tokens, dtype)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.codes, self.scale, self.zero, self.window) if t is not None]
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held, by component."""

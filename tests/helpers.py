@@ -24,15 +24,15 @@ def char_tokenizer():
     )
 
 
-def tiny_llama(vocab_size: int = 96, kv_heads: int = 2, seed: int = 0):
-    """A 2-layer Llama with GQA (4 query heads, ``kv_heads`` KV heads, head size 16), random weights, eval mode."""
+def tiny_llama(vocab_size: int = 96, kv_heads: int = 2, seed: int = 0, hidden_size: int = 64):
+    """A 2-layer Llama with GQA (4 query heads, ``kv_heads`` KV heads, head size ``hidden_size / 4``), eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=kv_heads,
@@ -42,3 +42,28 @@ def tiny_llama(vocab_size: int = 96, kv_heads: int = 2, seed: int = 0):
         pad_token_id=3,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_opt(vocab_size: int = 96, hidden_size: int = 64, seed: int = 0):
+    """A 2-layer OPT (4 heads), random weights, eval mode."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        ffn_dim=2 * hidden_size,
+        num_attention_heads=4,
+        word_embed_proj_dim=hidden_size,
+        max_position_embeddings=128,
+    )
+    return OPTForCausalLM(config).eval()
+
+
+def tiny_mpt(vocab_size: int = 64, seed: int = 0):
+    """A 2-layer MPT (4 heads, ALiBi), random weights, eval mode."""
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(seed)
+    return MptForCausalLM(MptConfig(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=128)).eval()

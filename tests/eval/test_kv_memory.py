@@ -1,9 +1,9 @@
 import pytest
 import torch
-from transformers import LlamaConfig, MptConfig, MptForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import LlamaConfig
 
 from eigenkv.eval.kv_memory import AttentionShape, DenseStorage, KVLayout, LayerKV, cache_tensor_bytes, kv_cache_bytes
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_llama, tiny_mpt, tiny_opt
 
 
 def test_llama2_7b_fp16_at_2048_is_one_gb():
@@ -22,27 +22,9 @@ def test_gqa_batch_and_dtype_scale_the_count():
     assert kv_cache_bytes(config, dtype=torch.float32).total == 2 * base.total
 
 
-def _tiny_opt():
-    return OPTForCausalLM(
-        OPTConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            ffn_dim=64,
-            num_attention_heads=4,
-            word_embed_proj_dim=32,
-            max_position_embeddings=128,
-        )
-    ).eval()
-
-
-def _tiny_mpt():
-    return MptForCausalLM(MptConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=128)).eval()
-
-
 @pytest.mark.parametrize(
     "build",
-    [lambda: tiny_llama(kv_heads=2), lambda: tiny_llama(kv_heads=4), _tiny_opt, _tiny_mpt],
+    [lambda: tiny_llama(kv_heads=2), lambda: tiny_llama(kv_heads=4), lambda: tiny_opt(64, 32), tiny_mpt],
     ids=["llama-gqa", "llama-mha", "opt", "mpt"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -57,8 +39,8 @@ def test_count_equals_bytes_a_real_cache_holds(build, dtype):
 
 def test_attention_shape_reads_each_family():
     assert AttentionShape.from_config(tiny_llama(kv_heads=2).config) == AttentionShape(2, 4, 2, 16)
-    assert AttentionShape.from_config(_tiny_opt().config) == AttentionShape(2, 4, 4, 8)
-    assert AttentionShape.from_config(_tiny_mpt().config) == AttentionShape(2, 4, 4, 8)
+    assert AttentionShape.from_config(tiny_opt(64, 32).config) == AttentionShape(2, 4, 4, 8)
+    assert AttentionShape.from_config(tiny_mpt().config) == AttentionShape(2, 4, 4, 8)
 
 
 def test_layout_sums_custom_storages_and_fixed_bytes():

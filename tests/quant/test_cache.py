@@ -1,12 +1,11 @@
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
 
 from eigenkv.eval.data import load_windows
 from eigenkv.eval.kv_memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.eval.perplexity import perplexity
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
-from tests.helpers import DEVICE, tiny_llama
+from tests.helpers import DEVICE, tiny_llama, tiny_opt
 
 CONFIGS = [
     KVQuantConfig(bits=2, group_size=8, axis_k="token", axis_v="token"),
@@ -17,22 +16,8 @@ CONFIGS = [
 ]
 
 
-def _tiny_opt():
-    torch.manual_seed(0)
-    config = OPTConfig(
-        vocab_size=96,
-        hidden_size=64,
-        num_hidden_layers=2,
-        ffn_dim=128,
-        num_attention_heads=4,
-        word_embed_proj_dim=64,
-        max_position_embeddings=128,
-    )
-    return OPTForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label())
-@pytest.mark.parametrize("build", [tiny_llama, _tiny_opt], ids=["llama-gqa", "opt"])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_opt], ids=["llama-gqa", "opt"])
 def test_parallel_forward_equals_token_by_token_decoding(config, build):
     """One multi-token forward must read the cache exactly as decoding one token at a time does.
 
@@ -134,20 +119,9 @@ def test_config_validation_and_round_trip():
 
 
 def test_rotation_needs_a_power_of_two_head_size():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=32,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    ).eval()
+    model = tiny_llama(hidden_size=48)  # head size 12
     with QuantizedKV(model, KVQuantConfig(rotate=True)) as kv, pytest.raises(ValueError, match="power-of-two"):
-        model(torch.randint(0, 32, (1, 4)), past_key_values=kv.new_cache(), use_cache=True)
+        model(torch.randint(0, 96, (1, 4)), past_key_values=kv.new_cache(), use_cache=True)
 
 
 def test_unsupported_cache_operations_are_refused():

@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--decode-tokens", type=int, default=512)
     parser.add_argument("--residual", type=int, default=128, help="full-precision window of both caches")
+    parser.add_argument("--bits", default="4,2")
+    parser.add_argument("--groups", default="64")
     parser.add_argument("--out", default="results/compare_hf_quantized_cache")
     args = parser.parse_args()
     out = Path(args.out)
@@ -58,8 +60,8 @@ def main() -> None:
             "token_by_token_ppl": stepwise_ppl(model, decode_ids, None),
         }
     ]
-    for bits in (4, 2):
-        for group in (64, 32):
+    for bits in [int(b) for b in args.bits.split(",")]:
+        for group in [int(g) for g in args.groups.split(",")]:
 
             def hf_cache(bits=bits, group=group):
                 return QuantizedCache(

@@ -88,12 +88,36 @@ def main() -> None:
             f"{label:32s} ppl={result.ppl:9.4f} kv={kv_bytes.gb:.5f} GB ({kv_bytes.fraction_of(fp16):.3f})", flush=True
         )
 
-    lines = ["| setting | KV GB (n=2048) | fraction of fp16 | ppl |", "|---|---|---|---|"]
-    for label, _ in settings:
-        row = done[label]
-        lines.append(f"| {label} | {row['kv_gb_n2048']:.5f} | {row['fraction_of_fp16']:.3f} | {row['ppl']:.3f} |")
-    atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = render_table(
+        done, bits=[int(b) for b in args.bits.split(",")], groups=[int(g) for g in args.groups.split(",")]
+    )
+    atomic_write_text(out / "table.md", table)
+    print(table)
+
+
+def render_table(rows: dict, bits: list[int], groups: list[int], residual: int = 0) -> str:
+    """Markdown: one row per (bits, group), one column per axes x rotation; cells 'ppl (GB, fraction)'."""
+    fp16 = rows["fp16"]
+    lines = [
+        f"fp16: ppl {fp16['ppl']:.3f}, {fp16['kv_gb_n2048']:.4f} GB",
+        "",
+        "| bits | group | per-token | per-token + rotation | KIVI (keys per channel) | KIVI + rotation |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b in bits:
+        for g in groups:
+            cells = []
+            for axes_name, (axis_k, axis_v) in AXES.items():
+                for rotate in (False, True):
+                    cfg = KVQuantConfig(
+                        bits=b, group_size=g, axis_k=axis_k, axis_v=axis_v, residual=residual, rotate=rotate
+                    )
+                    r = rows.get(f"{axes_name} {cfg.label()}")
+                    cells.append(
+                        "-" if r is None else f"{r['ppl']:.2f} ({r['kv_gb_n2048']:.4f} GB, {r['fraction_of_fp16']:.3f})"
+                    )
+            lines.append(f"| {b} | {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import QuantizedCache
+from transformers import DynamicCache, QuantizedCache
 
 from eigenkv._atomic import atomic_write_text
 from eigenkv.eval import load_model, load_windows, perplexity
@@ -55,9 +55,9 @@ def main() -> None:
 
     rows = [
         {
-            "cache": "none (fp32 states)",
+            "cache": "transformers DynamicCache (unquantized)",
             "one_forward_ppl": perplexity(model, windows, progress=False).ppl,
-            "token_by_token_ppl": stepwise_ppl(model, decode_ids, None),
+            "token_by_token_ppl": stepwise_ppl(model, decode_ids, DynamicCache(config=model.config)),
         }
     ]
     for bits in [int(b) for b in args.bits.split(",")]:

@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/eigenkv ppl --model smollm2-135m --dataset wikitext2 --windows 4 --seq-len 2048 \
+	$(BIN)/eigenkv ppl --model smollm2-135m --dataset wikitext2 --windows 16 --seq-len 2048 \
 		--json results/baseline_smollm2-135m_wikitext2.json
 
 test: $(STAMP)

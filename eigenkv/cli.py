@@ -46,9 +46,9 @@ def _ppl(args: argparse.Namespace) -> int:
             symmetric=args.kv_symmetric,
             rotate=args.kv_rotate,
         )
-    count = None if args.windows == "all" else int(args.windows)
+    count = None if args.windows == "all" else (int(args.windows) if args.windows.isdigit() else 0)
     if count is not None and count < 1:
-        raise ValueError(f"--windows must be >= 1 or 'all'; got {args.windows}")
+        raise ValueError(f"--windows must be a positive integer or 'all'; got {args.windows!r}")
     config = {
         "command": "ppl",
         "model": args.model,
@@ -64,7 +64,10 @@ def _ppl(args: argparse.Namespace) -> int:
     }
     out = Path(args.json) if args.json else None
     if out is not None and out.exists() and not args.overwrite:
-        previous = json.loads(out.read_text())
+        try:
+            previous = json.loads(out.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{out} exists but is not a result file ({err}); delete it or pass --overwrite") from err
         if previous.get("config") != config:
             raise FileExistsError(
                 f"{out} holds a result for another configuration ({previous.get('config')}); "

@@ -63,6 +63,11 @@ def test_bad_input_exits_2_with_message(model_dir, text_file, tmp_path, capsys):
     assert "holds only" in capsys.readouterr().err
     assert main(["ppl", "--model", str(model_dir), "--dataset", "nope", "--quiet"]) == 2
     assert "unknown dataset" in capsys.readouterr().err
+    assert main(_args(model_dir, text_file, tmp_path / "y.json", windows="x")) == 2
+    assert "positive integer or 'all'" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{not json")
+    assert main(_args(model_dir, text_file, tmp_path / "broken.json")) == 2
+    assert "not a result file" in capsys.readouterr().err
 
 
 def test_ppl_with_quantized_cache_records_config_and_size(model_dir, text_file, tmp_path, capsys):

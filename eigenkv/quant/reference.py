@@ -64,8 +64,14 @@ def num_groups(length: int, group_size: int) -> int:
     return -(-length // group_size)
 
 
-def check_quant_args(x: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype) -> None:
-    """Raise a clear error for unsupported inputs (dtype, bits, group size, NaN/Inf)."""
+NON_FINITE_MESSAGE = "the tensor to quantize contains NaN or Inf; quantization would spread it over its group"
+
+
+def check_quant_args(
+    x: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype, *, check_finite: bool = True
+) -> None:
+    """Raise a clear error for unsupported inputs (dtype, bits, group size, and NaN/Inf unless ``check_finite=False``,
+    for callers that detect them more cheaply themselves)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor; got {type(x).__name__}")
     if x.dtype not in INPUT_DTYPES:
@@ -76,8 +82,8 @@ def check_quant_args(x: torch.Tensor, bits: int, group_size: int, scale_dtype: t
         raise ValueError(f"group_size must be a positive int; got {group_size!r}")
     if scale_dtype not in SCALE_DTYPES.values():
         raise TypeError(f"scale_dtype {scale_dtype} is not one of {sorted(SCALE_DTYPES)}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError("the tensor to quantize contains NaN or Inf; quantization would spread it over its group")
+    if check_finite and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(NON_FINITE_MESSAGE)
 
 
 def _grouped(x: torch.Tensor, group_size: int) -> list[torch.Tensor]:

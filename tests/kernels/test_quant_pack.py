@@ -43,6 +43,7 @@ def test_round_trip_in_each_dtype(dtype, bits):
         assert torch.equal(out, unpack_dequantize_reference(packed, scale, zero, bits, 32, 64, dtype))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, about the NaN itself
 def test_bad_input_names_the_fix():
     x = torch.randn(4, 64, device=DEVICE)
     with pytest.raises(ValueError, match="group size in"):
@@ -60,3 +61,14 @@ def test_bad_input_names_the_fix():
         unpack_dequantize(packed[:, :16], scale, zero, 4, 32, 64)
     with pytest.raises(ValueError, match="scale and zero must have shape"):
         unpack_dequantize(packed, scale[:, :1], zero, 4, 32, 64)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, about the NaN itself
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_single_non_finite_value_anywhere_is_refused(bad):
+    x = torch.randn(300, 64, device=DEVICE)
+    x[257, 40] = bad  # not in the first program's rows nor the first group
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_pack(x, 4, 32)
+    x[257, 40] = 0.0
+    quantize_pack(x, 4, 32)  # the flag does not leak across calls

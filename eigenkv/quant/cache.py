@@ -208,15 +208,15 @@ class QuantizedKV:
         return QuantizedKVCache(self.config, self.model.config)
 
     def __enter__(self) -> QuantizedKV:
+        if not getattr(self.model, "_supports_attention_backend", False):
+            raise ValueError(
+                f"{type(self.model).__name__} computes attention itself instead of through transformers' "
+                "AttentionInterface, so a multi-token forward cannot read the quantized cache causally; "
+                "QuantizedKVCache still works there for token-by-token decoding (model.generate)"
+            )
         _register()
         self._previous = self.model.config._attn_implementation
-        try:
-            self.model.set_attn_implementation(ATTN_NAME)
-        except (ValueError, NotImplementedError) as err:
-            raise ValueError(
-                f"{type(self.model).__name__} does not route attention through transformers' AttentionInterface, "
-                f"so prompts cannot read the quantized cache causally: {err}"
-            ) from err
+        self.model.set_attn_implementation(ATTN_NAME)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -124,6 +124,16 @@ def test_rotation_needs_a_power_of_two_head_size():
         model(torch.randint(0, 96, (1, 4)), past_key_values=kv.new_cache(), use_cache=True)
 
 
+def test_models_without_the_attention_interface_are_refused():
+    from tests.helpers import tiny_mpt
+
+    with (
+        pytest.raises(ValueError, match="MptForCausalLM computes attention itself"),
+        QuantizedKV(tiny_mpt(), KVQuantConfig()),
+    ):
+        pass
+
+
 def test_unsupported_cache_operations_are_refused():
     cache = QuantizedKVCache(KVQuantConfig(), tiny_llama().config)
     with pytest.raises(NotImplementedError, match="beam search"):

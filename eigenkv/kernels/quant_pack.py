@@ -174,6 +174,13 @@ def launch_config(group_size: int) -> KernelConfig:
     return KernelConfig(constexprs={"BLOCK_R": max(1, _TILE_ELEMENTS // group_size)}, num_warps=4)
 
 
+def _launch(kernel, args: tuple, n_rows: int, n_cols: int, bits: int, group_size: int, symmetric: bool) -> None:
+    """Launch a row kernel: one program per (BLOCK_R rows, group of the row)."""
+    cfg = launch_config(group_size)
+    grid = (triton.cdiv(n_rows, cfg.constexprs["BLOCK_R"]), n_cols // group_size)
+    kernel[grid](*args, BITS=bits, GROUP=group_size, SYMMETRIC=symmetric, num_warps=cfg.num_warps, **cfg.constexprs)
+
+
 def kernel_supports(n_cols: int, group_size: int, scale_dtype: torch.dtype) -> bool:
     """Whether the kernels handle rows of ``n_cols`` (else use the references, which handle any case)."""
     return group_size in GROUP_SIZES and n_cols % group_size == 0 and scale_dtype == SCALE_DTYPE
@@ -216,10 +223,8 @@ def quantize_pack(
     scale = torch.empty((n_rows, n_cols // group_size), dtype=scale_dtype, device=x.device)
     zero = None if symmetric else torch.empty_like(scale)
     non_finite = torch.zeros(1, dtype=torch.int32, device=x.device)
-    cfg = launch_config(group_size)
     if n_rows:
-        grid = (triton.cdiv(n_rows, cfg.constexprs["BLOCK_R"]), n_cols // group_size)
-        _quantize_pack_kernel[grid](
+        args = (
             x,
             packed,
             scale,
@@ -229,12 +234,8 @@ def quantize_pack(
             n_cols,
             x.stride(0),
             packed.stride(0),
-            BITS=bits,
-            GROUP=group_size,
-            SYMMETRIC=symmetric,
-            num_warps=cfg.num_warps,
-            **cfg.constexprs,
         )
+        _launch(_quantize_pack_kernel, args, n_rows, n_cols, bits, group_size, symmetric)
         if non_finite.item():  # one 4-byte read
             raise ValueError(NON_FINITE_MESSAGE)
     return packed, scale, zero
@@ -266,66 +267,56 @@ def unpack_dequantize(
     packed, scale = packed.contiguous(), scale.contiguous()
     zero = None if zero is None else zero.contiguous()
     out = torch.empty((n_rows, n), dtype=dtype, device=packed.device)
-    cfg = launch_config(group_size)
     if n_rows:
-        grid = (triton.cdiv(n_rows, cfg.constexprs["BLOCK_R"]), n // group_size)
-        _unpack_dequantize_kernel[grid](
-            packed,
-            scale,
-            scale if zero is None else zero,
-            out,
-            n_rows,
-            n,
-            packed.stride(0),
-            out.stride(0),
-            BITS=bits,
-            GROUP=group_size,
-            SYMMETRIC=zero is None,
-            num_warps=cfg.num_warps,
-            **cfg.constexprs,
-        )
+        args = (packed, scale, scale if zero is None else zero, out, n_rows, n, packed.stride(0), out.stride(0))
+        _launch(_unpack_dequantize_kernel, args, n_rows, n, bits, group_size, zero is None)
     return out
+
+
+def _signatures(dtype: str) -> dict:
+    """Argument types of each kernel for activations of ``dtype`` (fp16 scales, as the launchers require)."""
+    ints = {"n_rows": "i32", "n_cols": "i32"}
+    return {
+        "quantize_pack": (
+            _quantize_pack_kernel,
+            {
+                "X": f"*{dtype}",
+                "P": "*u8",
+                "S": "*fp16",
+                "Z": "*fp16",
+                "NON_FINITE": "*i32",
+                **ints,
+                "stride_x": "i32",
+                "stride_p": "i32",
+            },
+        ),
+        "unpack_dequantize": (
+            _unpack_dequantize_kernel,
+            {
+                "P": "*u8",
+                "S": "*fp16",
+                "Z": "*fp16",
+                "OUT": f"*{dtype}",
+                **ints,
+                "stride_p": "i32",
+                "stride_out": "i32",
+            },
+        ),
+    }
 
 
 def compile_specs():
     """Every configuration the launchers can use, for the sm_80/sm_90 compile test."""
     for dtype in ("fp16", "bf16", "fp32"):
-        for bits in (2, 3, 4, 8):
-            for group in GROUP_SIZES:
-                for symmetric in (False, True):
-                    cfg = launch_config(group)
-                    constexprs = {"BITS": bits, "GROUP": group, "SYMMETRIC": symmetric, **cfg.constexprs}
-                    tag = f"[{dtype},b={bits},G={group},sym={int(symmetric)}]"
-                    yield KernelSpec(
-                        name="quantize_pack" + tag,
-                        fn=_quantize_pack_kernel,
-                        signature={
-                            "X": f"*{dtype}",
-                            "P": "*u8",
-                            "S": "*fp16",
-                            "Z": "*fp16",
-                            "NON_FINITE": "*i32",
-                            "n_rows": "i32",
-                            "n_cols": "i32",
-                            "stride_x": "i32",
-                            "stride_p": "i32",
-                        },
-                        constexprs=constexprs,
-                        num_warps=cfg.num_warps,
-                    )
-                    yield KernelSpec(
-                        name="unpack_dequantize" + tag,
-                        fn=_unpack_dequantize_kernel,
-                        signature={
-                            "P": "*u8",
-                            "S": "*fp16",
-                            "Z": "*fp16",
-                            "OUT": f"*{dtype}",
-                            "n_rows": "i32",
-                            "n_cols": "i32",
-                            "stride_p": "i32",
-                            "stride_out": "i32",
-                        },
-                        constexprs=constexprs,
-                        num_warps=cfg.num_warps,
-                    )
+        for name, (kernel, signature) in _signatures(dtype).items():
+            for bits in (2, 3, 4, 8):
+                for group in GROUP_SIZES:
+                    for symmetric in (False, True):
+                        cfg = launch_config(group)
+                        yield KernelSpec(
+                            name=f"{name}[{dtype},b={bits},G={group},sym={int(symmetric)}]",
+                            fn=kernel,
+                            signature=signature,
+                            constexprs={"BITS": bits, "GROUP": group, "SYMMETRIC": symmetric, **cfg.constexprs},
+                            num_warps=cfg.num_warps,
+                        )

@@ -8,6 +8,7 @@ Subpackages: ``eigenkv.eval`` (models, text, perplexity, KV accounting),
 ``eigenkv.quant``, ``eigenkv.compress``, ``eigenkv.kernels``.
 """
 
+from eigenkv.compress import EigenConfig, EigenPlan, compress_model, load_compressed
 from eigenkv.eval import (
     KVLayout,
     PerplexityResult,
@@ -22,6 +23,10 @@ from eigenkv.eval import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "EigenConfig",
+    "EigenPlan",
+    "compress_model",
+    "load_compressed",
     "KVLayout",
     "PerplexityResult",
     "TokenWindows",

@@ -1,4 +1,4 @@
-"""Command line: ``eigenkv ppl ...``."""
+"""Command line: ``eigenkv ppl ...`` and ``eigenkv compress ...``."""
 
 from __future__ import annotations
 
@@ -61,7 +61,20 @@ def _ppl(args: argparse.Namespace) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "batch_size": args.batch_size,
         "kv_quant": None if quant is None else quant.to_dict(),
+        "compressed": None,
     }
+    plan = None
+    if args.compressed:
+        from eigenkv.compress import EigenPlan
+
+        plan = EigenPlan.load(args.compressed)
+        config["compressed"] = {
+            "path": str(Path(args.compressed).resolve()),
+            "config": plan.config.to_dict(),
+            "mode": plan.mode,
+            "ratio": plan.ratio,
+            "calibration": {k: v for k, v in plan.calibration.items() if not k.endswith(("seconds", "evaluations"))},
+        }
     out = Path(args.json) if args.json else None
     if out is not None and out.exists() and not args.overwrite:
         try:
@@ -90,6 +103,19 @@ def _ppl(args: argparse.Namespace) -> int:
         bos=args.bos,
         data_dir_path=args.data_dir,
     )
+    kv_fp16 = kv_cache_bytes(model, seq_len=2048, batch_size=1)
+    if plan is not None:
+        from eigenkv.compress import apply_plan
+        from eigenkv.eval.data import windows_overlap
+
+        if windows_overlap(plan.calibration, windows.describe()):
+            raise ValueError(
+                f"the plan in {args.compressed} was calibrated on windows that overlap the evaluated ones "
+                f"({plan.calibration['source']} windows from #{plan.calibration['first_window']}); evaluate other "
+                "windows (--start) or calibrate on Brown or on disjoint windows"
+            )
+        apply_plan(model, plan)
+    kv = kv_cache_bytes(model, seq_len=2048, batch_size=1, quant=quant)
     if quant is None:
         result = perplexity(model, windows, batch_size=args.batch_size, progress=not args.quiet)
     else:
@@ -97,11 +123,12 @@ def _ppl(args: argparse.Namespace) -> int:
             result = perplexity(
                 model, windows, batch_size=args.batch_size, progress=not args.quiet, make_cache=kv_quant.new_cache
             )
-    kv = kv_cache_bytes(model, seq_len=2048, batch_size=1, quant=quant)
-    kv_fp16 = kv_cache_bytes(model, seq_len=2048, batch_size=1)
+    kv_label = "fp16" if quant is None else quant.label()
+    if plan is not None:
+        kv_label = f"{plan.config.label()}({plan.ratio:.3f})+{kv_label}"
     line = (
         f"{args.model} {windows.source} windows={result.windows}x{result.seq_len} (from #{windows.first}) "
-        f"bos={args.bos} {config['dtype']} kv={'fp16' if quant is None else quant.label()}: "
+        f"bos={args.bos} {config['dtype']} kv={kv_label}: "
         f"ppl={result.ppl:.4f} nll={result.nll:.5f} tokens={result.tokens} "
         f"kv@2048={kv.gb:.4f}GB ({kv.fraction_of(kv_fp16):.3f} of fp16) time={result.seconds:.1f}s"
     )
@@ -120,6 +147,53 @@ def _ppl(args: argparse.Namespace) -> int:
                 "line": line,
             },
         )
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from eigenkv.compress import EigenConfig, compress_model
+    from eigenkv.eval.data import load_windows
+    from eigenkv.eval.models import describe_model, load_model, resolve_dtype
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    ratio = args.ratio if args.ratio is not None or args.error_budget is not None else 0.6
+    config = EigenConfig(
+        target_ratio=ratio,
+        error_budget=args.error_budget,
+        allot=args.allot,
+        rope_mode=args.rope_mode,
+        error_windows=args.error_windows,
+        rank_multiple=args.rank_multiple,
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device, cache=args.cache_dir)
+    windows = load_windows(
+        args.calib_dataset,
+        tokenizer,
+        args.calib_seq_len,
+        split=args.calib_split,
+        start=args.calib_start,
+        count=args.calib_windows,
+        data_dir_path=args.data_dir,
+    )
+    plan = compress_model(model, windows, config, progress=not args.quiet)
+    plan.extra.update({"model": describe_model(args.model, args.cache_dir), "environment": _environment()})
+    plan.save(out, overwrite=args.overwrite)
+    cal = plan.calibration
+    print(plan.summary())
+    print(
+        f"calibration: {cal['source']} {cal['windows']}x{cal['seq_len']} from window #{cal['first_window']} "
+        f"({cal['calibration_seconds']:.0f}s); allotment {cal['allotment_seconds']:.0f}s "
+        f"({cal['error_evaluations']} error evaluations)"
+    )
+    print("ranks (key, value) per layer: " + " ".join(f"{k}/{v}" for k, v in plan.ranks))
+    print(f"saved {out}")
     return 0
 
 
@@ -151,7 +225,34 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--kv-residual", type=int, default=0, help="recent tokens kept in full precision")
     quant.add_argument("--kv-symmetric", action="store_true", help="scale only, no zero point")
     quant.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate the head dimension first")
+    ppl.add_argument("--compressed", default=None, help="apply the Eigen Attention plan saved in this folder")
     ppl.set_defaults(func=_ppl)
+
+    comp = sub.add_parser("compress", help="calibrate Eigen Attention bases and ranks; save the plan")
+    comp.add_argument("--model", default="smollm2-135m", help="embedded alias, local folder or hub id")
+    comp.add_argument("--out", required=True, help="folder for the plan (plan.json + bases.safetensors)")
+    size = comp.add_mutually_exclusive_group()
+    size.add_argument("--ratio", type=float, default=None, help="KV fraction to keep (default 0.6)")
+    size.add_argument("--error-budget", type=float, default=None, help="the paper's per-layer output-error rule")
+    comp.add_argument(
+        "--rope-mode", default="pre", choices=["pre", "post"], help="RoPE models: basis before/after RoPE"
+    )
+    comp.add_argument("--allot", default="uniform", choices=["uniform", "budget"], help="rank allotment for --ratio")
+    comp.add_argument("--calib-dataset", default="brown", help="brown, wikitext2, or a text file")
+    comp.add_argument("--calib-split", default=None)
+    comp.add_argument("--calib-windows", type=int, default=16)
+    comp.add_argument("--calib-start", type=int, default=0, help="first calibration window")
+    comp.add_argument("--calib-seq-len", type=int, default=2048)
+    comp.add_argument("--error-windows", type=int, default=1, help="windows kept to measure layer output errors")
+    comp.add_argument("--rank-multiple", type=int, default=1, help="round every rank to a multiple of this")
+    comp.add_argument("--dtype", default="float32", help="dtype of the model during calibration")
+    comp.add_argument("--device", default=None)
+    comp.add_argument("--threads", type=int, default=0)
+    comp.add_argument("--overwrite", action="store_true", help="replace an existing plan folder")
+    comp.add_argument("--cache-dir", default=None)
+    comp.add_argument("--data-dir", default=None)
+    comp.add_argument("--quiet", action="store_true")
+    comp.set_defaults(func=_compress)
     return parser
 
 

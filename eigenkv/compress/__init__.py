@@ -1,1 +1,16 @@
-"""Eigen Attention: low-rank bases from calibration data, folded into attention weights."""
+"""Eigen Attention: low-rank bases from calibration data, folded into attention weights.
+
+- ``config``: :class:`EigenConfig` (target ratio or error budget, RoPE mode, allotment).
+- ``calibrate``: streamed float64 Gram matrices of queries, keys and values.
+- ``basis``: eigenbases and the paper's rank rule.
+- ``allot``: ranks per layer (error budget, or a target ratio met within 0.005).
+- ``attention``: rank-space attention modules for the Llama family, OPT and MPT.
+- ``plan``: :func:`compress_model`, :class:`EigenPlan` (saved as safetensors + JSON),
+  :func:`load_compressed`.
+- ``accounting``: the KV layout of a compressed model, for honest sizes.
+"""
+
+from eigenkv.compress.config import EigenConfig
+from eigenkv.compress.plan import EigenPlan, apply_plan, compress_model, is_compressed, load_compressed
+
+__all__ = ["EigenConfig", "EigenPlan", "apply_plan", "compress_model", "is_compressed", "load_compressed"]

@@ -164,10 +164,7 @@ class TokenWindows:
 
     def disjoint_from(self, other: TokenWindows) -> bool:
         """True when the two sets share no text token (both cut from the same text by the same tokenizer)."""
-        if (self.source, self.text_sha256) != (other.source, other.text_sha256):
-            return True
-        (a0, a1), (b0, b1) = self.text_token_range(), other.text_token_range()
-        return a1 <= b0 or b1 <= a0
+        return not windows_overlap(self.describe(), other.describe())
 
     def text_token_range(self) -> tuple[int, int]:
         """``[begin, end)`` of the text tokens (BOS excluded) that these windows cover."""
@@ -189,6 +186,26 @@ class TokenWindows:
             "available_windows": self.available,
             "text_sha256": self.text_sha256,
         }
+
+
+def windows_overlap(a: dict, b: dict) -> bool:
+    """Whether two :meth:`TokenWindows.describe` records share a text token."""
+    same_text = (a.get("source"), a.get("text_sha256")) == (b.get("source"), b.get("text_sha256"))
+    if not same_text:
+        return False
+
+    def text_range(d: dict) -> tuple[int, int]:
+        return TokenWindows(
+            input_ids=torch.empty(d["windows"], 0, dtype=torch.long),
+            source=d["source"],
+            seq_len=d["seq_len"],
+            bos=d["bos"],
+            first=d["first_window"],
+            available=d["available_windows"],
+        ).text_token_range()
+
+    (a0, a1), (b0, b1) = text_range(a), text_range(b)
+    return a0 < b1 and b0 < a1
 
 
 def tokenize_windows(

@@ -166,7 +166,9 @@ def kv_cache_bytes(
     """Bytes of the KV cache for ``batch_size`` sequences of ``seq_len`` tokens.
 
     Args:
-        model_or_config: a ``KVLayout``, or a model / transformers config.
+        model_or_config: a ``KVLayout``, or a model / transformers config; a
+            model compressed by ``eigenkv.compress`` is counted at its ranks
+            (plus the bases it keeps at run time).
         seq_len: tokens per sequence (the paper reports n = 2048).
         batch_size: sequences (the paper reports batch 1).
         dtype: element type of the cache, or of a quantized cache's
@@ -182,6 +184,13 @@ def kv_cache_bytes(
         if dtype is not None or quant is not None:
             raise ValueError("a KVLayout carries its own storage; do not pass dtype or quant with it")
         return model_or_config.nbytes(seq_len, batch_size)
+    if isinstance(model_or_config, torch.nn.Module):
+        from eigenkv.compress.plan import is_compressed
+
+        if is_compressed(model_or_config):
+            from eigenkv.compress.accounting import compressed_layout
+
+            return compressed_layout(model_or_config, dtype or torch.float16, quant).nbytes(seq_len, batch_size)
     config = getattr(model_or_config, "config", model_or_config)
     shape = AttentionShape.from_config(config)
     if shape.sliding_window is not None and seq_len > shape.sliding_window:

@@ -1,0 +1,45 @@
+"""KV layout of a compressed model: ``r_k`` and ``r_v`` elements per KV head and token, plus kept bases.
+
+Per layer the cache holds ``(B, H_kv, S, r_k)`` keys and ``(B, H_kv, S, r_v)``
+values (dense, or quantized with a ``KVQuantConfig``). Bases folded into the
+weights cost nothing extra; those used at run time are counted as fixed bytes:
+the pre-RoPE rebuild basis ``(d, r_k)`` per layer and the post-RoPE query/key
+bases ``(H_kv, d, r_k)`` per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from eigenkv.compress.attention import EigenAttention
+from eigenkv.eval.kv_memory import DenseStorage, KVLayout, LayerKV
+
+
+def compressed_layout(model: nn.Module, dtype: torch.dtype = torch.float16, quant=None) -> KVLayout:
+    """The ``KVLayout`` of a compressed model's cache.
+
+    Args:
+        model: compressed in place by ``compress_model`` or ``load_compressed``.
+        dtype: element type of a dense cache, of a quantized cache's window, and of the kept bases.
+        quant: a ``KVQuantConfig`` when the cache is quantized.
+    """
+    modules = [m for m in model.modules() if isinstance(m, EigenAttention)]
+    if not modules:
+        raise ValueError("this model is not compressed; use kv_cache_bytes(model) for its dense cache")
+    if quant is not None and quant.rotate:
+        raise ValueError("rotate=True rotates the head dimension; a compressed cache holds ranks, not heads")
+    layers, basis_elements = [], 0
+    for module in modules:
+        if quant is None:
+            keys, values = DenseStorage(module.key_rank, dtype), DenseStorage(module.value_rank, dtype)
+        else:
+            from eigenkv.quant.accounting import QuantizedStorage
+
+            keys = QuantizedStorage(module.key_rank, quant, quant.axis_k, dtype)
+            values = QuantizedStorage(module.value_rank, quant, quant.axis_v, dtype)
+        layers.append(LayerKV(module.kv_heads, keys, values))
+        basis = getattr(module, "key_basis", None)
+        basis_elements += 0 if basis is None else basis.numel()
+    fixed = {"bases": basis_elements * dtype.itemsize} if basis_elements else {}
+    return KVLayout(layers=tuple(layers), fixed=fixed)

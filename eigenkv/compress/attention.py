@@ -1,0 +1,323 @@
+"""Attention modules that compute in rank space, built from a model's own modules by folding bases.
+
+Notation per layer: ``H`` query heads, ``H_kv`` KV heads (``g = H / H_kv`` query
+heads per KV head), head size ``d``, key rank ``r_k``, value rank ``r_v``.
+A basis ``U`` is ``(d, r)`` with orthonormal columns; ``U U^T`` projects on
+its span, so at ``r = d`` every module here equals the one it replaces.
+
+Folding (weights ``W`` are ``(out, in)``; head ``i`` owns rows ``i*d:(i+1)*d``):
+
+- values, every family: ``W_v'[i] = U_v[i]^T W_v[i]`` (and the bias), and the
+  output projection reads rank space: ``W_o'[:, j] = W_o[:, j] U_v[kv(j)]``
+  for query head ``j``; the cache holds ``(B, H_kv, S, r_v)`` values.
+- keys, no RoPE (OPT, MPT): one joint basis per head for keys and queries,
+  ``W_q'[i] = U[i]^T W_q[i]``, ``W_k'[i] = U[i]^T W_k[i]``; scores
+  ``q U (k U)^T`` are computed with ``r_k``-sized vectors; the softmax scale
+  stays ``1/sqrt(d)``.
+- keys, RoPE ``"pre"`` (the paper): ``W_k'[i] = U^T W_k[i]`` with one basis
+  ``U`` shared by the layer's KV heads; the cache holds ``(B, H_kv, S, r_k)``
+  pre-RoPE coefficients; attention rebuilds ``K = k U^T`` and rotates each
+  key at its own position (never the current one: that is the reference
+  code's decoding bug); queries stay full rank.
+- keys, RoPE ``"post"``: queries and keys are rotated as the model does, then
+  projected with one basis per KV head, ``q U[kv(j)]`` and ``k U[i]``; RoPE
+  sits between the weights and the basis, so nothing folds and the basis is
+  kept (counted in the KV accounting).
+
+Only the attention modules are replaced; the rest of the Hugging Face model
+(masks, caches, ``generate``) is untouched, and any transformers ``Cache``
+holds the rank-space tensors (its sequence axis is unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+MODES = ("pre", "post", "none")
+
+
+def fold_rows(linear: nn.Linear, basis: torch.Tensor, heads: int, rows: slice | None = None) -> nn.Linear:
+    """``Linear`` whose head ``i`` outputs ``U[i]^T y_i``: ``(heads * r)`` outputs from ``(heads * d)``.
+
+    Args:
+        linear: the projection; ``rows`` selects its ``heads * d`` output rows (a fused QKV).
+        basis: ``(heads or 1, d, r)``; a single basis is shared by all heads.
+    """
+    weight = linear.weight[rows] if rows is not None else linear.weight
+    bias = None if linear.bias is None else (linear.bias[rows] if rows is not None else linear.bias)
+    d, r = basis.shape[-2:]
+    u = basis.to(torch.float64).expand(heads, d, r)
+    w = torch.einsum("hdr,hdi->hri", u, weight.to(torch.float64).view(heads, d, -1)).reshape(heads * r, -1)
+    out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if bias is not None:
+            out.bias.copy_(torch.einsum("hdr,hd->hr", u, bias.to(torch.float64).view(heads, d)).reshape(-1))
+    return out.requires_grad_(linear.weight.requires_grad)
+
+
+def fold_columns(linear: nn.Linear, value_basis: torch.Tensor, q_heads: int) -> nn.Linear:
+    """Output projection that reads rank-space values: ``(out, H * d)`` -> ``(out, H * r_v)``.
+
+    Args:
+        value_basis: ``(H_kv, d, r_v)``; query head ``j`` reads KV head ``j // (H / H_kv)``.
+    """
+    kv_heads, d, r = value_basis.shape
+    u = value_basis.to(torch.float64).repeat_interleave(q_heads // kv_heads, dim=0)  # (H, d, r)
+    weight = linear.weight.to(torch.float64).view(linear.out_features, q_heads, d)
+    w = torch.einsum("ohd,hdr->ohr", weight, u).reshape(linear.out_features, q_heads * r)
+    out = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias)
+    return out.requires_grad_(linear.weight.requires_grad)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of the Llama family: ``x`` (B, H, T, d), ``cos``/``sin`` (B or 1, T, d)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def _map_twin(held: torch.Tensor, out: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Carry a quantized cache's unquantized twin (see ``eigenkv.quant.cache``) through ``fn``."""
+    from eigenkv.quant.cache import _TWIN
+
+    twin = getattr(held, _TWIN, None)
+    if twin is not None:
+        setattr(out, _TWIN, (fn(twin[0]), twin[1]))
+    return out
+
+
+def _attention_function(config) -> Callable:
+    """The attention function the model is set to use (sdpa, eager, eigenkv_quant, ...)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, _eager_attention)
+
+
+def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
+    if x.shape[-1] == width:
+        return x
+    padded = nn.functional.pad(x, (0, width - x.shape[-1]))
+    return _map_twin(x, padded, lambda t: nn.functional.pad(t, (0, width - t.shape[-1])))
+
+
+def attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs) -> tuple[torch.Tensor, object]:
+    """The model's attention function on rank-space tensors; output ``(B, T, H, r_v)``.
+
+    Fused SDPA kernels need one head size for queries, keys and values (with
+    ``r_k != r_v`` torch falls back to its unfused path, about 6x slower on
+    CPU), so the narrower side is zero-padded: zero key columns add nothing to
+    the scores, zero value columns are sliced off the output.
+    """
+    width = max(query.shape[-1], value.shape[-1])
+    query, key, value_padded = (_pad_last(x, width) for x in (query, key, value))
+    out, weights = _attention_function(module.config)(
+        module, query, key, value_padded, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    return out[..., : value.shape[-1]], weights
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention with GQA; ``query`` (B, H, T, e), ``key`` (B, H_kv, S, e), ``value`` (B, H_kv, S, r)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : key.shape[-2]]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class EigenAttention(nn.Module):
+    """Base of the rank-space attention modules (see the module doc).
+
+    Attributes:
+        key_rank, value_rank: ``r_k``, ``r_v``.
+        kv_heads: KV heads (the cache's head axis).
+        mode: ``"pre"``/``"post"`` (RoPE models) or ``"none"``.
+    """
+
+    mode: str
+
+    def __init__(self, original: nn.Module, key_basis: torch.Tensor, value_basis: torch.Tensor):
+        super().__init__()
+        self.layer_idx = original.layer_idx
+        self.key_rank = int(key_basis.shape[-1])
+        self.value_rank = int(value_basis.shape[-1])
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, mode={self.mode}, key_rank={self.key_rank}, value_rank={self.value_rank}"
+
+
+class EigenLlamaAttention(EigenAttention):
+    """Rank-space attention of the Llama family (Llama, Mistral, Qwen2; GQA, qkv biases); RoPE pre or post."""
+
+    def __init__(self, original, key_basis, value_basis, mode: str, rotary: nn.Module):
+        super().__init__(original, key_basis, value_basis)
+        if mode not in ("pre", "post"):
+            raise ValueError(f"Llama-family attention compresses in RoPE mode 'pre' or 'post'; got {mode!r}")
+        self.mode = mode
+        self.config = original.config
+        self.head_dim = original.head_dim
+        self.scaling = original.scaling
+        self.attention_dropout = original.attention_dropout
+        self.is_causal = True
+        # Qwen2 names its window on the module, Mistral only in its config.
+        self.sliding_window = getattr(original, "sliding_window", getattr(original.config, "sliding_window", None))
+        if mode == "pre" and self.sliding_window is not None:
+            raise NotImplementedError(
+                f"{type(original).__name__} uses sliding-window attention: its cache drops old keys, so a key's "
+                "index no longer gives its position for the pre-RoPE rebuild; use rope_mode='post'"
+            )
+        self.q_heads = original.q_proj.out_features // self.head_dim
+        self.kv_heads = original.k_proj.out_features // self.head_dim
+        self.num_key_value_groups = self.q_heads // self.kv_heads
+        object.__setattr__(self, "_rotary", rotary)  # the model's own; not a submodule of this one
+        weight = original.k_proj.weight
+        self.q_proj = original.q_proj
+        if mode == "pre":
+            self.k_proj = fold_rows(original.k_proj, key_basis, self.kv_heads)
+            self.register_buffer("key_basis", key_basis[0].to(weight.dtype).contiguous())  # (d, r_k)
+        else:
+            self.k_proj = original.k_proj
+            self.register_buffer("key_basis", key_basis.to(weight.dtype).contiguous())  # (H_kv, d, r_k)
+        self.v_proj = fold_rows(original.v_proj, value_basis, self.kv_heads)
+        self.o_proj = fold_columns(original.o_proj, value_basis, self.q_heads)
+
+    def _rope_table(self, hidden: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(length, device=hidden.device).unsqueeze(0)
+        return self._rotary(hidden, positions)  # each (1, length, d)
+
+    def rebuild_keys(self, coefficients: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE keys ``(B, H_kv, S, r_k)`` -> rotated full keys ``(B, H_kv, S, d)``, key ``s`` at position ``s``."""
+        return apply_rope(coefficients @ self.key_basis.T, cos, sin)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        batch, length, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, length, self.q_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, length, self.kv_heads, self.value_rank).transpose(1, 2)
+        if self.mode == "pre":
+            key = self.k_proj(hidden_states).view(batch, length, self.kv_heads, self.key_rank).transpose(1, 2)
+            past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.layer_idx)
+            # Every position rotates by its index in the cache: scores depend only on position
+            # differences, so this equals the model's rotation for any per-sequence offset
+            # (left padding), and each cached key is rotated at its own position.
+            cos, sin = self._rope_table(hidden_states, key.shape[-2])
+            query = apply_rope(query, cos[:, past : past + length], sin[:, past : past + length])
+            keys = _map_twin(key, self.rebuild_keys(key, cos, sin), lambda k: self.rebuild_keys(k, cos, sin))
+        else:
+            key = self.k_proj(hidden_states).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            cos, sin = position_embeddings
+            query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+            per_query_head = self.key_basis.repeat_interleave(self.num_key_value_groups, dim=0)
+            query = torch.einsum("bhtd,hdr->bhtr", query, per_query_head)
+            key = torch.einsum("bhtd,hdr->bhtr", key, self.key_basis)
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.layer_idx)
+            keys = key
+        if self.sliding_window is not None:
+            kwargs.setdefault("sliding_window", self.sliding_window)
+        dropout = self.attention_dropout if self.training else 0.0
+        out, weights = attend(self, query, keys, value, attention_mask, self.scaling, dropout, **kwargs)
+        return self.o_proj(out.reshape(batch, length, -1)), weights
+
+
+class EigenOPTAttention(EigenAttention):
+    """Rank-space OPT attention: joint key/query basis per head, biases folded."""
+
+    mode = "none"
+
+    def __init__(self, original, key_basis, value_basis):
+        super().__init__(original, key_basis, value_basis)
+        self.config = original.config
+        self.num_heads = self.kv_heads = original.num_heads
+        self.head_dim = original.head_dim
+        self.scaling = original.scaling
+        self.dropout = original.dropout
+        self.is_causal = True
+        self.q_proj = fold_rows(original.q_proj, key_basis, self.num_heads)
+        self.k_proj = fold_rows(original.k_proj, key_basis, self.num_heads)
+        self.v_proj = fold_rows(original.v_proj, value_basis, self.num_heads)
+        self.out_proj = fold_columns(original.out_proj, value_basis, self.num_heads)
+
+    def forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
+        batch, length, _ = hidden_states.shape
+        query = (self.q_proj(hidden_states) * self.scaling).view(batch, length, -1, self.key_rank).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, length, -1, self.key_rank).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, length, -1, self.value_rank).transpose(1, 2)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        dropout = self.dropout if self.training else 0.0
+        out, weights = attend(self, query, key, value, attention_mask, 1.0, dropout, **kwargs)  # q is prescaled
+        return self.out_proj(out.reshape(batch, length, -1)), weights
+
+
+class EigenMptAttention(EigenAttention):
+    """Rank-space MPT attention: the fused ``Wqkv`` folded part by part; ALiBi bias as the model adds it."""
+
+    mode = "none"
+
+    def __init__(self, original, key_basis, value_basis):
+        super().__init__(original, key_basis, value_basis)
+        if original.clip_qkv:
+            raise ValueError(
+                "MPT with attn_config.clip_qkv clamps the full-rank q/k/v, which a folded basis cannot reproduce; "
+                "compress a model without clip_qkv"
+            )
+        self.n_heads = self.kv_heads = original.n_heads
+        self.head_dim = original.head_dim
+        self.softmax_scale = original.softmax_scale
+        self.attn_dropout_p = original.attn_dropout_p
+        hidden = original.hidden_size
+        parts = [
+            fold_rows(original.Wqkv, key_basis, self.n_heads, slice(0, hidden)),
+            fold_rows(original.Wqkv, key_basis, self.n_heads, slice(hidden, 2 * hidden)),
+            fold_rows(original.Wqkv, value_basis, self.n_heads, slice(2 * hidden, 3 * hidden)),
+        ]
+        self.split = [p.out_features for p in parts]
+        self.Wqkv = nn.Linear(hidden, sum(self.split), bias=original.Wqkv.bias is not None)
+        self.Wqkv.to(device=original.Wqkv.weight.device, dtype=original.Wqkv.weight.dtype)
+        with torch.no_grad():
+            self.Wqkv.weight.copy_(torch.cat([p.weight for p in parts]))
+            if self.Wqkv.bias is not None:
+                self.Wqkv.bias.copy_(torch.cat([p.bias for p in parts]))
+        self.out_proj = fold_columns(original.out_proj, value_basis, self.n_heads)
+
+    def forward(self, hidden_states, position_bias, past_key_values=None, attention_mask=None, **kwargs):
+        batch, length = hidden_states.shape[:2]
+        query, key, value = self.Wqkv(hidden_states).split(self.split, dim=2)
+        query = query.reshape(batch, length, self.n_heads, self.key_rank).transpose(1, 2)
+        key = key.reshape(batch, length, self.n_heads, self.key_rank).transpose(1, 2)
+        value = value.reshape(batch, length, self.n_heads, self.value_rank).transpose(1, 2)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        scores = torch.matmul(query, key.transpose(-1, -2)) * self.softmax_scale
+        # Same slicing of the ALiBi bias as MptAttention: it depends on key positions only.
+        query_length = length if past_key_values is None else length + past_key_values.get_seq_length()
+        if position_bias is not None:
+            key_length = key.shape[-2]
+            q_index = max(0, position_bias.size(1) - query_length)
+            k_index = max(0, position_bias.size(2) - key_length)
+            scores = scores + position_bias[:, q_index:, k_index:]
+        if attention_mask is not None:
+            scores = scores.masked_fill(attention_mask, torch.finfo(query.dtype).min)
+        weights = nn.functional.softmax(scores.float(), dim=-1).to(value.dtype)
+        weights = nn.functional.dropout(weights, p=self.attn_dropout_p, training=self.training)
+        context = torch.matmul(weights, value).permute(0, 2, 1, 3).reshape(batch, length, -1)
+        return self.out_proj(context), weights

@@ -1,0 +1,133 @@
+"""Which attention modules a model has, how to read their q/k/v, and how to replace them.
+
+Supported: the Llama family (``LlamaAttention``, ``MistralAttention``,
+``Qwen2Attention``: RoPE, GQA, optional qkv biases), ``OPTAttention`` and
+``MptAttention`` (fused ``Wqkv``, ALiBi). Anything else is refused with the list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from eigenkv.compress.attention import (
+    EigenAttention,
+    EigenLlamaAttention,
+    EigenMptAttention,
+    EigenOPTAttention,
+    apply_rope,
+)
+
+LLAMA_LIKE = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+FAMILIES = {**dict.fromkeys(LLAMA_LIKE, "llama"), "OPTAttention": "opt", "MptAttention": "mpt"}
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention module and where it hangs in the model."""
+
+    layer: int
+    parent: nn.Module
+    attr: str
+    module: nn.Module
+
+
+def family_of(model: nn.Module) -> str:
+    """``"llama"``, ``"opt"`` or ``"mpt"``; a clear error for anything else or an already compressed model."""
+    names = {type(m).__name__ for m in model.modules()}
+    if any(isinstance(m, EigenAttention) for m in model.modules()):
+        raise ValueError("this model is already compressed; load a fresh copy first")
+    found = {FAMILIES[n] for n in names if n in FAMILIES}
+    if len(found) != 1:
+        kinds = sorted(n for n in names if n.endswith("Attention")) or ["none"]
+        raise ValueError(
+            f"unsupported model {type(model).__name__} (attention modules: {', '.join(kinds)}); "
+            f"eigenkv compresses {', '.join(FAMILIES)}"
+        )
+    return found.pop()
+
+
+def attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """Every attention module (original or compressed), in layer order."""
+    sites = []
+    named = dict(model.named_modules())
+    for name, module in model.named_modules():
+        if type(module).__name__ in FAMILIES or isinstance(module, EigenAttention):
+            parent_name, _, attr = name.rpartition(".")
+            layer = module.layer_idx
+            if layer is None:
+                raise ValueError(f"{name} has no layer_idx; build the model with transformers >= 4.48")
+            sites.append(AttentionSite(int(layer), named[parent_name], attr, module))
+    sites.sort(key=lambda s: s.layer)
+    if [s.layer for s in sites] != list(range(len(sites))):
+        raise ValueError(f"attention layer indices are not 0..n-1: {[s.layer for s in sites]}")
+    return sites
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def head_shape(module: nn.Module) -> HeadShape:
+    name = type(module).__name__
+    if name in LLAMA_LIKE:
+        for attr in ("q_norm", "k_norm"):
+            if getattr(module, attr, None) is not None:
+                raise ValueError(f"{name} normalises queries/keys per head ({attr}); a basis cannot fold through it")
+        d = module.head_dim
+        return HeadShape(module.q_proj.out_features // d, module.k_proj.out_features // d, d)
+    if name == "OPTAttention":
+        return HeadShape(module.num_heads, module.num_heads, module.head_dim)
+    if name == "MptAttention":
+        return HeadShape(module.n_heads, module.n_heads, module.head_dim)
+    raise ValueError(f"unsupported attention module {name}")
+
+
+def project_qkv(module: nn.Module, args: tuple, kwargs: dict, rotated: bool):
+    """The module's queries ``(B, H, T, d)``, keys and values ``(B, H_kv, T, d)`` for its inputs.
+
+    ``rotated``: apply RoPE as the module does (Llama family) before returning.
+    """
+    hidden = args[0] if args else kwargs["hidden_states"]
+    batch, length, _ = hidden.shape
+    name = type(module).__name__
+    if name == "MptAttention":
+        q, k, v = module.Wqkv(hidden).chunk(3, dim=2)
+        d = module.head_dim
+    else:
+        q, k, v = module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden)
+        d = module.head_dim
+    q, k, v = (x.view(batch, length, -1, d).transpose(1, 2) for x in (q, k, v))
+    if rotated:
+        cos, sin = kwargs["position_embeddings"]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k, v
+
+
+def rotary_module(model: nn.Module) -> nn.Module:
+    """The model's rotary embedding (``model.model.rotary_emb`` in the Llama family)."""
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb") and hasattr(module, "inv_freq"):
+            return module
+    raise ValueError(f"{type(model).__name__} has no rotary_emb module; pre-RoPE mode needs the model's RoPE")
+
+
+def build_eigen_attention(
+    model: nn.Module, module: nn.Module, key_basis: torch.Tensor, value_basis: torch.Tensor, mode: str
+) -> EigenAttention:
+    """The rank-space twin of ``module``; bases ``(1 or H_kv, d, r_k)`` and ``(H_kv, d, r_v)`` (see attention.py)."""
+    family = FAMILIES[type(module).__name__]
+    if family == "llama":
+        return EigenLlamaAttention(module, key_basis, value_basis, mode, rotary_module(model))
+    if family == "opt":
+        return EigenOPTAttention(module, key_basis, value_basis)
+    return EigenMptAttention(module, key_basis, value_basis)
+
+
+def replace(site: AttentionSite, new: nn.Module) -> None:
+    setattr(site.parent, site.attr, new)

@@ -1,0 +1,333 @@
+"""A compression plan (config, ranks, bases, calibration record), its artifact, and applying it.
+
+``compress_model(model, windows, config)`` calibrates, allots ranks, folds the
+bases into the model's attention modules in place and returns the
+:class:`EigenPlan`; ``plan.save(dir)`` writes ``plan.json`` + ``bases.safetensors``
+atomically; ``load_compressed(model, dir)`` re-applies a saved plan to a fresh
+copy of the same model without recalibrating, and refuses a plan made for
+another model or with a corrupt artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eigenkv._atomic import atomic_directory
+from eigenkv.compress.allot import Allotter, LayerSize, kv_ratio, truncate
+from eigenkv.compress.attention import EigenAttention
+from eigenkv.compress.basis import layer_bases
+from eigenkv.compress.calibrate import Calibration, calibrate
+from eigenkv.compress.config import EigenConfig
+from eigenkv.compress.families import (
+    attention_sites,
+    build_eigen_attention,
+    family_of,
+    head_shape,
+    replace,
+)
+from eigenkv.eval.data import TokenWindows
+
+FORMAT = "eigenkv-plan/1"
+PLAN_FILE, BASES_FILE = "plan.json", "bases.safetensors"
+
+
+def model_signature(model: nn.Module) -> dict:
+    """What a plan must match: family, attention shapes per layer, and a digest of some attention weights."""
+    family = family_of(model)
+    sites = attention_sites(model)
+    shapes = [head_shape(s.module) for s in sites]
+    digest = hashlib.sha256()
+    for site in (sites[0], sites[-1]):
+        weight = site.module.Wqkv.weight if family == "mpt" else site.module.k_proj.weight
+        digest.update(weight.detach().flatten()[:4096].to(torch.float32).cpu().numpy().tobytes())
+    config = model.config
+    return {
+        "family": family,
+        "model_type": getattr(config, "model_type", None),
+        "layers": len(sites),
+        "q_heads": [s.q_heads for s in shapes],
+        "kv_heads": [s.kv_heads for s in shapes],
+        "head_dim": [s.head_dim for s in shapes],
+        "weights_sha256": digest.hexdigest(),
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+    }
+
+
+@dataclass
+class EigenPlan:
+    """Everything needed to compress a model again without recalibrating.
+
+    Attributes:
+        config: the settings that produced it.
+        mode: ``"pre"``/``"post"`` (RoPE models) or ``"none"`` (OPT, MPT).
+        ranks: per layer ``(r_k, r_v)``.
+        key_bases: per layer ``(1 or H_kv, d, r_k)`` float32, orthonormal columns.
+        value_bases: per layer ``(H_kv, d, r_v)`` float32.
+        key_eigenvalues, value_eigenvalues: per layer the full spectra ``(1 or H_kv, d)``.
+        errors: per layer the relative attention-output error at the chosen ranks on the kept windows.
+        calibration: which windows calibrated it, how many tokens, and timings.
+        signature: the model it belongs to (:func:`model_signature`).
+    """
+
+    config: EigenConfig
+    mode: str
+    ranks: list[tuple[int, int]]
+    key_bases: list[torch.Tensor]
+    value_bases: list[torch.Tensor]
+    key_eigenvalues: list[torch.Tensor]
+    value_eigenvalues: list[torch.Tensor]
+    errors: list[float]
+    calibration: dict
+    signature: dict
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def sizes(self) -> list[LayerSize]:
+        return [LayerSize(k, d) for k, d in zip(self.signature["kv_heads"], self.signature["head_dim"], strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        """Per-token KV elements kept, over the uncompressed cache's."""
+        return kv_ratio(self.ranks, self.sizes)
+
+    def summary(self) -> str:
+        ks = [r for r, _ in self.ranks]
+        vs = [r for _, r in self.ranks]
+        return (
+            f"{self.config.label()} ({self.signature['family']}, mode {self.mode}): ratio {self.ratio:.4f}; "
+            f"key ranks {min(ks)}-{max(ks)} (mean {sum(ks) / len(ks):.1f}), "
+            f"value ranks {min(vs)}-{max(vs)} (mean {sum(vs) / len(vs):.1f})"
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "config": self.config.to_dict(),
+            "mode": self.mode,
+            "ratio": self.ratio,
+            "ranks": [list(r) for r in self.ranks],
+            "errors": self.errors,
+            "calibration": self.calibration,
+            "signature": self.signature,
+            "extra": self.extra,
+        }
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``path/plan.json`` and ``path/bases.safetensors`` atomically (one rename of a staged folder)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} exists; choose another folder or pass overwrite=True")
+            import shutil
+
+            shutil.rmtree(path)
+        tensors = {}
+        for i in range(len(self.ranks)):
+            tensors[f"layers.{i}.key_basis"] = self.key_bases[i].to(torch.float32).contiguous()
+            tensors[f"layers.{i}.value_basis"] = self.value_bases[i].to(torch.float32).contiguous()
+            tensors[f"layers.{i}.key_eigenvalues"] = self.key_eigenvalues[i].to(torch.float64).contiguous()
+            tensors[f"layers.{i}.value_eigenvalues"] = self.value_eigenvalues[i].to(torch.float64).contiguous()
+        with atomic_directory(path) as staging:
+            save_file(tensors, staging / BASES_FILE, metadata={"format": FORMAT})
+            (staging / PLAN_FILE).write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EigenPlan:
+        """Read a plan folder; a missing, truncated or inconsistent artifact raises ``ValueError``."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / PLAN_FILE).is_file() or not (path / BASES_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a compression plan: it needs {PLAN_FILE} and {BASES_FILE}")
+        try:
+            meta = json.loads((path / PLAN_FILE).read_text())
+            tensors = load_file(path / BASES_FILE)
+        except (json.JSONDecodeError, SafetensorError, OSError) as err:
+            raise ValueError(
+                f"corrupt compression plan in {path}: {err}; recompute it with `eigenkv compress`"
+            ) from err
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ValueError(f"{path / PLAN_FILE} has format {found!r}, expected {FORMAT!r}")
+        try:
+            ranks = [(int(k), int(v)) for k, v in meta["ranks"]]
+            bases = {
+                name: [tensors[f"layers.{i}.{name}"] for i in range(len(ranks))]
+                for name in ("key_basis", "value_basis", "key_eigenvalues", "value_eigenvalues")
+            }
+            plan = cls(
+                config=EigenConfig.from_dict(meta["config"]),
+                mode=meta["mode"],
+                ranks=ranks,
+                key_bases=bases["key_basis"],
+                value_bases=bases["value_basis"],
+                key_eigenvalues=bases["key_eigenvalues"],
+                value_eigenvalues=bases["value_eigenvalues"],
+                errors=meta["errors"],
+                calibration=meta["calibration"],
+                signature=meta["signature"],
+                extra=meta.get("extra", {}),
+            )
+            plan.validate()
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"corrupt compression plan in {path}: {err!r}; recompute it with `eigenkv compress`"
+            ) from err
+        return plan
+
+    def validate(self) -> None:
+        """Shapes agree with the ranks and signature, and every basis is orthonormal."""
+        sig = self.signature
+        if not (len(self.ranks) == len(self.key_bases) == len(self.value_bases) == sig["layers"]):
+            raise ValueError(f"plan lists {len(self.ranks)} ranks for a {sig['layers']}-layer model")
+        for i, (r_k, r_v) in enumerate(self.ranks):
+            d, kv = sig["head_dim"][i], sig["kv_heads"][i]
+            key_heads = 1 if self.mode == "pre" else kv
+            for name, basis, want in (
+                ("key", self.key_bases[i], (key_heads, d, r_k)),
+                ("value", self.value_bases[i], (kv, d, r_v)),
+            ):
+                if tuple(basis.shape) != want:
+                    raise ValueError(f"layer {i} {name} basis has shape {tuple(basis.shape)}, expected {want}")
+                gram = basis.transpose(-1, -2).to(torch.float64) @ basis.to(torch.float64)
+                if not torch.allclose(gram, torch.eye(want[-1], dtype=torch.float64).expand_as(gram), atol=1e-4):
+                    raise ValueError(f"layer {i} {name} basis is not orthonormal: the plan is corrupt")
+
+
+def _check_plan_matches(plan: EigenPlan, model: nn.Module) -> None:
+    actual = model_signature(model)
+    for key in ("family", "layers", "q_heads", "kv_heads", "head_dim", "weights_sha256"):
+        if plan.signature[key] != actual[key]:
+            raise ValueError(
+                f"this plan was made for another model: {key} is {plan.signature[key]} in the plan but "
+                f"{actual[key]} in this model ({plan.signature.get('name_or_path')} vs {actual.get('name_or_path')}); "
+                "compress this model with its own calibration"
+            )
+    if actual["family"] != "llama" and plan.mode != "none" or actual["family"] == "llama" and plan.mode == "none":
+        raise ValueError(f"plan mode {plan.mode!r} does not fit a {actual['family']} model")
+
+
+def apply_plan(model: nn.Module, plan: EigenPlan) -> nn.Module:
+    """Replace every attention module of ``model`` by its rank-space twin from ``plan``, in place."""
+    _check_plan_matches(plan, model)
+    for site in attention_sites(model):
+        key, value = plan.key_bases[site.layer], plan.value_bases[site.layer]
+        replace(site, build_eigen_attention(model, site.module, key, value, plan.mode))
+    return model
+
+
+def load_compressed(model: nn.Module, path: str | os.PathLike) -> EigenPlan:
+    """Compress ``model`` in place with the plan saved in ``path`` (no calibration); returns the plan."""
+    plan = EigenPlan.load(path)
+    apply_plan(model, plan)
+    return plan
+
+
+def is_compressed(model: nn.Module) -> bool:
+    return any(isinstance(m, EigenAttention) for m in model.modules())
+
+
+@torch.no_grad()
+def compress_model(
+    model: nn.Module,
+    calibration: TokenWindows | Calibration,
+    config: EigenConfig | None = None,
+    *,
+    progress: bool = True,
+) -> EigenPlan:
+    """Calibrate, allot ranks and fold the bases into ``model``'s attention, in place.
+
+    Args:
+        model: a Llama-family, OPT or MPT causal LM (eval mode; float32 recommended for calibration).
+        calibration: ``(N, T)`` token windows (Brown, or Wikitext-2 windows
+            disjoint from those evaluated; recorded in the plan), or the
+            :class:`~eigenkv.compress.calibrate.Calibration` of an earlier
+            ``calibrate(model, windows)`` on this model, to try several configs
+            without running the model again.
+        config: bases and ranks (default ``EigenConfig()``: 0.6x, pre-RoPE, budget allotment).
+        progress: progress bars.
+
+    Returns:
+        The :class:`EigenPlan` (save it with ``plan.save(dir)``).
+    """
+    config = config or EigenConfig()
+    if not isinstance(config, EigenConfig):
+        raise TypeError(f"config must be an EigenConfig; got {type(config).__name__}")
+    family = family_of(model)
+    mode = config.rope_mode if family == "llama" else "none"
+    signature = model_signature(model)
+    sites = attention_sites(model)
+    for site in sites:
+        head_shape(site.module)  # refuses unsupported variants before the long calibration
+    if isinstance(calibration, Calibration):
+        calib = calibration
+        if calib.signature != signature:
+            raise ValueError("this Calibration was collected on another model; calibrate this one")
+        if calib.rotated != (mode == "post"):
+            raise ValueError(
+                f"this Calibration holds {'post' if calib.rotated else 'pre'}-RoPE statistics; "
+                f"rope_mode={mode!r} needs the other kind: calibrate(model, windows, rotated=...)"
+            )
+    else:
+        calib = calibrate(
+            model, calibration, rotated=mode == "post", error_windows=config.error_windows, progress=progress
+        )
+    start = time.perf_counter()
+    bases = [layer_bases(stats, mode) for stats in calib.layers]
+    sizes = [LayerSize(s.kv_heads, s.head_dim) for s in map(head_shape, (site.module for site in sites))]
+    references: dict[int, list[torch.Tensor]] = {}
+
+    def error(layer: int, r_k: int, r_v: int) -> float:
+        site, inputs = sites[layer], calib.layers[layer].inputs
+        if layer not in references:
+            references[layer] = [site.module(*a, **kw)[0] for a, kw in inputs]
+        key, value = truncate(bases[layer], r_k, r_v)
+        twin = build_eigen_attention(model, site.module, key, value, mode)
+        num = den = 0.0
+        for (a, kw), y in zip(inputs, references[layer], strict=True):
+            y_hat = twin(*a, **kw)[0]
+            num += float((y_hat - y).double().pow(2).sum())
+            den += float(y.double().pow(2).sum())
+        return math.sqrt(num / max(den, 1e-300))
+
+    allotter = Allotter(bases, sizes, config, error)
+    if config.target_ratio is not None:
+        ranks = allotter.target(config.target_ratio)
+    else:
+        ranks = allotter.error_budget(config.error_budget)
+    errors = [allotter.error(layer, *r) for layer, r in enumerate(ranks)]
+    allot_seconds = time.perf_counter() - start
+    kept = [truncate(b, *r) for b, r in zip(bases, ranks, strict=True)]
+    plan = EigenPlan(
+        config=config,
+        mode=mode,
+        ranks=ranks,
+        key_bases=[k.to(torch.float32) for k, _ in kept],
+        value_bases=[v.to(torch.float32) for _, v in kept],
+        key_eigenvalues=[b.key_eigenvalues for b in bases],
+        value_eigenvalues=[b.value_eigenvalues for b in bases],
+        errors=errors,
+        calibration={
+            **calib.source,
+            "calibration_seconds": calib.seconds,
+            "allotment_seconds": allot_seconds,
+            "error_evaluations": allotter.evaluations,
+            "error_budget": getattr(allotter, "budget", config.error_budget),
+        },
+        signature=signature,
+    )
+    apply_plan(model, plan)
+    return plan

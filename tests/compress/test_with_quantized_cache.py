@@ -1,0 +1,38 @@
+"""A compressed model with a quantized cache: the cache holds quantized rank-space tensors, read causally."""
+
+import pytest
+import torch
+
+from eigenkv.compress import EigenConfig, compress_model
+from eigenkv.eval.kv_memory import cache_tensor_bytes, kv_cache_bytes
+from eigenkv.quant import KVQuantConfig, QuantizedKV
+from tests.compress.test_compress import tokens_for, windows_for
+from tests.helpers import tiny_llama, tiny_opt
+
+QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", residual=4)
+
+
+@pytest.mark.parametrize(
+    ("make", "mode"),
+    [(tiny_llama, "pre"), (tiny_llama, "post"), (tiny_opt, "pre")],
+    ids=["llama-pre", "llama-post", "opt"],
+)
+def test_parallel_forward_equals_decoding_and_bytes_match(make, mode):
+    model = make().double()
+    compress_model(model, windows_for(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
+    ids = tokens_for(model, batch=2, length=29)
+    with QuantizedKV(model, QUANT) as kv, torch.no_grad():
+        cache = kv.new_cache()
+        parallel = model(ids, past_key_values=cache, use_cache=True).logits
+        stepwise_cache = kv.new_cache()
+        stepwise = torch.cat(
+            [model(ids[:, t : t + 1], past_key_values=stepwise_cache, use_cache=True).logits for t in range(29)], dim=1
+        )
+        dense = model(ids).logits
+    # the pre-RoPE rebuild must carry the unquantized twins of the keys, or the two paths differ
+    torch.testing.assert_close(parallel, stepwise, atol=1e-9, rtol=0)
+    assert (parallel - dense).abs().max() > 1e-4
+    counted = kv_cache_bytes(model, seq_len=29, batch_size=2, dtype=torch.float64, quant=QUANT)
+    assert cache_tensor_bytes(cache) == counted.total - counted.components.get("bases", 0)
+    with pytest.raises(ValueError, match="ranks, not heads"):
+        kv_cache_bytes(model, quant=KVQuantConfig(rotate=True))

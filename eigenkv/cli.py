@@ -193,7 +193,7 @@ def _compress(args: argparse.Namespace) -> int:
         f"({cal['error_evaluations']} error evaluations)"
     )
     print("ranks (key, value) per layer: " + " ".join(f"{k}/{v}" for k, v in plan.ranks))
-    print(f"saved {out}")
+    print(f"saved {out} (plan.json, bases.safetensors, ranks.png)")
     return 0
 
 

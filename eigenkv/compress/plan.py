@@ -121,8 +121,34 @@ class EigenPlan:
             "extra": self.extra,
         }
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write ``path/plan.json`` and ``path/bases.safetensors`` atomically (one rename of a staged folder)."""
+    def plot_ranks(self, path: str | os.PathLike) -> Path:
+        """Bar chart of the key and value rank of every layer (PNG or SVG by suffix)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        layers = range(len(self.ranks))
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(self.ranks)), 3.2))
+        ax.bar([i - 0.2 for i in layers], [k for k, _ in self.ranks], width=0.4, label="keys $r_k$")
+        ax.bar([i + 0.2 for i in layers], [v for _, v in self.ranks], width=0.4, label="values $r_v$")
+        ax.axhline(max(self.signature["head_dim"]), color="gray", lw=0.8, ls="--", label="head size")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("rank")
+        name = Path(self.signature.get("name_or_path") or self.signature["model_type"]).name
+        ax.set_title(f"{name}: {self.config.label()}, mode {self.mode}, KV ratio {self.ratio:.3f}", fontsize=9)
+        ax.set_ylim(0, max(self.signature["head_dim"]) * 1.25)
+        ax.legend(fontsize=7, ncols=3, loc="upper right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False, figure: bool = True) -> Path:
+        """Write ``path/plan.json``, ``path/bases.safetensors`` and (``figure``) ``path/ranks.png``.
+
+        The folder is staged and renamed in one step, so it is complete or absent.
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -141,6 +167,8 @@ class EigenPlan:
         with atomic_directory(path) as staging:
             save_file(tensors, staging / BASES_FILE, metadata={"format": FORMAT})
             (staging / PLAN_FILE).write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+            if figure:
+                self.plot_ranks(staging / "ranks.png")
         return path
 
     @classmethod

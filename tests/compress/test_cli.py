@@ -12,6 +12,7 @@ def test_compress_then_ppl_on_the_plan(model_dir, text_file, tmp_path, capsys): 
     printed = capsys.readouterr().out
     assert "ratio 0.5" in printed and "ranks (key, value) per layer" in printed
     meta = json.loads((out / "plan.json").read_text())
+    assert (out / "ranks.png").read_bytes()[:4] == b"\x89PNG"
     assert meta["config"]["target_ratio"] == 0.5 and meta["mode"] == "post"
     assert meta["calibration"]["windows"] == 3 and meta["calibration"]["first_window"] == 0
 

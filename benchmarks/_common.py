@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import platform
 import time
 from pathlib import Path
@@ -47,3 +48,33 @@ def write_csv(rows: list[dict], path: Path) -> Path:
         writer.writerows(rows)
     tmp.replace(path)
     return path
+
+
+class PointRun:
+    """A run folder that loses nothing: its config, and one JSON line per finished point.
+
+    ``run_config.json`` is written on first use and must match on reruns (else
+    ``SystemExit``); ``points.jsonl`` is appended point by point, and ``done``
+    maps each finished point's ``label`` to its row, so reruns skip it.
+    """
+
+    def __init__(self, out: Path, run_config: dict):
+        from eigenkv._atomic import atomic_write_json
+
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        config_file = self.out / "run_config.json"
+        if config_file.exists() and json.loads(config_file.read_text()) | {"out": None} != run_config | {"out": None}:
+            raise SystemExit(f"{self.out} holds a run with another configuration; choose another --out")
+        atomic_write_json(config_file, run_config)
+        self.points_file = self.out / "points.jsonl"
+        self.done: dict[str, dict] = {}
+        if self.points_file.exists():
+            for line in self.points_file.read_text().splitlines():
+                row = json.loads(line)
+                self.done[row["label"]] = row
+
+    def record(self, row: dict) -> None:
+        with open(self.points_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.done[row["label"]] = row

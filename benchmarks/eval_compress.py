@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from eigenkv._atomic import atomic_write_json, atomic_write_text
+from benchmarks._common import PointRun
+from eigenkv._atomic import atomic_write_text
 from eigenkv.compress import EigenConfig, compress_model
 from eigenkv.compress.calibrate import calibrate
 from eigenkv.eval import kv_cache_bytes, load_model, load_windows, perplexity
@@ -41,22 +41,13 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="run folder (default results/compress_<model>_<windows>x<seq>)")
     args = parser.parse_args()
     out = Path(args.out or f"results/compress_{args.model}_{args.windows}x{args.seq_len}")
-    out.mkdir(parents=True, exist_ok=True)
     run_config = vars(args) | {
         "torch": torch.__version__,
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
     }
-    config_file = out / "run_config.json"
-    if config_file.exists() and json.loads(config_file.read_text()) | {"out": None} != run_config | {"out": None}:
-        raise SystemExit(f"{out} holds a run with another configuration; choose another --out")
-    atomic_write_json(config_file, run_config)
-    points_file = out / "points.jsonl"
-    done = {}
-    if points_file.exists():
-        for line in points_file.read_text().splitlines():
-            row = json.loads(line)
-            done[row["label"]] = row
+    run = PointRun(out, run_config)
+    done = run.done
 
     original, tokenizer = load_model(args.model)
     windows = load_windows("wikitext2", tokenizer, args.seq_len, count=args.windows)
@@ -64,9 +55,7 @@ def main() -> None:
     fp16 = kv_cache_bytes(original)
 
     def record(row: dict) -> None:
-        with open(points_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        done[row["label"]] = row
+        run.record(row)
         print(
             f"{row['label']:28s} ppl={row['ppl']:9.4f} kv={row['kv_gb_n2048']:.5f} GB ({row['fraction_of_fp16']:.3f})",
             flush=True,

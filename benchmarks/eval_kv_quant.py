@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import platform
 from pathlib import Path
 
 import torch
 
-from eigenkv._atomic import atomic_write_json, atomic_write_text
+from benchmarks._common import PointRun
+from eigenkv._atomic import atomic_write_text
 from eigenkv.eval import kv_cache_bytes, load_model, load_windows, perplexity
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 
@@ -38,18 +38,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="run folder (default results/kv_quant_<model>_<windows>x<seq>)")
     args = parser.parse_args()
     out = Path(args.out or f"results/kv_quant_{args.model}_{args.windows}x{args.seq_len}")
-    out.mkdir(parents=True, exist_ok=True)
-    run_config = vars(args) | {"torch": torch.__version__, "machine": platform.machine()}
-    config_file = out / "run_config.json"
-    if config_file.exists() and json.loads(config_file.read_text()) | {"out": None} != run_config | {"out": None}:
-        raise SystemExit(f"{out} holds a run with another configuration; choose another --out")
-    atomic_write_json(config_file, run_config)
-    points_file = out / "points.jsonl"
-    done = {}
-    if points_file.exists():
-        for line in points_file.read_text().splitlines():
-            row = json.loads(line)
-            done[row["label"]] = row
+    run = PointRun(out, vars(args) | {"torch": torch.__version__, "machine": platform.machine()})
+    done = run.done
 
     model, tokenizer = load_model(args.model)
     windows = load_windows("wikitext2", tokenizer, args.seq_len, count=args.windows)
@@ -81,9 +71,7 @@ def main() -> None:
             "seconds": result.seconds,
             "windows": windows.describe(),
         }
-        with open(points_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        done[label] = row
+        run.record(row)
         print(
             f"{label:32s} ppl={result.ppl:9.4f} kv={kv_bytes.gb:.5f} GB ({kv_bytes.fraction_of(fp16):.3f})", flush=True
         )

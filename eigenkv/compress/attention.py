@@ -49,7 +49,7 @@ def fold_rows(linear: nn.Linear, basis: torch.Tensor, heads: int, rows: slice | 
     weight = linear.weight[rows] if rows is not None else linear.weight
     bias = None if linear.bias is None else (linear.bias[rows] if rows is not None else linear.bias)
     d, r = basis.shape[-2:]
-    u = basis.to(torch.float64).expand(heads, d, r)
+    u = basis.to(device=weight.device, dtype=torch.float64).expand(heads, d, r)
     w = torch.einsum("hdr,hdi->hri", u, weight.to(torch.float64).view(heads, d, -1)).reshape(heads * r, -1)
     out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
@@ -66,7 +66,8 @@ def fold_columns(linear: nn.Linear, value_basis: torch.Tensor, q_heads: int) -> 
         value_basis: ``(H_kv, d, r_v)``; query head ``j`` reads KV head ``j // (H / H_kv)``.
     """
     kv_heads, d, r = value_basis.shape
-    u = value_basis.to(torch.float64).repeat_interleave(q_heads // kv_heads, dim=0)  # (H, d, r)
+    u = value_basis.to(device=linear.weight.device, dtype=torch.float64)
+    u = u.repeat_interleave(q_heads // kv_heads, dim=0)  # (H, d, r)
     weight = linear.weight.to(torch.float64).view(linear.out_features, q_heads, d)
     w = torch.einsum("ohd,hdr->ohr", weight, u).reshape(linear.out_features, q_heads * r)
     out = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device, dtype=linear.weight.dtype)
@@ -191,10 +192,10 @@ class EigenLlamaAttention(EigenAttention):
         self.q_proj = original.q_proj
         if mode == "pre":
             self.k_proj = fold_rows(original.k_proj, key_basis, self.kv_heads)
-            self.register_buffer("key_basis", key_basis[0].to(weight.dtype).contiguous())  # (d, r_k)
+            self.register_buffer("key_basis", key_basis[0].to(weight.device, weight.dtype).contiguous())  # (d, r_k)
         else:
             self.k_proj = original.k_proj
-            self.register_buffer("key_basis", key_basis.to(weight.dtype).contiguous())  # (H_kv, d, r_k)
+            self.register_buffer("key_basis", key_basis.to(weight.device, weight.dtype).contiguous())  # (H_kv, d, r_k)
         self.v_proj = fold_rows(original.v_proj, value_basis, self.kv_heads)
         self.o_proj = fold_columns(original.o_proj, value_basis, self.q_heads)
 

@@ -222,3 +222,18 @@ def test_one_calibration_serves_several_configs():
         compress_model(tiny_llama(kv_heads=2, hidden_size=128), stats, EigenConfig(rope_mode="post"), progress=False)
     with pytest.raises(ValueError, match="another model"):
         compress_model(tiny_llama(kv_heads=2, hidden_size=128, seed=5), stats, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_full_rank_in_half_precision_is_within_rounding(dtype, mode):
+    model = tiny_llama(kv_heads=2).to(dtype)
+    x = tokens_for(model)
+    with torch.no_grad():
+        before = model(x).logits.float()
+    compress_model(model, windows_for(model), EigenConfig(target_ratio=1.0, rope_mode=mode), progress=False)
+    assert all(m.key_basis.dtype == dtype for m in model.modules() if isinstance(m, EigenAttention))
+    with torch.no_grad():
+        after = model(x).logits.float()
+    eps = torch.finfo(dtype).eps
+    assert (after - before).abs().max() <= 4 * eps * before.abs().max()

@@ -28,8 +28,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/eigenkv ppl --model smollm2-135m --dataset wikitext2 --windows 16 --seq-len 2048 \
-		--json results/baseline_smollm2-135m_wikitext2.json
+	$(BIN)/eigenkv curve --model smollm2-135m --dataset wikitext2 --windows 3 --seq-len 2048
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

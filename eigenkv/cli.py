@@ -197,6 +197,37 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curve(args: argparse.Namespace) -> int:
+    import torch
+
+    from eigenkv.eval.curve import CurveConfig, run_curve
+
+    def numbers(text: str, kind):
+        return tuple(kind(x) for x in text.split(",") if x)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = CurveConfig(
+        model=args.model,
+        dataset=args.dataset,
+        windows=None if args.full else args.windows,
+        seq_len=args.seq_len,
+        bits=numbers(args.bits, int),
+        groups=numbers(args.groups, int),
+        axis_k=args.kv_axis_k,
+        axis_v=args.kv_axis_v,
+        ratios=numbers(args.ratios, float),
+        rope_mode=args.rope_mode,
+        allot=args.allot,
+        calib_dataset=args.calib_dataset,
+        calib_windows=args.calib_windows,
+    )
+    out = run_curve(config, args.out_root, progress=not args.quiet)
+    print((out / "pareto.md").read_text())
+    print(f"figure: {out / 'curve.png'} (and .svg); rows: {out / 'points.csv'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eigenkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--data-dir", default=None)
     comp.add_argument("--quiet", action="store_true")
     comp.set_defaults(func=_compress)
+
+    curve = sub.add_parser("curve", help="perplexity vs KV GB: quantization alone vs Eigen Attention + quantization")
+    curve.add_argument("--model", default="smollm2-135m")
+    curve.add_argument("--dataset", default="wikitext2")
+    curve.add_argument("--windows", type=int, default=3, help="evaluated windows from the start (quick run: 3)")
+    curve.add_argument("--full", action="store_true", help="evaluate every window of the split")
+    curve.add_argument("--seq-len", type=int, default=2048)
+    curve.add_argument("--bits", default="8,4,3,2")
+    curve.add_argument("--groups", default="128,64,32")
+    curve.add_argument("--kv-axis-k", default="channel", choices=["channel", "token"])
+    curve.add_argument("--kv-axis-v", default="token", choices=["channel", "token"])
+    curve.add_argument("--ratios", default="0.6", help="Eigen Attention KV ratios, e.g. 0.6,0.8")
+    curve.add_argument("--rope-mode", default="pre", choices=["pre", "post"])
+    curve.add_argument("--allot", default="uniform", choices=["uniform", "budget"])
+    curve.add_argument("--calib-dataset", default="brown")
+    curve.add_argument("--calib-windows", type=int, default=16)
+    curve.add_argument("--out-root", default="results", help="run folders are created here, named after the settings")
+    curve.add_argument("--threads", type=int, default=0)
+    curve.add_argument("--quiet", action="store_true")
+    curve.set_defaults(func=_curve)
     return parser
 
 

@@ -1,0 +1,283 @@
+"""The paper's Figure 3: perplexity against KV-cache GB, quantization alone vs Eigen Attention + quantization.
+
+``run_curve(CurveConfig(...))`` evaluates, for one model and text:
+
+- ``baseline``: the model as loaded (cache counted in fp16);
+- ``quant``: the quantized cache alone over ``bits x groups``;
+- ``eigen<r>``: Eigen Attention at each ratio ``r`` alone, then followed by
+  the same quantization grid.
+
+The run folder (named after the settings) holds ``config.json`` (a rerun with
+other settings is refused), ``points.jsonl`` and ``points.csv`` (one row per
+point, appended as it finishes; a rerun skips finished points and never
+overwrites), the compression plans (``plans/``: calibrated once per ratio and
+reloaded by every point that uses it), ``curve.png``/``curve.svg`` and
+``pareto.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from eigenkv._atomic import atomic_write_json, atomic_write_text
+
+QUICK_WINDOWS = 3
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """Settings of one KV-GB vs perplexity sweep (saved as the run's ``config.json``).
+
+    Attributes:
+        windows: evaluated windows from the start of the split; None: all of them.
+        bits, groups: the quantization grid (keys and values on ``axis_k``/``axis_v``).
+        ratios: Eigen Attention KV ratios; each is evaluated alone and with the grid.
+        rope_mode, allot: Eigen settings (see ``EigenConfig``).
+        calib_dataset, calib_windows: calibration text (disjoint from the evaluated text).
+    """
+
+    model: str = "smollm2-135m"
+    dataset: str = "wikitext2"
+    windows: int | None = QUICK_WINDOWS
+    seq_len: int = 2048
+    bits: tuple[int, ...] = (8, 4, 3, 2)
+    groups: tuple[int, ...] = (128, 64, 32)
+    axis_k: str = "channel"
+    axis_v: str = "token"
+    ratios: tuple[float, ...] = (0.6,)
+    rope_mode: str = "pre"
+    allot: str = "uniform"
+    calib_dataset: str = "brown"
+    calib_windows: int = 16
+    dtype: str = "float32"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from eigenkv.compress import EigenConfig
+        from eigenkv.quant import KVQuantConfig
+
+        if self.windows is not None and self.windows < 1:
+            raise ValueError(f"windows must be >= 1 or None (all); got {self.windows}")
+        for bits in self.bits:
+            for group in self.groups:
+                KVQuantConfig(bits=bits, group_size=group, axis_k=self.axis_k, axis_v=self.axis_v)
+        for ratio in self.ratios:
+            EigenConfig(target_ratio=ratio, rope_mode=self.rope_mode, allot=self.allot)
+
+    def run_name(self) -> str:
+        windows = "all" if self.windows is None else self.windows
+        name = Path(self.model).name
+        ratios = "-".join(f"{r:g}" for r in self.ratios)
+        return f"curve_{name}_{self.dataset}_{windows}x{self.seq_len}_eigen{ratios}-{self.rope_mode}-{self.allot}"
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))  # tuples as lists, as read back from JSON
+
+    def points(self) -> list[tuple[str, str, float | None, object]]:
+        """``(label, method, ratio, KVQuantConfig | None)`` for every point, baseline first."""
+        from eigenkv.quant import KVQuantConfig
+
+        grid = [
+            KVQuantConfig(bits=b, group_size=g, axis_k=self.axis_k, axis_v=self.axis_v)
+            for b in self.bits
+            for g in self.groups
+        ]
+        points = [("baseline", "baseline", None, None)]
+        points += [(f"quant {q.label()}", "quant", None, q) for q in grid]
+        for ratio in self.ratios:
+            method = f"eigen{ratio:g}+quant"
+            points.append((f"eigen{ratio:g}", method, ratio, None))
+            points += [(f"eigen{ratio:g} {q.label()}", method, ratio, q) for q in grid]
+        return points
+
+
+def _kv_bytes(model, quant, seq_len: int):
+    from eigenkv.eval.kv_memory import kv_cache_bytes
+
+    return kv_cache_bytes(model, seq_len=seq_len, batch_size=1, quant=quant)
+
+
+def run_curve(config: CurveConfig, out_root: str | Path = "results", progress: bool = True) -> Path:
+    """Evaluate every point of ``config`` not yet in its run folder; write the figure and table. Returns the folder."""
+    import copy
+
+    from eigenkv.compress import EigenConfig, EigenPlan, apply_plan, compress_model
+    from eigenkv.eval.data import load_windows
+    from eigenkv.eval.models import load_model, resolve_dtype
+    from eigenkv.eval.perplexity import perplexity
+    from eigenkv.quant import QuantizedKV
+
+    out = Path(out_root) / config.run_name()
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "config.json"
+    if config_file.exists():
+        if json.loads(config_file.read_text()) != config.to_dict():
+            raise FileExistsError(f"{out} holds a sweep with other settings; choose another --out-root")
+    else:
+        atomic_write_json(config_file, config.to_dict())
+    rows = read_points(out)
+    done = {row["label"] for row in rows}
+    todo = [p for p in config.points() if p[0] not in done]
+
+    original = tokenizer = windows = None
+    plans: dict[float, EigenPlan] = {}
+    for label, method, ratio, quant in todo:
+        if original is None:
+            original, tokenizer = load_model(config.model, dtype=resolve_dtype(config.dtype))
+            windows = load_windows(config.dataset, tokenizer, config.seq_len, count=config.windows)
+        model = original
+        if ratio is not None:
+            plan_dir = out / "plans" / f"eigen{ratio:g}"
+            if ratio not in plans:
+                if plan_dir.exists():
+                    plans[ratio] = EigenPlan.load(plan_dir)
+                else:
+                    calib = load_windows(config.calib_dataset, tokenizer, config.seq_len, count=config.calib_windows)
+                    if not calib.disjoint_from(windows):
+                        raise ValueError("calibration windows overlap the evaluated windows; calibrate on other text")
+                    eigen = EigenConfig(target_ratio=ratio, rope_mode=config.rope_mode, allot=config.allot)
+                    plans[ratio] = compress_model(copy.deepcopy(original), calib, eigen, progress=progress)
+                    plans[ratio].save(plan_dir)
+            model = apply_plan(copy.deepcopy(original), plans[ratio])
+        start = time.perf_counter()
+        if quant is None:
+            result = perplexity(model, windows, progress=progress, desc=label)
+        else:
+            with QuantizedKV(model, quant) as kv:
+                result = perplexity(model, windows, progress=progress, desc=label, make_cache=kv.new_cache)
+        reported = _kv_bytes(model, quant, 2048)
+        row = {
+            "label": label,
+            "method": method,
+            "ratio": ratio,
+            "quant": None if quant is None else quant.to_dict(),
+            "bits": None if quant is None else quant.bits,
+            "group_size": None if quant is None else quant.group_size,
+            "kv_gb_n2048": reported.gb,
+            "kv_bytes_n2048": reported.total,
+            "kv_bytes_eval_seq_len": _kv_bytes(model, quant, config.seq_len).total,
+            "ppl": result.ppl,
+            "nll": result.nll,
+            "tokens": result.tokens,
+            "seconds": time.perf_counter() - start,
+            "plan": None if ratio is None else str((out / "plans" / f"eigen{ratio:g}").resolve()),
+            "windows": windows.describe(),
+            "environment": {
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "threads": torch.get_num_threads(),
+            },
+        }
+        append_point(out, row)
+        rows.append(row)
+        if progress:
+            print(f"{label:36s} ppl={result.ppl:9.4f} kv={reported.gb:.5f} GB", flush=True)
+        if model is not original:
+            del model
+    plot_curve(rows, out / "curve.png", title=config.run_name())
+    plot_curve(rows, out / "curve.svg", title=config.run_name())
+    atomic_write_text(out / "pareto.md", pareto_table(rows))
+    return out
+
+
+CSV_FIELDS = ["label", "method", "ratio", "bits", "group_size", "kv_gb_n2048", "ppl", "tokens", "seconds"]
+
+
+def append_point(out: Path, row: dict) -> None:
+    """Append one row to ``points.jsonl`` and ``points.csv`` (the JSON line is the record; the CSV a view)."""
+    with open(out / "points.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    csv_path = out / "points.csv"
+    new = not csv_path.exists()
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def read_points(out: Path) -> list[dict]:
+    """Rows of ``points.jsonl``; a partial last line (a run killed mid-write) is dropped from the file."""
+    path = Path(out) / "points.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise ValueError(f"{path} line {number} is corrupt; delete that line to resume") from None
+            atomic_write_text(path, "".join(line + "\n" for line in lines[:-1]))
+    return rows
+
+
+def _point_name(row: dict) -> str:
+    return "fp16" if row["bits"] is None else f"{row['bits']}b/g{row['group_size']}"
+
+
+def pareto_table(rows: list[dict]) -> str:
+    """Markdown: for each KV budget (every point's size), the best point of each method within it."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "baseline"]
+    base = next((r for r in rows if r["method"] == "baseline"), None)
+    lines = []
+    if base is not None:
+        lines += [f"baseline: ppl {base['ppl']:.3f} at {base['kv_gb_n2048']:.4f} GB (n = 2048, fp16)", ""]
+    lines.append("| KV budget (GB) | " + " | ".join(f"best {m}" for m in methods) + " | difference |")
+    lines.append("|---|" + "---|" * (len(methods) + 1))
+    for budget in sorted({r["kv_gb_n2048"] for r in rows if r["method"] != "baseline"}):
+        best = []
+        for method in methods:
+            within = [r for r in rows if r["method"] == method and r["kv_gb_n2048"] <= budget + 1e-12]
+            best.append(min(within, key=lambda r: r["ppl"]) if within else None)
+        cells = ["-" if b is None else f"{b['ppl']:.2f} ({_point_name(b)}, {b['kv_gb_n2048']:.4f} GB)" for b in best]
+        diff = "-"
+        if len(best) == 2 and all(best):
+            diff = f"{best[1]['ppl'] - best[0]['ppl']:+.2f}"
+        lines.append(f"| {budget:.4f} | " + " | ".join(cells) + f" | {diff} |")
+    if len(methods) == 2:
+        lines += ["", f"difference: {methods[1]} minus {methods[0]} (negative: {methods[1]} is better)"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Perplexity (log) against KV GB: one curve per method, points labelled bits/group, baseline marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kv_gb_n2048"])
+        xs, ys = [r["kv_gb_n2048"] for r in points], [r["ppl"] for r in points]
+        if method == "baseline":
+            ax.scatter(xs, ys, marker="*", s=160, color="black", zorder=3, label="fp16 baseline")
+            ax.axhline(ys[0], color="black", lw=0.6, ls=":")
+            continue
+        ax.plot(xs, ys, marker="o", ms=4, lw=1, label=method)
+        for r in points:
+            ax.annotate(
+                _point_name(r), (r["kv_gb_n2048"], r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("KV cache at n = 2048, batch 1 (GB, all codes, scales, zeros, windows and bases)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

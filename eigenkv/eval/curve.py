@@ -268,7 +268,12 @@ def plot_curve(rows: list[dict], path: Path, title: str = "") -> Path:
             ax.annotate(
                 _point_name(r), (r["kv_gb_n2048"], r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
             )
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("KV cache at n = 2048, batch 1 (GB, all codes, scales, zeros, windows and bases)")
     ax.set_ylabel("perplexity")
     ax.set_title(title, fontsize=8)

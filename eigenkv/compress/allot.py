@@ -71,6 +71,7 @@ class Allotter:
         self.bases, self.sizes, self.config = bases, sizes, config
         self._error = error
         self._errors: dict[tuple[int, int, int], float] = {}
+        self.budget = config.error_budget  # the budget used (found by bisection for "budget" allotment)
         steps = int(round(1 / config.eps_step))
         self.eps_grid = [1 - i * config.eps_step for i in range(steps) if 1 - i * config.eps_step > 1e-9]
 

@@ -353,7 +353,7 @@ def compress_model(
             "calibration_seconds": calib.seconds,
             "allotment_seconds": allot_seconds,
             "error_evaluations": allotter.evaluations,
-            "error_budget": getattr(allotter, "budget", config.error_budget),
+            "error_budget": allotter.budget,
         },
         signature=signature,
     )

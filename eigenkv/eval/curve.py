@@ -21,7 +21,7 @@ import csv
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -57,7 +57,6 @@ class CurveConfig:
     calib_dataset: str = "brown"
     calib_windows: int = 16
     dtype: str = "float32"
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         from eigenkv.compress import EigenConfig

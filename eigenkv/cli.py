@@ -25,12 +25,24 @@ def _environment() -> dict:
     }
 
 
-def _ppl(args: argparse.Namespace) -> int:
+def _load_model(args: argparse.Namespace, dtype):
+    """Load ``--model`` with ``--threads``, ``--device`` (cuda when available) and ``--cache-dir``."""
     import torch
+
+    from eigenkv.eval.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device, cache=args.cache_dir)
+    return model, tokenizer, device
+
+
+def _ppl(args: argparse.Namespace) -> int:
 
     from eigenkv.eval.data import load_windows
     from eigenkv.eval.kv_memory import kv_cache_bytes
-    from eigenkv.eval.models import describe_model, load_model, resolve_dtype
+    from eigenkv.eval.models import describe_model, resolve_dtype
     from eigenkv.eval.perplexity import perplexity
     from eigenkv.quant import KVQuantConfig, QuantizedKV
 
@@ -89,10 +101,7 @@ def _ppl(args: argparse.Namespace) -> int:
         print(previous["line"] + "  (already computed: " + str(out) + ")")
         return 0
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device, cache=args.cache_dir)
+    model, tokenizer, device = _load_model(args, dtype)
     windows = load_windows(
         args.dataset,
         tokenizer,
@@ -151,11 +160,10 @@ def _ppl(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    import torch
 
     from eigenkv.compress import EigenConfig, compress_model
     from eigenkv.eval.data import load_windows
-    from eigenkv.eval.models import describe_model, load_model, resolve_dtype
+    from eigenkv.eval.models import describe_model, resolve_dtype
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -169,10 +177,7 @@ def _compress(args: argparse.Namespace) -> int:
         error_windows=args.error_windows,
         rank_multiple=args.rank_multiple,
     )
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device, cache=args.cache_dir)
+    model, tokenizer, _ = _load_model(args, resolve_dtype(args.dtype))
     windows = load_windows(
         args.calib_dataset,
         tokenizer,

@@ -34,32 +34,33 @@ def tokens_for(model, batch=2, length=40, seed=2):
     return torch.randint(4, model.config.vocab_size, (batch, length), generator=gen)
 
 
-@pytest.mark.parametrize(("name", "make", "mode"), CASES, ids=IDS)
-def test_full_rank_equals_original(name, make, mode):
+def compressed_with_logits(make, ratio, mode):
+    """(plan, logits before, logits after) of a fresh model compressed to ``ratio``."""
     model = make()
     x = tokens_for(model)
     with torch.no_grad():
         before = model(x).logits
-    plan = compress_model(model, windows_for(model), EigenConfig(target_ratio=1.0, rope_mode=mode), progress=False)
-    assert plan.ratio == 1.0 and is_compressed(model)
+    plan = compress_model(model, windows_for(model), EigenConfig(target_ratio=ratio, rope_mode=mode), progress=False)
+    assert is_compressed(model)
     with torch.no_grad():
-        after = model(x).logits
+        return plan, before, model(x).logits
+
+
+@pytest.mark.parametrize(("name", "make", "mode"), CASES, ids=IDS)
+def test_full_rank_equals_original(name, make, mode):
+    plan, before, after = compressed_with_logits(make, 1.0, mode)
+    assert plan.ratio == 1.0
     torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("name", "make", "mode"), CASES, ids=IDS)
 def test_reduced_rank_bases_are_orthonormal_and_change_the_model(name, make, mode):
-    model = make()
-    x = tokens_for(model)
-    with torch.no_grad():
-        before = model(x).logits
-    plan = compress_model(model, windows_for(model), EigenConfig(target_ratio=0.5, rope_mode=mode), progress=False)
+    plan, before, after = compressed_with_logits(make, 0.5, mode)
     for basis in plan.key_bases + plan.value_bases:
         eye = torch.eye(basis.shape[-1]).expand(basis.shape[0], -1, -1)
         torch.testing.assert_close(basis.transpose(-1, -2) @ basis, eye, atol=1e-5, rtol=0)
     assert all(0 < e < 1 for e in plan.errors)
-    with torch.no_grad():
-        assert (model(x).logits - before).abs().max() > 1e-3
+    assert (after - before).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(("name", "make", "mode"), CASES, ids=IDS)

@@ -1,14 +1,17 @@
-"""Perplexity of Eigen Attention at several KV ratios, RoPE modes and allotments (issue 4's table).
+"""Perplexity of Eigen Attention at several KV ratios, RoPE modes, bases and allotments.
 
 Calibrates once per RoPE mode (the statistics do not depend on the ratio),
-then for each (allotment, ratio) compresses a fresh copy of the model from that
+then for each (basis, allotment, ratio) compresses a fresh copy of the model from that
 calibration and evaluates it. One JSON line per point is appended to
 ``<out>/points.jsonl`` as it finishes; a rerun skips finished points and
 refuses a folder holding another configuration. Plans are saved under
 ``<out>/plans/``; a markdown table is written at the end.
 
     EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 python benchmarks/eval_compress.py \\
-        --windows 16 --ratios 1.0,0.8,0.7,0.6,0.5 --modes pre,post --allots uniform,budget
+        --windows 8 --ratios 0.8,0.7,0.6,0.5 --modes pre,post --bases pca,output --allots uniform,budget,fisher
+
+Each Eigen row also records the Fisher proxy's predicted loss increase for
+its ranks (``predicted_nll_increase``), to check the proxy against perplexity.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--ratios", default="1.0,0.8,0.7,0.6,0.5")
     parser.add_argument("--modes", default="pre,post")
-    parser.add_argument("--allots", default="uniform,budget")
+    parser.add_argument("--bases", default="pca,output")
+    parser.add_argument("--allots", default="uniform,budget,fisher")
     parser.add_argument("--out", default=None, help="run folder (default results/compress_<model>_<windows>x<seq>)")
     args = parser.parse_args()
     out = Path(args.out or f"results/compress_{args.model}_{args.windows}x{args.seq_len}")
@@ -75,16 +79,17 @@ def main() -> None:
             }
         )
     ratios = [float(r) for r in args.ratios.split(",")]
+    columns = [(m, b, a) for m in args.modes.split(",") for b in args.bases.split(",") for a in args.allots.split(",")]
     for mode in args.modes.split(","):
         calibration = None
-        for allot in args.allots.split(","):
+        for _, basis, allot in [c for c in columns if c[0] == mode]:
             for ratio in ratios:
-                config = EigenConfig(target_ratio=ratio, rope_mode=mode, allot=allot)
+                config = EigenConfig(target_ratio=ratio, rope_mode=mode, basis=basis, allot=allot)
                 label = config.label()
                 if label in done or (allot != "uniform" and ratio == 1.0):
                     continue
                 if calibration is None:
-                    calibration = calibrate(original, calib_windows, rotated=mode == "post")
+                    calibration = calibrate(original, calib_windows, rotated=mode == "post", gradients=True)
                 model = copy.deepcopy(original)
                 start = time.perf_counter()
                 plan = compress_model(model, calibration, config)
@@ -99,6 +104,7 @@ def main() -> None:
                         "ratio": plan.ratio,
                         "ranks": plan.ranks,
                         "layer_errors": plan.errors,
+                        "predicted_nll_increase": plan.extra.get("predicted_nll_increase"),
                         "ppl": result.ppl,
                         "kv_gb_n2048": kv_bytes.gb,
                         "fraction_of_fp16": kv_bytes.fraction_of(fp16),
@@ -110,27 +116,65 @@ def main() -> None:
                     }
                 )
                 del model
-    table = render_table(done, ratios, args.modes.split(","), args.allots.split(","))
+    table = render_table(done, ratios, columns)
     atomic_write_text(out / "table.md", table)
     print(table)
+    check = proxy_check(done, out)
+    atomic_write_text(out / "proxy.md", check)
+    print(check)
 
 
-def render_table(rows: dict, ratios: list[float], modes: list[str], allots: list[str]) -> str:
-    """Markdown: one row per ratio, one column per (mode, allotment); cells 'ppl (fraction of fp16 incl. bases)'."""
+def proxy_check(rows: dict, out: Path) -> str:
+    """Markdown: the Fisher proxy's predicted loss increase against the measured one, for every plan
+    whose (mode, basis) also has a Fisher-allotted plan (whose measured curves score it)."""
+    import json
+    import math
+
+    base = math.log(rows["baseline"]["ppl"])
+    curves, lines, pairs = {}, [], []
+    for label, row in rows.items():
+        extra_path = out / "plans" / label / "plan.json"
+        if row.get("config", {}).get("allot") == "fisher" and extra_path.exists():
+            c = row["config"]
+            curves[(c["rope_mode"], c["basis"])] = json.loads(extra_path.read_text())["extra"]["sensitivity"]
+    lines += [
+        "| plan | ratio | predicted loss increase | measured (ln ppl - ln baseline) |",
+        "|---|---|---|---|",
+    ]
+    for label, row in sorted(rows.items()):
+        c = row.get("config")
+        if c is None or (c["rope_mode"], c["basis"]) not in curves:
+            continue
+        sens = curves[(c["rope_mode"], c["basis"])]
+        predicted = sum(sens["keys"][i][rk] + sens["values"][i][rv] for i, (rk, rv) in enumerate(row["ranks"]))
+        measured = math.log(row["ppl"]) - base
+        pairs.append((predicted, measured))
+        lines.append(f"| {label} | {row['ratio']:.3f} | {predicted:.4f} | {measured:.4f} |")
+    if len(pairs) >= 3:
+        import numpy as np
+
+        x, y = np.array(pairs).T
+        pearson = float(np.corrcoef(x, y)[0, 1])
+        spearman = float(np.corrcoef(x.argsort().argsort(), y.argsort().argsort())[0, 1])
+        lines += ["", f"Spearman {spearman:.3f}, Pearson {pearson:.3f} over {len(pairs)} plans"]
+    return "\n".join(lines) + "\n"
+
+
+def render_table(rows: dict, ratios: list[float], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown: a row per ratio, a column per (mode, basis, allotment); cells "ppl (fraction of fp16 with bases)"."""
     base = rows["baseline"]
-    columns = [(m, a) for m in modes for a in allots]
     lines = [
         f"baseline: ppl {base['ppl']:.3f}, {base['kv_gb_n2048']:.4f} GB at n = 2048",
         "",
-        "| ratio | " + " | ".join(f"{m}-RoPE, {a}" for m, a in columns) + " |",
+        "| ratio | " + " | ".join(f"{m}-RoPE, {b}, {a}" for m, b, a in columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
     for ratio in ratios:
         cells = []
-        for mode, allot in columns:
-            row = rows.get(EigenConfig(target_ratio=ratio, rope_mode=mode, allot=allot).label())
+        for mode, basis, allot in columns:
+            row = rows.get(EigenConfig(target_ratio=ratio, rope_mode=mode, basis=basis, allot=allot).label())
             if row is None and ratio == 1.0:
-                row = rows.get(EigenConfig(target_ratio=ratio, rope_mode=mode, allot="uniform").label())
+                row = rows.get(EigenConfig(target_ratio=ratio, rope_mode=mode, basis=basis, allot="uniform").label())
             cells.append("-" if row is None else f"{row['ppl']:.2f} ({row['fraction_of_fp16']:.3f})")
         lines.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -169,13 +169,15 @@ def _compress(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
     ratio = args.ratio if args.ratio is not None or args.error_budget is not None else 0.6
-    config = EigenConfig(
+    chosen = {name: value for name in ("basis", "allot") if (value := getattr(args, name)) is not None}
+    config = EigenConfig.method(
+        args.method,
         target_ratio=ratio,
         error_budget=args.error_budget,
-        allot=args.allot,
         rope_mode=args.rope_mode,
         error_windows=args.error_windows,
         rank_multiple=args.rank_multiple,
+        **chosen,
     )
     model, tokenizer, _ = _load_model(args, resolve_dtype(args.dtype))
     windows = load_windows(
@@ -222,8 +224,8 @@ def _curve(args: argparse.Namespace) -> int:
         axis_k=args.kv_axis_k,
         axis_v=args.kv_axis_v,
         ratios=numbers(args.ratios, float),
+        methods=tuple(args.methods.split(",")),
         rope_mode=args.rope_mode,
-        allot=args.allot,
         calib_dataset=args.calib_dataset,
         calib_windows=args.calib_windows,
     )
@@ -273,7 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--rope-mode", default="pre", choices=["pre", "post"], help="RoPE models: basis before/after RoPE"
     )
-    comp.add_argument("--allot", default="uniform", choices=["uniform", "budget"], help="rank allotment for --ratio")
+    comp.add_argument(
+        "--method",
+        default="eigenkv",
+        choices=["eigenkv", "paper"],
+        help="eigenkv: output-aware bases + Fisher allotment (best measured); paper: PCA bases, uniform ranks",
+    )
+    comp.add_argument("--basis", default=None, choices=["pca", "output", "output-rope"], help="override the method's")
+    comp.add_argument(
+        "--allot", default=None, choices=["uniform", "budget", "fisher"], help="override the method's allotment"
+    )
     comp.add_argument("--calib-dataset", default="brown", help="brown, wikitext2, or a text file")
     comp.add_argument("--calib-split", default=None)
     comp.add_argument("--calib-windows", type=int, default=16)
@@ -302,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--kv-axis-v", default="token", choices=["channel", "token"])
     curve.add_argument("--ratios", default="0.6", help="Eigen Attention KV ratios, e.g. 0.6,0.8")
     curve.add_argument("--rope-mode", default="pre", choices=["pre", "post"])
-    curve.add_argument("--allot", default="uniform", choices=["uniform", "budget"])
+    curve.add_argument("--methods", default="paper,eigenkv", help="Eigen methods, one curve each")
     curve.add_argument("--calib-dataset", default="brown")
     curve.add_argument("--calib-windows", type=int, default=16)
     curve.add_argument("--out-root", default="results", help="run folders are created here, named after the settings")

@@ -1,9 +1,11 @@
 """Eigen Attention: low-rank bases from calibration data, folded into attention weights.
 
-- ``config``: :class:`EigenConfig` (target ratio or error budget, RoPE mode, allotment).
-- ``calibrate``: streamed float64 Gram matrices of queries, keys and values.
-- ``basis``: eigenbases and the paper's rank rule.
-- ``allot``: ranks per layer (error budget, or a target ratio met within 0.005).
+- ``config``: :class:`EigenConfig` (target ratio or error budget, basis, allotment, RoPE mode;
+  ``EigenConfig.method("paper")`` for the paper's method).
+- ``calibrate``: streamed float64 Gram matrices of queries, keys and values (and loss gradients).
+- ``basis``: PCA and output-aware bases, and the paper's rank rule.
+- ``allot``: ranks per layer (error budget, or a target ratio met within 0.005: uniform,
+  the paper's budget rule, or a measured Fisher sensitivity).
 - ``attention``: rank-space attention modules for the Llama family, OPT and MPT.
 - ``plan``: :func:`compress_model`, :class:`EigenPlan` (saved as safetensors + JSON),
   :func:`load_compressed`.

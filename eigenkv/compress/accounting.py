@@ -3,8 +3,9 @@
 Per layer the cache holds ``(B, H_kv, S, r_k)`` keys and ``(B, H_kv, S, r_v)``
 values (dense, or quantized with a ``KVQuantConfig``). Bases folded into the
 weights cost nothing extra; those used at run time are counted as fixed bytes:
-the pre-RoPE rebuild basis ``(d, r_k)`` per layer and the post-RoPE query/key
-bases ``(H_kv, d, r_k)`` per layer.
+the pre-RoPE rebuild decoders (``(d, r_k)`` per layer for PCA, per KV head for
+output-aware bases) and the post-RoPE key encoders and query decoders
+``(H_kv, d, r_k)`` per layer (one set when they are equal, as for PCA).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def compressed_layout(model: nn.Module, dtype: torch.dtype = torch.float16, quan
             keys = QuantizedStorage(module.key_rank, quant, quant.axis_k, dtype)
             values = QuantizedStorage(module.value_rank, quant, quant.axis_v, dtype)
         layers.append(LayerKV(module.kv_heads, keys, values))
-        basis = getattr(module, "key_basis", None)
-        basis_elements += 0 if basis is None else basis.numel()
+        for name in ("key_basis", "query_basis"):
+            basis = getattr(module, name, None)
+            basis_elements += 0 if basis is None else basis.numel()
     fixed = {"bases": basis_elements * dtype.itemsize} if basis_elements else {}
     return KVLayout(layers=tuple(layers), fixed=fixed)

@@ -2,27 +2,32 @@
 
 Notation per layer: ``H`` query heads, ``H_kv`` KV heads (``g = H / H_kv`` query
 heads per KV head), head size ``d``, key rank ``r_k``, value rank ``r_v``.
-A basis ``U`` is ``(d, r)`` with orthonormal columns; ``U U^T`` projects on
-its span, so at ``r = d`` every module here equals the one it replaces.
+A basis is a pair of ``(d, r)`` matrices ``E`` (encoder) and ``D`` (decoder)
+with ``D^T E = I`` (see ``basis.py``): ``x`` is stored as ``c = x E`` and read
+as ``x^ = c D^T``. PCA bases have ``E = D = U`` with orthonormal columns; at
+``r = d``, ``E D^T = I`` and every module here equals the one it replaces.
 
 Folding (weights ``W`` are ``(out, in)``; head ``i`` owns rows ``i*d:(i+1)*d``):
 
-- values, every family: ``W_v'[i] = U_v[i]^T W_v[i]`` (and the bias), and the
-  output projection reads rank space: ``W_o'[:, j] = W_o[:, j] U_v[kv(j)]``
-  for query head ``j``; the cache holds ``(B, H_kv, S, r_v)`` values.
-- keys, no RoPE (OPT, MPT): one joint basis per head for keys and queries,
-  ``W_q'[i] = U[i]^T W_q[i]``, ``W_k'[i] = U[i]^T W_k[i]``; scores
-  ``q U (k U)^T`` are computed with ``r_k``-sized vectors; the softmax scale
-  stays ``1/sqrt(d)``.
-- keys, RoPE ``"pre"`` (the paper): ``W_k'[i] = U^T W_k[i]`` with one basis
-  ``U`` shared by the layer's KV heads; the cache holds ``(B, H_kv, S, r_k)``
-  pre-RoPE coefficients; attention rebuilds ``K = k U^T`` and rotates each
-  key at its own position (never the current one: that is the reference
-  code's decoding bug); queries stay full rank.
+- values, every family: ``W_v'[i] = E_v[i]^T W_v[i]`` (and the bias), and the
+  output projection reads rank space: ``W_o'[:, j] = W_o[:, j] D_v[kv(j)]``
+  for query head ``j`` (since ``o = W_o v^ = W_o D_v c``); the cache holds
+  ``(B, H_kv, S, r_v)`` values.
+- keys, no RoPE (OPT, MPT): ``W_k'[i] = E_k[i]^T W_k[i]`` and
+  ``W_q'[j] = D_k[kv(j)]^T W_q[j]``, because ``q k^^T = q D_k E_k^T k^T =
+  (q D_k)(k E_k)^T``: scores are computed with ``r_k``-sized vectors and the
+  softmax scale stays ``1/sqrt(d)``. With PCA both are ``U`` (the paper's
+  joint basis); with output-aware bases queries are not approximated at all.
+- keys, RoPE ``"pre"`` (the paper): ``W_k'[i] = E_k^T W_k[i]``; the cache
+  holds ``(B, H_kv, S, r_k)`` pre-RoPE coefficients; attention rebuilds
+  ``K = c D_k^T`` and rotates each key at its own position (never the
+  current one: that is the reference code's decoding bug); queries stay full
+  rank. The decoders (one ``(d, r_k)`` per layer for PCA, one per KV head for
+  output-aware bases) are kept at run time.
 - keys, RoPE ``"post"``: queries and keys are rotated as the model does, then
-  projected with one basis per KV head, ``q U[kv(j)]`` and ``k U[i]``; RoPE
-  sits between the weights and the basis, so nothing folds and the basis is
-  kept (counted in the KV accounting).
+  ``k E_k[i]`` and ``q D_k[kv(j)]`` (the same identity as without RoPE); RoPE
+  sits between the weights and the basis, so nothing folds and both are kept
+  (one matrix when ``E = D``), counted in the KV accounting.
 
 Only the attention modules are replaced; the rest of the Hugging Face model
 (masks, caches, ``generate``) is untouched, and any transformers ``Cache``
@@ -32,6 +37,7 @@ holds the rank-space tensors (its sequence axis is unchanged).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -59,14 +65,14 @@ def fold_rows(linear: nn.Linear, basis: torch.Tensor, heads: int, rows: slice | 
     return out.requires_grad_(linear.weight.requires_grad)
 
 
-def fold_columns(linear: nn.Linear, value_basis: torch.Tensor, q_heads: int) -> nn.Linear:
+def fold_columns(linear: nn.Linear, decoder: torch.Tensor, q_heads: int) -> nn.Linear:
     """Output projection that reads rank-space values: ``(out, H * d)`` -> ``(out, H * r_v)``.
 
     Args:
-        value_basis: ``(H_kv, d, r_v)``; query head ``j`` reads KV head ``j // (H / H_kv)``.
+        decoder: ``(H_kv, d, r_v)`` value decoders; query head ``j`` reads KV head ``j // (H / H_kv)``.
     """
-    kv_heads, d, r = value_basis.shape
-    u = value_basis.to(device=linear.weight.device, dtype=torch.float64)
+    kv_heads, d, r = decoder.shape
+    u = decoder.to(device=linear.weight.device, dtype=torch.float64)
     u = u.repeat_interleave(q_heads // kv_heads, dim=0)  # (H, d, r)
     weight = linear.weight.to(torch.float64).view(linear.out_features, q_heads, d)
     w = torch.einsum("ohd,hdr->ohr", weight, u).reshape(linear.out_features, q_heads * r)
@@ -143,6 +149,30 @@ def _eager_attention(module, query, key, value, attention_mask, scaling, dropout
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+@dataclass(frozen=True)
+class KeptBases:
+    """The kept columns of one layer's bases.
+
+    Attributes:
+        key, key_dual: ``(1 or H_kv, d, r_k)`` encoders ``E_k`` and decoders ``D_k``.
+        value, value_dual: ``(H_kv, d, r_v)`` encoders ``E_v`` and decoders ``D_v``.
+        The duals are ``None`` for orthonormal (PCA) bases, where ``D = E``.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    key_dual: torch.Tensor | None = None
+    value_dual: torch.Tensor | None = None
+
+    @property
+    def key_decoder(self) -> torch.Tensor:
+        return self.key if self.key_dual is None else self.key_dual
+
+    @property
+    def value_decoder(self) -> torch.Tensor:
+        return self.value if self.value_dual is None else self.value_dual
+
+
 class EigenAttention(nn.Module):
     """Base of the rank-space attention modules (see the module doc).
 
@@ -154,11 +184,11 @@ class EigenAttention(nn.Module):
 
     mode: str
 
-    def __init__(self, original: nn.Module, key_basis: torch.Tensor, value_basis: torch.Tensor):
+    def __init__(self, original: nn.Module, bases: KeptBases):
         super().__init__()
         self.layer_idx = original.layer_idx
-        self.key_rank = int(key_basis.shape[-1])
-        self.value_rank = int(value_basis.shape[-1])
+        self.key_rank = int(bases.key.shape[-1])
+        self.value_rank = int(bases.value.shape[-1])
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, mode={self.mode}, key_rank={self.key_rank}, value_rank={self.value_rank}"
@@ -167,8 +197,8 @@ class EigenAttention(nn.Module):
 class EigenLlamaAttention(EigenAttention):
     """Rank-space attention of the Llama family (Llama, Mistral, Qwen2; GQA, qkv biases); RoPE pre or post."""
 
-    def __init__(self, original, key_basis, value_basis, mode: str, rotary: nn.Module):
-        super().__init__(original, key_basis, value_basis)
+    def __init__(self, original, bases: KeptBases, mode: str, rotary: nn.Module):
+        super().__init__(original, bases)
         if mode not in ("pre", "post"):
             raise ValueError(f"Llama-family attention compresses in RoPE mode 'pre' or 'post'; got {mode!r}")
         self.mode = mode
@@ -190,14 +220,20 @@ class EigenLlamaAttention(EigenAttention):
         object.__setattr__(self, "_rotary", rotary)  # the model's own; not a submodule of this one
         weight = original.k_proj.weight
         self.q_proj = original.q_proj
+
+        def kept(x):
+            return x.to(weight.device, weight.dtype).contiguous()
+
         if mode == "pre":
-            self.k_proj = fold_rows(original.k_proj, key_basis, self.kv_heads)
-            self.register_buffer("key_basis", key_basis[0].to(weight.device, weight.dtype).contiguous())  # (d, r_k)
+            self.k_proj = fold_rows(original.k_proj, bases.key, self.kv_heads)
+            self.register_buffer("key_basis", kept(bases.key_decoder))  # (1 or H_kv, d, r_k): rebuilds keys
+            self.register_buffer("query_basis", None)
         else:
             self.k_proj = original.k_proj
-            self.register_buffer("key_basis", key_basis.to(weight.device, weight.dtype).contiguous())  # (H_kv, d, r_k)
-        self.v_proj = fold_rows(original.v_proj, value_basis, self.kv_heads)
-        self.o_proj = fold_columns(original.o_proj, value_basis, self.q_heads)
+            self.register_buffer("key_basis", kept(bases.key))  # (H_kv, d, r_k)
+            self.register_buffer("query_basis", None if bases.key_dual is None else kept(bases.key_dual))
+        self.v_proj = fold_rows(original.v_proj, bases.value, self.kv_heads)
+        self.o_proj = fold_columns(original.o_proj, bases.value_decoder, self.q_heads)
 
     def _rope_table(self, hidden: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(length, device=hidden.device).unsqueeze(0)
@@ -205,7 +241,7 @@ class EigenLlamaAttention(EigenAttention):
 
     def rebuild_keys(self, coefficients: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE keys ``(B, H_kv, S, r_k)`` -> rotated full keys ``(B, H_kv, S, d)``, key ``s`` at position ``s``."""
-        return apply_rope(coefficients @ self.key_basis.T, cos, sin)
+        return apply_rope(coefficients @ self.key_basis.transpose(-1, -2), cos, sin)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         batch, length, _ = hidden_states.shape
@@ -226,7 +262,8 @@ class EigenLlamaAttention(EigenAttention):
             key = self.k_proj(hidden_states).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             cos, sin = position_embeddings
             query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
-            per_query_head = self.key_basis.repeat_interleave(self.num_key_value_groups, dim=0)
+            query_basis = self.key_basis if self.query_basis is None else self.query_basis
+            per_query_head = query_basis.repeat_interleave(self.num_key_value_groups, dim=0)
             query = torch.einsum("bhtd,hdr->bhtr", query, per_query_head)
             key = torch.einsum("bhtd,hdr->bhtr", key, self.key_basis)
             if past_key_values is not None:
@@ -244,18 +281,18 @@ class EigenOPTAttention(EigenAttention):
 
     mode = "none"
 
-    def __init__(self, original, key_basis, value_basis):
-        super().__init__(original, key_basis, value_basis)
+    def __init__(self, original, bases: KeptBases):
+        super().__init__(original, bases)
         self.config = original.config
         self.num_heads = self.kv_heads = original.num_heads
         self.head_dim = original.head_dim
         self.scaling = original.scaling
         self.dropout = original.dropout
         self.is_causal = True
-        self.q_proj = fold_rows(original.q_proj, key_basis, self.num_heads)
-        self.k_proj = fold_rows(original.k_proj, key_basis, self.num_heads)
-        self.v_proj = fold_rows(original.v_proj, value_basis, self.num_heads)
-        self.out_proj = fold_columns(original.out_proj, value_basis, self.num_heads)
+        self.q_proj = fold_rows(original.q_proj, bases.key_decoder, self.num_heads)
+        self.k_proj = fold_rows(original.k_proj, bases.key, self.num_heads)
+        self.v_proj = fold_rows(original.v_proj, bases.value, self.num_heads)
+        self.out_proj = fold_columns(original.out_proj, bases.value_decoder, self.num_heads)
 
     def forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
         batch, length, _ = hidden_states.shape
@@ -274,8 +311,8 @@ class EigenMptAttention(EigenAttention):
 
     mode = "none"
 
-    def __init__(self, original, key_basis, value_basis):
-        super().__init__(original, key_basis, value_basis)
+    def __init__(self, original, bases: KeptBases):
+        super().__init__(original, bases)
         if original.clip_qkv:
             raise ValueError(
                 "MPT with attn_config.clip_qkv clamps the full-rank q/k/v, which a folded basis cannot reproduce; "
@@ -287,9 +324,9 @@ class EigenMptAttention(EigenAttention):
         self.attn_dropout_p = original.attn_dropout_p
         hidden = original.hidden_size
         parts = [
-            fold_rows(original.Wqkv, key_basis, self.n_heads, slice(0, hidden)),
-            fold_rows(original.Wqkv, key_basis, self.n_heads, slice(hidden, 2 * hidden)),
-            fold_rows(original.Wqkv, value_basis, self.n_heads, slice(2 * hidden, 3 * hidden)),
+            fold_rows(original.Wqkv, bases.key_decoder, self.n_heads, slice(0, hidden)),
+            fold_rows(original.Wqkv, bases.key, self.n_heads, slice(hidden, 2 * hidden)),
+            fold_rows(original.Wqkv, bases.value, self.n_heads, slice(2 * hidden, 3 * hidden)),
         ]
         self.split = [p.out_features for p in parts]
         self.Wqkv = nn.Linear(hidden, sum(self.split), bias=original.Wqkv.bias is not None)
@@ -298,7 +335,7 @@ class EigenMptAttention(EigenAttention):
             self.Wqkv.weight.copy_(torch.cat([p.weight for p in parts]))
             if self.Wqkv.bias is not None:
                 self.Wqkv.bias.copy_(torch.cat([p.bias for p in parts]))
-        self.out_proj = fold_columns(original.out_proj, value_basis, self.n_heads)
+        self.out_proj = fold_columns(original.out_proj, bases.value_decoder, self.n_heads)
 
     def forward(self, hidden_states, position_bias, past_key_values=None, attention_mask=None, **kwargs):
         batch, length = hidden_states.shape[:2]

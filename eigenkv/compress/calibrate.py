@@ -30,6 +30,9 @@ class LayerStats:
         keys, values: ``(H_kv, d, d)`` float64, per KV head.
         tokens: calibration tokens seen (per head).
         inputs: ``(args, kwargs)`` of the attention module on the kept windows.
+        gradients: per kept window, ``(1, T, hidden)`` float32 gradient of the
+            window's summed next-token loss with respect to the module's output
+            (collected with ``gradients=True``).
     """
 
     queries: torch.Tensor
@@ -37,6 +40,7 @@ class LayerStats:
     values: torch.Tensor
     tokens: int = 0
     inputs: list = field(default_factory=list)
+    gradients: list = field(default_factory=list)
 
 
 @dataclass
@@ -48,6 +52,10 @@ class Calibration:
     source: dict
     seconds: float
     signature: dict
+    has_gradients: bool = False
+    # Results derived from these statistics alone (e.g. sensitivity curves per basis), shared by every
+    # compression made from this calibration.
+    derived: dict = field(default_factory=dict)
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +71,7 @@ def calibrate(
     *,
     rotated: bool = False,
     error_windows: int = 1,
+    gradients: bool = False,
     progress: bool = True,
 ) -> Calibration:
     """Run ``model`` on ``windows`` and collect each layer's q/k/v Gram matrices.
@@ -73,6 +82,9 @@ def calibrate(
             or Wikitext-2 windows disjoint from the evaluated ones).
         rotated: collect post-RoPE queries and keys (the ``"post"`` mode).
         error_windows: windows whose attention inputs are kept for error measurements.
+        gradients: also keep, on those windows, the gradient of the loss with
+            respect to every attention output (one forward and backward pass
+            each, with the LM head): the ``"fisher"`` allotment needs them.
         progress: show a progress bar.
 
     Raises:
@@ -118,6 +130,9 @@ def calibrate(
     finally:
         for handle in handles:
             handle.remove()
+    if gradients:
+        for i in range(keep):
+            _output_gradients(model, sites, stats, windows.input_ids[i : i + 1].to(device))
     for index, layer in enumerate(stats):
         for name in ("queries", "keys", "values"):
             if not torch.isfinite(getattr(layer, name)).all():
@@ -134,4 +149,34 @@ def calibrate(
         source=source,
         seconds=time.perf_counter() - start,
         signature=model_signature(model),
+        has_gradients=gradients,
     )
+
+
+def _output_gradients(model: nn.Module, sites: list, stats: list[LayerStats], input_ids: torch.Tensor) -> None:
+    """Append ``d(sum of next-token NLL) / d(attention output)`` of every layer for one window."""
+    outputs: dict[int, torch.Tensor] = {}
+
+    def keep_output(layer: int):
+        def hook(module, args, output):
+            outputs[layer] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def differentiable(module, args, output):  # grads flow even when the weights are frozen
+        return output.detach().requires_grad_(True)
+
+    handles = [s.module.register_forward_hook(keep_output(i)) for i, s in enumerate(sites)]
+    handles.append(model.get_input_embeddings().register_forward_hook(differentiable))
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=input_ids, use_cache=False).logits
+            loss = nn.functional.cross_entropy(logits[0, :-1].float(), input_ids[0, 1:], reduction="sum")
+            grads = torch.autograd.grad(loss, [outputs[i] for i in range(len(sites))])
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, grad in zip(stats, grads, strict=True):
+        if not torch.isfinite(grad).all():
+            raise ValueError("loss gradients hold NaN or Inf: calibrate the model in float32")
+        layer.gradients.append(grad.detach().float().cpu())

@@ -2,42 +2,54 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 ROPE_MODES = ("pre", "post")
-ALLOTMENTS = ("uniform", "budget")
+ALLOTMENTS = ("uniform", "budget", "fisher")
+BASES = ("pca", "output", "output-rope")
+# Named presets: the paper's method (Figure 3 reproduction) and the library's best measured one.
+METHODS = {"paper": {"basis": "pca", "allot": "uniform"}, "eigenkv": {"basis": "output", "allot": "fisher"}}
 
 
 @dataclass(frozen=True)
 class EigenConfig:
     """How to choose bases and ranks.
 
-    Exactly one of ``target_ratio`` and ``error_budget`` is set.
+    Exactly one of ``target_ratio`` and ``error_budget`` is set. The defaults
+    are the library's method (``EigenConfig.method("paper")`` gives the paper's).
 
     Attributes:
         target_ratio: fraction of the KV cache's per-token elements to keep
             (``sum r_k + r_v`` over layers and KV heads over ``2 d_h`` for each),
-            met within 0.01 (e.g. 0.6 keeps 0.59-0.61).
+            met within 0.005 (e.g. 0.6 keeps 0.595-0.605).
         error_budget: the paper's rule instead of a ratio: in every layer,
             lower ``eps`` in steps of ``eps_step`` while the relative error of
             the layer's attention output on calibration windows stays at most
             this (e.g. 0.05).
+        basis: ``"output"`` (default): errors weighted by what reads them (the
+            output projection for values, the queries for keys), an oblique
+            projection folded into the weights; ``"pca"``: the paper's
+            orthogonal PCA bases; ``"output-rope"``: as ``"output"`` with the
+            pre-RoPE query weight averaged over the rotations between queries
+            and keys (pre-RoPE mode only). See ``basis.py``.
         allot: how a ``target_ratio`` is spread over layers and keys/values:
-            ``"uniform"`` (default) gives every layer and both keys and values
-            the same rank; ``"budget"`` finds the single error budget of the
-            paper's rule that meets the ratio (every layer then pays the same
-            relative output error). On SmolLM2-135M uniform measured better
-            (README, Results): a layer's relative output error does not
-            predict what its components are worth to perplexity.
-        rope_mode: for RoPE models: ``"pre"`` (the paper: a basis of pre-RoPE
-            keys folded into ``k_proj``; cached keys are rebuilt and rotated at
-            their own positions; queries stay full rank) or ``"post"`` (a joint
-            basis of rotated keys and queries per KV head; scores computed in
-            rank space). Models without RoPE (OPT, MPT) always fold a joint
-            key/query basis per head.
+            ``"fisher"`` (default) minimises the predicted loss increase
+            ``sum_l F_l(r_k) + F_l(r_v)``, each ``F`` measured on calibration
+            windows as ``1/2 sum_t (g_t . dy_t)^2 / tokens`` with ``dy`` the
+            change of the layer's attention output and ``g`` the gradient of
+            the loss with respect to it; ``"uniform"`` gives every layer and
+            both keys and values the same rank (the paper's headline
+            setting); ``"budget"`` finds the single error budget of the
+            paper's rule that meets the ratio.
+        rope_mode: for RoPE models: ``"pre"`` (the paper: keys stored before
+            RoPE, rebuilt and rotated at their own positions; queries stay
+            full rank) or ``"post"`` (keys and queries rotated, then projected
+            per KV head; scores in rank space). Models without RoPE (OPT, MPT)
+            project after the weights (``"none"``).
         eps_step: step of the paper's threshold search.
-        error_windows: calibration windows whose attention inputs are kept to
-            measure each layer's output error (budget allotment and rule).
+        error_windows: calibration windows whose attention inputs (and, for
+            ``"fisher"``, loss gradients) are kept to measure each layer's
+            output error.
         rank_multiple: every rank is a multiple of this (1: no rounding; 8 keeps
             fp16 cache rows 16-byte aligned for vector loads).
         min_rank: smallest rank any basis keeps.
@@ -45,7 +57,8 @@ class EigenConfig:
 
     target_ratio: float | None = 0.6
     error_budget: float | None = None
-    allot: str = "uniform"
+    basis: str = "output"
+    allot: str = "fisher"
     rope_mode: str = "pre"
     eps_step: float = 0.02
     error_windows: int = 1
@@ -64,16 +77,35 @@ class EigenConfig:
             )
         if self.error_budget is not None and not 0 < self.error_budget < 10:
             raise ValueError(f"error_budget must be a relative error in (0, 10); got {self.error_budget}")
+        if self.basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}; got {self.basis!r}")
         if self.allot not in ALLOTMENTS:
             raise ValueError(f"allot must be one of {ALLOTMENTS}; got {self.allot!r}")
         if self.rope_mode not in ROPE_MODES:
             raise ValueError(f"rope_mode must be one of {ROPE_MODES}; got {self.rope_mode!r}")
+        if self.basis == "output-rope" and self.rope_mode != "pre":
+            raise ValueError("basis 'output-rope' weights pre-RoPE keys; with rope_mode='post' use basis='output'")
         if not 0 < self.eps_step <= 0.5:
             raise ValueError(f"eps_step must be in (0, 0.5]; got {self.eps_step}")
         for name in ("error_windows", "rank_multiple", "min_rank"):
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+
+    @classmethod
+    def method(cls, name: str, **overrides) -> EigenConfig:
+        """A named preset: ``"paper"`` (PCA bases, uniform ranks) or ``"eigenkv"`` (the defaults)."""
+        if name not in METHODS:
+            raise ValueError(f"method must be one of {tuple(METHODS)}; got {name!r}")
+        return cls(**{**METHODS[name], **overrides})
+
+    @property
+    def method_name(self) -> str:
+        """``"paper"`` for PCA bases (with any allotment of the paper's), else ``"eigenkv"``."""
+        return "paper" if self.basis == "pca" and self.allot != "fisher" else "eigenkv"
+
+    def with_ratio(self, ratio: float) -> EigenConfig:
+        return replace(self, target_ratio=ratio, error_budget=None)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,7 +118,8 @@ class EigenConfig:
         return cls(**data)
 
     def label(self) -> str:
-        """Short name for tables, e.g. ``eigen0.6-pre-budget``."""
+        """Short name for tables, e.g. ``eigen0.6-pre-uniform`` (PCA) or ``eigen0.6-pre-output-fisher``."""
         size = f"{self.target_ratio:g}" if self.target_ratio is not None else f"err{self.error_budget:g}"
         allot = self.allot if self.target_ratio is not None else "rule"
-        return f"eigen{size}-{self.rope_mode}-{allot}"
+        basis = "" if self.basis == "pca" else f"-{self.basis}"
+        return f"eigen{size}-{self.rope_mode}{basis}-{allot}"

@@ -17,6 +17,7 @@ from eigenkv.compress.attention import (
     EigenLlamaAttention,
     EigenMptAttention,
     EigenOPTAttention,
+    KeptBases,
     apply_rope,
 )
 
@@ -117,16 +118,41 @@ def rotary_module(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no rotary_emb module; pre-RoPE mode needs the model's RoPE")
 
 
-def build_eigen_attention(
-    model: nn.Module, module: nn.Module, key_basis: torch.Tensor, value_basis: torch.Tensor, mode: str
-) -> EigenAttention:
-    """The rank-space twin of ``module``; bases ``(1 or H_kv, d, r_k)`` and ``(H_kv, d, r_v)`` (see attention.py)."""
+def output_projection(module: nn.Module) -> nn.Linear:
+    """The linear layer that maps the heads' outputs back to the residual stream."""
+    return module.o_proj if type(module).__name__ in LLAMA_LIKE else module.out_proj
+
+
+def output_gram(module: nn.Module) -> torch.Tensor:
+    """``(H_kv, d, d)`` float64: ``sum_j W_o[:, j]^T W_o[:, j]`` over the query heads ``j`` reading each KV head."""
+    shape = head_shape(module)
+    weight = output_projection(module).weight.detach().to(torch.float64).cpu()
+    blocks = weight.view(weight.shape[0], shape.q_heads, shape.head_dim)  # (hidden, H, d)
+    grams = torch.einsum("ohd,ohe->hde", blocks, blocks)
+    return grams.view(shape.kv_heads, shape.q_heads // shape.kv_heads, shape.head_dim, shape.head_dim).sum(1)
+
+
+def rope_rotations(model: nn.Module, length: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE rotations of row vectors for offsets ``0..length-1`` ``(length, d, d)`` float64, and each
+    offset's number of (query, key) pairs in a causal window of ``length`` tokens ``(length,)``."""
+    rotary = rotary_module(model)
+    reference = next(model.parameters())
+    positions = torch.arange(length, device=reference.device).unsqueeze(0)
+    cos, sin = (t[0].to(torch.float64).cpu() for t in rotary(reference.new_zeros(1, dtype=torch.float32), positions))
+    eye = torch.eye(head_dim, dtype=torch.float64)
+    rows = torch.cat((-eye[:, head_dim // 2 :], eye[:, : head_dim // 2]), dim=-1)  # rotate_half of each basis row
+    rotations = eye * cos[:, None, :] + rows * sin[:, None, :]
+    return rotations, torch.arange(length, 0, -1, dtype=torch.float64)
+
+
+def build_eigen_attention(model: nn.Module, module: nn.Module, bases: KeptBases, mode: str) -> EigenAttention:
+    """The rank-space twin of ``module`` with the kept ``bases`` (see attention.py)."""
     family = FAMILIES[type(module).__name__]
     if family == "llama":
-        return EigenLlamaAttention(module, key_basis, value_basis, mode, rotary_module(model))
+        return EigenLlamaAttention(module, bases, mode, rotary_module(model))
     if family == "opt":
-        return EigenOPTAttention(module, key_basis, value_basis)
-    return EigenMptAttention(module, key_basis, value_basis)
+        return EigenOPTAttention(module, bases)
+    return EigenMptAttention(module, bases)
 
 
 def replace(site: AttentionSite, new: nn.Module) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from eigenkv._atomic import atomic_directory
 from eigenkv.compress.allot import Allotter, LayerSize, kv_ratio, truncate
-from eigenkv.compress.attention import EigenAttention
+from eigenkv.compress.attention import EigenAttention, KeptBases
 from eigenkv.compress.basis import layer_bases
 from eigenkv.compress.calibrate import Calibration, calibrate
 from eigenkv.compress.config import EigenConfig
@@ -32,11 +32,13 @@ from eigenkv.compress.families import (
     build_eigen_attention,
     family_of,
     head_shape,
+    output_gram,
     replace,
+    rope_rotations,
 )
 from eigenkv.eval.data import TokenWindows
 
-FORMAT = "eigenkv-plan/1"
+FORMAT = "eigenkv-plan/2"  # /2 adds output-aware bases (decoders); /1 plans (PCA only) still load
 PLAN_FILE, BASES_FILE = "plan.json", "bases.safetensors"
 
 
@@ -70,8 +72,11 @@ class EigenPlan:
         config: the settings that produced it.
         mode: ``"pre"``/``"post"`` (RoPE models) or ``"none"`` (OPT, MPT).
         ranks: per layer ``(r_k, r_v)``.
-        key_bases: per layer ``(1 or H_kv, d, r_k)`` float32, orthonormal columns.
-        value_bases: per layer ``(H_kv, d, r_v)`` float32.
+        key_bases: per layer ``(1 or H_kv, d, r_k)`` float32 encoders ``E_k``
+            (orthonormal columns for PCA).
+        value_bases: per layer ``(H_kv, d, r_v)`` float32 encoders ``E_v``.
+        key_duals, value_duals: the decoders ``D`` (``D^T E = I``), same shapes;
+            empty for PCA bases, whose decoders are the encoders.
         key_eigenvalues, value_eigenvalues: per layer the full spectra ``(1 or H_kv, d)``.
         errors: per layer the relative attention-output error at the chosen ranks on the kept windows.
         calibration: which windows calibrated it, how many tokens, and timings.
@@ -89,6 +94,17 @@ class EigenPlan:
     calibration: dict
     signature: dict
     extra: dict = field(default_factory=dict)
+    key_duals: list[torch.Tensor] = field(default_factory=list)
+    value_duals: list[torch.Tensor] = field(default_factory=list)
+
+    def kept(self, layer: int) -> KeptBases:
+        """The bases of ``layer`` as the attention modules take them."""
+        return KeptBases(
+            key=self.key_bases[layer],
+            value=self.value_bases[layer],
+            key_dual=self.key_duals[layer] if self.key_duals else None,
+            value_dual=self.value_duals[layer] if self.value_duals else None,
+        )
 
     @property
     def sizes(self) -> list[LayerSize]:
@@ -103,7 +119,8 @@ class EigenPlan:
         ks = [r for r, _ in self.ranks]
         vs = [r for _, r in self.ranks]
         return (
-            f"{self.config.label()} ({self.signature['family']}, mode {self.mode}): ratio {self.ratio:.4f}; "
+            f"{self.config.label()} ({self.config.method_name} method, {self.signature['family']}, mode {self.mode}): "
+            f"ratio {self.ratio:.4f}; "
             f"key ranks {min(ks)}-{max(ks)} (mean {sum(ks) / len(ks):.1f}), "
             f"value ranks {min(vs)}-{max(vs)} (mean {sum(vs) / len(vs):.1f})"
         )
@@ -112,6 +129,7 @@ class EigenPlan:
         return {
             "format": FORMAT,
             "config": self.config.to_dict(),
+            "method": self.config.method_name,
             "mode": self.mode,
             "ratio": self.ratio,
             "ranks": [list(r) for r in self.ranks],
@@ -164,6 +182,9 @@ class EigenPlan:
             tensors[f"layers.{i}.value_basis"] = self.value_bases[i].to(torch.float32).contiguous()
             tensors[f"layers.{i}.key_eigenvalues"] = self.key_eigenvalues[i].to(torch.float64).contiguous()
             tensors[f"layers.{i}.value_eigenvalues"] = self.value_eigenvalues[i].to(torch.float64).contiguous()
+            if self.key_duals:
+                tensors[f"layers.{i}.key_dual"] = self.key_duals[i].to(torch.float32).contiguous()
+                tensors[f"layers.{i}.value_dual"] = self.value_duals[i].to(torch.float32).contiguous()
         with atomic_directory(path) as staging:
             save_file(tensors, staging / BASES_FILE, metadata={"format": FORMAT})
             (staging / PLAN_FILE).write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
@@ -187,17 +208,20 @@ class EigenPlan:
             raise ValueError(
                 f"corrupt compression plan in {path}: {err}; recompute it with `eigenkv compress`"
             ) from err
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, "eigenkv-plan/1"):
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise ValueError(f"{path / PLAN_FILE} has format {found!r}, expected {FORMAT!r}")
         try:
             ranks = [(int(k), int(v)) for k, v in meta["ranks"]]
-            bases = {
-                name: [tensors[f"layers.{i}.{name}"] for i in range(len(ranks))]
-                for name in ("key_basis", "value_basis", "key_eigenvalues", "value_eigenvalues")
-            }
+            config = meta["config"]
+            if meta["format"] == "eigenkv-plan/1":  # written before output-aware bases existed
+                config = {"basis": "pca", **config}
+            config = EigenConfig.from_dict(config)
+            names = ["key_basis", "value_basis", "key_eigenvalues", "value_eigenvalues"]
+            names += ["key_dual", "value_dual"] if config.basis != "pca" else []
+            bases = {name: [tensors[f"layers.{i}.{name}"] for i in range(len(ranks))] for name in names}
             plan = cls(
-                config=EigenConfig.from_dict(meta["config"]),
+                config=config,
                 mode=meta["mode"],
                 ranks=ranks,
                 key_bases=bases["key_basis"],
@@ -208,6 +232,8 @@ class EigenPlan:
                 calibration=meta["calibration"],
                 signature=meta["signature"],
                 extra=meta.get("extra", {}),
+                key_duals=bases.get("key_dual", []),
+                value_duals=bases.get("value_dual", []),
             )
             plan.validate()
         except (KeyError, TypeError, ValueError) as err:
@@ -217,22 +243,29 @@ class EigenPlan:
         return plan
 
     def validate(self) -> None:
-        """Shapes agree with the ranks and signature, and every basis is orthonormal."""
+        """Shapes agree with the ranks and signature, and every pair is biorthogonal (``D^T E = I``)."""
         sig = self.signature
         if not (len(self.ranks) == len(self.key_bases) == len(self.value_bases) == sig["layers"]):
             raise ValueError(f"plan lists {len(self.ranks)} ranks for a {sig['layers']}-layer model")
+        if (self.config.basis == "pca") != (not self.key_duals) or len(self.key_duals) != len(self.value_duals):
+            raise ValueError(f"basis {self.config.basis!r} does not match the decoders stored")
         for i, (r_k, r_v) in enumerate(self.ranks):
             d, kv = sig["head_dim"][i], sig["kv_heads"][i]
-            key_heads = 1 if self.mode == "pre" else kv
-            for name, basis, want in (
-                ("key", self.key_bases[i], (key_heads, d, r_k)),
-                ("value", self.value_bases[i], (kv, d, r_v)),
+            key_heads = 1 if self.mode == "pre" and self.config.basis == "pca" else kv
+            kept = self.kept(i)
+            for name, encoder, decoder, want in (
+                ("key", kept.key, kept.key_decoder, (key_heads, d, r_k)),
+                ("value", kept.value, kept.value_decoder, (kv, d, r_v)),
             ):
-                if tuple(basis.shape) != want:
-                    raise ValueError(f"layer {i} {name} basis has shape {tuple(basis.shape)}, expected {want}")
-                gram = basis.transpose(-1, -2).to(torch.float64) @ basis.to(torch.float64)
-                if not torch.allclose(gram, torch.eye(want[-1], dtype=torch.float64).expand_as(gram), atol=1e-4):
-                    raise ValueError(f"layer {i} {name} basis is not orthonormal: the plan is corrupt")
+                if tuple(encoder.shape) != want or tuple(decoder.shape) != want:
+                    raise ValueError(
+                        f"layer {i} {name} bases have shapes {tuple(encoder.shape)}/{tuple(decoder.shape)}, "
+                        f"expected {want}"
+                    )
+                product = decoder.transpose(-1, -2).to(torch.float64) @ encoder.to(torch.float64)
+                eye = torch.eye(want[-1], dtype=torch.float64).expand_as(product)
+                if not torch.allclose(product, eye, atol=1e-3):
+                    raise ValueError(f"layer {i} {name} decoder and encoder are not biorthogonal: the plan is corrupt")
 
 
 def _check_plan_matches(plan: EigenPlan, model: nn.Module) -> None:
@@ -252,8 +285,7 @@ def apply_plan(model: nn.Module, plan: EigenPlan) -> nn.Module:
     """Replace every attention module of ``model`` by its rank-space twin from ``plan``, in place."""
     _check_plan_matches(plan, model)
     for site in attention_sites(model):
-        key, value = plan.key_bases[site.layer], plan.value_bases[site.layer]
-        replace(site, build_eigen_attention(model, site.module, key, value, plan.mode))
+        replace(site, build_eigen_attention(model, site.module, plan.kept(site.layer), plan.mode))
     return model
 
 
@@ -283,9 +315,10 @@ def compress_model(
         calibration: ``(N, T)`` token windows (Brown, or Wikitext-2 windows
             disjoint from those evaluated; recorded in the plan), or the
             :class:`~eigenkv.compress.calibrate.Calibration` of an earlier
-            ``calibrate(model, windows)`` on this model, to try several configs
-            without running the model again.
-        config: bases and ranks (default ``EigenConfig()``: 0.6x, pre-RoPE, budget allotment).
+            ``calibrate(model, windows, gradients=True)`` on this model, to try
+            several configs without running the model again.
+        config: bases and ranks (default ``EigenConfig()``: 0.6x, pre-RoPE,
+            output-aware bases, Fisher allotment).
         progress: progress bars.
 
     Returns:
@@ -296,10 +329,13 @@ def compress_model(
         raise TypeError(f"config must be an EigenConfig; got {type(config).__name__}")
     family = family_of(model)
     mode = config.rope_mode if family == "llama" else "none"
+    if config.basis == "output-rope" and mode != "pre":
+        raise ValueError(f"basis 'output-rope' weights pre-RoPE keys; a {family} model has none: use basis='output'")
     signature = model_signature(model)
     sites = attention_sites(model)
     for site in sites:
         head_shape(site.module)  # refuses unsupported variants before the long calibration
+    fisher = config.allot == "fisher" and config.target_ratio is not None
     if isinstance(calibration, Calibration):
         calib = calibration
         if calib.signature != signature:
@@ -309,29 +345,42 @@ def compress_model(
                 f"this Calibration holds {'post' if calib.rotated else 'pre'}-RoPE statistics; "
                 f"rope_mode={mode!r} needs the other kind: calibrate(model, windows, rotated=...)"
             )
+        if fisher and not calib.has_gradients:
+            raise ValueError("allot='fisher' needs loss gradients: calibrate(model, windows, gradients=True)")
     else:
         calib = calibrate(
-            model, calibration, rotated=mode == "post", error_windows=config.error_windows, progress=progress
+            model,
+            calibration,
+            rotated=mode == "post",
+            error_windows=config.error_windows,
+            gradients=fisher,
+            progress=progress,
         )
     start = time.perf_counter()
-    bases = [layer_bases(stats, mode) for stats in calib.layers]
+    rope = None
+    if config.basis == "output-rope":
+        length = int(calib.source["seq_len"])
+        rope = rope_rotations(model, length, head_shape(sites[0].module).head_dim)
+    bases = [
+        layer_bases(
+            stats,
+            mode,
+            config.basis,
+            value_weight=None if config.basis == "pca" else output_gram(site.module),
+            rope=rope,
+        )
+        for stats, site in zip(calib.layers, sites, strict=True)
+    ]
     sizes = [LayerSize(s.kv_heads, s.head_dim) for s in map(head_shape, (site.module for site in sites))]
-    references: dict[int, list[torch.Tensor]] = {}
-
-    def error(layer: int, r_k: int, r_v: int) -> float:
-        site, inputs = sites[layer], calib.layers[layer].inputs
-        if layer not in references:
-            references[layer] = [site.module(*a, **kw)[0] for a, kw in inputs]
-        key, value = truncate(bases[layer], r_k, r_v)
-        twin = build_eigen_attention(model, site.module, key, value, mode)
-        num = den = 0.0
-        for (a, kw), y in zip(inputs, references[layer], strict=True):
-            y_hat = twin(*a, **kw)[0]
-            num += float((y_hat - y).double().pow(2).sum())
-            den += float(y.double().pow(2).sum())
-        return math.sqrt(num / max(den, 1e-300))
-
-    allotter = Allotter(bases, sizes, config, error)
+    measure = _OutputChange(model, sites, calib, bases, mode)
+    sensitivity = measure.predicted_loss if fisher else None
+    allotter = Allotter(bases, sizes, config, measure.relative_error, sensitivity, progress=progress)
+    if fisher:  # the curves depend on the calibration and bases, not on the ratio: measure them once
+        key = ("sensitivity", config.basis, config.min_rank)
+        if key in calib.derived:
+            allotter.use_curves(*calib.derived[key])
+        else:
+            calib.derived[key] = (allotter.curves(), allotter.sensitivity_evaluations)
     if config.target_ratio is not None:
         ranks = allotter.target(config.target_ratio)
     else:
@@ -339,12 +388,19 @@ def compress_model(
     errors = [allotter.error(layer, *r) for layer, r in enumerate(ranks)]
     allot_seconds = time.perf_counter() - start
     kept = [truncate(b, *r) for b, r in zip(bases, ranks, strict=True)]
+    extra = {}
+    if fisher:
+        curves = allotter.curves()
+        extra["predicted_loss"] = [[curves[i][0][rk], curves[i][1][rv]] for i, (rk, rv) in enumerate(ranks)]
+        extra["predicted_nll_increase"] = allotter.predicted(ranks)
+        # The measured curves themselves (index = rank): score other allotments, draw them.
+        extra["sensitivity"] = {"keys": [k for k, _ in curves], "values": [v for _, v in curves]}
     plan = EigenPlan(
         config=config,
         mode=mode,
         ranks=ranks,
-        key_bases=[k.to(torch.float32) for k, _ in kept],
-        value_bases=[v.to(torch.float32) for _, v in kept],
+        key_bases=[k.key.to(torch.float32) for k in kept],
+        value_bases=[k.value.to(torch.float32) for k in kept],
         key_eigenvalues=[b.key_eigenvalues for b in bases],
         value_eigenvalues=[b.value_eigenvalues for b in bases],
         errors=errors,
@@ -356,6 +412,48 @@ def compress_model(
             "error_budget": allotter.budget,
         },
         signature=signature,
+        extra=extra,
+        key_duals=[] if config.basis == "pca" else [k.key_decoder.to(torch.float32) for k in kept],
+        value_duals=[] if config.basis == "pca" else [k.value_decoder.to(torch.float32) for k in kept],
     )
     apply_plan(model, plan)
     return plan
+
+
+class _OutputChange:
+    """How much one layer's attention output changes on the kept calibration windows at reduced ranks.
+
+    The reference outputs are computed once per layer; each measurement folds
+    the truncated bases into a twin of the layer and runs it on the same inputs.
+    """
+
+    def __init__(self, model: nn.Module, sites: list, calib: Calibration, bases: list, mode: str):
+        self.model, self.sites, self.calib, self.bases, self.mode = model, sites, calib, bases, mode
+        self._references: dict[int, list[torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def _pairs(self, layer: int, r_k: int, r_v: int):
+        site, inputs = self.sites[layer], self.calib.layers[layer].inputs
+        if layer not in self._references:
+            self._references[layer] = [site.module(*a, **kw)[0] for a, kw in inputs]
+        twin = build_eigen_attention(self.model, site.module, truncate(self.bases[layer], r_k, r_v), self.mode)
+        for (a, kw), y in zip(inputs, self._references[layer], strict=True):
+            yield y, twin(*a, **kw)[0]
+
+    def relative_error(self, layer: int, r_k: int, r_v: int) -> float:
+        """``||Y^ - Y||_F / ||Y||_F`` (the paper's criterion)."""
+        num = den = 0.0
+        for y, y_hat in self._pairs(layer, r_k, r_v):
+            num += float((y_hat - y).double().pow(2).sum())
+            den += float(y.double().pow(2).sum())
+        return math.sqrt(num / max(den, 1e-300))
+
+    def predicted_loss(self, layer: int, r_k: int, r_v: int) -> float:
+        """Empirical-Fisher estimate of the mean next-token loss increase: ``1/2 sum_t (g_t . dy_t)^2 / tokens``."""
+        total = tokens = 0.0
+        gradients = self.calib.layers[layer].gradients
+        for (y, y_hat), g in zip(self._pairs(layer, r_k, r_v), gradients, strict=True):
+            projected = ((y_hat - y).double() * g.to(y.device, torch.float64)).sum(-1)  # (1, T)
+            total += 0.5 * float(projected.pow(2).sum())
+            tokens += projected.numel()
+        return total / max(tokens, 1.0)

@@ -4,8 +4,10 @@
 
 - ``baseline``: the model as loaded (cache counted in fp16);
 - ``quant``: the quantized cache alone over ``bits x groups``;
-- ``eigen<r>``: Eigen Attention at each ratio ``r`` alone, then followed by
-  the same quantization grid.
+- ``<method>-eigen<r>``: Eigen Attention with each method (``paper``: PCA
+  bases, uniform ranks; ``eigenkv``: output-aware bases, Fisher allotment) at
+  each ratio ``r`` alone, then followed by the same quantization grid. One
+  calibration (with loss gradients) serves every method and ratio.
 
 The run folder (named after the settings) holds ``config.json`` (a rerun with
 other settings is refused), ``points.jsonl`` and ``points.csv`` (one row per
@@ -39,7 +41,8 @@ class CurveConfig:
         windows: evaluated windows from the start of the split; None: all of them.
         bits, groups: the quantization grid (keys and values on ``axis_k``/``axis_v``).
         ratios: Eigen Attention KV ratios; each is evaluated alone and with the grid.
-        rope_mode, allot: Eigen settings (see ``EigenConfig``).
+        methods: Eigen methods (``EigenConfig.method``), one curve each per ratio.
+        rope_mode: Eigen RoPE mode (see ``EigenConfig``).
         calib_dataset, calib_windows: calibration text (disjoint from the evaluated text).
     """
 
@@ -52,14 +55,13 @@ class CurveConfig:
     axis_k: str = "channel"
     axis_v: str = "token"
     ratios: tuple[float, ...] = (0.6,)
+    methods: tuple[str, ...] = ("paper", "eigenkv")
     rope_mode: str = "pre"
-    allot: str = "uniform"
     calib_dataset: str = "brown"
     calib_windows: int = 16
     dtype: str = "float32"
 
     def __post_init__(self):
-        from eigenkv.compress import EigenConfig
         from eigenkv.quant import KVQuantConfig
 
         if self.windows is not None and self.windows < 1:
@@ -68,19 +70,26 @@ class CurveConfig:
             for group in self.groups:
                 KVQuantConfig(bits=bits, group_size=group, axis_k=self.axis_k, axis_v=self.axis_v)
         for ratio in self.ratios:
-            EigenConfig(target_ratio=ratio, rope_mode=self.rope_mode, allot=self.allot)
+            for method in self.methods:
+                self.eigen_config(method, ratio)
+
+    def eigen_config(self, method: str, ratio: float):
+        from eigenkv.compress import EigenConfig
+
+        return EigenConfig.method(method, target_ratio=ratio, rope_mode=self.rope_mode)
 
     def run_name(self) -> str:
         windows = "all" if self.windows is None else self.windows
         name = Path(self.model).name
         ratios = "-".join(f"{r:g}" for r in self.ratios)
-        return f"curve_{name}_{self.dataset}_{windows}x{self.seq_len}_eigen{ratios}-{self.rope_mode}-{self.allot}"
+        methods = "+".join(self.methods)
+        return f"curve_{name}_{self.dataset}_{windows}x{self.seq_len}_eigen{ratios}-{self.rope_mode}-{methods}"
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))  # tuples as lists, as read back from JSON
 
-    def points(self) -> list[tuple[str, str, float | None, object]]:
-        """``(label, method, ratio, KVQuantConfig | None)`` for every point, baseline first."""
+    def points(self) -> list[tuple[str, str, str | None, object]]:
+        """``(label, curve, plan name or None, KVQuantConfig | None)`` for every point, baseline first."""
         from eigenkv.quant import KVQuantConfig
 
         grid = [
@@ -90,11 +99,16 @@ class CurveConfig:
         ]
         points = [("baseline", "baseline", None, None)]
         points += [(f"quant {q.label()}", "quant", None, q) for q in grid]
-        for ratio in self.ratios:
-            method = f"eigen{ratio:g}+quant"
-            points.append((f"eigen{ratio:g}", method, ratio, None))
-            points += [(f"eigen{ratio:g} {q.label()}", method, ratio, q) for q in grid]
+        for method in self.methods:
+            for ratio in self.ratios:
+                plan = f"{method}-eigen{ratio:g}"
+                points.append((plan, f"{plan}+quant", plan, None))
+                points += [(f"{plan} {q.label()}", f"{plan}+quant", plan, q) for q in grid]
         return points
+
+    def plan_settings(self) -> dict:
+        """Plan name -> ``EigenConfig`` for every Eigen point."""
+        return {f"{m}-eigen{r:g}": self.eigen_config(m, r) for m in self.methods for r in self.ratios}
 
 
 def _kv_bytes(model, quant, seq_len: int):
@@ -107,7 +121,8 @@ def run_curve(config: CurveConfig, out_root: str | Path = "results", progress: b
     """Evaluate every point of ``config`` not yet in its run folder; write the figure and table. Returns the folder."""
     import copy
 
-    from eigenkv.compress import EigenConfig, EigenPlan, apply_plan, compress_model
+    from eigenkv.compress import EigenPlan, apply_plan, compress_model
+    from eigenkv.compress.calibrate import calibrate
     from eigenkv.eval.data import load_windows
     from eigenkv.eval.models import load_model, resolve_dtype
     from eigenkv.eval.perplexity import perplexity
@@ -125,26 +140,35 @@ def run_curve(config: CurveConfig, out_root: str | Path = "results", progress: b
     done = {row["label"] for row in rows}
     todo = [p for p in config.points() if p[0] not in done]
 
-    original = tokenizer = windows = None
-    plans: dict[float, EigenPlan] = {}
-    for label, method, ratio, quant in todo:
+    original = tokenizer = windows = calibration = None
+    plans: dict[str, EigenPlan] = {}
+    settings = config.plan_settings()
+    for label, method, plan_name, quant in todo:
         if original is None:
             original, tokenizer = load_model(config.model, dtype=resolve_dtype(config.dtype))
             windows = load_windows(config.dataset, tokenizer, config.seq_len, count=config.windows)
         model = original
-        if ratio is not None:
-            plan_dir = out / "plans" / f"eigen{ratio:g}"
-            if ratio not in plans:
+        if plan_name is not None:
+            plan_dir = out / "plans" / plan_name
+            if plan_name not in plans:
                 if plan_dir.exists():
-                    plans[ratio] = EigenPlan.load(plan_dir)
+                    plans[plan_name] = EigenPlan.load(plan_dir)
                 else:
-                    calib = load_windows(config.calib_dataset, tokenizer, config.seq_len, count=config.calib_windows)
-                    if not calib.disjoint_from(windows):
-                        raise ValueError("calibration windows overlap the evaluated windows; calibrate on other text")
-                    eigen = EigenConfig(target_ratio=ratio, rope_mode=config.rope_mode, allot=config.allot)
-                    plans[ratio] = compress_model(copy.deepcopy(original), calib, eigen, progress=progress)
-                    plans[ratio].save(plan_dir)
-            model = apply_plan(copy.deepcopy(original), plans[ratio])
+                    if calibration is None:
+                        calib = load_windows(
+                            config.calib_dataset, tokenizer, config.seq_len, count=config.calib_windows
+                        )
+                        if not calib.disjoint_from(windows):
+                            raise ValueError(
+                                "calibration windows overlap the evaluated windows; calibrate on other text"
+                            )
+                        calibration = calibrate(
+                            original, calib, rotated=config.rope_mode == "post", gradients=True, progress=progress
+                        )
+                    eigen = settings[plan_name]
+                    plans[plan_name] = compress_model(copy.deepcopy(original), calibration, eigen, progress=progress)
+                    plans[plan_name].save(plan_dir)
+            model = apply_plan(copy.deepcopy(original), plans[plan_name])
         start = time.perf_counter()
         if quant is None:
             result = perplexity(model, windows, progress=progress, desc=label)
@@ -155,7 +179,8 @@ def run_curve(config: CurveConfig, out_root: str | Path = "results", progress: b
         row = {
             "label": label,
             "method": method,
-            "ratio": ratio,
+            "ratio": None if plan_name is None else settings[plan_name].target_ratio,
+            "eigen": None if plan_name is None else settings[plan_name].to_dict(),
             "quant": None if quant is None else quant.to_dict(),
             "bits": None if quant is None else quant.bits,
             "group_size": None if quant is None else quant.group_size,
@@ -166,7 +191,7 @@ def run_curve(config: CurveConfig, out_root: str | Path = "results", progress: b
             "nll": result.nll,
             "tokens": result.tokens,
             "seconds": time.perf_counter() - start,
-            "plan": None if ratio is None else str((out / "plans" / f"eigen{ratio:g}").resolve()),
+            "plan": None if plan_name is None else str((out / "plans" / plan_name).resolve()),
             "windows": windows.describe(),
             "environment": {
                 "torch": torch.__version__,
@@ -230,20 +255,24 @@ def pareto_table(rows: list[dict]) -> str:
     lines = []
     if base is not None:
         lines += [f"baseline: ppl {base['ppl']:.3f} at {base['kv_gb_n2048']:.4f} GB (n = 2048, fp16)", ""]
-    lines.append("| KV budget (GB) | " + " | ".join(f"best {m}" for m in methods) + " | difference |")
-    lines.append("|---|" + "---|" * (len(methods) + 1))
+    first, others = methods[0], methods[1:]
+    lines.append(
+        "| KV budget (GB) | "
+        + " | ".join(f"best {m}" for m in methods)
+        + "".join(f" | {m} - {first}" for m in others)
+        + " |"
+    )
+    lines.append("|---|" + "---|" * (len(methods) + len(others)))
     for budget in sorted({r["kv_gb_n2048"] for r in rows if r["method"] != "baseline"}):
         best = []
         for method in methods:
             within = [r for r in rows if r["method"] == method and r["kv_gb_n2048"] <= budget + 1e-12]
             best.append(min(within, key=lambda r: r["ppl"]) if within else None)
         cells = ["-" if b is None else f"{b['ppl']:.2f} ({_point_name(b)}, {b['kv_gb_n2048']:.4f} GB)" for b in best]
-        diff = "-"
-        if len(best) == 2 and all(best):
-            diff = f"{best[1]['ppl'] - best[0]['ppl']:+.2f}"
-        lines.append(f"| {budget:.4f} | " + " | ".join(cells) + f" | {diff} |")
-    if len(methods) == 2:
-        lines += ["", f"difference: {methods[1]} minus {methods[0]} (negative: {methods[1]} is better)"]
+        diffs = ["-" if not (b and best[0]) else f"{b['ppl'] - best[0]['ppl']:+.2f}" for b in best[1:]]
+        lines.append(f"| {budget:.4f} | " + " | ".join(cells + diffs) + " |")
+    if others:
+        lines += ["", f"differences: each method's best minus {first}'s best within the budget (negative: better)"]
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,14 @@ def test_compress_then_ppl_on_the_plan(model_dir, text_file, tmp_path, capsys): 
     assert record["config"]["compressed"]["ratio"] == meta["ratio"]
     bases = record["kv_cache_n2048"]["components"]["bases"]
     assert record["kv_cache_n2048"]["bytes"] - bases == round(meta["ratio"] * 2 * 2 * 2 * 16 * 2048 * 2)
-    assert "eigen0.5-post-uniform" in capsys.readouterr().out
+    assert "eigen0.5-post-output-fisher" in capsys.readouterr().out
+    assert meta["method"] == "eigenkv" and meta["config"]["basis"] == "output"
+
+    paper = tmp_path / "paper"
+    assert main(["compress", *common, *calib, "--method", "paper", "--allot", "budget", "--out", str(paper)]) == 0
+    meta = json.loads((paper / "plan.json").read_text())
+    assert meta["method"] == "paper" and meta["config"]["basis"] == "pca" and meta["config"]["allot"] == "budget"
+    assert "eigen0.6-pre-budget" in capsys.readouterr().out
 
 
 def test_compress_refuses_bad_ratio(model_dir, text_file, tmp_path, capsys):  # noqa: F811

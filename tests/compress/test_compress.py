@@ -1,5 +1,7 @@
 """Eigen Attention on tiny random OPT, MPT and Llama (GQA) models: identity, ratios, decoding, artifacts."""
 
+import contextlib
+import copy
 import json
 
 import pytest
@@ -8,6 +10,7 @@ from transformers import DynamicCache
 
 from eigenkv.compress import EigenConfig, EigenPlan, compress_model, is_compressed, load_compressed
 from eigenkv.compress.attention import EigenAttention
+from eigenkv.compress.families import attention_sites
 from eigenkv.eval.data import TokenWindows
 from eigenkv.eval.kv_memory import cache_tensor_bytes, kv_cache_bytes
 from tests.helpers import tiny_llama, tiny_mpt, tiny_opt
@@ -21,6 +24,11 @@ CASES = [
     ("mpt", tiny_mpt, "pre"),
 ]
 IDS = [f"{name}-{mode}" for name, _, mode in CASES]
+# Every case with both basis kinds, plus the RoPE-averaged weighting where it applies (pre-RoPE Llama).
+BASIS_CASES = [(*case, basis) for case in CASES for basis in ("pca", "output")] + [
+    (name, make, mode, "output-rope") for name, make, mode in CASES if name.startswith("llama") and mode == "pre"
+]
+BASIS_IDS = [f"{name}-{mode}-{basis}" for name, _, mode, basis in BASIS_CASES]
 
 
 def windows_for(model, count=4, length=48, seed=1) -> TokenWindows:
@@ -34,33 +42,95 @@ def tokens_for(model, batch=2, length=40, seed=2):
     return torch.randint(4, model.config.vocab_size, (batch, length), generator=gen)
 
 
-def compressed_with_logits(make, ratio, mode):
-    """(plan, logits before, logits after) of a fresh model compressed to ``ratio``."""
+def compressed_with_logits(make, ratio, mode, basis="pca", allot="uniform"):
+    """(plan, model before compression, logits before, logits after) of a fresh model compressed to ``ratio``."""
     model = make()
+    original = copy.deepcopy(model)
     x = tokens_for(model)
     with torch.no_grad():
         before = model(x).logits
-    plan = compress_model(model, windows_for(model), EigenConfig(target_ratio=ratio, rope_mode=mode), progress=False)
+    config = EigenConfig(target_ratio=ratio, rope_mode=mode, basis=basis, allot=allot)
+    plan = compress_model(model, windows_for(model), config, progress=False)
     assert is_compressed(model)
     with torch.no_grad():
-        return plan, before, model(x).logits
+        return plan, original, before, model(x).logits
 
 
-@pytest.mark.parametrize(("name", "make", "mode"), CASES, ids=IDS)
-def test_full_rank_equals_original(name, make, mode):
-    plan, before, after = compressed_with_logits(make, 1.0, mode)
+@pytest.mark.parametrize(("name", "make", "mode", "basis"), BASIS_CASES, ids=BASIS_IDS)
+def test_full_rank_equals_original(name, make, mode, basis):
+    plan, _, before, after = compressed_with_logits(make, 1.0, mode, basis)
     assert plan.ratio == 1.0
     torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("name", "make", "mode"), CASES, ids=IDS)
-def test_reduced_rank_bases_are_orthonormal_and_change_the_model(name, make, mode):
-    plan, before, after = compressed_with_logits(make, 0.5, mode)
-    for basis in plan.key_bases + plan.value_bases:
-        eye = torch.eye(basis.shape[-1]).expand(basis.shape[0], -1, -1)
-        torch.testing.assert_close(basis.transpose(-1, -2) @ basis, eye, atol=1e-5, rtol=0)
-    assert all(0 < e < 1 for e in plan.errors)
+@contextlib.contextmanager
+def projected_by_hooks(model, plan):
+    """``model`` (uncompressed) with each KV head's keys and values replaced by ``x E D^T`` through hooks
+    on its activations: the reference that folding the bases into the weights must reproduce.
+
+    Keys are projected where the plan's mode says (pre-RoPE: after ``k_proj``; post-RoPE: after the
+    rotation; no RoPE: after the key projection); queries are left alone (``(q D)(k E)^T = q (k E D^T)^T``).
+    """
+    import transformers.models.llama.modeling_llama as llama
+
+    def projector(encoder, decoder):
+        p = (encoder.double() @ decoder.double().transpose(-1, -2)).float()  # (heads or 1, d, d)
+        return lambda x: torch.einsum("bthd,hde->bthe", x, p.expand(x.shape[2], -1, -1))
+
+    def on_heads(fn, d):
+        def hook(module, args, out):
+            return fn(out.view(*out.shape[:2], -1, d)).reshape(out.shape)
+
+        return hook
+
+    handles, current = [], {}
+    rope = llama.apply_rotary_pos_emb
+    for site in attention_sites(model):
+        kept, module = plan.kept(site.layer), site.module
+        keys, values = projector(kept.key, kept.key_decoder), projector(kept.value, kept.value_decoder)
+        d = kept.key.shape[1]
+        if type(module).__name__ == "MptAttention":
+
+            def fused(mod, args, out, keys=keys, values=values, d=d):
+                q, k, v = out.chunk(3, dim=-1)
+                shape = (*out.shape[:2], -1, d)
+                return torch.cat((q, keys(k.reshape(shape)).flatten(2), values(v.reshape(shape)).flatten(2)), -1)
+
+            handles.append(module.Wqkv.register_forward_hook(fused))
+            continue
+        handles.append(module.v_proj.register_forward_hook(on_heads(values, d)))
+        if plan.mode == "post":
+            handles.append(module.register_forward_pre_hook(lambda mod, args, keys=keys: current.update(keys=keys)))
+        else:
+            handles.append(module.k_proj.register_forward_hook(on_heads(keys, d)))
+
+    def rotated_then_projected(q, k, cos, sin, *args, **kwargs):
+        q, k = rope(q, k, cos, sin, *args, **kwargs)
+        return q, current["keys"](k.transpose(1, 2)).transpose(1, 2)
+
+    if plan.mode == "post":
+        llama.apply_rotary_pos_emb = rotated_then_projected
+    try:
+        yield model
+    finally:
+        llama.apply_rotary_pos_emb = rope
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize(("name", "make", "mode", "basis"), BASIS_CASES, ids=BASIS_IDS)
+def test_reduced_rank_folding_equals_projecting_activations(name, make, mode, basis):
+    plan, original, before, after = compressed_with_logits(make, 0.5, mode, basis)
     assert (after - before).abs().max() > 1e-3
+    for kept in map(plan.kept, range(len(plan.ranks))):
+        for encoder, decoder in ((kept.key, kept.key_decoder), (kept.value, kept.value_decoder)):
+            eye = torch.eye(encoder.shape[-1]).expand(encoder.shape[0], -1, -1)
+            torch.testing.assert_close(decoder.transpose(-1, -2) @ encoder, eye, atol=1e-4, rtol=0)
+            if basis == "pca":  # orthonormal: the decoder is the encoder
+                assert decoder is encoder
+    with torch.no_grad(), projected_by_hooks(original, plan):
+        reference = original(tokens_for(original)).logits
+    torch.testing.assert_close(after, reference, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("name", "make", "mode"), CASES, ids=IDS)
@@ -96,10 +166,14 @@ def test_generate_with_left_padding_matches_unpadded(mode):
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.6, 0.8])
-@pytest.mark.parametrize("allot", ["budget", "uniform"])
-def test_target_ratio_is_met_and_cache_bytes_match_accounting(ratio, allot):
+@pytest.mark.parametrize(
+    ("allot", "basis", "mode"),
+    [("budget", "pca", "pre"), ("uniform", "pca", "pre"), ("fisher", "output", "pre"), ("fisher", "output", "post")],
+)
+def test_target_ratio_is_met_and_cache_bytes_match_accounting(ratio, allot, basis, mode):
     model = tiny_llama(kv_heads=2, hidden_size=256)  # head size 64: one component is 1/256 of the cache
-    plan = compress_model(model, windows_for(model), EigenConfig(target_ratio=ratio, allot=allot), progress=False)
+    config = EigenConfig(target_ratio=ratio, allot=allot, basis=basis, rope_mode=mode)
+    plan = compress_model(model, windows_for(model), config, progress=False)
     assert abs(plan.ratio - ratio) <= 0.005
     if allot == "uniform":
         flat = [r for pair in plan.ranks for r in pair]  # one rank; a few components more or less to meet the ratio
@@ -110,8 +184,10 @@ def test_target_ratio_is_met_and_cache_bytes_match_accounting(ratio, allot):
         model(x, past_key_values=cache, use_cache=True)
     counted = kv_cache_bytes(model, seq_len=37, batch_size=3, dtype=torch.float32)
     assert cache_tensor_bytes(cache) == counted.total - counted.components["bases"]
-    basis_bytes = sum(m.key_basis.numel() * 4 for m in model.modules() if isinstance(m, EigenAttention))
-    assert counted.components["bases"] == basis_bytes
+    modules = [m for m in model.modules() if isinstance(m, EigenAttention)]
+    kept = [m.key_basis for m in modules] + [m.query_basis for m in modules if m.query_basis is not None]
+    assert counted.components["bases"] == sum(b.numel() * 4 for b in kept)
+    assert len(kept) == (2 if (basis, mode) == ("output", "post") else 1) * len(modules)
     dense = kv_cache_bytes(tiny_llama(kv_heads=2, hidden_size=256), seq_len=37, batch_size=3, dtype=torch.float32)
     per_token = counted.total - counted.components["bases"]
     assert per_token / dense.total == pytest.approx(plan.ratio)
@@ -121,8 +197,67 @@ def test_budget_allotment_gives_values_more_components_when_their_spectrum_is_fl
     model = tiny_llama(kv_heads=2, hidden_size=256)
     with torch.no_grad():  # make keys low rank: only 8 input directions reach them
         model.model.layers[0].self_attn.k_proj.weight[:, 8:] *= 0.01
-    plan = compress_model(model, windows_for(model), EigenConfig(target_ratio=0.5, allot="budget"), progress=False)
+    config = EigenConfig.method("paper", target_ratio=0.5, allot="budget")
+    plan = compress_model(model, windows_for(model), config, progress=False)
     assert plan.ranks[0][0] < plan.ranks[0][1]
+
+
+def test_fisher_allotment_starves_a_layer_whose_output_does_not_matter():
+    model = tiny_llama(kv_heads=2, hidden_size=128)
+    with torch.no_grad():  # layer 1's attention barely reaches the residual stream
+        model.model.layers[1].self_attn.o_proj.weight *= 1e-3
+    plan = compress_model(model, windows_for(model), EigenConfig(target_ratio=0.5), progress=False)
+    (k0, v0), (k1, v1) = plan.ranks
+    assert k1 + v1 < k0 + v0 and abs(plan.ratio - 0.5) <= 0.005
+    predicted = plan.extra["predicted_loss"]
+    assert plan.extra["predicted_nll_increase"] == pytest.approx(sum(map(sum, predicted)))
+    curves = plan.extra["sensitivity"]
+    for curve in curves["keys"] + curves["values"]:  # index = rank: non-increasing, nothing lost at full rank
+        assert all(a >= b for a, b in zip(curve, curve[1:], strict=False)) and curve[-1] == 0.0
+    assert curves["values"][1][16] < 1e-3 * curves["values"][0][16]
+
+
+def test_output_basis_minimises_the_error_weighted_by_its_reader():
+    from eigenkv.compress.basis import layer_bases
+    from eigenkv.compress.calibrate import LayerStats
+
+    gen = torch.Generator().manual_seed(0)
+    d = 12
+    x = torch.randn(400, d, generator=gen, dtype=torch.float64) * torch.logspace(0, -1, d, dtype=torch.float64)
+    reader = torch.randn(d, 30, generator=gen, dtype=torch.float64)
+    gram, weight = (x.T @ x)[None], (reader @ reader.T)[None]
+    stats = LayerStats(queries=weight, keys=gram, values=gram, tokens=400)
+    output = layer_bases(stats, "none", "output", value_weight=weight)
+    pca = layer_bases(stats, "none", "pca")
+
+    def weighted_error(encoder, decoder, r):
+        residual = x - x @ encoder[0, :, :r] @ decoder[0, :, :r].T
+        return float(((residual @ weight[0]) * residual).sum())
+
+    for r in (2, 6, 10):
+        best = weighted_error(output.values, output.value_duals, r)
+        assert best == pytest.approx(float(output.value_eigenvalues[0, r:].sum()), rel=1e-9)
+        assert best < 0.9 * weighted_error(pca.values, pca.values, r)
+    torch.testing.assert_close(output.values[0] @ output.value_duals[0].T, torch.eye(d, dtype=torch.float64))
+
+
+def test_rope_averaged_query_weight_keeps_its_trace_and_symmetry():
+    from eigenkv.compress.basis import rope_averaged
+    from eigenkv.compress.families import rope_rotations
+
+    model = tiny_llama(kv_heads=2)
+    rotations, counts = rope_rotations(model, 40, 16)
+    torch.testing.assert_close(rotations[0], torch.eye(16, dtype=torch.float64))
+    torch.testing.assert_close(
+        rotations @ rotations.transpose(-1, -2), torch.eye(16, dtype=torch.float64).expand(40, -1, -1)
+    )
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 16, 16, generator=gen, dtype=torch.float64)
+    weight = a @ a.transpose(-1, -2)
+    averaged = rope_averaged(weight, rotations, counts)
+    torch.testing.assert_close(averaged, averaged.transpose(-1, -2))
+    torch.testing.assert_close(averaged.diagonal(dim1=-2, dim2=-1).sum(-1), weight.diagonal(dim1=-2, dim2=-1).sum(-1))
+    assert (averaged - weight).abs().max() > 1e-3 * weight.abs().max()
 
 
 def test_error_budget_rule_keeps_every_layer_within_its_budget():
@@ -174,6 +309,28 @@ def test_plan_round_trip_and_refusals(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a compression plan"):
         EigenPlan.load(tmp_path)
 
+    from safetensors.torch import load_file, save_file
+
+    assert meta["method"] == "eigenkv" and meta["config"]["basis"] == "output"
+    skewed = tmp_path / "skewed"
+    plan.save(skewed)
+    tensors = load_file(skewed / "bases.safetensors")
+    tensors["layers.1.value_dual"] = tensors["layers.1.value_dual"] * 1.1
+    save_file(tensors, skewed / "bases.safetensors", metadata={"format": "eigenkv-plan/2"})
+    with pytest.raises(ValueError, match="not biorthogonal"):
+        EigenPlan.load(skewed)
+
+    # Plans written before output-aware bases (format /1, no basis field) load as PCA plans.
+    old = tmp_path / "old"
+    compress_model(tiny_llama(kv_heads=2), windows, EigenConfig.method("paper", target_ratio=0.5), progress=False).save(
+        old
+    )
+    legacy = json.loads((old / "plan.json").read_text())
+    legacy["format"] = "eigenkv-plan/1"
+    del legacy["config"]["basis"]
+    (old / "plan.json").write_text(json.dumps(legacy))
+    assert EigenPlan.load(old).config.basis == "pca"
+
 
 def test_bad_input_raises_clear_errors():
     for bad in (0.0, -0.1, 1.5):
@@ -185,6 +342,21 @@ def test_bad_input_raises_clear_errors():
         EigenConfig(allot="greedy")
     with pytest.raises(ValueError, match="rope_mode"):
         EigenConfig(rope_mode="mid")
+    with pytest.raises(ValueError, match="basis must be one of"):
+        EigenConfig(basis="svd")
+    with pytest.raises(ValueError, match="method must be one of"):
+        EigenConfig.method("best")
+    with pytest.raises(ValueError, match="output-rope"):
+        EigenConfig(basis="output-rope", rope_mode="post")
+    with pytest.raises(ValueError, match="output-rope"):
+        compress_model(tiny_opt(), windows_for(tiny_opt()), EigenConfig(basis="output-rope"), progress=False)
+    singular = tiny_llama()
+    with torch.no_grad():  # query heads 0-1 write nothing: KV head 0's output-projection Gram is zero
+        singular.model.layers[0].self_attn.o_proj.weight[:, :32] = 0
+    with pytest.raises(ValueError, match="output-projection Gram is singular"):
+        compress_model(singular, windows_for(singular), progress=False)
+    pca = compress_model(singular, windows_for(singular), EigenConfig.method("paper"), progress=False)
+    assert pca.config.method_name == "paper"
 
     model = tiny_llama()
     empty = TokenWindows(torch.empty(0, 16, dtype=torch.long), "random", 16, "none", 0, 0)
@@ -211,18 +383,28 @@ def test_one_calibration_serves_several_configs():
 
     model = tiny_llama(kv_heads=2, hidden_size=128)
     windows = windows_for(model)
-    stats = calibrate(model, windows, rotated=False, progress=False)
+    stats = calibrate(model, windows, rotated=False, gradients=True, progress=False)
     reused = compress_model(
         tiny_llama(kv_heads=2, hidden_size=128), stats, EigenConfig(target_ratio=0.5), progress=False
     )
     direct = compress_model(model, windows, EigenConfig(target_ratio=0.5), progress=False)
     assert reused.ranks == direct.ranks and reused.calibration["source"] == "random"
+    ((curves, _),) = stats.derived.values()  # measured once, then shared by every ratio
+    other = compress_model(
+        tiny_llama(kv_heads=2, hidden_size=128), stats, EigenConfig(target_ratio=0.7), progress=False
+    )
+    assert other.extra["sensitivity"]["keys"] == [k for k, _ in curves] and other.ratio > reused.ratio
     for a, b in zip(reused.key_bases + reused.value_bases, direct.key_bases + direct.value_bases, strict=True):
         torch.testing.assert_close(a.abs(), b.abs())
     with pytest.raises(ValueError, match="pre-RoPE statistics"):
         compress_model(tiny_llama(kv_heads=2, hidden_size=128), stats, EigenConfig(rope_mode="post"), progress=False)
     with pytest.raises(ValueError, match="another model"):
         compress_model(tiny_llama(kv_heads=2, hidden_size=128, seed=5), stats, progress=False)
+    without_gradients = calibrate(tiny_llama(kv_heads=2, hidden_size=128), windows, progress=False)
+    with pytest.raises(ValueError, match="needs loss gradients"):
+        compress_model(tiny_llama(kv_heads=2, hidden_size=128), without_gradients, progress=False)
+    paper = EigenConfig.method("paper", target_ratio=0.5)  # PCA bases need no gradients
+    assert compress_model(tiny_llama(kv_heads=2, hidden_size=128), without_gradients, paper, progress=False).ranks
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

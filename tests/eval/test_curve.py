@@ -40,23 +40,35 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
     )
     out = run_curve(config, tmp_path / "runs", progress=False)
     rows = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
-    assert [r["label"] for r in rows] == ["baseline", "quant 4b-g16-kc-vt-r0", "eigen0.5", "eigen0.5 4b-g16-kc-vt-r0"]
+    q = "4b-g16-kc-vt-r0"
+    labels = [
+        "baseline",
+        f"quant {q}",
+        "paper-eigen0.5",
+        f"paper-eigen0.5 {q}",
+        "eigenkv-eigen0.5",
+        f"eigenkv-eigen0.5 {q}",
+    ]
+    assert [r["label"] for r in rows] == labels
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG" and (out / "curve.svg").exists()
-    assert len((out / "points.csv").read_text().splitlines()) == 5
+    assert len((out / "points.csv").read_text().splitlines()) == 7
     sizes = {r["label"]: r["kv_gb_n2048"] for r in rows}
-    assert sizes["eigen0.5 4b-g16-kc-vt-r0"] < sizes["quant 4b-g16-kc-vt-r0"] < sizes["baseline"]
-    assert "best eigen0.5+quant" in (out / "pareto.md").read_text()
+    assert sizes[f"paper-eigen0.5 {q}"] < sizes[f"quant {q}"] < sizes["baseline"]
+    table = (out / "pareto.md").read_text()
+    assert "best paper-eigen0.5+quant | best eigenkv-eigen0.5+quant | paper-eigen0.5+quant - quant" in table
+    plans = {name: EigenPlan.load(out / "plans" / name) for name in ("paper-eigen0.5", "eigenkv-eigen0.5")}
+    assert plans["paper-eigen0.5"].config.basis == "pca" and plans["eigenkv-eigen0.5"].config.allot == "fisher"
+    assert {r["eigen"]["basis"] for r in rows if r["eigen"]} == {"pca", "output"}
 
     # Each row's size equals the bytes a real cache holds after one evaluated window (fp16 model).
     model0, tokenizer = load_model(str(model_dir), dtype=torch.float16)
     window = load_windows(str(evaluated), tokenizer, 64, count=1).input_ids
-    plan = EigenPlan.load(out / "plans" / "eigen0.5")
     for row in rows:
         model = load_model(str(model_dir), dtype=torch.float16)[0] if row["ratio"] else model0
         bases = 0
         if row["ratio"]:
-            apply_plan(model, plan)
-            bases = sum(b.numel() * 2 for n, b in model.named_buffers() if n.endswith("key_basis"))
+            apply_plan(model, EigenPlan.load(row["plan"]))
+            bases = sum(b.numel() * 2 for n, b in model.named_buffers() if n.endswith(("key_basis", "query_basis")))
         with torch.no_grad():
             if row["quant"] is None:
                 cache = DynamicCache(config=model.config)
@@ -67,11 +79,10 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
                     model(window, past_key_values=cache, use_cache=True)
         assert cache_tensor_bytes(cache) + bases == row["kv_bytes_eval_seq_len"], row["label"]
 
-    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "points.jsonl", out / "plans" / "eigen0.5" / "plan.json")}
+    files = (out / "points.jsonl", out / "plans" / "eigenkv-eigen0.5" / "plan.json")
+    stamps = [p.stat().st_mtime_ns for p in files]
     run_curve(config, tmp_path / "runs", progress=False)  # nothing left to compute
-    assert {
-        p: (out / p if p != "plan.json" else out / "plans" / "eigen0.5" / p).stat().st_mtime_ns for p in stamps
-    } == stamps
+    assert [p.stat().st_mtime_ns for p in files] == stamps
     with pytest.raises(FileExistsError, match="other settings"):
         other = CurveConfig(**{**config.__dict__, "bits": (4,), "calib_windows": 3})
         run_curve(other, tmp_path / "runs", progress=False)
@@ -83,8 +94,12 @@ def test_pareto_table_picks_the_best_point_within_each_budget():
         {"label": "q4", "method": "quant", "kv_gb_n2048": 0.3, "ppl": 11.0, "bits": 4, "group_size": 64},
         {"label": "q2", "method": "quant", "kv_gb_n2048": 0.2, "ppl": 30.0, "bits": 2, "group_size": 64},
         {"label": "e4", "method": "eigen0.6+quant", "kv_gb_n2048": 0.18, "ppl": 14.0, "bits": 4, "group_size": 64},
+        {"label": "f4", "method": "fisher+quant", "kv_gb_n2048": 0.25, "ppl": 12.0, "bits": 4, "group_size": 64},
     ]
     table = pareto_table(rows)
-    assert "| 0.1800 | - | 14.00 (4b/g64, 0.1800 GB) | - |" in table
-    assert "| 0.2000 | 30.00 (2b/g64, 0.2000 GB) | 14.00 (4b/g64, 0.1800 GB) | -16.00 |" in table
-    assert "| 0.3000 | 11.00 (4b/g64, 0.3000 GB) | 14.00 (4b/g64, 0.1800 GB) | +3.00 |" in table
+    assert "| 0.1800 | - | 14.00 (4b/g64, 0.1800 GB) | - | - | - |" in table
+    assert "| 0.2000 | 30.00 (2b/g64, 0.2000 GB) | 14.00 (4b/g64, 0.1800 GB) | - | -16.00 | - |" in table
+    assert (
+        "| 0.3000 | 11.00 (4b/g64, 0.3000 GB) | 14.00 (4b/g64, 0.1800 GB) | 12.00 (4b/g64, 0.2500 GB) | +3.00 | +1.00 |"
+        in table
+    )

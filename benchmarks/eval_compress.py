@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -95,6 +96,8 @@ def main() -> None:
                 plan = compress_model(model, calibration, config)
                 compress_seconds = time.perf_counter() - start
                 plan.save(out / "plans" / label, overwrite=True)
+                if ratio == 0.6:  # the rank-assignment figure beside the tables (plans/ is not committed)
+                    shutil.copyfile(out / "plans" / label / "ranks.png", out / f"ranks_{label}.png")
                 result = perplexity(model, windows, desc=label)
                 kv_bytes = kv_cache_bytes(model)
                 record(
@@ -157,7 +160,28 @@ def proxy_check(rows: dict, out: Path) -> str:
         pearson = float(np.corrcoef(x, y)[0, 1])
         spearman = float(np.corrcoef(x.argsort().argsort(), y.argsort().argsort())[0, 1])
         lines += ["", f"Spearman {spearman:.3f}, Pearson {pearson:.3f} over {len(pairs)} plans"]
+        _plot_proxy(x, y, out / "proxy.png", f"{out.name}: Spearman {spearman:.3f}, Pearson {pearson:.3f}")
     return "\n".join(lines) + "\n"
+
+
+def _plot_proxy(predicted, measured, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    ax.scatter(predicted, measured, s=18)
+    top = float(max(predicted.max(), measured.max())) * 1.05
+    ax.plot([0, top], [0, top], color="gray", lw=0.8, ls="--", label="measured = predicted")
+    ax.set_xlabel("predicted loss increase (sum of Fisher curves)")
+    ax.set_ylabel("measured ln(ppl) - ln(baseline ppl)")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def render_table(rows: dict, ratios: list[float], columns: list[tuple[str, str, str]]) -> str:

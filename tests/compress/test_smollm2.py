@@ -15,7 +15,8 @@ def test_smollm2_compress_perplexity_and_decoding(smollm2):
     model = copy.deepcopy(original)
     calib = load_windows("brown", tokenizer, 128, count=2)
     evaluated = load_windows("wikitext2", tokenizer, 128, count=2)
-    plan = compress_model(model, calib, EigenConfig(target_ratio=0.8, allot="uniform"), progress=False)
+    plan = compress_model(model, calib, EigenConfig(target_ratio=0.8), progress=False)  # the default method
+    assert plan.config.method_name == "eigenkv" and plan.extra["predicted_nll_increase"] > 0
     assert abs(plan.ratio - 0.8) <= 0.005 and len(plan.ranks) == 30
     base = perplexity(original, evaluated, progress=False).ppl
     compressed = perplexity(model, evaluated, progress=False).ppl

@@ -119,6 +119,11 @@ def weighted_basis(gram: torch.Tensor, weight: torch.Tensor, what: str) -> tuple
         eigenvalues ``(..., d)`` descending (weighted error of each component),
         encoders ``E = M^1/2 U`` and decoders ``D = M^-1/2 U``, each ``(..., d, d)``.
     """
+    # Scaling M leaves the basis unchanged but scales E up and D down; M / mean eigenvalue keeps the
+    # cached coefficients x E at the size of x (a query Gram summed over 10^5 tokens would otherwise
+    # push fp16 caches past their range).
+    weight = weight.to(torch.float64)
+    weight = weight / (weight.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]).clamp_min(1e-300)
     root, inverse_root = _matrix_roots(weight, what)
     eigenvalues, u = eigenbasis(root @ gram.to(torch.float64) @ root)
     return eigenvalues, root @ u, inverse_root @ u

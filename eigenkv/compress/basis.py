@@ -116,17 +116,21 @@ def weighted_basis(gram: torch.Tensor, weight: torch.Tensor, what: str) -> tuple
     """Output-aware pair for ``(..., d, d)`` data and weight Grams (see the module doc).
 
     Returns:
-        eigenvalues ``(..., d)`` descending (weighted error of each component),
-        encoders ``E = M^1/2 U`` and decoders ``D = M^-1/2 U``, each ``(..., d, d)``.
+        eigenvalues ``(..., d)`` descending (weighted error of each component, ``M``
+        scaled to mean eigenvalue 1), encoders ``E = M^1/2 U`` and decoders
+        ``D = M^-1/2 U``, each ``(..., d, d)``, with columns rescaled so that
+        every encoder column has unit norm.
     """
-    # Scaling M leaves the basis unchanged but scales E up and D down; M / mean eigenvalue keeps the
-    # cached coefficients x E at the size of x (a query Gram summed over 10^5 tokens would otherwise
-    # push fp16 caches past their range).
     weight = weight.to(torch.float64)
     weight = weight / (weight.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]).clamp_min(1e-300)
     root, inverse_root = _matrix_roots(weight, what)
     eigenvalues, u = eigenbasis(root @ gram.to(torch.float64) @ root)
-    return eigenvalues, root @ u, inverse_root @ u
+    encoders, decoders = root @ u, inverse_root @ u
+    # Each column pair may be rescaled (e_i s, d_i / s) without changing the projection; unit-norm
+    # encoder columns bound every cached coefficient |x . e_i| by |x|, as for PCA. (Unscaled, a query
+    # Gram summed over 10^5 tokens made SmolLM2's key coefficients reach 9e4, past the fp16 range.)
+    norms = encoders.norm(dim=-2, keepdim=True)
+    return eigenvalues, encoders / norms, decoders * norms
 
 
 def rope_averaged(weight: torch.Tensor, rotations: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

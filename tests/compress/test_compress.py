@@ -244,6 +244,9 @@ def test_output_basis_minimises_the_error_weighted_by_its_reader():
     louder = layer_bases(stats, "none", "output", value_weight=weight * 1e6)
     torch.testing.assert_close(louder.values, output.values)
     torch.testing.assert_close(louder.value_duals, output.value_duals)
+    # Unit-norm encoder columns: a cached coefficient is never larger than the vector it encodes.
+    torch.testing.assert_close(output.values.norm(dim=-2), torch.ones(1, d, dtype=torch.float64))
+    assert (x @ output.values[0]).abs().max() <= x.norm(dim=-1).max()
 
 
 def test_rope_averaged_query_weight_keeps_its_trace_and_symmetry():

@@ -270,7 +270,7 @@ def pareto_table(rows: list[dict]) -> str:
             best.append(min(within, key=lambda r: r["ppl"]) if within else None)
         cells = ["-" if b is None else f"{b['ppl']:.2f} ({_point_name(b)}, {b['kv_gb_n2048']:.4f} GB)" for b in best]
         diffs = ["-" if not (b and best[0]) else f"{b['ppl'] - best[0]['ppl']:+.2f}" for b in best[1:]]
-        lines.append(f"| {budget:.4f} | " + " | ".join(cells + diffs) + " |")
+        lines.append(f"| {budget:.5f} | " + " | ".join(cells + diffs) + " |")
     if others:
         lines += ["", f"differences: each method's best minus {first}'s best within the budget (negative: better)"]
     return "\n".join(lines) + "\n"

@@ -97,9 +97,10 @@ def test_pareto_table_picks_the_best_point_within_each_budget():
         {"label": "f4", "method": "fisher+quant", "kv_gb_n2048": 0.25, "ppl": 12.0, "bits": 4, "group_size": 64},
     ]
     table = pareto_table(rows)
-    assert "| 0.1800 | - | 14.00 (4b/g64, 0.1800 GB) | - | - | - |" in table
-    assert "| 0.2000 | 30.00 (2b/g64, 0.2000 GB) | 14.00 (4b/g64, 0.1800 GB) | - | -16.00 | - |" in table
+    assert "| 0.18000 | - | 14.00 (4b/g64, 0.1800 GB) | - | - | - |" in table
+    assert "| 0.20000 | 30.00 (2b/g64, 0.2000 GB) | 14.00 (4b/g64, 0.1800 GB) | - | -16.00 | - |" in table
     assert (
-        "| 0.3000 | 11.00 (4b/g64, 0.3000 GB) | 14.00 (4b/g64, 0.1800 GB) | 12.00 (4b/g64, 0.2500 GB) | +3.00 | +1.00 |"
+        "| 0.30000 | 11.00 (4b/g64, 0.3000 GB) | 14.00 (4b/g64, 0.1800 GB) | 12.00 (4b/g64, 0.2500 GB) "
+        "| +3.00 | +1.00 |"
         in table
     )

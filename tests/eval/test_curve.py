@@ -101,6 +101,5 @@ def test_pareto_table_picks_the_best_point_within_each_budget():
     assert "| 0.20000 | 30.00 (2b/g64, 0.2000 GB) | 14.00 (4b/g64, 0.1800 GB) | - | -16.00 | - |" in table
     assert (
         "| 0.30000 | 11.00 (4b/g64, 0.3000 GB) | 14.00 (4b/g64, 0.1800 GB) | 12.00 (4b/g64, 0.2500 GB) "
-        "| +3.00 | +1.00 |"
-        in table
+        "| +3.00 | +1.00 |" in table
     )

@@ -23,22 +23,24 @@ def compressed_layout(model: nn.Module, dtype: torch.dtype = torch.float16, quan
     Args:
         model: compressed in place by ``compress_model`` or ``load_compressed``.
         dtype: element type of a dense cache, of a quantized cache's window, and of the kept bases.
-        quant: a ``KVQuantConfig`` when the cache is quantized.
+        quant: a ``KVQuantConfig`` (or ``MixedKVQuantConfig``) when the cache is quantized.
     """
     modules = [m for m in model.modules() if isinstance(m, EigenAttention)]
     if not modules:
         raise ValueError("this model is not compressed; use kv_cache_bytes(model) for its dense cache")
-    if quant is not None and quant.rotate:
-        raise ValueError("rotate=True rotates the head dimension; a compressed cache holds ranks, not heads")
+    if quant is not None:
+        from eigenkv.quant.accounting import stream_storage
+        from eigenkv.quant.config import base_config
+
+        if base_config(quant).rotate:
+            raise ValueError("rotate=True rotates the head dimension; a compressed cache holds ranks, not heads")
     layers, basis_elements = [], 0
     for module in modules:
         if quant is None:
             keys, values = DenseStorage(module.key_rank, dtype), DenseStorage(module.value_rank, dtype)
         else:
-            from eigenkv.quant.accounting import QuantizedStorage
-
-            keys = QuantizedStorage(module.key_rank, quant, quant.axis_k, dtype)
-            values = QuantizedStorage(module.value_rank, quant, quant.axis_v, dtype)
+            keys = stream_storage(module.key_rank, quant, "key", module.layer_idx, dtype)
+            values = stream_storage(module.value_rank, quant, "value", module.layer_idx, dtype)
         layers.append(LayerKV(module.kv_heads, keys, values))
         for name in ("key_basis", "query_basis"):
             basis = getattr(module, name, None)

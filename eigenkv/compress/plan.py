@@ -78,6 +78,9 @@ class EigenPlan:
         key_duals, value_duals: the decoders ``D`` (``D^T E = I``), same shapes;
             empty for PCA bases, whose decoders are the encoders.
         key_eigenvalues, value_eigenvalues: per layer the full spectra ``(1 or H_kv, d)``.
+        key_variances, value_variances: per layer ``(H_kv, r)`` float64 mean square of each
+            cached coefficient on the calibration tokens (what ``components`` scales by);
+            empty in plans saved before they were recorded.
         errors: per layer the relative attention-output error at the chosen ranks on the kept windows.
         calibration: which windows calibrated it, how many tokens, and timings.
         signature: the model it belongs to (:func:`model_signature`).
@@ -96,6 +99,8 @@ class EigenPlan:
     extra: dict = field(default_factory=dict)
     key_duals: list[torch.Tensor] = field(default_factory=list)
     value_duals: list[torch.Tensor] = field(default_factory=list)
+    key_variances: list[torch.Tensor] = field(default_factory=list)
+    value_variances: list[torch.Tensor] = field(default_factory=list)
 
     def kept(self, layer: int) -> KeptBases:
         """The bases of ``layer`` as the attention modules take them."""
@@ -185,6 +190,9 @@ class EigenPlan:
             if self.key_duals:
                 tensors[f"layers.{i}.key_dual"] = self.key_duals[i].to(torch.float32).contiguous()
                 tensors[f"layers.{i}.value_dual"] = self.value_duals[i].to(torch.float32).contiguous()
+            if self.key_variances:
+                tensors[f"layers.{i}.key_variance"] = self.key_variances[i].to(torch.float64).contiguous()
+                tensors[f"layers.{i}.value_variance"] = self.value_variances[i].to(torch.float64).contiguous()
         with atomic_directory(path) as staging:
             save_file(tensors, staging / BASES_FILE, metadata={"format": FORMAT})
             (staging / PLAN_FILE).write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
@@ -218,7 +226,8 @@ class EigenPlan:
                 config = {"basis": "pca", **config}
             config = EigenConfig.from_dict(config)
             names = ["key_basis", "value_basis", "key_eigenvalues", "value_eigenvalues"]
-            names += ["key_dual", "value_dual"] if config.basis != "pca" else []
+            for optional in (("key_dual", "value_dual"), ("key_variance", "value_variance")):
+                names += list(optional) if f"layers.0.{optional[0]}" in tensors else []
             bases = {name: [tensors[f"layers.{i}.{name}"] for i in range(len(ranks))] for name in names}
             plan = cls(
                 config=config,
@@ -234,6 +243,8 @@ class EigenPlan:
                 extra=meta.get("extra", {}),
                 key_duals=bases.get("key_dual", []),
                 value_duals=bases.get("value_dual", []),
+                key_variances=bases.get("key_variance", []),
+                value_variances=bases.get("value_variance", []),
             )
             plan.validate()
         except (KeyError, TypeError, ValueError) as err:
@@ -247,8 +258,11 @@ class EigenPlan:
         sig = self.signature
         if not (len(self.ranks) == len(self.key_bases) == len(self.value_bases) == sig["layers"]):
             raise ValueError(f"plan lists {len(self.ranks)} ranks for a {sig['layers']}-layer model")
-        if (self.config.basis == "pca") != (not self.key_duals) or len(self.key_duals) != len(self.value_duals):
+        # PCA plans carry decoders only once components are rescaled (``eigenkv.compress.components``).
+        if (self.config.basis != "pca" and not self.key_duals) or len(self.key_duals) != len(self.value_duals):
             raise ValueError(f"basis {self.config.basis!r} does not match the decoders stored")
+        if self.key_variances and not (len(self.key_variances) == len(self.value_variances) == len(self.ranks)):
+            raise ValueError("plan stores coefficient variances for some layers only")
         for i, (r_k, r_v) in enumerate(self.ranks):
             d, kv = sig["head_dim"][i], sig["kv_heads"][i]
             key_heads = 1 if self.mode == "pre" and self.config.basis == "pca" else kv
@@ -266,6 +280,15 @@ class EigenPlan:
                 eye = torch.eye(want[-1], dtype=torch.float64).expand_as(product)
                 if not torch.allclose(product, eye, atol=1e-3):
                     raise ValueError(f"layer {i} {name} decoder and encoder are not biorthogonal: the plan is corrupt")
+            if self.key_variances:
+                for name, variances, r in (
+                    ("key", self.key_variances[i], r_k),
+                    ("value", self.value_variances[i], r_v),
+                ):
+                    if tuple(variances.shape) != (kv, r):
+                        raise ValueError(
+                            f"layer {i} {name} variances have shape {tuple(variances.shape)}, expected {(kv, r)}"
+                        )
 
 
 def _check_plan_matches(plan: EigenPlan, model: nn.Module) -> None:
@@ -415,9 +438,26 @@ def compress_model(
         extra=extra,
         key_duals=[] if config.basis == "pca" else [k.key_decoder.to(torch.float32) for k in kept],
         value_duals=[] if config.basis == "pca" else [k.value_decoder.to(torch.float32) for k in kept],
+        key_variances=[coefficient_variance(s.keys, k.key, s.tokens) for s, k in zip(calib.layers, kept, strict=True)],
+        value_variances=[
+            coefficient_variance(s.values, k.value, s.tokens) for s, k in zip(calib.layers, kept, strict=True)
+        ],
     )
     apply_plan(model, plan)
     return plan
+
+
+def coefficient_variance(gram: torch.Tensor, encoder: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Mean square of each coefficient ``x E`` over calibration tokens: ``diag(E^T G E) / N``.
+
+    Args:
+        gram: ``(H_kv, d, d)`` float64 sum of ``x^T x`` per KV head.
+        encoder: ``(1 or H_kv, d, r)``.
+    Returns:
+        ``(H_kv, r)`` float64.
+    """
+    e = encoder.to(gram.device, torch.float64).expand(gram.shape[0], -1, -1)
+    return torch.einsum("hdr,hde,her->hr", e, gram, e) / max(tokens, 1)
 
 
 class _OutputChange:

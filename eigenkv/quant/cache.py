@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from eigenkv.quant.config import KVQuantConfig
+from eigenkv.quant.config import KVQuantConfig, MixedKVQuantConfig, base_config
 from eigenkv.quant.reference import hadamard
-from eigenkv.quant.store import QuantizedStream, quantized_prefix
+from eigenkv.quant.store import QuantizedStream, SegmentedStream, quantized_prefix
 
 ATTN_NAME = "eigenkv_quant"
 # Attribute set on the key/value tensors a multi-token update returns: (unquantized twin, boundaries).
@@ -35,18 +35,25 @@ _TWIN = "_eigenkv_unquantized"
 class QuantizedKVLayer(DynamicLayer):
     """One layer of a :class:`QuantizedKVCache`."""
 
-    def __init__(self, config: KVQuantConfig, rotation_source: QuantizedKVCache):
+    def __init__(self, config: KVQuantConfig | MixedKVQuantConfig, rotation_source: QuantizedKVCache, index: int):
         super().__init__()
-        self.config = config
+        self.quant = config
+        self.config = base_config(config)  # grouping, group size and window shared by every segment
+        self.index = index
         self._cache = rotation_source
-        self.key_stream: QuantizedStream | None = None
-        self.value_stream: QuantizedStream | None = None
+        self.key_stream: QuantizedStream | SegmentedStream | None = None
+        self.value_stream: QuantizedStream | SegmentedStream | None = None
+
+    def _stream(self, kind: str, width: int, device) -> QuantizedStream | SegmentedStream:
+        axis = self.config.axis_k if kind == "key" else self.config.axis_v
+        if isinstance(self.quant, MixedKVQuantConfig):
+            return SegmentedStream(self.quant.segments(self.index, kind, width), axis)
+        return QuantizedStream(self.config, axis, self._cache.rotation(width, device))
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        rotation = self._cache.rotation(key_states.shape[-1], key_states.device)
-        self.key_stream = QuantizedStream(self.config, self.config.axis_k, rotation)
-        self.value_stream = QuantizedStream(self.config, self.config.axis_v, rotation)
+        self.key_stream = self._stream("key", key_states.shape[-1], key_states.device)
+        self.value_stream = self._stream("value", value_states.shape[-1], value_states.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -88,7 +95,7 @@ class QuantizedKVLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("QuantizedKVCache does not support batch selection")
 
-    def streams(self) -> tuple[QuantizedStream, ...]:
+    def streams(self) -> tuple[QuantizedStream | SegmentedStream, ...]:
         return () if self.key_stream is None else (self.key_stream, self.value_stream)
 
 
@@ -96,22 +103,25 @@ class QuantizedKVCache(Cache):
     """transformers ``Cache`` holding packed quantized keys and values (see the module doc).
 
     Args:
-        config: the quantization settings.
+        config: the quantization settings (one precision, or two per layer).
         model_config: the model's config (number of layers).
     """
 
-    def __init__(self, config: KVQuantConfig, model_config):
+    def __init__(self, config: KVQuantConfig | MixedKVQuantConfig, model_config):
         text_config = getattr(model_config, "get_text_config", lambda **_: model_config)(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise ValueError(f"QuantizedKVCache supports full-attention layers only; this model has {set(layer_types)}")
+        layers = text_config.num_hidden_layers
+        if isinstance(config, MixedKVQuantConfig) and config.layers != layers:
+            raise ValueError(f"the MixedKVQuantConfig describes {config.layers} layers; this model has {layers}")
         self.config = config
         self._rotation: torch.Tensor | None = None
-        super().__init__(layers=[QuantizedKVLayer(config, self) for _ in range(text_config.num_hidden_layers)])
+        super().__init__(layers=[QuantizedKVLayer(config, self, i) for i in range(layers)])
 
     def rotation(self, head_dim: int, device) -> torch.Tensor | None:
         """The Hadamard matrix shared by all layers (created on first use), or None without ``rotate``."""
-        if not self.config.rotate:
+        if not base_config(self.config).rotate:
             return None
         if self._rotation is None:
             self._rotation = hadamard(head_dim, torch.float32, device)
@@ -197,9 +207,9 @@ class QuantizedKV:
             out = model.generate(ids, past_key_values=kv.new_cache(), max_new_tokens=20)
     """
 
-    def __init__(self, model, config: KVQuantConfig):
-        if not isinstance(config, KVQuantConfig):
-            raise TypeError(f"config must be a KVQuantConfig; got {type(config).__name__}")
+    def __init__(self, model, config: KVQuantConfig | MixedKVQuantConfig):
+        if not isinstance(config, (KVQuantConfig, MixedKVQuantConfig)):
+            raise TypeError(f"config must be a KVQuantConfig or MixedKVQuantConfig; got {type(config).__name__}")
         self.model = model
         self.config = config
         self._previous: str | None = None

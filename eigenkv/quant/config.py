@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -85,3 +85,90 @@ class KVQuantConfig:
         if self.rotate:
             parts.append("rot")
         return "-".join(parts)
+
+
+@dataclass(frozen=True)
+class MixedKVQuantConfig:
+    """Two precisions in one cache: per layer, the leading features of keys and values at ``high_bits``.
+
+    Meant for a compressed model, whose cached features are components sorted by
+    importance (``eigenkv.compress.components`` builds it from a plan): the few
+    leading components get more bits. Every stream is stored as two quantized
+    segments (leading features, the rest) with the same grouping, group size and
+    window as ``base``, so both hold the same tokens at every step.
+
+    Attributes:
+        base: the quantizer of the other features (bits, group, axes, window).
+        high_bits: bits of the leading features, greater than ``base.bits``.
+        key_high, value_high: per layer, how many leading key / value features get ``high_bits``.
+    """
+
+    base: KVQuantConfig
+    high_bits: int
+    key_high: tuple[int, ...]
+    value_high: tuple[int, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.base, KVQuantConfig):
+            raise TypeError(f"base must be a KVQuantConfig; got {type(self.base).__name__}")
+        if self.base.rotate:
+            raise ValueError("MixedKVQuantConfig splits features by position; base.rotate would mix them")
+        if self.high_bits not in SUPPORTED_BITS or self.high_bits <= self.base.bits:
+            raise ValueError(
+                f"high_bits={self.high_bits!r} must be one of {SUPPORTED_BITS} and above base.bits={self.base.bits}"
+            )
+        if len(self.key_high) != len(self.value_high):
+            raise ValueError(f"key_high has {len(self.key_high)} layers but value_high {len(self.value_high)}")
+        for name in ("key_high", "value_high"):
+            counts = getattr(self, name)
+            if not all(isinstance(n, int) and n >= 0 for n in counts):
+                raise ValueError(f"{name} must hold one int >= 0 per layer; got {counts!r}")
+            object.__setattr__(self, name, tuple(counts))
+
+    @property
+    def layers(self) -> int:
+        return len(self.key_high)
+
+    def segments(self, layer: int, kind: str, width: int) -> list[tuple[int, KVQuantConfig]]:
+        """``[(features, quantizer)]`` of layer ``layer``'s ``kind`` (``"key"``/``"value"``) stream, in order."""
+        if not 0 <= layer < self.layers:
+            raise ValueError(f"layer {layer} is out of range: this config describes {self.layers} layers")
+        high = (self.key_high if kind == "key" else self.value_high)[layer]
+        if high > width:
+            raise ValueError(
+                f"layer {layer} {kind}s have {width} features but {high} are configured at high precision; "
+                "build the config from the plan applied to this model"
+            )
+        high_config = replace(self.base, bits=self.high_bits)
+        return [(n, c) for n, c in ((high, high_config), (width - high, self.base)) if n > 0]
+
+    def to_dict(self) -> dict:
+        return {
+            "base": self.base.to_dict(),
+            "high_bits": self.high_bits,
+            "key_high": list(self.key_high),
+            "value_high": list(self.value_high),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MixedKVQuantConfig:
+        data = dict(data)
+        return cls(base=KVQuantConfig.from_dict(data.pop("base")), **data)
+
+    def label(self) -> str:
+        """e.g. ``3b-g64-kc-vt-r0-hi8`` (``base`` label, then the high precision)."""
+        return f"{self.base.label()}-hi{self.high_bits}"
+
+
+def base_config(config: KVQuantConfig | MixedKVQuantConfig) -> KVQuantConfig:
+    """The quantizer whose grouping, group size and window every stream of ``config`` follows."""
+    if isinstance(config, MixedKVQuantConfig):
+        return config.base
+    if isinstance(config, KVQuantConfig):
+        return config
+    raise TypeError(f"expected a KVQuantConfig or MixedKVQuantConfig; got {type(config).__name__}")
+
+
+def quant_config_from_dict(data: dict) -> KVQuantConfig | MixedKVQuantConfig:
+    """Inverse of either config's ``to_dict``."""
+    return MixedKVQuantConfig.from_dict(data) if "base" in data else KVQuantConfig.from_dict(data)

@@ -208,3 +208,41 @@ class QuantizedStream:
             "zeros": size(self.zero),
             "window": size(self.window),
         }
+
+
+class SegmentedStream:
+    """A stream stored as consecutive feature segments, each a :class:`QuantizedStream` of its own precision.
+
+    Args:
+        segments: ``[(features, config)]`` in feature order (``MixedKVQuantConfig.segments``);
+            the configs differ only in bits, so every segment quantizes the same tokens.
+        axis: grouping of this stream (``"token"``/``"channel"``).
+    """
+
+    def __init__(self, segments: list[tuple[int, KVQuantConfig]], axis: str):
+        self.widths = [width for width, _ in segments]
+        self.parts = [QuantizedStream(config, axis, None) for _, config in segments]
+
+    @property
+    def tokens(self) -> int:
+        return self.parts[0].tokens
+
+    def append(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`QuantizedStream.append`; ``x`` (B, H, s, sum of the segment widths)."""
+        if x.shape[-1] != sum(self.widths):
+            raise ValueError(f"appending {x.shape[-1]} features to a stream of segments {self.widths}")
+        held, unquantized = zip(
+            *(part.append(piece) for part, piece in zip(self.parts, x.split(self.widths, dim=-1), strict=True)),
+            strict=True,
+        )
+        return torch.cat(held, dim=-1), torch.cat(unquantized, dim=-1)
+
+    def read_quantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([part.read_quantized(dtype) for part in self.parts], dim=-1)
+
+    def nbytes(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for part in self.parts:
+            for name, n in part.nbytes().items():
+                total[name] = total.get(name, 0) + n
+        return total

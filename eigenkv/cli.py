@@ -225,6 +225,7 @@ def _curve(args: argparse.Namespace) -> int:
         axis_v=args.kv_axis_v,
         ratios=numbers(args.ratios, float),
         methods=tuple(args.methods.split(",")),
+        components=tuple(x for x in args.components.split(",") if x),
         rope_mode=args.rope_mode,
         calib_dataset=args.calib_dataset,
         calib_windows=args.calib_windows,
@@ -314,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--ratios", default="0.6", help="Eigen Attention KV ratios, e.g. 0.6,0.8")
     curve.add_argument("--rope-mode", default="pre", choices=["pre", "post"])
     curve.add_argument("--methods", default="paper,eigenkv", help="Eigen methods, one curve each")
+    curve.add_argument(
+        "--components",
+        default="",
+        help="component variants before quantizing, one curve each per method: e.g. scale,rot,scale+hi8x0.125 "
+        "(adding variants to a finished run extends it)",
+    )
     curve.add_argument("--calib-dataset", default="brown")
     curve.add_argument("--calib-windows", type=int, default=16)
     curve.add_argument("--out-root", default="results", help="run folders are created here, named after the settings")

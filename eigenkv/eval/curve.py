@@ -8,12 +8,17 @@
   bases, uniform ranks; ``eigenkv``: output-aware bases, Fisher allotment) at
   each ratio ``r`` alone, then followed by the same quantization grid. One
   calibration (with loss gradients) serves every method and ratio.
+- ``<method>-eigen<r>+<components>``: the same plans with their components
+  prepared for quantization (``eigenkv.compress.components``: ``scale``,
+  ``rot``, ``hi<bits>[x<fraction>]``) over the grid (grid points at or above
+  the high precision are skipped).
 
 The run folder (named after the settings) holds ``config.json`` (a rerun with
-other settings is refused), ``points.jsonl`` and ``points.csv`` (one row per
+other settings is refused, except one that only adds component variants,
+which extends the run), ``points.jsonl`` and ``points.csv`` (one row per
 point, appended as it finishes; a rerun skips finished points and never
-overwrites), the compression plans (``plans/``: calibrated once per ratio and
-reloaded by every point that uses it), ``curve.png``/``curve.svg`` and
+overwrites), the compression plans (``plans/``: calibrated once per ratio
+and reloaded by every point that uses it), ``curve.png``/``curve.svg`` and
 ``pareto.md``.
 """
 
@@ -42,6 +47,8 @@ class CurveConfig:
         bits, groups: the quantization grid (keys and values on ``axis_k``/``axis_v``).
         ratios: Eigen Attention KV ratios; each is evaluated alone and with the grid.
         methods: Eigen methods (``EigenConfig.method``), one curve each per ratio.
+        components: component variants (``ComponentQuantConfig.parse`` specs), one
+            more curve each per method and ratio.
         rope_mode: Eigen RoPE mode (see ``EigenConfig``).
         calib_dataset, calib_windows: calibration text (disjoint from the evaluated text).
     """
@@ -56,6 +63,7 @@ class CurveConfig:
     axis_v: str = "token"
     ratios: tuple[float, ...] = (0.6,)
     methods: tuple[str, ...] = ("paper", "eigenkv")
+    components: tuple[str, ...] = ()
     rope_mode: str = "pre"
     calib_dataset: str = "brown"
     calib_windows: int = 16
@@ -72,6 +80,10 @@ class CurveConfig:
         for ratio in self.ratios:
             for method in self.methods:
                 self.eigen_config(method, ratio)
+        from eigenkv.compress.components import ComponentQuantConfig
+
+        for spec in self.components:
+            ComponentQuantConfig.parse(spec)
 
     def eigen_config(self, method: str, ratio: float):
         from eigenkv.compress import EigenConfig
@@ -88,8 +100,9 @@ class CurveConfig:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))  # tuples as lists, as read back from JSON
 
-    def points(self) -> list[tuple[str, str, str | None, object]]:
-        """``(label, curve, plan name or None, KVQuantConfig | None)`` for every point, baseline first."""
+    def points(self) -> list[tuple[str, str, str | None, object, object]]:
+        """``(label, curve, plan name or None, KVQuantConfig | None, ComponentQuantConfig | None)``, baseline first."""
+        from eigenkv.compress.components import ComponentQuantConfig
         from eigenkv.quant import KVQuantConfig
 
         grid = [
@@ -97,14 +110,29 @@ class CurveConfig:
             for b in self.bits
             for g in self.groups
         ]
-        points = [("baseline", "baseline", None, None)]
-        points += [(f"quant {q.label()}", "quant", None, q) for q in grid]
+        points = [("baseline", "baseline", None, None, None)]
+        points += [(f"quant {q.label()}", "quant", None, q, None) for q in grid]
         for method in self.methods:
             for ratio in self.ratios:
                 plan = f"{method}-eigen{ratio:g}"
-                points.append((plan, f"{plan}+quant", plan, None))
-                points += [(f"{plan} {q.label()}", f"{plan}+quant", plan, q) for q in grid]
+                points.append((plan, f"{plan}+quant", plan, None, None))
+                points += [(f"{plan} {q.label()}", f"{plan}+quant", plan, q, None) for q in grid]
+                for spec in self.components:
+                    options = ComponentQuantConfig.parse(spec)
+                    curve = f"{plan}+{options.label()}"
+                    points += [
+                        (f"{curve} {q.label()}", curve, plan, q, options)
+                        for q in grid
+                        if options.high_bits is None or options.high_bits > q.bits
+                    ]
         return points
+
+    def extends(self, stored: dict) -> bool:
+        """Whether ``stored`` (a run's ``config.json``) is this sweep less some component variants."""
+        mine = self.to_dict()
+        old = {**stored, "components": stored.get("components", [])}
+        same = all(old.get(k) == v for k, v in mine.items() if k != "components") and old.keys() == mine.keys()
+        return same and set(old["components"]) <= set(mine["components"])
 
     def plan_settings(self) -> dict:
         """Plan name -> ``EigenConfig`` for every Eigen point."""
@@ -123,17 +151,22 @@ def run_curve(config: CurveConfig, out_root: str | Path = "results", progress: b
 
     from eigenkv.compress import EigenPlan, apply_plan, compress_model
     from eigenkv.compress.calibrate import calibrate
+    from eigenkv.compress.components import prepare_components
     from eigenkv.eval.data import load_windows
     from eigenkv.eval.models import load_model, resolve_dtype
     from eigenkv.eval.perplexity import perplexity
     from eigenkv.quant import QuantizedKV
+    from eigenkv.quant.config import base_config
 
     out = Path(out_root) / config.run_name()
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "config.json"
     if config_file.exists():
-        if json.loads(config_file.read_text()) != config.to_dict():
-            raise FileExistsError(f"{out} holds a sweep with other settings; choose another --out-root")
+        stored = json.loads(config_file.read_text())
+        if stored != config.to_dict():
+            if not config.extends(stored):
+                raise FileExistsError(f"{out} holds a sweep with other settings; choose another --out-root")
+            atomic_write_json(config_file, config.to_dict())  # the same sweep with more component variants
     else:
         atomic_write_json(config_file, config.to_dict())
     rows = read_points(out)
@@ -143,7 +176,7 @@ def run_curve(config: CurveConfig, out_root: str | Path = "results", progress: b
     original = tokenizer = windows = calibration = None
     plans: dict[str, EigenPlan] = {}
     settings = config.plan_settings()
-    for label, method, plan_name, quant in todo:
+    for label, method, plan_name, quant, options in todo:
         if original is None:
             original, tokenizer = load_model(config.model, dtype=resolve_dtype(config.dtype))
             windows = load_windows(config.dataset, tokenizer, config.seq_len, count=config.windows)
@@ -168,7 +201,10 @@ def run_curve(config: CurveConfig, out_root: str | Path = "results", progress: b
                     eigen = settings[plan_name]
                     plans[plan_name] = compress_model(copy.deepcopy(original), calibration, eigen, progress=progress)
                     plans[plan_name].save(plan_dir)
-            model = apply_plan(copy.deepcopy(original), plans[plan_name])
+            plan = plans[plan_name]
+            if options is not None:
+                plan, quant = prepare_components(plan, options, quant)
+            model = apply_plan(copy.deepcopy(original), plan)
         start = time.perf_counter()
         if quant is None:
             result = perplexity(model, windows, progress=progress, desc=label)
@@ -182,8 +218,9 @@ def run_curve(config: CurveConfig, out_root: str | Path = "results", progress: b
             "ratio": None if plan_name is None else settings[plan_name].target_ratio,
             "eigen": None if plan_name is None else settings[plan_name].to_dict(),
             "quant": None if quant is None else quant.to_dict(),
-            "bits": None if quant is None else quant.bits,
-            "group_size": None if quant is None else quant.group_size,
+            "components": None if options is None else {**options.to_dict(), **plan.extra["components"]},
+            "bits": None if quant is None else base_config(quant).bits,
+            "group_size": None if quant is None else base_config(quant).group_size,
             "kv_gb_n2048": reported.gb,
             "kv_bytes_n2048": reported.total,
             "kv_bytes_eval_seq_len": _kv_bytes(model, quant, config.seq_len).total,
@@ -245,7 +282,10 @@ def read_points(out: Path) -> list[dict]:
 
 
 def _point_name(row: dict) -> str:
-    return "fp16" if row["bits"] is None else f"{row['bits']}b/g{row['group_size']}"
+    if row["bits"] is None:
+        return "fp16"
+    high = (row.get("components") or {}).get("high_bits")
+    return f"{row['bits']}b/g{row['group_size']}" + (f"+{high}b" if high else "")
 
 
 def pareto_table(rows: list[dict]) -> str:

@@ -7,11 +7,13 @@ import torch
 from transformers import DynamicCache
 
 from eigenkv.compress import EigenPlan, apply_plan
+from eigenkv.compress.components import ComponentQuantConfig, prepare_components
 from eigenkv.eval.curve import CurveConfig, pareto_table, run_curve
 from eigenkv.eval.data import load_windows
 from eigenkv.eval.kv_memory import cache_tensor_bytes
 from eigenkv.eval.models import load_model
 from eigenkv.quant import KVQuantConfig, QuantizedKV
+from eigenkv.quant.config import quant_config_from_dict
 from tests.eval.test_cli import model_dir  # noqa: F401  (fixture)
 
 
@@ -83,6 +85,28 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
     stamps = [p.stat().st_mtime_ns for p in files]
     run_curve(config, tmp_path / "runs", progress=False)  # nothing left to compute
     assert [p.stat().st_mtime_ns for p in files] == stamps
+
+    # Adding a component variant extends the run: only its points are computed, sized honestly.
+    extended = CurveConfig(**{**config.__dict__, "components": ("scale+hi8x0.5",)})
+    run_curve(extended, tmp_path / "runs", progress=False)
+    rows = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    added = rows[len(labels) :]
+    assert [r["label"] for r in added] == [f"{m}-eigen0.5+scale+hi8x0.5 {q}" for m in ("paper", "eigenkv")]
+    assert [p.stat().st_mtime_ns for p in files[1:]] == stamps[1:]
+    for row in added:
+        plan, quant = prepare_components(
+            EigenPlan.load(row["plan"]), ComponentQuantConfig.parse("scale+hi8x0.5"), KVQuantConfig(4, 16)
+        )
+        model = apply_plan(load_model(str(model_dir), dtype=torch.float16)[0], plan)
+        with torch.no_grad(), QuantizedKV(model, quant_config_from_dict(row["quant"])) as kv:
+            cache = kv.new_cache()
+            model(window, past_key_values=cache, use_cache=True)
+        bases = sum(b.numel() * 2 for n, b in model.named_buffers() if n.endswith(("key_basis", "query_basis")))
+        assert cache_tensor_bytes(cache) + bases == row["kv_bytes_eval_seq_len"], row["label"]
+        assert row["components"]["key_high"] == list(quant.key_high)
+        same_plain = next(r for r in rows if r["label"] == row["label"].replace("+scale+hi8x0.5", ""))
+        assert row["kv_bytes_eval_seq_len"] > same_plain["kv_bytes_eval_seq_len"]  # half the components at 8 bits
+    assert "best eigenkv-eigen0.5+scale+hi8x0.5" in (out / "pareto.md").read_text()
     with pytest.raises(FileExistsError, match="other settings"):
         other = CurveConfig(**{**config.__dict__, "bits": (4,), "calib_windows": 3})
         run_curve(other, tmp_path / "runs", progress=False)

@@ -236,6 +236,41 @@ def _curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from eigenkv.eval.planner import PlannerConfig, plan_for_budget
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = PlannerConfig(
+        model=args.model,
+        dataset=args.dataset,
+        windows=args.windows,
+        seq_len=args.seq_len,
+        ratios=tuple(float(x) for x in args.ratios.split(",") if x),
+        bits=tuple(int(x) for x in args.bits.split(",") if x),
+        groups=tuple(int(x) for x in args.groups.split(",") if x),
+        components=tuple(x for x in args.components.split(",") if x),
+        method=args.method,
+        calib_dataset=args.calib_dataset,
+        calib_windows=args.calib_windows,
+        proxy_windows=args.proxy_windows,
+        proxy_seq_len=args.proxy_seq_len,
+        min_fill=args.min_fill,
+        finalists=args.finalists,
+    )
+    for budget in args.budget_gb:
+        choice = plan_for_budget(config, budget, args.out_root, progress=not args.quiet)
+        print(choice.report.with_suffix(".md").read_text())
+        chosen = choice.chosen
+        print(
+            f"chosen for {budget:g} GB: {chosen['label']} ({chosen['kv_gb_n2048']:.5f} GB, "
+            f"measured ppl {chosen['ppl']:.3f}); report {choice.report}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eigenkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +362,28 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--threads", type=int, default=0)
     curve.add_argument("--quiet", action="store_true")
     curve.set_defaults(func=_curve)
+
+    plan = sub.add_parser("plan", help="the Eigen ratio, bits, group and component options that fit a KV budget")
+    plan.add_argument("--budget-gb", type=float, nargs="+", required=True, help="KV GB at n = 2048, batch 1")
+    plan.add_argument("--model", default="smollm2-135m")
+    plan.add_argument("--dataset", default="wikitext2")
+    plan.add_argument("--windows", type=int, default=3, help="evaluated windows (finalists' perplexity)")
+    plan.add_argument("--seq-len", type=int, default=2048)
+    plan.add_argument("--ratios", default="1,0.8,0.7,0.6,0.5", help="Eigen ratios (1: uncompressed)")
+    plan.add_argument("--bits", default="8,4,3,2")
+    plan.add_argument("--groups", default="128,64,32")
+    plan.add_argument("--components", default="plain,scale", help="component variants, e.g. plain,scale,rot")
+    plan.add_argument("--method", default="eigenkv", choices=["eigenkv", "paper"])
+    plan.add_argument("--calib-dataset", default="brown")
+    plan.add_argument("--calib-windows", type=int, default=16)
+    plan.add_argument("--proxy-windows", type=int, default=2, help="held-out calibration-corpus windows")
+    plan.add_argument("--proxy-seq-len", type=int, default=1024)
+    plan.add_argument("--min-fill", type=float, default=0.6, help="candidates use at least this share of the budget")
+    plan.add_argument("--finalists", type=int, default=3, help="best-by-proxy settings measured on the evaluated text")
+    plan.add_argument("--out-root", default="results")
+    plan.add_argument("--threads", type=int, default=0)
+    plan.add_argument("--quiet", action="store_true")
+    plan.set_defaults(func=_plan)
     return parser
 
 

@@ -60,6 +60,13 @@ def test_planner_chooses_within_the_budget_and_reuses_its_work(config, tmp_path)
     assert [f["label"] for f in choice.finalists] == sorted(fitting, key=proxies.get)[:2]
     assert (run / f"budget_{budget:g}.md").read_text().count("|") > 8
 
+    # min_fill drops candidates far below the largest one within the budget
+    filled = PlannerConfig(**{**config.__dict__, "min_fill": 0.9})
+    assert filled.run_name() == config.run_name()
+    strict = plan_for_budget(filled, budget, out / "filled", progress=False)
+    largest = max(n for n in sizes.values() if n <= budget * GB)
+    assert strict.considered == sum(0.9 * largest <= n <= budget * GB for n in sizes.values()) < choice.considered
+
     with pytest.raises(ValueError, match="no candidate fits"):
         plan_for_budget(config, 1e-9, out, progress=False)
     with pytest.raises(FileExistsError, match="other settings"):

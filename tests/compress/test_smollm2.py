@@ -5,9 +5,12 @@ import copy
 import torch
 from transformers import DynamicCache
 
-from eigenkv.compress import EigenConfig, compress_model
+from eigenkv.compress import EigenConfig, apply_plan, compress_model
+from eigenkv.compress.components import ComponentQuantConfig, prepare_components
 from eigenkv.eval.data import load_windows
+from eigenkv.eval.kv_memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.eval.perplexity import perplexity
+from eigenkv.quant import KVQuantConfig, QuantizedKV
 
 
 def test_smollm2_compress_perplexity_and_decoding(smollm2):
@@ -29,3 +32,19 @@ def test_smollm2_compress_perplexity_and_decoding(smollm2):
         steps = [model(ids[:, :16], past_key_values=cache, use_cache=True).logits]
         steps += [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(16, 24)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-3, rtol=1e-3)
+
+    # Mixed-precision components: the prepared plan is the same model; its cache holds what is counted.
+    prepared, kv_config = prepare_components(plan, ComponentQuantConfig.parse("hi8x0.125"), KVQuantConfig(2, 32))
+    twin = apply_plan(copy.deepcopy(original), prepared)
+    assert abs(perplexity(twin, evaluated, progress=False).ppl - compressed) < 1e-3 * compressed
+    with QuantizedKV(twin, kv_config) as kv:
+        caches = []
+
+        def new_cache():
+            caches.append(kv.new_cache())
+            return caches[-1]
+
+        mixed = perplexity(twin, evaluated, progress=False, make_cache=new_cache).ppl
+    assert compressed < mixed < 3 * compressed
+    counted = kv_cache_bytes(twin, seq_len=128, batch_size=1, dtype=torch.float32, quant=kv_config)
+    assert cache_tensor_bytes(caches[-1]) == counted.total - counted.components["bases"]

@@ -31,7 +31,6 @@ def kv_settings(plan_dir: str | None, components: str) -> dict:
     settings = {
         "fp16 KV": (None, None, None),
         "quant 4b/g64": (None, KVQuantConfig(bits=4, group_size=64), None),
-        "quant 2b/g32": (None, KVQuantConfig(bits=2, group_size=32), None),
     }
     if plan_dir:
         settings["eigen 0.6 4b/g128"] = (plan_dir, KVQuantConfig(bits=4, group_size=128), None)

@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--ratios", default="1,0.8,0.7,0.6,0.5", help="Eigen ratios (1: uncompressed)")
     plan.add_argument("--bits", default="8,4,3,2")
     plan.add_argument("--groups", default="128,64,32")
-    plan.add_argument("--components", default="plain,scale", help="component variants, e.g. plain,scale,rot")
+    plan.add_argument("--components", default="plain,hi4x0.25", help="component variants, e.g. plain,hi4x0.25")
     plan.add_argument("--method", default="eigenkv", choices=["eigenkv", "paper"])
     plan.add_argument("--calib-dataset", default="brown")
     plan.add_argument("--calib-windows", type=int, default=16)

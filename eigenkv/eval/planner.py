@@ -58,7 +58,7 @@ class PlannerConfig:
     groups: tuple[int, ...] = (128, 64, 32)
     axis_k: str = "channel"
     axis_v: str = "token"
-    components: tuple[str, ...] = ("plain", "scale")
+    components: tuple[str, ...] = ("plain", "hi4x0.25")
     method: str = "eigenkv"
     rope_mode: str = "pre"
     calib_dataset: str = "brown"

@@ -7,11 +7,14 @@ bases (``E' = E T``, ``D' = D T^{-T}`` keeps ``D'^T E' = I``, so the model
 without quantization is unchanged and nothing runs at inference time):
 
 - ``scale``: divide each component by its calibration RMS (``T = diag(1/s)``),
-  so every component of a group has unit variance. For a group sharing one
-  range, the squared error of component ``i`` becomes proportional to ``s_i^2``
-  instead of to ``max_j s_j^2``: lower for every component but the largest.
-  Per-channel groups (keys, KIVI style) are scale invariant; it acts on
-  per-token groups (values).
+  so every component of a group has unit variance. A linear error model says
+  this lowers a shared-range group's error (component ``i``'s error becomes
+  proportional to ``s_i^2`` instead of ``max_j s_j^2``), but min-max groups
+  store their extremes exactly, and the dominant component usually *is* the
+  extreme: equalising the variances takes that exactness from the component
+  that matters most. Measured on SmolLM2 it loses (0.6x + 2-bit g128: 62 ->
+  104 ppl); it stays an option to measure on other models. Per-channel groups
+  (keys, KIVI style) are scale invariant; it acts on per-token groups (values).
 - ``high_bits`` (mixed precision, as ResQ keeps its top subspace in 8 bits):
   the leading ``k`` components of each layer's keys and values are stored at
   ``high_bits``, the rest at the quantizer's bits (a ``MixedKVQuantConfig``).
@@ -21,9 +24,10 @@ without quantization is unchanged and nothing runs at inference time):
   at high bits would still be at least the mean component's error at low bits,
   ``l_i * 4^-high >= mean(l) * 4^-low``.
 - ``rotate``: a seeded random orthogonal rotation of each precision block
-  (``T = Q``), which spreads one token's outlying component over all of its
-  group (as KVLinC's Hadamard rotation does for heads); ranks are not powers of
-  two, hence a random orthogonal matrix instead of a Hadamard one.
+  (``T = Q``), which spreads one token's outlying component over its group (as
+  KVLinC's Hadamard rotation does for heads; ranks are not powers of two,
+  hence a random orthogonal matrix). It equalises variances too and loses for
+  the same reason (and mixes the per-channel key groups).
 
 ``prepare_components(plan, options, quant)`` returns the transformed plan and
 the cache configuration to use with it.

@@ -157,7 +157,7 @@ def _append(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-class _Workspace:
+class PlannerRun:
     """Model, texts, calibration and plans of one planner run, loaded on first use."""
 
     def __init__(self, config: PlannerConfig, out: Path, progress: bool):
@@ -232,6 +232,34 @@ class _Workspace:
             self._last = (key, apply_plan(copy.deepcopy(self.original), plan))
         return self._last[1], quant
 
+    def proxy_scores(self, cands: list[Candidate], say=print) -> dict[str, dict]:
+        """label -> ``{"proxy_nll", "seconds"}`` for every candidate, measuring those not yet in ``proxy.jsonl``."""
+        path = self.out / "proxy.jsonl"
+        scores = _jsonl(path)
+        for candidate in cands:
+            if candidate.label in scores:
+                continue
+            _, _, proxy_text = self.texts()
+            model, quant = self.model_for(candidate)
+            start = time.perf_counter()
+            nll = _nll(model, quant, proxy_text, candidate.label)
+            row = {"label": candidate.label, "proxy_nll": nll, "seconds": time.perf_counter() - start}
+            _append(path, row)
+            scores[candidate.label] = row
+            say(f"  proxy {candidate.label:45s} nll {nll:.4f}")
+        return scores
+
+
+def open_run(config: PlannerConfig, out_root: str | Path = "results", progress: bool = True) -> PlannerRun:
+    """The run folder of ``config`` (created, or checked against its ``config.json``) as a workspace."""
+    out = Path(out_root) / config.run_name()
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "config.json"
+    if config_file.exists() and json.loads(config_file.read_text()) != config.to_dict():
+        raise FileExistsError(f"{out} holds a planner run with other settings; choose another --out-root")
+    atomic_write_json(config_file, config.to_dict())
+    return PlannerRun(config, out, progress)
+
 
 def _nll(model, quant, windows, desc: str) -> float:
     from eigenkv.eval.perplexity import perplexity
@@ -255,13 +283,8 @@ def plan_for_budget(
 
     if not budget_gb > 0:
         raise ValueError(f"budget_gb must be positive; got {budget_gb}")
-    out = Path(out_root) / config.run_name()
-    out.mkdir(parents=True, exist_ok=True)
-    config_file = out / "config.json"
-    if config_file.exists() and json.loads(config_file.read_text()) != config.to_dict():
-        raise FileExistsError(f"{out} holds a planner run with other settings; choose another --out-root")
-    atomic_write_json(config_file, config.to_dict())
-    work = _Workspace(config, out, progress)
+    work = open_run(config, out_root, progress)
+    out = work.out
     say = print if progress else (lambda *a, **k: None)
 
     sizes_file = out / "sizes.json"  # label -> bytes; sizing needs the plans, not the text
@@ -286,19 +309,8 @@ def plan_for_budget(
         f"{len(fitting)} of {len(every)} candidates fit {budget_gb} GB and fill >= {config.min_fill:.0%} of the largest"
     )
 
-    proxy_file, measured_file = out / "proxy.jsonl", out / "measured.jsonl"
-    proxy = _jsonl(proxy_file)
-    for candidate in fitting:
-        if candidate.label in proxy:
-            continue
-        _, _, proxy_text = work.texts()
-        model, quant = work.model_for(candidate)
-        start = time.perf_counter()
-        nll = _nll(model, quant, proxy_text, candidate.label)
-        row = {"label": candidate.label, "proxy_nll": nll, "seconds": time.perf_counter() - start}
-        _append(proxy_file, row)
-        proxy[candidate.label] = row
-        say(f"  proxy {candidate.label:40s} {sizes[candidate.label] / GB:.5f} GB  nll {nll:.4f}")
+    proxy = work.proxy_scores(fitting, say)
+    measured_file = out / "measured.jsonl"
     ranked = sorted(fitting, key=lambda c: proxy[c.label]["proxy_nll"])
     measured = _jsonl(measured_file)
     for candidate in ranked[: config.finalists]:

@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--methods", default="paper,eigenkv", help="Eigen methods, one curve each")
     curve.add_argument(
         "--components",
-        default="",
+        default="hi4x0.25",
         help="component variants before quantizing, one curve each per method: e.g. scale,rot,scale+hi8x0.125 "
         "(adding variants to a finished run extends it)",
     )

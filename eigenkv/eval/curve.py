@@ -63,7 +63,7 @@ class CurveConfig:
     axis_v: str = "token"
     ratios: tuple[float, ...] = (0.6,)
     methods: tuple[str, ...] = ("paper", "eigenkv")
-    components: tuple[str, ...] = ()
+    components: tuple[str, ...] = ("hi4x0.25",)
     rope_mode: str = "pre"
     calib_dataset: str = "brown"
     calib_windows: int = 16

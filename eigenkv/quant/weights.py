@@ -9,7 +9,7 @@ the embeddings; transformers' bitsandbytes integration skips it too).
 ``weight_bytes(model)`` counts what the model stores: every distinct tensor of
 its ``state_dict``, quantization states included.
 
-bitsandbytes >= 0.45 runs both formats on CPU as well as CUDA; install it with
+bitsandbytes >= 0.48 runs both formats on CPU as well as CUDA; install it with
 ``pip install 'eigenkv[bnb]'``.
 """
 
@@ -26,7 +26,7 @@ def _bitsandbytes():
         import bitsandbytes
     except ImportError as err:
         raise ImportError(
-            "weight quantization needs bitsandbytes: pip install 'eigenkv[bnb]' (or bitsandbytes>=0.45)"
+            "weight quantization needs bitsandbytes: pip install 'eigenkv[bnb]' (or bitsandbytes>=0.48)"
         ) from err
     return bitsandbytes
 

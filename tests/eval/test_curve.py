@@ -87,7 +87,7 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
     assert [p.stat().st_mtime_ns for p in files] == stamps
 
     # Adding a component variant extends the run: only its points are computed, sized honestly.
-    extended = CurveConfig(**{**config.__dict__, "components": ("scale+hi8x0.5",)})
+    extended = CurveConfig(**{**config.__dict__, "components": (*config.components, "scale+hi8x0.5")})
     run_curve(extended, tmp_path / "runs", progress=False)
     rows = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
     added = rows[len(labels) :]

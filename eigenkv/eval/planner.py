@@ -147,9 +147,19 @@ class BudgetChoice:
 
 
 def _jsonl(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    return {row["label"]: row for row in map(json.loads, path.read_text().splitlines()) if row}
+    """label -> row of a JSON-lines record (a partial last line, from a killed run, is ignored and redone)."""
+    rows = {}
+    lines = path.read_text().splitlines() if path.exists() else []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                atomic_write_text(path, "".join(line + "\n" for line in lines[:-1]))
+                break
+            raise ValueError(f"{path} line {number} is corrupt; delete that line to resume") from None
+        rows[row["label"]] = row
+    return rows
 
 
 def _append(path: Path, row: dict) -> None:

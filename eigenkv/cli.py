@@ -255,6 +255,8 @@ def _plan(args: argparse.Namespace) -> int:
         method=args.method,
         calib_dataset=args.calib_dataset,
         calib_windows=args.calib_windows,
+        proxy=args.proxy,
+        proxy_split=args.proxy_split,
         proxy_windows=args.proxy_windows,
         proxy_seq_len=args.proxy_seq_len,
         min_fill=args.min_fill,
@@ -376,7 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--method", default="eigenkv", choices=["eigenkv", "paper"])
     plan.add_argument("--calib-dataset", default="brown")
     plan.add_argument("--calib-windows", type=int, default=16)
-    plan.add_argument("--proxy-windows", type=int, default=2, help="held-out calibration-corpus windows")
+    plan.add_argument(
+        "--proxy",
+        default="evaluated",
+        choices=["evaluated", "calibration"],
+        help="held-out text the proxy loss is measured on: the evaluated corpus after the evaluated windows "
+        "(or --proxy-split of it), or the calibration corpus after the calibration windows",
+    )
+    plan.add_argument("--proxy-split", default=None, help="a split of the evaluated corpus for the proxy")
+    plan.add_argument("--proxy-windows", type=int, default=2, help="held-out windows the proxy is measured on")
     plan.add_argument("--proxy-seq-len", type=int, default=1024)
     plan.add_argument("--min-fill", type=float, default=0.6, help="candidates use at least this share of the budget")
     plan.add_argument("--finalists", type=int, default=3, help="best-by-proxy settings measured on the evaluated text")

@@ -6,7 +6,7 @@ import pytest
 
 from eigenkv.cli import main
 from eigenkv.eval.kv_memory import GB
-from eigenkv.eval.planner import PlannerConfig, candidates, plan_for_budget
+from eigenkv.eval.planner import PlannerConfig, PlannerRun, candidates, plan_for_budget
 from tests.eval.test_cli import model_dir  # noqa: F401  (fixture)
 
 
@@ -61,11 +61,16 @@ def test_planner_chooses_within_the_budget_and_reuses_its_work(config, tmp_path)
     assert (run / f"budget_{budget:g}.md").read_text().count("|") > 8
 
     # min_fill drops candidates far below the largest one within the budget
-    filled = PlannerConfig(**{**config.__dict__, "min_fill": 0.9})
+    filled = PlannerConfig(**{**config.__dict__, "min_fill": 0.9, "proxy": "calibration"})
     assert filled.run_name() == config.run_name()
     strict = plan_for_budget(filled, budget, out / "filled", progress=False)
     largest = max(n for n in sizes.values() if n <= budget * GB)
     assert strict.considered == sum(0.9 * largest <= n <= budget * GB for n in sizes.values()) < choice.considered
+    # the proxy text is held out: after the evaluated windows, or after the calibration windows
+    evaluated, calib, proxy = PlannerRun(config, tmp_path, False).texts()
+    assert proxy.source == evaluated.source and proxy.disjoint_from(evaluated) and proxy.first * 64 >= 2 * 64
+    evaluated, calib, proxy = PlannerRun(filled, tmp_path, False).texts()
+    assert proxy.source == calib.source and proxy.disjoint_from(calib)
 
     with pytest.raises(ValueError, match="no candidate fits"):
         plan_for_budget(config, 1e-9, out, progress=False)
@@ -84,5 +89,7 @@ def test_planner_cli_and_bad_settings(config, tmp_path, capsys):
         PlannerConfig(ratios=(1.5,))
     with pytest.raises(ValueError, match="unknown component option"):
         PlannerConfig(components=("plain", "hadamard"))
+    with pytest.raises(ValueError, match="proxy='other'"):
+        PlannerConfig(proxy="other")
     with pytest.raises(ValueError, match="min_fill"):
         PlannerConfig(min_fill=1.0)

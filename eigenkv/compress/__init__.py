@@ -10,9 +10,21 @@
 - ``plan``: :func:`compress_model`, :class:`EigenPlan` (saved as safetensors + JSON),
   :func:`load_compressed`.
 - ``accounting``: the KV layout of a compressed model, for honest sizes.
+- ``components``: :func:`prepare_components` (scale, rotate or split the cached components
+  before quantizing them; folded into the plan).
 """
 
+from eigenkv.compress.components import ComponentQuantConfig, prepare_components
 from eigenkv.compress.config import EigenConfig
 from eigenkv.compress.plan import EigenPlan, apply_plan, compress_model, is_compressed, load_compressed
 
-__all__ = ["EigenConfig", "EigenPlan", "apply_plan", "compress_model", "is_compressed", "load_compressed"]
+__all__ = [
+    "ComponentQuantConfig",
+    "EigenConfig",
+    "EigenPlan",
+    "apply_plan",
+    "compress_model",
+    "is_compressed",
+    "load_compressed",
+    "prepare_components",
+]

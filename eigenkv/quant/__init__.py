@@ -6,15 +6,18 @@
 - ``store`` / ``cache``: a transformers ``Cache`` that holds packed codes, scales,
   zero points and a full-precision window, read causally by perplexity.
 - ``accounting``: its bytes for any model config, equal to what it holds.
+- ``MixedKVQuantConfig``: two precisions per stream (leading features at more bits).
+- ``weights``: bitsandbytes int8 / NF4 weights (``quantize_weights``, ``weight_bytes``).
 """
 
 from eigenkv.quant.cache import QuantizedKV, QuantizedKVCache
-from eigenkv.quant.config import KVQuantConfig
+from eigenkv.quant.config import KVQuantConfig, MixedKVQuantConfig
 from eigenkv.quant.packing import pack, packed_length, unpack
 from eigenkv.quant.reference import dequantize, fake_quantize, hadamard, quantize
 
 __all__ = [
     "KVQuantConfig",
+    "MixedKVQuantConfig",
     "QuantizedKV",
     "QuantizedKVCache",
     "dequantize",

@@ -73,7 +73,8 @@ def main() -> None:
             total += 1
             agree += (proxy[i] - proxy[j]) * (measured[i] - measured[j]) > 0
     lines = [
-        f"proxy ({config.proxy_windows} x {config.proxy_seq_len} held-out {config.calib_dataset} tokens) vs measured "
+        f"proxy ({config.proxy_windows} x {config.proxy_seq_len} held-out tokens of "
+        f"{config.dataset if config.proxy == 'evaluated' else config.calib_dataset}) vs measured "
         f"ln ppl ({args.curve_run}): {len(pairs)} points",
         "",
         f"Spearman {spearman:.3f}, Pearson {pearson:.3f}; pairs ordered alike {agree}/{total} ({agree / total:.1%})",

@@ -62,8 +62,8 @@ def main() -> None:
             ).label()
         )
         pairs.append((Candidate(row["ratio"] or 1.0, quant, spec), row))
-    scores = run.proxy_scores([c for c, _ in pairs])
-    proxy = [scores[c.label]["proxy_nll"] for c, _ in pairs]
+    scores = run.scores([c for c, _ in pairs], "proxy")
+    proxy = [scores[c.label]["nll"] for c, _ in pairs]
     measured = [math.log(r["ppl"]) for _, r in pairs]
     spearman = _pearson(_ranks(proxy), _ranks(measured))
     pearson = _pearson(proxy, measured)

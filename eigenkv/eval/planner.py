@@ -259,21 +259,26 @@ class PlannerRun:
             self._last = (key, apply_plan(copy.deepcopy(self.original), plan))
         return self._last[1], quant
 
-    def proxy_scores(self, cands: list[Candidate], say=print) -> dict[str, dict]:
-        """label -> ``{"proxy_nll", "seconds"}`` for every candidate, measuring those not yet in ``proxy.jsonl``."""
-        path = self.out / "proxy.jsonl"
+    def scores(self, cands: list[Candidate], text: str, say=print) -> dict[str, dict]:
+        """label -> ``{"nll", "ppl", "seconds"}`` of every candidate on ``text``, measuring those not yet recorded.
+
+        Args:
+            text: ``"proxy"`` (the held-out proxy text; ``proxy.jsonl``) or ``"evaluated"``
+                (the evaluated windows; ``measured.jsonl``).
+        """
+        path = self.out / ("proxy.jsonl" if text == "proxy" else "measured.jsonl")
         scores = _jsonl(path)
         for candidate in cands:
             if candidate.label in scores:
                 continue
-            _, _, proxy_text = self.texts()
+            evaluated, _, proxy = self.texts()
             model, quant = self.model_for(candidate)
             start = time.perf_counter()
-            nll = _nll(model, quant, proxy_text, candidate.label)
-            row = {"label": candidate.label, "proxy_nll": nll, "seconds": time.perf_counter() - start}
+            nll = _nll(model, quant, proxy if text == "proxy" else evaluated, candidate.label)
+            row = {"label": candidate.label, "nll": nll, "ppl": math.exp(nll), "seconds": time.perf_counter() - start}
             _append(path, row)
             scores[candidate.label] = row
-            say(f"  proxy {candidate.label:45s} nll {nll:.4f}")
+            say(f"  {text} {candidate.label:45s} nll {nll:.4f} ppl {row['ppl']:.3f}")
         return scores
 
 
@@ -336,21 +341,9 @@ def plan_for_budget(
         f"{len(fitting)} of {len(every)} candidates fit {budget_gb} GB and fill >= {config.min_fill:.0%} of the largest"
     )
 
-    proxy = work.proxy_scores(fitting, say)
-    measured_file = out / "measured.jsonl"
-    ranked = sorted(fitting, key=lambda c: proxy[c.label]["proxy_nll"])
-    measured = _jsonl(measured_file)
-    for candidate in ranked[: config.finalists]:
-        if candidate.label in measured:
-            continue
-        eval_text, _, _ = work.texts()
-        model, quant = work.model_for(candidate)
-        start = time.perf_counter()
-        nll = _nll(model, quant, eval_text, candidate.label)
-        row = {"label": candidate.label, "ppl": math.exp(nll), "nll": nll, "seconds": time.perf_counter() - start}
-        _append(measured_file, row)
-        measured[candidate.label] = row
-        say(f"  measured {candidate.label:40s} ppl {row['ppl']:.3f}")
+    proxy = work.scores(fitting, "proxy", say)
+    ranked = sorted(fitting, key=lambda c: proxy[c.label]["nll"])
+    measured = work.scores(ranked[: config.finalists], "evaluated", say)
 
     def describe(c: Candidate) -> dict:
         return {
@@ -360,7 +353,7 @@ def plan_for_budget(
             "components": c.components,
             "kv_bytes_n2048": sizes[c.label],
             "kv_gb_n2048": sizes[c.label] / GB,
-            "proxy_nll": proxy[c.label]["proxy_nll"],
+            "proxy_nll": proxy[c.label]["nll"],
             "ppl": measured[c.label]["ppl"],
             "plan": None if c.ratio == 1 else str(out / "plans" / f"{config.method}-eigen{c.ratio:g}"),
         }

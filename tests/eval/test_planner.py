@@ -56,7 +56,7 @@ def test_planner_chooses_within_the_budget_and_reuses_its_work(config, tmp_path)
     assert choice.considered == len(fitting)
     proxy_rows = (run / "proxy.jsonl").read_text().splitlines()
     assert len(proxy_rows) == len(labels)  # the second budget scored nothing again
-    proxies = {json.loads(r)["label"]: json.loads(r)["proxy_nll"] for r in proxy_rows}
+    proxies = {json.loads(r)["label"]: json.loads(r)["nll"] for r in proxy_rows}
     assert [f["label"] for f in choice.finalists] == sorted(fitting, key=proxies.get)[:2]
     assert (run / f"budget_{budget:g}.md").read_text().count("|") > 8
 

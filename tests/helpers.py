@@ -67,3 +67,13 @@ def tiny_mpt(vocab_size: int = 64, seed: int = 0):
 
     torch.manual_seed(seed)
     return MptForCausalLM(MptConfig(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=128)).eval()
+
+
+@torch.no_grad()
+def parallel_and_stepwise(model, new_cache, ids: torch.Tensor):
+    """``(logits of one forward over ids, logits decoding ids token by token, the first forward's cache)``."""
+    cache = new_cache()
+    parallel = model(ids, past_key_values=cache, use_cache=True).logits
+    steps = new_cache()
+    stepwise = [model(ids[:, t : t + 1], past_key_values=steps, use_cache=True).logits for t in range(ids.shape[1])]
+    return parallel, torch.cat(stepwise, dim=1), cache

@@ -13,7 +13,7 @@ from eigenkv.eval.kv_memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV, fake_quantize
 from eigenkv.quant.config import MixedKVQuantConfig
 from tests.compress.test_compress import tokens_for, windows_for
-from tests.helpers import tiny_llama, tiny_opt
+from tests.helpers import parallel_and_stepwise, tiny_llama, tiny_opt
 
 QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", residual=4)
 OPTIONS = ["scale", "rot", "hi8x0.25", "scale+rot+hi4x0.5", "hi8"]
@@ -85,12 +85,7 @@ def test_mixed_cache_reads_causally_and_its_bytes_match_the_accounting():
     assert config.key_high == tuple((r + 1) // 2 for r, _ in prepared.ranks)
     ids = tokens_for(model, batch=2, length=29)
     with QuantizedKV(model, config) as kv, torch.no_grad():
-        cache = kv.new_cache()
-        parallel = model(ids, past_key_values=cache, use_cache=True).logits
-        stepwise_cache = kv.new_cache()
-        stepwise = torch.cat(
-            [model(ids[:, t : t + 1], past_key_values=stepwise_cache, use_cache=True).logits for t in range(29)], dim=1
-        )
+        parallel, stepwise, cache = parallel_and_stepwise(model, kv.new_cache, ids)
     torch.testing.assert_close(parallel, stepwise, atol=1e-9, rtol=0)
     counted = kv_cache_bytes(model, seq_len=29, batch_size=2, dtype=torch.float64, quant=config)
     assert cache_tensor_bytes(cache) == counted.total - counted.components.get("bases", 0)

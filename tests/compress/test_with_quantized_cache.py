@@ -7,7 +7,7 @@ from eigenkv.compress import EigenConfig, compress_model
 from eigenkv.eval.kv_memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 from tests.compress.test_compress import tokens_for, windows_for
-from tests.helpers import tiny_llama, tiny_opt
+from tests.helpers import parallel_and_stepwise, tiny_llama, tiny_opt
 
 QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", residual=4)
 
@@ -22,12 +22,7 @@ def test_parallel_forward_equals_decoding_and_bytes_match(make, mode):
     compress_model(model, windows_for(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
     ids = tokens_for(model, batch=2, length=29)
     with QuantizedKV(model, QUANT) as kv, torch.no_grad():
-        cache = kv.new_cache()
-        parallel = model(ids, past_key_values=cache, use_cache=True).logits
-        stepwise_cache = kv.new_cache()
-        stepwise = torch.cat(
-            [model(ids[:, t : t + 1], past_key_values=stepwise_cache, use_cache=True).logits for t in range(29)], dim=1
-        )
+        parallel, stepwise, cache = parallel_and_stepwise(model, kv.new_cache, ids)
         dense = model(ids).logits
     # the pre-RoPE rebuild must carry the unquantized twins of the keys, or the two paths differ
     torch.testing.assert_close(parallel, stepwise, atol=1e-9, rtol=0)

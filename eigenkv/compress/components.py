@@ -176,7 +176,10 @@ def prepare_components(
     if options.high_bits is not None and options.high_bits <= quant.bits:
         raise ValueError(f"high_bits={options.high_bits} must exceed the quantizer's {quant.bits} bits")
     if options.scale and not plan.key_variances:
-        raise ValueError("scale=True needs the coefficient variances that plans record since eigenkv 0.1; recompute it")
+        raise ValueError(
+            "scale=True needs per-component coefficient variances, which this plan (saved before they were "
+            "recorded) lacks; recompute it with compress_model"
+        )
     keys, values, key_duals, value_duals, key_high, value_high = [], [], [], [], [], []
     for layer, (r_k, r_v) in enumerate(plan.ranks):
         kept = plan.kept(layer)

@@ -204,13 +204,15 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listed(text: str, kind=str) -> tuple:
+    """A comma-separated option (``"4,3,2"``) as a tuple of ``kind``; empty items are dropped."""
+    return tuple(kind(x) for x in text.split(",") if x)
+
+
 def _curve(args: argparse.Namespace) -> int:
     import torch
 
     from eigenkv.eval.curve import CurveConfig, run_curve
-
-    def numbers(text: str, kind):
-        return tuple(kind(x) for x in text.split(",") if x)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -219,13 +221,13 @@ def _curve(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         windows=None if args.full else args.windows,
         seq_len=args.seq_len,
-        bits=numbers(args.bits, int),
-        groups=numbers(args.groups, int),
+        bits=_listed(args.bits, int),
+        groups=_listed(args.groups, int),
         axis_k=args.kv_axis_k,
         axis_v=args.kv_axis_v,
-        ratios=numbers(args.ratios, float),
-        methods=tuple(args.methods.split(",")),
-        components=tuple(x for x in args.components.split(",") if x),
+        ratios=_listed(args.ratios, float),
+        methods=_listed(args.methods),
+        components=_listed(args.components),
         rope_mode=args.rope_mode,
         calib_dataset=args.calib_dataset,
         calib_windows=args.calib_windows,
@@ -248,10 +250,10 @@ def _plan(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         windows=args.windows,
         seq_len=args.seq_len,
-        ratios=tuple(float(x) for x in args.ratios.split(",") if x),
-        bits=tuple(int(x) for x in args.bits.split(",") if x),
-        groups=tuple(int(x) for x in args.groups.split(",") if x),
-        components=tuple(x for x in args.components.split(",") if x),
+        ratios=_listed(args.ratios, float),
+        bits=_listed(args.bits, int),
+        groups=_listed(args.groups, int),
+        components=_listed(args.components),
         method=args.method,
         calib_dataset=args.calib_dataset,
         calib_windows=args.calib_windows,

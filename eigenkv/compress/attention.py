@@ -190,6 +190,24 @@ class EigenAttention(nn.Module):
         self.key_rank = int(bases.key.shape[-1])
         self.value_rank = int(bases.value.shape[-1])
 
+    def _decode(self, query, key, value, attention_mask, masked_is_true: bool = False, **kernel_args):
+        """The decode kernel on the cached streams -> ``(B, 1, H * r_v)``, or None when it does not apply.
+
+        ``query`` (B, H, 1, e); ``key``/``value`` what the cache returned (tensors, or handles to a packed store).
+        """
+        from eigenkv.kernels import dispatch
+        from eigenkv.kernels.lowrank_decode import lowrank_decode
+
+        if attention_mask is not None and attention_mask.dim() != 4:
+            return None
+        keys, values = dispatch.packed(key), dispatch.packed(value)
+        visible = dispatch.visible_keys(attention_mask, masked_is_true)
+        bounds = dispatch.key_bounds(visible, query.shape[0], keys.tokens, query.device)
+        if bounds is None:
+            return None
+        out = lowrank_decode(query[:, :, 0], keys, values, starts=bounds[0], ends=bounds[1], **kernel_args)
+        return out.reshape(query.shape[0], 1, -1)
+
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, mode={self.mode}, key_rank={self.key_rank}, value_rank={self.value_rank}"
 
@@ -244,14 +262,31 @@ class EigenLlamaAttention(EigenAttention):
         return apply_rope(coefficients @ self.key_basis.transpose(-1, -2), cos, sin)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        from eigenkv.kernels import dispatch
+
         batch, length, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, length, self.q_heads, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, self.kv_heads, self.value_rank).transpose(1, 2)
+        kernel = (
+            past_key_values is not None
+            and self.sliding_window is None
+            and dispatch.decode_kernel_applies(query, length, self.training and self.attention_dropout > 0, **kwargs)
+        )
         if self.mode == "pre":
             key = self.k_proj(hidden_states).view(batch, length, self.kv_heads, self.key_rank).transpose(1, 2)
             past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
+            if kernel:  # keys rebuilt and rotated inside the kernel; only the new query is rotated here
+                cos, sin = self._rotary(hidden_states, torch.full((1, 1), past, device=hidden_states.device))
+                out = self._decode(
+                    apply_rope(query, cos, sin), key, value, attention_mask, scaling=self.scaling, mode="pre",
+                    key_decoder=self.key_basis, inv_freq=self._rotary.inv_freq,
+                    rope_scale=float(getattr(self._rotary, "attention_scaling", 1.0)),
+                )  # fmt: skip
+                if out is not None:
+                    return self.o_proj(out), None
+            key, value = dispatch.resolve(key), dispatch.resolve(value)
             # Every position rotates by its index in the cache: scores depend only on position
             # differences, so this equals the model's rotation for any per-sequence offset
             # (left padding), and each cached key is rotated at its own position.
@@ -268,7 +303,11 @@ class EigenLlamaAttention(EigenAttention):
             key = torch.einsum("bhtd,hdr->bhtr", key, self.key_basis)
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
-            keys = key
+            if kernel:
+                out = self._decode(query, key, value, attention_mask, scaling=self.scaling)
+                if out is not None:
+                    return self.o_proj(out), None
+            keys, value = dispatch.resolve(key), dispatch.resolve(value)
         if self.sliding_window is not None:
             kwargs.setdefault("sliding_window", self.sliding_window)
         dropout = self.attention_dropout if self.training else 0.0
@@ -295,12 +334,20 @@ class EigenOPTAttention(EigenAttention):
         self.out_proj = fold_columns(original.out_proj, bases.value_decoder, self.num_heads)
 
     def forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
+        from eigenkv.kernels import dispatch
+
         batch, length, _ = hidden_states.shape
         query = (self.q_proj(hidden_states) * self.scaling).view(batch, length, -1, self.key_rank).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, length, -1, self.key_rank).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, -1, self.value_rank).transpose(1, 2)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
+            training = self.training and self.dropout > 0
+            if not output_attentions and dispatch.decode_kernel_applies(query, length, training, **kwargs):
+                out = self._decode(query, key, value, attention_mask, scaling=1.0)  # q is prescaled
+                if out is not None:
+                    return self.out_proj(out), None
+            key, value = dispatch.resolve(key), dispatch.resolve(value)
         dropout = self.dropout if self.training else 0.0
         out, weights = attend(self, query, key, value, attention_mask, 1.0, dropout, **kwargs)  # q is prescaled
         return self.out_proj(out.reshape(batch, length, -1)), weights
@@ -344,7 +391,24 @@ class EigenMptAttention(EigenAttention):
         key = key.reshape(batch, length, self.n_heads, self.key_rank).transpose(1, 2)
         value = value.reshape(batch, length, self.n_heads, self.value_rank).transpose(1, 2)
         if past_key_values is not None:
+            from eigenkv.kernels import dispatch
+
             key, value = past_key_values.update(key, value, self.layer_idx)
+            training = self.training and self.attn_dropout_p > 0
+            if (
+                position_bias is not None
+                and position_bias.shape[-1] >= 2
+                and dispatch.decode_kernel_applies(query, length, training, **kwargs)
+            ):
+                # MPT's bias is slope_h * (j - (max_len - 1)); the kernel adds slope_h * j (same softmax)
+                slopes = (position_bias[:, 0, -1] - position_bias[:, 0, -2]).float()
+                out = self._decode(
+                    query, key, value, attention_mask, masked_is_true=True, scaling=self.softmax_scale,
+                    alibi_slopes=slopes,
+                )  # fmt: skip
+                if out is not None:
+                    return self.out_proj(out), None
+            key, value = dispatch.resolve(key), dispatch.resolve(value)
         scores = torch.matmul(query, key.transpose(-1, -2)) * self.softmax_scale
         # Same slicing of the ALiBi bias as MptAttention: it depends on key positions only.
         query_length = length if past_key_values is None else length + past_key_values.get_seq_length()

@@ -35,8 +35,15 @@ _TWIN = "_eigenkv_unquantized"
 class QuantizedKVLayer(DynamicLayer):
     """One layer of a :class:`QuantizedKVCache`."""
 
-    def __init__(self, config: KVQuantConfig | MixedKVQuantConfig, rotation_source: QuantizedKVCache, index: int):
+    def __init__(
+        self,
+        config: KVQuantConfig | MixedKVQuantConfig,
+        rotation_source: QuantizedKVCache,
+        index: int,
+        read_packed: bool = False,
+    ):
         super().__init__()
+        self.read_packed = read_packed
         self.quant = config
         self.config = base_config(config)  # grouping, group size and window shared by every segment
         self.index = index
@@ -60,6 +67,12 @@ class QuantizedKVLayer(DynamicLayer):
         """Append ``(B, H_kv, s, D)`` keys and values; return all held keys and values ``(B, H_kv, m, D)``."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.read_packed and key_states.shape[-2] == 1 and self._kernels_read(key_states):
+            from eigenkv.kernels.dispatch import stream_handle
+
+            self.key_stream.push(key_states)
+            self.value_stream.push(value_states)
+            return stream_handle(self.key_stream, key_states), stream_handle(self.value_stream, value_states)
         start = self.key_stream.tokens
         keys, keys_fp = self.key_stream.append(key_states)
         values, values_fp = self.value_stream.append(value_states)
@@ -75,6 +88,20 @@ class QuantizedKVLayer(DynamicLayer):
                 if any(max(b, flushed_from) < min(m, bounds[-1]) for b, m in zip(bounds, positions, strict=True)):
                     setattr(held, _TWIN, (twin, torch.tensor(bounds, device=held.device)))
         return keys, values
+
+    def _kernels_read(self, key_states: torch.Tensor) -> bool:
+        """Whether the decode kernel reads this layer's store for states like ``key_states``."""
+        from eigenkv.kernels._launch import use_triton
+        from eigenkv.kernels.lowrank_decode import GROUP_SIZES, KERNEL_DTYPES
+
+        cfg = self.config
+        return (
+            use_triton(key_states)
+            and key_states.dtype in KERNEL_DTYPES
+            and cfg.group_size in GROUP_SIZES
+            and cfg.scale_dtype == "float16"
+            and not cfg.rotate
+        )
 
     def get_seq_length(self) -> int:
         return 0 if self.key_stream is None else self.key_stream.tokens
@@ -105,9 +132,13 @@ class QuantizedKVCache(Cache):
     Args:
         config: the quantization settings (one precision, or two per layer).
         model_config: the model's config (number of layers).
+        read_packed: decode steps (one new token) on the kernel path (``eigenkv.kernels.dispatch``)
+            return empty handles to the packed store instead of its dequantized contents, for the
+            attention kernels to read; only eigenkv's attention (``QuantizedKV``, compressed models)
+            understands them. ``QuantizedKV.new_cache`` sets it.
     """
 
-    def __init__(self, config: KVQuantConfig | MixedKVQuantConfig, model_config):
+    def __init__(self, config: KVQuantConfig | MixedKVQuantConfig, model_config, read_packed: bool = False):
         text_config = getattr(model_config, "get_text_config", lambda **_: model_config)(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
@@ -117,7 +148,7 @@ class QuantizedKVCache(Cache):
             raise ValueError(f"the MixedKVQuantConfig describes {config.layers} layers; this model has {layers}")
         self.config = config
         self._rotation: torch.Tensor | None = None
-        super().__init__(layers=[QuantizedKVLayer(config, self, i) for i in range(layers)])
+        super().__init__(layers=[QuantizedKVLayer(config, self, i, read_packed) for i in range(layers)])
 
     def rotation(self, head_dim: int, device) -> torch.Tensor | None:
         """The Hadamard matrix shared by all layers (created on first use), or None without ``rotate``."""
@@ -153,6 +184,13 @@ def quantized_cache_attention(module, query, key, value, attention_mask, scaling
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from eigenkv.kernels import dispatch
+
+    if dispatch.is_handle(key):  # a decode step of a cache that reads packed (the kernel path)
+        out = _decode_with_kernel(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        if out is not None:
+            return out, None
+        key, value = dispatch.resolve(key), dispatch.resolve(value)
     key_twin, value_twin = getattr(key, _TWIN, None), getattr(value, _TWIN, None)
     if key_twin is None and value_twin is None:  # decode step, or no query sees a full-precision twin
         return sdpa_attention_forward(
@@ -189,6 +227,23 @@ def quantized_cache_attention(module, query, key, value, attention_mask, scaling
     return out.transpose(1, 2).contiguous(), None
 
 
+def _decode_with_kernel(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    """``(B, 1, H, D)`` from the decode kernel, or None when it does not apply (see ``eigenkv.kernels.dispatch``)."""
+    from eigenkv.kernels import dispatch
+    from eigenkv.kernels.lowrank_decode import lowrank_decode
+
+    keys, values = dispatch.packed(key), dispatch.packed(value)
+    training = module.training and dropout > 0
+    if kwargs.get("sliding_window") or not dispatch.decode_kernel_applies(query, query.shape[-2], training, **kwargs):
+        return None
+    bounds = dispatch.key_bounds(dispatch.visible_keys(attention_mask), query.shape[0], keys.tokens, query.device)
+    if bounds is None:
+        return None
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = lowrank_decode(query[:, :, 0], keys, values, scaling=scale, starts=bounds[0], ends=bounds[1])
+    return out.unsqueeze(1)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -215,7 +270,8 @@ class QuantizedKV:
         self._previous: str | None = None
 
     def new_cache(self) -> QuantizedKVCache:
-        return QuantizedKVCache(self.config, self.model.config)
+        """A cache for this model; decode steps read it with the attention kernels when they apply."""
+        return QuantizedKVCache(self.config, self.model.config, read_packed=True)
 
     def __enter__(self) -> QuantizedKV:
         if not getattr(self.model, "_supports_attention_backend", False):

@@ -29,6 +29,8 @@ matrix of size ``D``) and reads return ``x^ @ Hd^T``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from eigenkv.quant.config import KVQuantConfig
@@ -40,6 +42,71 @@ def quantized_prefix(tokens: int, axis: str, group_size: int, residual: int) -> 
     """``T_q``: how many of ``tokens`` held tokens are stored quantized (rule in the module doc)."""
     old = max(0, tokens - residual)
     return old if axis == "token" else (old // group_size) * group_size
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Quantized features of a stream in the layout above (one precision).
+
+    Attributes:
+        codes: uint8, per token ``(B, H, T_q, packed_length(width, bits))``,
+            per channel ``(B, H, T_q / G * packed_length(G, bits), width)``.
+        scale, zero: ``(B, H, T_q, ceil(width / G))`` or ``(B, H, T_q / G, width)``; ``zero`` None when symmetric.
+        bits: code width; width: features in this segment.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    width: int
+
+
+@dataclass(frozen=True)
+class PackedStream:
+    """One stream as stored: ``segments`` (consecutive features) quantize tokens ``[0, quantized_tokens)``,
+    ``window`` ``(B, H, S - quantized_tokens, D)`` holds the rest in full precision.
+
+    The attention kernels read this; :meth:`dequantize` is the reference reading.
+    """
+
+    segments: tuple[Segment, ...]
+    window: torch.Tensor
+    quantized_tokens: int
+    axis: str = "token"
+    group_size: int = 64
+    symmetric: bool = False
+
+    @classmethod
+    def full_precision(cls, x: torch.Tensor) -> PackedStream:
+        """An unquantized ``(B, H, S, D)`` tensor (a plain cache) as a stream that is all window."""
+        return cls((), x, 0)
+
+    @property
+    def tokens(self) -> int:
+        return self.quantized_tokens + self.window.shape[-2]
+
+    @property
+    def width(self) -> int:
+        return self.window.shape[-1]
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """Everything held, in ``dtype``: ``(B, H, S, D)``."""
+        parts = []
+        for segment in self.segments:
+            n, g = self.quantized_tokens, self.group_size
+            if self.axis == "token":
+                codes, dim = unpack(segment.codes, segment.bits, segment.width, dim=-1), 3
+            else:
+                b, h = segment.codes.shape[:2]
+                blocks = segment.codes.view(b, h, n // g, packed_length(g, segment.bits), segment.width)
+                codes, dim = unpack(blocks, segment.bits, g, dim=-2).flatten(2, 3), 2
+            q = QuantizedGroups(codes, segment.scale, segment.zero, segment.bits, g, dim, self.symmetric)
+            parts.append(dequantize(q, dtype))
+        window = self.window.to(dtype)
+        if not parts:
+            return window
+        return torch.cat([torch.cat(parts, dim=-1), window], dim=-2)
 
 
 class QuantizedStream:
@@ -101,7 +168,7 @@ class QuantizedStream:
             # rows = (block, feature): G tokens of one feature, packed along tokens
             blocks = x.view(b, h, t // cfg.group_size, cfg.group_size, d).transpose(-1, -2).reshape(-1, cfg.group_size)
             codes, scale, zero = quantize_pack(blocks, cfg.bits, cfg.group_size, symmetric=cfg.symmetric)
-            codes = codes.view(b, h, t // cfg.group_size, d, -1).transpose(-1, -2).reshape(b, h, -1, d)
+            codes = codes.view(b, h, t // cfg.group_size, d, -1).transpose(-1, -2).reshape(b, h, -1, d).contiguous()
             scale = scale.view(b, h, t // cfg.group_size, d)
             return codes, scale, None if zero is None else zero.view(b, h, t // cfg.group_size, d)
         dim = -1 if self.axis == "token" else -2
@@ -160,13 +227,9 @@ class QuantizedStream:
 
     # --- public -------------------------------------------------------------------------------
 
-    def append(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``x`` (B, H, s, D); return ``(held, unquantized)``, each (B, H, m, D) in ``x.dtype``.
-
-        ``held`` is what the stream now holds (dequantized blocks, then the window);
-        ``unquantized`` is the same with the tokens quantized by *this* call still
-        in full precision, for the causal mixed view of a multi-token update.
-        """
+    def _push(self, x: torch.Tensor) -> tuple[torch.Tensor, int, tuple | None]:
+        """Store ``x`` (B, H, s, D); return ``(pending, flush, encoded)``: the window before the call
+        followed by ``x``, how many of those tokens this call quantized, and their packed blocks."""
         if self.window is None:
             self.window = x[..., :0, :]
             self.head_dim = x.shape[-1]
@@ -175,23 +238,48 @@ class QuantizedStream:
                 f"appending states of shape {tuple(x.shape)} to a stream of shape {tuple(self.window.shape)}"
             )
         before = self.quantized_tokens
-        old = self.read_quantized(x.dtype)
         pending = torch.cat([self.window.to(x.dtype), x], dim=-2)
         target = quantized_prefix(before + pending.shape[-2], self.axis, self.config.group_size, self.config.residual)
         flush = target - before
-        new = pending[..., :0, :]
+        encoded = None
         if flush > 0:
-            codes, scale, zero = self._encode(pending[..., :flush, :])
+            encoded = codes, scale, zero = self._encode(pending[..., :flush, :])
             self.codes = codes if self.codes is None else torch.cat([self.codes, codes], dim=2)
             self.scale = scale if self.scale is None else torch.cat([self.scale, scale], dim=2)
             if zero is not None:
                 self.zero = zero if self.zero is None else torch.cat([self.zero, zero], dim=2)
             self.quantized_tokens = target
-            new = self._decode(codes, scale, zero, flush, x.dtype)
         self.window = pending[..., flush:, :].contiguous()
+        return pending, flush, encoded
+
+    def push(self, x: torch.Tensor) -> None:
+        """Store ``x`` (B, H, s, D) without reading anything back (the attention kernels read the packed store)."""
+        self._push(x)
+
+    def append(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``x`` (B, H, s, D); return ``(held, unquantized)``, each (B, H, m, D) in ``x.dtype``.
+
+        ``held`` is what the stream now holds (dequantized blocks, then the window);
+        ``unquantized`` is the same with the tokens quantized by *this* call still
+        in full precision, for the causal mixed view of a multi-token update.
+        """
+        old = x[..., :0, :] if self.window is None else self.read_quantized(x.dtype)
+        pending, flush, encoded = self._push(x)
+        new = pending[..., :0, :] if encoded is None else self._decode(*encoded, flush, x.dtype)
         held = torch.cat([old, new, self.window], dim=-2)
         unquantized = torch.cat([old, pending], dim=-2)
         return held, unquantized
+
+    def packed(self) -> PackedStream:
+        """What the stream holds, as the attention kernels read it (no copy)."""
+        if self.rotation is not None:
+            raise ValueError("the attention kernels do not read Hadamard-rotated caches (KVQuantConfig.rotate)")
+        segments = ()
+        if self.quantized_tokens:
+            segments = (Segment(self.codes, self.scale, self.zero, self.config.bits, self.head_dim),)
+        return PackedStream(
+            segments, self.window, self.quantized_tokens, self.axis, self.config.group_size, self.config.symmetric
+        )
 
     def read_quantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The quantized tokens, dequantized: (B, H, T_q, D) (empty before any flush)."""
@@ -237,8 +325,27 @@ class SegmentedStream:
         )
         return torch.cat(held, dim=-1), torch.cat(unquantized, dim=-1)
 
+    def push(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != sum(self.widths):
+            raise ValueError(f"appending {x.shape[-1]} features to a stream of segments {self.widths}")
+        for part, piece in zip(self.parts, x.split(self.widths, dim=-1), strict=True):
+            part.push(piece)
+
     def read_quantized(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.cat([part.read_quantized(dtype) for part in self.parts], dim=-1)
+
+    def packed(self) -> PackedStream:
+        """As :meth:`QuantizedStream.packed`; the windows are joined along features (a copy of the window only)."""
+        views = [part.packed() for part in self.parts]
+        first = views[0]
+        return PackedStream(
+            tuple(segment for view in views for segment in view.segments),
+            torch.cat([view.window for view in views], dim=-1),
+            first.quantized_tokens,
+            first.axis,
+            first.group_size,
+            first.symmetric,
+        )
 
     def nbytes(self) -> dict[str, int]:
         total: dict[str, int] = {}

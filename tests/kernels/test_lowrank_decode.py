@@ -1,0 +1,233 @@
+"""The decode kernel against its PyTorch reference over odd shapes, and its wiring into the models.
+
+Error criterion (as FlashAttention's tests): the kernel's error against the
+float64 reference is at most twice the error of the same-dtype reference, plus
+a small atol.
+"""
+
+import pytest
+import torch
+
+from eigenkv.compress import EigenConfig, compress_model
+from eigenkv.kernels import dispatch
+from eigenkv.kernels import lowrank_decode as decode_module
+from eigenkv.kernels.lowrank_decode import lowrank_decode, lowrank_decode_reference
+from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
+from eigenkv.quant.config import MixedKVQuantConfig
+from eigenkv.quant.store import PackedStream, QuantizedStream, Segment, SegmentedStream
+from tests.compress.test_compress import tokens_for, windows_for
+from tests.helpers import DEVICE, tiny_llama, tiny_mpt, tiny_opt
+
+ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_stream(x, config, axis, high=0):
+    """Store ``x`` (B, H, S, r) as a cache stream would (optionally ``high`` leading features at 8 bits)."""
+    if high:
+        mixed = MixedKVQuantConfig(config, 8, (high,), (high,))
+        stream = SegmentedStream(mixed.segments(0, "key", x.shape[-1]), axis)
+    else:
+        stream = QuantizedStream(config, axis, None)
+    stream.push(x[..., : x.shape[-2] // 2, :])  # two appends: the store grows as in decoding
+    stream.push(x[..., x.shape[-2] // 2 :, :])
+    return stream.packed()
+
+
+def check_against_reference(query, keys, values, **kwargs):
+    out = lowrank_decode(query, keys, values, **kwargs)
+    same_dtype = lowrank_decode_reference(query, keys, values, **kwargs)
+    exact_kwargs = {k: (v.double() if k == "key_decoder" else v) for k, v in kwargs.items()}
+    exact = lowrank_decode_reference(query.double(), keys, values, **exact_kwargs)
+    assert out.shape == exact.shape and out.dtype == query.dtype
+    error = (out.double() - exact).abs().max().item()
+    bound = 2 * (same_dtype.double() - exact).abs().max().item() + ATOL[query.dtype]
+    assert error <= bound, f"kernel error {error:.3g} > {bound:.3g}"
+    return out
+
+
+def rope_inputs(d, kv_heads, key_rank, dtype, shared=False):
+    decoder = torch.linalg.qr(torch.randn(1 if shared else kv_heads, d, d))[0][..., :key_rank]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    return {"key_decoder": decoder.to(DEVICE, dtype), "inv_freq": inv_freq.to(DEVICE), "rope_scale": 1.0}
+
+
+CASES = [
+    # mode, head size d, groups g, key rank, value rank, tokens, bits, group, axes (k, v), residual, high, dtype
+    ("rank", 64, 1, 20, 13, 77, 4, 16, ("channel", "token"), 5, 0, torch.float16),
+    ("rank", 64, 3, 37, 24, 77, 2, 32, ("channel", "token"), 0, 0, torch.float16),
+    ("rank", 64, 4, 16, 40, 45, 3, 16, ("token", "token"), 3, 0, torch.bfloat16),
+    ("rank", 128, 8, 77, 64, 130, 8, 64, ("channel", "channel"), 7, 0, torch.float16),
+    ("rank", 64, 3, 38, 38, 100, 2, 16, ("channel", "token"), 4, 9, torch.float16),
+    ("pre", 64, 3, 38, 38, 77, 4, 16, ("channel", "token"), 5, 0, torch.float16),
+    ("pre", 128, 4, 77, 50, 70, 3, 32, ("channel", "token"), 0, 0, torch.bfloat16),
+    ("pre", 64, 1, 20, 13, 61, 2, 16, ("token", "token"), 2, 0, torch.float16),
+    ("pre", 128, 8, 64, 77, 66, 4, 16, ("channel", "token"), 3, 10, torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-d{c[1]}-g{c[2]}-r{c[3]}x{c[4]}-b{c[6]}-{c[-1]}" for c in CASES])
+def test_matches_reference_over_odd_shapes(case):
+    mode, d, groups, key_rank, value_rank, tokens, bits, group, (axis_k, axis_v), residual, high, dtype = case
+    batch, kv_heads = 2, 2
+    config = KVQuantConfig(bits=bits, group_size=group, axis_k=axis_k, axis_v=axis_v, residual=residual)
+    keys = make_stream(torch.randn(batch, kv_heads, tokens, key_rank, device=DEVICE, dtype=dtype), config, axis_k, high)
+    values = make_stream(
+        torch.randn(batch, kv_heads, tokens, value_rank, device=DEVICE, dtype=dtype), config, axis_v, high
+    )
+    assert keys.quantized_tokens > 0 and keys.window.shape[-2] > 0 or residual == 0
+    width = d if mode == "pre" else key_rank
+    query = torch.randn(batch, kv_heads * groups, width, device=DEVICE, dtype=dtype)
+    extra = rope_inputs(d, kv_heads, key_rank, dtype, shared=groups == 1) if mode == "pre" else {}
+    # unequal lengths: the second sequence is left-padded by 5 and ends 3 tokens early
+    starts = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+    ends = torch.tensor([tokens, tokens - 3], dtype=torch.int32, device=DEVICE)
+    for splits in (1, 3):
+        check_against_reference(
+            query, keys, values, scaling=d**-0.5, mode=mode, starts=starts, ends=ends, splits=splits, **extra
+        )
+
+
+def test_alibi_symmetric_and_full_precision_streams():
+    batch, heads, tokens = 3, 4, 50
+    keys = PackedStream.full_precision(torch.randn(batch, heads, tokens, 24, device=DEVICE, dtype=torch.float16))
+    config = KVQuantConfig(bits=4, group_size=16, symmetric=True)
+    values = make_stream(torch.randn(batch, heads, tokens, 20, device=DEVICE, dtype=torch.float16), config, "token")
+    query = torch.randn(batch, heads, 24, device=DEVICE, dtype=torch.float16)
+    slopes = 2.0 ** -torch.arange(1, heads + 1, dtype=torch.float32, device=DEVICE)
+    out = check_against_reference(query, keys, values, scaling=0.2, alibi_slopes=slopes, splits=2)
+    plain = lowrank_decode(query, keys, values, scaling=0.2, splits=2)
+    assert (out - plain).abs().max() > 1e-2  # the bias is applied
+
+
+def test_a_sequence_without_valid_keys_gives_zeros():
+    x = torch.randn(2, 1, 20, 16, device=DEVICE, dtype=torch.float16)
+    stream = PackedStream.full_precision(x)
+    starts = torch.tensor([0, 7], dtype=torch.int32, device=DEVICE)
+    out = lowrank_decode(x[:, :, 0], stream, stream, scaling=1.0, starts=starts, ends=starts)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_bad_input_is_refused_with_the_fix():
+    x = torch.randn(1, 2, 20, 16, device=DEVICE, dtype=torch.float16)
+    stream = PackedStream.full_precision(x)
+    query = torch.randn(1, 4, 16, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="lowrank_decode_reference"):
+        lowrank_decode(query.float(), stream, stream, scaling=1.0)
+    with pytest.raises(ValueError, match="multiple of the cache's KV heads"):
+        lowrank_decode(query[:, :3], stream, stream, scaling=1.0)
+    with pytest.raises(ValueError, match="query width 12 must equal the key rank 16"):
+        lowrank_decode(query[..., :12], stream, stream, scaling=1.0)
+    with pytest.raises(ValueError, match="pre mode needs key_decoder"):
+        lowrank_decode(query, stream, stream, scaling=1.0, mode="pre")
+    with pytest.raises(ValueError, match="mode="):
+        lowrank_decode(query, stream, stream, scaling=1.0, mode="post")
+    with pytest.raises(ValueError, match="window must be torch.float16"):
+        lowrank_decode(query, PackedStream.full_precision(x.bfloat16()), stream, scaling=1.0)
+    with pytest.raises(ValueError, match="int32"):
+        lowrank_decode(query, stream, stream, scaling=1.0, starts=torch.zeros(1, dtype=torch.int64, device=DEVICE))
+    packed = make_stream(x, KVQuantConfig(bits=4, group_size=16), "channel")
+    broken = PackedStream(packed.segments, packed.window, packed.quantized_tokens + 1, "channel", 16)
+    with pytest.raises(ValueError, match="whole blocks of 16 tokens"):
+        lowrank_decode(query, broken, stream, scaling=1.0)
+    segment = packed.segments[0]
+    relabelled = (Segment(segment.codes, segment.scale, segment.zero, 2, segment.width),)  # stored at 4 bits
+    wrong = PackedStream(relabelled, packed.window, packed.quantized_tokens, "channel", 16)
+    with pytest.raises(ValueError, match="codes must be uint8"):
+        lowrank_decode(query, wrong, stream, scaling=1.0)
+
+
+def test_key_bounds_accept_one_range_per_row_only():
+    visible = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    starts, ends = dispatch.key_bounds(visible, 3, 5, "cpu")
+    assert starts.tolist() == [2, 0, 0] and ends.tolist() == [5, 4, 0]
+    holes = torch.tensor([[1, 0, 1, 1, 1]], dtype=torch.bool)
+    assert dispatch.key_bounds(holes, 1, 5, "cpu") is None
+
+
+# --- wiring: the models decode through the kernel ------------------------------------------------
+
+
+@pytest.fixture
+def counted_kernel(monkeypatch):
+    """Force the kernel path and count its launches."""
+    calls = []
+    original = decode_module.lowrank_decode
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("mode", "rank"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decode_module, "lowrank_decode", counting)
+    return calls
+
+
+def decode_logits(model, ids, new_cache, steps=3):
+    """Logits of ``steps`` greedy decode steps after the prompt ``ids``."""
+    cache = new_cache()
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:]
+        out = []
+        for _ in range(steps):
+            logits = model(logits.argmax(-1), past_key_values=cache, use_cache=True).logits
+            out.append(logits)
+    return torch.cat(out, dim=1).float()
+
+
+MODELS = [(tiny_llama, "pre"), (tiny_llama, "post"), (tiny_opt, "pre"), (tiny_mpt, "pre")]
+
+
+@pytest.mark.parametrize(("make", "mode"), MODELS, ids=["llama-pre", "llama-post", "opt", "mpt"])
+@pytest.mark.parametrize("quantized", [False, True], ids=["plain-cache", "quantized-cache"])
+def test_compressed_models_decode_through_the_kernel(make, mode, quantized, counted_kernel, monkeypatch):
+    model = make()
+    compress_model(model, windows_for(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
+    model = model.to(DEVICE, torch.float16)
+    ids = tokens_for(model, batch=2, length=21)
+    quant = KVQuantConfig(bits=4, group_size=16, residual=3)
+    from transformers import DynamicCache
+
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("EIGENKV_BACKEND", backend)
+        if quantized and make is tiny_mpt:  # MPT attends itself: no QuantizedKV context, a cache that reads packed
+            results[backend] = decode_logits(
+                model, ids, lambda: QuantizedKVCache(quant, model.config, read_packed=True)
+            )
+        elif quantized:
+            with QuantizedKV(model, quant) as kv:
+                results[backend] = decode_logits(model, ids, kv.new_cache)
+        else:
+            results[backend] = decode_logits(model, ids, lambda: DynamicCache(config=model.config))
+    layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layers
+    assert len(counted_kernel) == 3 * layers  # every decode step of every layer, nothing in the prompt
+    expected_mode = "pre" if (make is tiny_llama and mode == "pre") else "rank"
+    assert set(counted_kernel) == {expected_mode}
+    torch.testing.assert_close(results["triton"], results["torch"], atol=2e-2, rtol=2e-2)
+
+
+def test_plain_model_with_quantized_cache_decodes_through_the_kernel(counted_kernel, monkeypatch):
+    model = tiny_llama().to(DEVICE, torch.float16)
+    ids = tokens_for(model, batch=2, length=21)
+    attention = torch.ones_like(ids)
+    attention[1, :4] = 0  # left padding
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("EIGENKV_BACKEND", backend)
+        with QuantizedKV(model, KVQuantConfig(bits=4, group_size=16, residual=2)) as kv, torch.no_grad():
+            results[backend] = model.generate(
+                ids,
+                attention_mask=attention,
+                past_key_values=kv.new_cache(),
+                max_new_tokens=5,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+    assert len(counted_kernel) == 4 * model.config.num_hidden_layers
+    kernel, reference = torch.stack(results["triton"].scores), torch.stack(results["torch"].scores)
+    torch.testing.assert_close(kernel, reference, atol=2e-3, rtol=0)
+    # a random tiny model has exact fp16 ties between its top logits: compare tokens where the choice is clear
+    top = reference.topk(2, dim=-1).values
+    clear = (top[..., 0] - top[..., 1]) > 4e-3
+    chosen = results["triton"].sequences[:, ids.shape[1] :].T, results["torch"].sequences[:, ids.shape[1] :].T
+    assert clear.sum() >= 5 and torch.equal(chosen[0][clear], chosen[1][clear])

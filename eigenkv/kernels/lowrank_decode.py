@@ -85,8 +85,10 @@ def lowrank_decode_reference(
     ends: torch.Tensor | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """PyTorch reference of :func:`lowrank_decode` (same arguments, ``splits`` unused); dequantizes the whole cache in the
-    query's dtype, so it is the CPU path and the test oracle (call it with a float64 query for the exact one)."""
+    """PyTorch reference of :func:`lowrank_decode` (same arguments, ``splits`` unused).
+
+    Dequantizes the whole cache in the query's dtype: the CPU path, and the test
+    oracle (with a float64 query, the exact one)."""
     dtype = query.dtype
     k = keys.dequantize(dtype)
     v = values.dequantize(dtype)
@@ -370,7 +372,8 @@ def _check_stream(name: str, stream: PackedStream, batch: int, kv_heads: int, qu
         if segment.codes.dtype != torch.uint8 or tuple(segment.codes.shape) != (batch, kv_heads, rows, cols):
             raise ValueError(
                 f"{name} codes must be uint8 {(batch, kv_heads, rows, cols)} for {tq} tokens of "
-                f"{segment.width} features at {segment.bits} bits; got {segment.codes.dtype} {tuple(segment.codes.shape)}"
+                f"{segment.width} features at {segment.bits} bits; "
+                f"got {segment.codes.dtype} {tuple(segment.codes.shape)}"
             )
         for label, t in (("scale", segment.scale), ("zero", segment.zero)):
             if t is None:

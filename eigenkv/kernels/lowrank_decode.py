@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from eigenkv.kernels._launch import KernelConfig, check_kernel_device, interpreting
+from eigenkv.kernels._launch import KernelConfig, KernelSpec, check_kernel_device, interpreting
 from eigenkv.quant.packing import packed_length
 from eigenkv.quant.store import PackedStream
 
@@ -328,14 +328,17 @@ def _pad(n: int) -> int:
 def launch_config(mode: str, width: int, rank_pad: int, value_pad: int) -> KernelConfig:
     """Tokens per tile and warps for a mode and tile widths (``width``: HALF_PAD in pre mode, else RK_PAD).
 
-    Pre mode holds the two rebuilt key halves and their cos/sin in registers, so
-    its token tile shrinks with the head size to stay free of spills.
+    Chosen from the sm_90 compile (no GPU to time on yet): the widest tiles that
+    stay free of spills, with registers well under the 255 cap where possible,
+    since a memory-bound kernel wants many warps in flight. Pre mode holds the
+    two rebuilt key halves and their cos/sin, so its token tile shrinks with the
+    head size.
     """
     widest = max(width, rank_pad, value_pad)
     if mode == "pre":
         block_n = 32 if max(width, rank_pad) >= 64 else 64
         return KernelConfig(constexprs={"BLOCK_N": block_n}, num_warps=4 if widest <= 64 else 8, num_stages=2)
-    return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4 if widest <= 64 else 8, num_stages=2)
+    return KernelConfig(constexprs={"BLOCK_N": 64 if widest <= 32 else 32}, num_warps=8, num_stages=2)
 
 
 def num_splits(tokens: int, programs: int, block_n: int, device: torch.device) -> int:
@@ -530,3 +533,75 @@ def lowrank_decode(
         acc, stats, out, n_splits, value_rank, SPLITS_PAD=triton.next_power_of_2(n_splits), RV_PAD=rv_pad
     )
     return out
+
+
+# --- compile specs -----------------------------------------------------------------------------
+
+
+def _decode_signature(dtype: str) -> dict:
+    """Argument types of ``_decode_kernel`` (fp16 scales, uint8 codes, int32 sizes and strides)."""
+    sig = {"Q": f"*{dtype}", "q_b": "i32", "q_h": "i32", "ACC": "*fp32", "STATS": "*fp32"}
+    sig |= {"STARTS": "*i32", "ENDS": "*i32", "DEC": f"*{dtype}", "dec_h": "i32", "INV_FREQ": "*fp32"}
+    sig |= {"rope_scale": "fp32", "SLOPES": "*fp32"}
+    for s in ("K", "V"):
+        low = s.lower()
+        for i in (1, 2):
+            sig |= {f"{s}C{i}": "*u8", f"{s}S{i}": "*fp16", f"{s}Z{i}": "*fp16"}
+            sig |= {f"{low}{p}{i}_{a}": "i32" for p in ("c", "s") for a in ("b", "h", "r")}
+        sig |= {f"{s}W": f"*{dtype}", f"{low}w_b": "i32", f"{low}w_h": "i32", f"{low}w_r": "i32"}
+        sig |= {f"{low}_quantized": "i32", f"{low}_width1": "i32"}
+    sig |= {name: "i32" for name in ("kv_heads", "groups", "key_rank", "value_rank", "half")}
+    return sig | {"qk_scale": "fp32", "tokens_per_split": "i32", "n_splits": "i32"}
+
+
+# (mode, HALF_PAD, RK_PAD, RV_PAD): the tile widths of the shapes users run (head sizes 64/128, ranks to 128)
+_SPEC_TILES = [
+    ("rank", 16, 32, 32),
+    ("rank", 16, 64, 64),
+    ("rank", 16, 128, 128),
+    ("rank", 16, 64, 128),
+    ("pre", 32, 32, 32),
+    ("pre", 32, 64, 64),
+    ("pre", 64, 64, 64),
+    ("pre", 64, 128, 128),
+]
+# (K_BITS1, K_BITS2, K_TOKEN, V_BITS1, V_BITS2, V_TOKEN): default grouping at every width, token keys,
+# channel values, mixed precision, and an unquantized cache
+_SPEC_STORES = [(b, 0, False, b, 0, True) for b in (2, 3, 4, 8)] + [
+    (4, 0, True, 4, 0, False),
+    (8, 4, False, 8, 4, True),
+    (0, 0, False, 0, 0, True),
+]
+
+
+def compile_specs():
+    """The configurations the launcher uses, for the sm_80/sm_90 compile test: every tile size with 4-bit
+    codes, and every store layout at the largest tiles of each mode."""
+    for dtype in ("fp16", "bf16"):
+        for mode, half_pad, rk_pad, rv_pad in _SPEC_TILES:
+            cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad)
+            widest = (rk_pad, rv_pad) == (128, 128)
+            for kb1, kb2, kt, vb1, vb2, vt in _SPEC_STORES if widest else _SPEC_STORES[2:3]:
+                constexprs = {
+                    "PRE": mode == "pre", "ALIBI": mode == "rank", "GROUP": 64, "SYMMETRIC": False,
+                    "K_BITS1": kb1, "K_BITS2": kb2, "K_TOKEN": kt, "V_BITS1": vb1, "V_BITS2": vb2, "V_TOKEN": vt,
+                    "G_PAD": 16, "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False,
+                    **cfg.constexprs,
+                }  # fmt: skip
+                yield KernelSpec(
+                    name=f"lowrank_decode[{dtype},{mode},h{half_pad},rk{rk_pad},rv{rv_pad},k{kb1}{kb2},v{vb1}{vb2}"
+                    f",kt{int(kt)},vt{int(vt)}]",
+                    fn=_decode_kernel,
+                    signature=_decode_signature(dtype),
+                    constexprs=constexprs,
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                )
+        for rv_pad in (16, 32, 64, 128):
+            for splits_pad in (1, 8, MAX_SPLITS):
+                yield KernelSpec(
+                    name=f"lowrank_decode_merge[{dtype},rv{rv_pad},s{splits_pad}]",
+                    fn=_merge_kernel,
+                    signature={"ACC": "*fp32", "STATS": "*fp32", "OUT": f"*{dtype}", "n_splits": "i32", "value_rank": "i32"},
+                    constexprs={"SPLITS_PAD": splits_pad, "RV_PAD": rv_pad},
+                )

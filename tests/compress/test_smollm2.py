@@ -13,7 +13,7 @@ from eigenkv.eval.perplexity import perplexity
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 
 
-def test_smollm2_compress_perplexity_and_decoding(smollm2):
+def test_smollm2_compress_perplexity_and_decoding(smollm2, monkeypatch):
     original, tokenizer = smollm2
     model = copy.deepcopy(original)
     calib = load_windows("brown", tokenizer, 128, count=2)
@@ -48,3 +48,18 @@ def test_smollm2_compress_perplexity_and_decoding(smollm2):
     assert compressed < mixed < 3 * compressed
     counted = kv_cache_bytes(twin, seq_len=128, batch_size=1, dtype=torch.float32, quant=kv_config)
     assert cache_tensor_bytes(caches[-1]) == counted.total - counted.components["bases"]
+
+    # fp16 decoding through the attention kernels (interpreted on CPU) gives the tokens of the PyTorch path;
+    # the 40-token prompt leaves quantized blocks of both precisions and a window in every stream.
+    from eigenkv.kernels import lowrank_decode as decode_module
+
+    launches = []
+    kernel = decode_module.lowrank_decode
+    monkeypatch.setattr(decode_module, "lowrank_decode", lambda *a, **k: launches.append(1) or kernel(*a, **k))
+    half, prompt, tokens = twin.half(), evaluated.input_ids[:1, :40], {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("EIGENKV_BACKEND", backend)
+        with QuantizedKV(half, kv_config) as kv, torch.no_grad():
+            tokens[backend] = half.generate(prompt, past_key_values=kv.new_cache(), max_new_tokens=8, do_sample=False)
+    assert len(launches) == 7 * 30  # every decode step of every layer
+    assert torch.equal(tokens["triton"], tokens["torch"])

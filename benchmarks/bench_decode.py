@@ -93,7 +93,9 @@ def main() -> None:
     contexts = [int(c) for c in (args.contexts or default_contexts).split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     if not cuda:
-        print("no CUDA device: timing the PyTorch references (lowrank_decode_reference, SDPA); kernel numbers need a GPU")
+        print(
+            "no CUDA device: timing the PyTorch references (lowrank_decode_reference, SDPA); kernel numbers need a GPU"
+        )
         batches = [b for b in batches if b == 1] or [1]
     try:
         from flash_attn import flash_attn_with_kvcache
@@ -188,9 +190,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     for ax, (shape, batch) in zip(axes[0], panels, strict=True):
         for method in sorted({r["method"] for r in rows if r["method"] != "copy"}):
             pts = [
-                r
-                for r in rows
-                if (r["shape"], r["batch"], r["method"], r["metric"]) == (shape, batch, method, "ms")
+                r for r in rows if (r["shape"], r["batch"], r["method"], r["metric"]) == (shape, batch, method, "ms")
             ]
             ax.plot([r["context"] for r in pts], [r["value"] for r in pts], marker="o", label=method)
         ax.set_xscale("log", base=2)

@@ -602,6 +602,7 @@ def compile_specs():
                 yield KernelSpec(
                     name=f"lowrank_decode_merge[{dtype},rv{rv_pad},s{splits_pad}]",
                     fn=_merge_kernel,
-                    signature={"ACC": "*fp32", "STATS": "*fp32", "OUT": f"*{dtype}", "n_splits": "i32", "value_rank": "i32"},
+                    signature={"ACC": "*fp32", "STATS": "*fp32", "OUT": f"*{dtype}"}
+                    | {"n_splits": "i32", "value_rank": "i32"},
                     constexprs={"SPLITS_PAD": splits_pad, "RV_PAD": rv_pad},
                 )

@@ -37,6 +37,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # only so that the import works; kernels are not timed on CPU
 
 from eigenkv.kernels.lowrank_decode import lowrank_decode, lowrank_decode_reference  # noqa: E402
+from eigenkv.kernels.scoring import Scoring  # noqa: E402
 from eigenkv.quant.packing import packed_length  # noqa: E402
 from eigenkv.quant.store import PackedStream, Segment  # noqa: E402
 
@@ -123,7 +124,7 @@ def main() -> None:
                 inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
                 q_rank = torch.randn(batch, q_heads, rank, dtype=dtype, device=device)
                 q_full = torch.randn(batch, q_heads, d, dtype=dtype, device=device)
-                pre = {"mode": "pre", "key_decoder": decoder, "inv_freq": inv_freq}
+                pre = Scoring(d**-0.5, "pre", decoder, inv_freq)
                 fp16_bytes = 2 * batch * kv_heads * context * d * 2
                 low_bytes = stored_bytes(keys, values)
                 methods = {}
@@ -139,10 +140,9 @@ def main() -> None:
                     qf = q_sdpa.transpose(1, 2).contiguous()
                     methods["flash_attn_fp16"] = (partial(flash_attn_with_kvcache, qf, kf, vf), fp16_bytes)
                 decode = lowrank_decode if cuda else lowrank_decode_reference
-                scale = d**-0.5
-                methods["eigenkv_post"] = (partial(decode, q_rank, keys, values, scaling=scale), low_bytes)
+                methods["eigenkv_post"] = (partial(decode, q_rank, keys, values, Scoring(d**-0.5)), low_bytes)
                 pre_bytes = low_bytes + decoder.numel() * decoder.element_size()
-                methods["eigenkv_pre"] = (partial(decode, q_full, keys, values, scaling=scale, **pre), pre_bytes)
+                methods["eigenkv_pre"] = (partial(decode, q_full, keys, values, pre), pre_bytes)
                 times = {}
                 for method, (fn, moved) in methods.items():
                     ms = times[method] = time_ms(fn)

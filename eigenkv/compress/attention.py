@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from eigenkv.kernels.scoring import Scoring
+
 MODES = ("pre", "post", "none")
 
 
@@ -190,7 +192,7 @@ class EigenAttention(nn.Module):
         self.key_rank = int(bases.key.shape[-1])
         self.value_rank = int(bases.value.shape[-1])
 
-    def _decode(self, query, key, value, attention_mask, masked_is_true: bool = False, **kernel_args):
+    def _decode(self, query, key, value, attention_mask, scoring, masked_is_true: bool = False):
         """The decode kernel on the cached streams -> ``(B, 1, H * r_v)``, or None when it does not apply.
 
         ``query`` (B, H, 1, e); ``key``/``value`` what the cache returned (tensors, or handles to a packed store).
@@ -205,7 +207,7 @@ class EigenAttention(nn.Module):
         bounds = dispatch.key_bounds(visible, query.shape[0], keys.tokens, query.device)
         if bounds is None:
             return None
-        out = lowrank_decode(query[:, :, 0], keys, values, starts=bounds[0], ends=bounds[1], **kernel_args)
+        out = lowrank_decode(query[:, :, 0], keys, values, scoring, starts=bounds[0], ends=bounds[1])
         return out.reshape(query.shape[0], 1, -1)
 
     def extra_repr(self) -> str:
@@ -253,6 +255,13 @@ class EigenLlamaAttention(EigenAttention):
         self.v_proj = fold_rows(original.v_proj, bases.value, self.kv_heads)
         self.o_proj = fold_columns(original.o_proj, bases.value_decoder, self.q_heads)
 
+    def _scoring(self) -> Scoring:
+        """How queries score the cached keys, for the attention kernels."""
+        if self.mode == "post":
+            return Scoring(self.scaling)
+        rope_scale = float(getattr(self._rotary, "attention_scaling", 1.0))
+        return Scoring(self.scaling, "pre", self.key_basis, self._rotary.inv_freq, rope_scale)
+
     def _rope_table(self, hidden: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(length, device=hidden.device).unsqueeze(0)
         return self._rotary(hidden, positions)  # each (1, length, d)
@@ -279,11 +288,7 @@ class EigenLlamaAttention(EigenAttention):
                 key, value = past_key_values.update(key, value, self.layer_idx)
             if kernel:  # keys rebuilt and rotated inside the kernel; only the new query is rotated here
                 cos, sin = self._rotary(hidden_states, torch.full((1, 1), past, device=hidden_states.device))
-                out = self._decode(
-                    apply_rope(query, cos, sin), key, value, attention_mask, scaling=self.scaling, mode="pre",
-                    key_decoder=self.key_basis, inv_freq=self._rotary.inv_freq,
-                    rope_scale=float(getattr(self._rotary, "attention_scaling", 1.0)),
-                )  # fmt: skip
+                out = self._decode(apply_rope(query, cos, sin), key, value, attention_mask, self._scoring())
                 if out is not None:
                     return self.o_proj(out), None
             key, value = dispatch.resolve(key), dispatch.resolve(value)
@@ -304,7 +309,7 @@ class EigenLlamaAttention(EigenAttention):
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
             if kernel:
-                out = self._decode(query, key, value, attention_mask, scaling=self.scaling)
+                out = self._decode(query, key, value, attention_mask, self._scoring())
                 if out is not None:
                     return self.o_proj(out), None
             keys, value = dispatch.resolve(key), dispatch.resolve(value)
@@ -344,7 +349,7 @@ class EigenOPTAttention(EigenAttention):
             key, value = past_key_values.update(key, value, self.layer_idx)
             training = self.training and self.dropout > 0
             if not output_attentions and dispatch.decode_kernel_applies(query, length, training, **kwargs):
-                out = self._decode(query, key, value, attention_mask, scaling=1.0)  # q is prescaled
+                out = self._decode(query, key, value, attention_mask, Scoring(1.0))  # q is prescaled
                 if out is not None:
                     return self.out_proj(out), None
             key, value = dispatch.resolve(key), dispatch.resolve(value)
@@ -402,10 +407,8 @@ class EigenMptAttention(EigenAttention):
             ):
                 # MPT's bias is slope_h * (j - (max_len - 1)); the kernel adds slope_h * j (same softmax)
                 slopes = (position_bias[:, 0, -1] - position_bias[:, 0, -2]).float()
-                out = self._decode(
-                    query, key, value, attention_mask, masked_is_true=True, scaling=self.softmax_scale,
-                    alibi_slopes=slopes,
-                )  # fmt: skip
+                scoring = Scoring(self.softmax_scale, alibi_slopes=slopes)
+                out = self._decode(query, key, value, attention_mask, scoring, masked_is_true=True)
                 if out is not None:
                     return self.out_proj(out), None
             key, value = dispatch.resolve(key), dispatch.resolve(value)

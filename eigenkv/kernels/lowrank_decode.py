@@ -37,10 +37,10 @@ import triton
 import triton.language as tl
 
 from eigenkv.kernels._launch import KernelConfig, KernelSpec, check_kernel_device, interpreting
+from eigenkv.kernels.scoring import Scoring
 from eigenkv.quant.packing import packed_length
 from eigenkv.quant.store import PackedStream
 
-MODES = ("rank", "pre")
 KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 SCALE_DTYPE = torch.float16
 GROUP_SIZES = (16, 32, 64, 128)
@@ -51,36 +51,12 @@ _NEG = -1.0e30  # finite "minus infinity" for the running max: exp2(_NEG - _NEG)
 # --- reference -------------------------------------------------------------------------------
 
 
-def rope_rebuild_reference(
-    coefficients: torch.Tensor, decoder: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float = 1.0
-) -> torch.Tensor:
-    """Pre-RoPE keys ``(B, H_kv, S, r_k)`` -> rotated keys ``(B, H_kv, S, d)``, key ``t`` at position ``t``.
-
-    ``decoder`` ``(1 or H_kv, d, r_k)``; ``inv_freq`` ``(d / 2,)`` fp32; computed in the coefficients' dtype
-    after an fp32 table, as Hugging Face's Llama does.
-    """
-    dtype = coefficients.dtype
-    positions = torch.arange(coefficients.shape[-2], device=coefficients.device, dtype=torch.float32)
-    angles = positions[:, None] * inv_freq.to(torch.float32)[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    cos, sin = (angles.cos() * rope_scale).to(dtype), (angles.sin() * rope_scale).to(dtype)
-    keys = coefficients @ decoder.to(dtype).transpose(-1, -2)
-    half = keys.shape[-1] // 2
-    rotated = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
-    return keys * cos + rotated * sin
-
-
 def lowrank_decode_reference(
     query: torch.Tensor,
     keys: PackedStream,
     values: PackedStream,
+    scoring: Scoring,
     *,
-    scaling: float,
-    mode: str = "rank",
-    key_decoder: torch.Tensor | None = None,
-    inv_freq: torch.Tensor | None = None,
-    rope_scale: float = 1.0,
-    alibi_slopes: torch.Tensor | None = None,
     starts: torch.Tensor | None = None,
     ends: torch.Tensor | None = None,
     splits: int | None = None,
@@ -88,18 +64,14 @@ def lowrank_decode_reference(
     """PyTorch reference of :func:`lowrank_decode` (same arguments, ``splits`` unused).
 
     Dequantizes the whole cache in the query's dtype: the CPU path, and the test
-    oracle (with a float64 query, the exact one)."""
+    oracle (with a float64 query and ``scoring.exact()``, the exact one)."""
     dtype = query.dtype
-    k = keys.dequantize(dtype)
+    k = scoring.keys(keys.dequantize(dtype))
     v = values.dequantize(dtype)
-    if mode == "pre":
-        k = rope_rebuild_reference(k, key_decoder, inv_freq, rope_scale)
     groups = query.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.einsum("bhe,bhse->bhs", query, k).float() * scaling
     positions = torch.arange(k.shape[-2], device=query.device)
-    if alibi_slopes is not None:
-        scores = scores + alibi_slopes.float()[None, :, None] * positions
+    scores = torch.einsum("bhe,bhse->bhs", query, k).float() * scoring.scaling + scoring.bias(positions)
     batch = query.shape[0]
     lo = torch.zeros(batch, dtype=torch.long, device=query.device) if starts is None else starts.long()
     hi = torch.full_like(lo, k.shape[-2]) if ends is None else ends.long()
@@ -417,13 +389,8 @@ def lowrank_decode(
     query: torch.Tensor,
     keys: PackedStream,
     values: PackedStream,
+    scoring: Scoring,
     *,
-    scaling: float,
-    mode: str = "rank",
-    key_decoder: torch.Tensor | None = None,
-    inv_freq: torch.Tensor | None = None,
-    rope_scale: float = 1.0,
-    alibi_slopes: torch.Tensor | None = None,
     starts: torch.Tensor | None = None,
     ends: torch.Tensor | None = None,
     splits: int | None = None,
@@ -433,17 +400,13 @@ def lowrank_decode(
     Args:
         query: ``(B, H, e)`` fp16/bf16, unit last stride: ``e = r_k`` (rank mode) or ``d`` (pre mode, rotated).
         keys, values: the layer's streams, ``r_k`` and ``r_v`` features over ``H_kv`` heads (``H_kv`` divides ``H``).
-        scaling: softmax scale (``1/sqrt(d)``; 1.0 for prescaled queries).
-        mode: ``"rank"`` (scores in rank space) or ``"pre"`` (keys rebuilt and rotated in the kernel).
-        key_decoder: pre mode, ``(1 or H_kv, d, r_k)`` decoders ``D_k``.
-        inv_freq: pre mode, ``(d / 2,)`` RoPE inverse frequencies; ``rope_scale`` multiplies cos and sin.
-        alibi_slopes: ``(H,)`` ALiBi slopes (MPT) or None.
+        scoring: how queries score keys (:class:`~eigenkv.kernels.scoring.Scoring`).
         starts, ends: ``(B,)`` int32, valid keys ``[starts[b], ends[b])``; default all ``S``.
         splits: programs per sequence (default from the length and the GPU's SM count).
     """
     check_kernel_device(query, "lowrank_decode", "lowrank_decode_reference")
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; use one of {MODES}")
+    if not isinstance(scoring, Scoring):
+        raise TypeError(f"scoring must be a Scoring; got {type(scoring).__name__}")
     if query.dim() != 3 or query.dtype not in KERNEL_DTYPES or (query.shape[-1] > 1 and query.stride(-1) != 1):
         raise ValueError(
             f"query must be (B, H, e) fp16/bf16 with unit last stride; got {query.dim()}-D {query.dtype} "
@@ -460,27 +423,10 @@ def lowrank_decode(
     if keys.segments and values.segments and (keys.group_size, keys.symmetric) != (values.group_size, values.symmetric):
         raise ValueError("keys and values must share group size and symmetry (one KVQuantConfig)")
     key_rank, value_rank = keys.width, values.width
-    half = 0
-    if mode == "pre":
-        if key_decoder is None or inv_freq is None:
-            raise ValueError("pre mode needs key_decoder (1 or H_kv, d, r_k) and inv_freq (d / 2,)")
-        if (
-            key_decoder.dim() != 3
-            or key_decoder.shape[0] not in (1, kv_heads)
-            or key_decoder.shape[1:] != (width, key_rank)
-        ):
-            raise ValueError(
-                f"key_decoder must be (1 or {kv_heads}, d={width}, r_k={key_rank}); got {tuple(key_decoder.shape)}"
-            )
-        if width % 2 or inv_freq.shape != (width // 2,):
-            raise ValueError(f"pre mode needs an even head size and inv_freq of shape ({width // 2},)")
-        half = width // 2
-        key_decoder = key_decoder.to(device=query.device, dtype=query.dtype).contiguous()
-        inv_freq = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
-    elif width != key_rank:
-        raise ValueError(f"rank mode: query width {width} must equal the key rank {key_rank}")
-    if alibi_slopes is not None and alibi_slopes.shape != (q_heads,):
-        raise ValueError(f"alibi_slopes must be ({q_heads},); got {tuple(alibi_slopes.shape)}")
+    scoring.check(query, kv_heads, key_rank)
+    mode = scoring.mode
+    half = width // 2 if mode == "pre" else 0
+    decoder, decoder_stride, inv_freq, slopes = scoring.kernel_tensors(query)
     tokens = keys.tokens
     bounds = []
     for label, t, default in (("starts", starts, 0), ("ends", ends, tokens)):
@@ -514,13 +460,13 @@ def lowrank_decode(
     _decode_kernel[grid](
         query, query.stride(0), query.stride(1),
         acc, stats, *bounds,
-        key_decoder if mode == "pre" else dummy,
-        key_decoder.stride(0) if mode == "pre" and key_decoder.shape[0] > 1 else 0,
-        inv_freq if mode == "pre" else dummy, float(rope_scale),
-        alibi_slopes.to(device=query.device, dtype=torch.float32).contiguous() if alibi_slopes is not None else dummy,
+        dummy if decoder is None else decoder, decoder_stride,
+        dummy if inv_freq is None else inv_freq, float(scoring.rope_scale),
+        dummy if slopes is None else slopes,
         *key_args, *value_args,
-        kv_heads, groups, key_rank, value_rank, half, float(scaling) * math.log2(math.e), tokens_per_split, n_splits,
-        PRE=mode == "pre", ALIBI=alibi_slopes is not None,
+        kv_heads, groups, key_rank, value_rank, half, float(scoring.scaling) * math.log2(math.e),
+        tokens_per_split, n_splits,
+        PRE=mode == "pre", ALIBI=slopes is not None,
         GROUP=(keys if keys.segments else values).group_size,
         SYMMETRIC=(keys if keys.segments else values).symmetric,
         K_BITS1=key_bits[0], K_BITS2=key_bits[1], K_TOKEN=keys.axis == "token",

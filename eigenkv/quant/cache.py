@@ -231,6 +231,7 @@ def _decode_with_kernel(module, query, key, value, attention_mask, scaling, drop
     """``(B, 1, H, D)`` from the decode kernel, or None when it does not apply (see ``eigenkv.kernels.dispatch``)."""
     from eigenkv.kernels import dispatch
     from eigenkv.kernels.lowrank_decode import lowrank_decode
+    from eigenkv.kernels.scoring import Scoring
 
     keys, values = dispatch.packed(key), dispatch.packed(value)
     training = module.training and dropout > 0
@@ -240,7 +241,7 @@ def _decode_with_kernel(module, query, key, value, attention_mask, scaling, drop
     if bounds is None:
         return None
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = lowrank_decode(query[:, :, 0], keys, values, scaling=scale, starts=bounds[0], ends=bounds[1])
+    out = lowrank_decode(query[:, :, 0], keys, values, Scoring(scale), starts=bounds[0], ends=bounds[1])
     return out.unsqueeze(1)
 
 

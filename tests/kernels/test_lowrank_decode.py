@@ -12,6 +12,7 @@ from eigenkv.compress import EigenConfig, compress_model
 from eigenkv.kernels import dispatch
 from eigenkv.kernels import lowrank_decode as decode_module
 from eigenkv.kernels.lowrank_decode import lowrank_decode, lowrank_decode_reference
+from eigenkv.kernels.scoring import Scoring
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
 from eigenkv.quant.config import MixedKVQuantConfig
 from eigenkv.quant.store import PackedStream, QuantizedStream, Segment, SegmentedStream
@@ -33,11 +34,10 @@ def make_stream(x, config, axis, high=0):
     return stream.packed()
 
 
-def check_against_reference(query, keys, values, **kwargs):
-    out = lowrank_decode(query, keys, values, **kwargs)
-    same_dtype = lowrank_decode_reference(query, keys, values, **kwargs)
-    exact_kwargs = {k: (v.double() if k == "key_decoder" else v) for k, v in kwargs.items()}
-    exact = lowrank_decode_reference(query.double(), keys, values, **exact_kwargs)
+def check_against_reference(query, keys, values, scoring, **kwargs):
+    out = lowrank_decode(query, keys, values, scoring, **kwargs)
+    same_dtype = lowrank_decode_reference(query, keys, values, scoring, **kwargs)
+    exact = lowrank_decode_reference(query.double(), keys, values, scoring.exact(), **kwargs)
     assert out.shape == exact.shape and out.dtype == query.dtype
     error = (out.double() - exact).abs().max().item()
     bound = 2 * (same_dtype.double() - exact).abs().max().item() + ATOL[query.dtype]
@@ -45,10 +45,11 @@ def check_against_reference(query, keys, values, **kwargs):
     return out
 
 
-def rope_inputs(d, kv_heads, key_rank, dtype, shared=False):
+def pre_rope(scaling, d, kv_heads, key_rank, dtype, shared=False):
+    """A pre-RoPE scoring with random orthonormal decoders (one shared, or one per KV head)."""
     decoder = torch.linalg.qr(torch.randn(1 if shared else kv_heads, d, d))[0][..., :key_rank]
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    return {"key_decoder": decoder.to(DEVICE, dtype), "inv_freq": inv_freq.to(DEVICE), "rope_scale": 1.0}
+    return Scoring(scaling, "pre", decoder.to(DEVICE, dtype), inv_freq.to(DEVICE))
 
 
 CASES = [
@@ -77,14 +78,12 @@ def test_matches_reference_over_odd_shapes(case):
     assert keys.quantized_tokens > 0 and keys.window.shape[-2] > 0 or residual == 0
     width = d if mode == "pre" else key_rank
     query = torch.randn(batch, kv_heads * groups, width, device=DEVICE, dtype=dtype)
-    extra = rope_inputs(d, kv_heads, key_rank, dtype, shared=groups == 1) if mode == "pre" else {}
+    scoring = pre_rope(d**-0.5, d, kv_heads, key_rank, dtype, groups == 1) if mode == "pre" else Scoring(d**-0.5)
     # unequal lengths: the second sequence is left-padded by 5 and ends 3 tokens early
     starts = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
     ends = torch.tensor([tokens, tokens - 3], dtype=torch.int32, device=DEVICE)
     for splits in (1, 3):
-        check_against_reference(
-            query, keys, values, scaling=d**-0.5, mode=mode, starts=starts, ends=ends, splits=splits, **extra
-        )
+        check_against_reference(query, keys, values, scoring, starts=starts, ends=ends, splits=splits)
 
 
 def test_alibi_symmetric_and_full_precision_streams():
@@ -94,8 +93,8 @@ def test_alibi_symmetric_and_full_precision_streams():
     values = make_stream(torch.randn(batch, heads, tokens, 20, device=DEVICE, dtype=torch.float16), config, "token")
     query = torch.randn(batch, heads, 24, device=DEVICE, dtype=torch.float16)
     slopes = 2.0 ** -torch.arange(1, heads + 1, dtype=torch.float32, device=DEVICE)
-    out = check_against_reference(query, keys, values, scaling=0.2, alibi_slopes=slopes, splits=2)
-    plain = lowrank_decode(query, keys, values, scaling=0.2, splits=2)
+    out = check_against_reference(query, keys, values, Scoring(0.2, alibi_slopes=slopes), splits=2)
+    plain = lowrank_decode(query, keys, values, Scoring(0.2), splits=2)
     assert (out - plain).abs().max() > 1e-2  # the bias is applied
 
 
@@ -103,7 +102,7 @@ def test_a_sequence_without_valid_keys_gives_zeros():
     x = torch.randn(2, 1, 20, 16, device=DEVICE, dtype=torch.float16)
     stream = PackedStream.full_precision(x)
     starts = torch.tensor([0, 7], dtype=torch.int32, device=DEVICE)
-    out = lowrank_decode(x[:, :, 0], stream, stream, scaling=1.0, starts=starts, ends=starts)
+    out = lowrank_decode(x[:, :, 0], stream, stream, Scoring(1.0), starts=starts, ends=starts)
     assert torch.count_nonzero(out) == 0
 
 
@@ -111,29 +110,34 @@ def test_bad_input_is_refused_with_the_fix():
     x = torch.randn(1, 2, 20, 16, device=DEVICE, dtype=torch.float16)
     stream = PackedStream.full_precision(x)
     query = torch.randn(1, 4, 16, device=DEVICE, dtype=torch.float16)
+    one = Scoring(1.0)
     with pytest.raises(ValueError, match="lowrank_decode_reference"):
-        lowrank_decode(query.float(), stream, stream, scaling=1.0)
+        lowrank_decode(query.float(), stream, stream, one)
     with pytest.raises(ValueError, match="multiple of the cache's KV heads"):
-        lowrank_decode(query[:, :3], stream, stream, scaling=1.0)
+        lowrank_decode(query[:, :3], stream, stream, one)
     with pytest.raises(ValueError, match="query width 12 must equal the key rank 16"):
-        lowrank_decode(query[..., :12], stream, stream, scaling=1.0)
+        lowrank_decode(query[..., :12], stream, stream, one)
     with pytest.raises(ValueError, match="pre mode needs key_decoder"):
-        lowrank_decode(query, stream, stream, scaling=1.0, mode="pre")
+        Scoring(1.0, "pre")
     with pytest.raises(ValueError, match="mode="):
-        lowrank_decode(query, stream, stream, scaling=1.0, mode="post")
+        Scoring(1.0, "post")
+    with pytest.raises(ValueError, match="key_decoder must be"):
+        lowrank_decode(query, stream, stream, pre_rope(1.0, 16, 3, 16, torch.float16))
+    with pytest.raises(ValueError, match="alibi_slopes must be"):
+        lowrank_decode(query, stream, stream, Scoring(1.0, alibi_slopes=torch.ones(3)))
     with pytest.raises(ValueError, match="window must be torch.float16"):
-        lowrank_decode(query, PackedStream.full_precision(x.bfloat16()), stream, scaling=1.0)
+        lowrank_decode(query, PackedStream.full_precision(x.bfloat16()), stream, one)
     with pytest.raises(ValueError, match="int32"):
-        lowrank_decode(query, stream, stream, scaling=1.0, starts=torch.zeros(1, dtype=torch.int64, device=DEVICE))
+        lowrank_decode(query, stream, stream, one, starts=torch.zeros(1, dtype=torch.int64, device=DEVICE))
     packed = make_stream(x, KVQuantConfig(bits=4, group_size=16), "channel")
     broken = PackedStream(packed.segments, packed.window, packed.quantized_tokens + 1, "channel", 16)
     with pytest.raises(ValueError, match="whole blocks of 16 tokens"):
-        lowrank_decode(query, broken, stream, scaling=1.0)
+        lowrank_decode(query, broken, stream, one)
     segment = packed.segments[0]
     relabelled = (Segment(segment.codes, segment.scale, segment.zero, 2, segment.width),)  # stored at 4 bits
     wrong = PackedStream(relabelled, packed.window, packed.quantized_tokens, "channel", 16)
     with pytest.raises(ValueError, match="codes must be uint8"):
-        lowrank_decode(query, wrong, stream, scaling=1.0)
+        lowrank_decode(query, wrong, stream, one)
 
 
 def test_key_bounds_accept_one_range_per_row_only():
@@ -154,7 +158,7 @@ def counted_kernel(monkeypatch):
     original = decode_module.lowrank_decode
 
     def counting(*args, **kwargs):
-        calls.append(kwargs.get("mode", "rank"))
+        calls.append(args[3].mode)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(decode_module, "lowrank_decode", counting)

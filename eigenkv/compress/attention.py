@@ -192,24 +192,6 @@ class EigenAttention(nn.Module):
         self.key_rank = int(bases.key.shape[-1])
         self.value_rank = int(bases.value.shape[-1])
 
-    def _decode(self, query, key, value, attention_mask, scoring, masked_is_true: bool = False):
-        """The decode kernel on the cached streams -> ``(B, 1, H * r_v)``, or None when it does not apply.
-
-        ``query`` (B, H, 1, e); ``key``/``value`` what the cache returned (tensors, or handles to a packed store).
-        """
-        from eigenkv.kernels import dispatch
-        from eigenkv.kernels.lowrank_decode import lowrank_decode
-
-        if attention_mask is not None and attention_mask.dim() != 4:
-            return None
-        keys, values = dispatch.packed(key), dispatch.packed(value)
-        visible = dispatch.visible_keys(attention_mask, masked_is_true)
-        bounds = dispatch.key_bounds(visible, query.shape[0], keys.tokens, query.device)
-        if bounds is None:
-            return None
-        out = lowrank_decode(query[:, :, 0], keys, values, scoring, starts=bounds[0], ends=bounds[1])
-        return out.reshape(query.shape[0], 1, -1)
-
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, mode={self.mode}, key_rank={self.key_rank}, value_rank={self.value_rank}"
 
@@ -276,21 +258,20 @@ class EigenLlamaAttention(EigenAttention):
         batch, length, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, length, self.q_heads, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, self.kv_heads, self.value_rank).transpose(1, 2)
-        kernel = (
-            past_key_values is not None
-            and self.sliding_window is None
-            and dispatch.decode_kernel_applies(query, length, self.training and self.attention_dropout > 0, **kwargs)
-        )
+        training = self.training and self.attention_dropout > 0
+        kernel = self.sliding_window is None and dispatch.kernels_apply(query, training, **kwargs)
         if self.mode == "pre":
             key = self.k_proj(hidden_states).view(batch, length, self.kv_heads, self.key_rank).transpose(1, 2)
             past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
-            if kernel:  # keys rebuilt and rotated inside the kernel; only the new query is rotated here
-                cos, sin = self._rotary(hidden_states, torch.full((1, 1), past, device=hidden_states.device))
-                out = self._decode(apply_rope(query, cos, sin), key, value, attention_mask, self._scoring())
+            if kernel:  # keys rebuilt and rotated inside the kernels; only the new queries are rotated here
+                positions = torch.arange(past, past + length, device=hidden_states.device)[None]
+                cos, sin = self._rotary(hidden_states, positions)
+                rotated = apply_rope(query, cos, sin)
+                out = dispatch.kernel_attention(rotated, key, value, attention_mask, self._scoring())
                 if out is not None:
-                    return self.o_proj(out), None
+                    return self.o_proj(out.reshape(batch, length, -1)), None
             key, value = dispatch.resolve(key), dispatch.resolve(value)
             # Every position rotates by its index in the cache: scores depend only on position
             # differences, so this equals the model's rotation for any per-sequence offset
@@ -309,9 +290,9 @@ class EigenLlamaAttention(EigenAttention):
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
             if kernel:
-                out = self._decode(query, key, value, attention_mask, self._scoring())
+                out = dispatch.kernel_attention(query, key, value, attention_mask, self._scoring())
                 if out is not None:
-                    return self.o_proj(out), None
+                    return self.o_proj(out.reshape(batch, length, -1)), None
             keys, value = dispatch.resolve(key), dispatch.resolve(value)
         if self.sliding_window is not None:
             kwargs.setdefault("sliding_window", self.sliding_window)
@@ -347,12 +328,12 @@ class EigenOPTAttention(EigenAttention):
         value = self.v_proj(hidden_states).view(batch, length, -1, self.value_rank).transpose(1, 2)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-            training = self.training and self.dropout > 0
-            if not output_attentions and dispatch.decode_kernel_applies(query, length, training, **kwargs):
-                out = self._decode(query, key, value, attention_mask, Scoring(1.0))  # q is prescaled
-                if out is not None:
-                    return self.out_proj(out), None
-            key, value = dispatch.resolve(key), dispatch.resolve(value)
+        training = self.training and self.dropout > 0
+        if dispatch.kernels_apply(query, training, output_attentions=output_attentions, **kwargs):
+            out = dispatch.kernel_attention(query, key, value, attention_mask, Scoring(1.0))  # q is prescaled
+            if out is not None:
+                return self.out_proj(out.reshape(batch, length, -1)), None
+        key, value = dispatch.resolve(key), dispatch.resolve(value)
         dropout = self.dropout if self.training else 0.0
         out, weights = attend(self, query, key, value, attention_mask, 1.0, dropout, **kwargs)  # q is prescaled
         return self.out_proj(out.reshape(batch, length, -1)), weights
@@ -395,23 +376,24 @@ class EigenMptAttention(EigenAttention):
         query = query.reshape(batch, length, self.n_heads, self.key_rank).transpose(1, 2)
         key = key.reshape(batch, length, self.n_heads, self.key_rank).transpose(1, 2)
         value = value.reshape(batch, length, self.n_heads, self.value_rank).transpose(1, 2)
-        if past_key_values is not None:
-            from eigenkv.kernels import dispatch
+        from eigenkv.kernels import dispatch
 
+        if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-            training = self.training and self.attn_dropout_p > 0
-            if (
-                position_bias is not None
-                and position_bias.shape[-1] >= 2
-                and dispatch.decode_kernel_applies(query, length, training, **kwargs)
-            ):
-                # MPT's bias is slope_h * (j - (max_len - 1)); the kernel adds slope_h * j (same softmax)
-                slopes = (position_bias[:, 0, -1] - position_bias[:, 0, -2]).float()
-                scoring = Scoring(self.softmax_scale, alibi_slopes=slopes)
-                out = self._decode(query, key, value, attention_mask, scoring, masked_is_true=True)
-                if out is not None:
-                    return self.out_proj(out), None
-            key, value = dispatch.resolve(key), dispatch.resolve(value)
+        training = self.training and self.attn_dropout_p > 0
+        if (
+            position_bias is not None
+            and position_bias.shape[-1] >= 2
+            and (attention_mask is not None or length == 1)  # MPT applies no causal mask without one
+            and dispatch.kernels_apply(query, training, **kwargs)
+        ):
+            # MPT's bias is slope_h * (j - (max_len - 1)); the kernels add slope_h * j (same softmax)
+            slopes = (position_bias[:, 0, -1] - position_bias[:, 0, -2]).float()
+            scoring = Scoring(self.softmax_scale, alibi_slopes=slopes)
+            out = dispatch.kernel_attention(query, key, value, attention_mask, scoring, masked_is_true=True)
+            if out is not None:
+                return self.out_proj(out.reshape(batch, length, -1)), None
+        key, value = dispatch.resolve(key), dispatch.resolve(value)
         scores = torch.matmul(query, key.transpose(-1, -2)) * self.softmax_scale
         # Same slicing of the ALiBi bias as MptAttention: it depends on key positions only.
         query_length = length if past_key_values is None else length + past_key_values.get_seq_length()

@@ -21,7 +21,12 @@ from pathlib import Path
 from eigenkv.kernels._launch import KernelSpec, interpreting
 
 # Kernel modules whose compile_specs() the compile check walks.
-KERNEL_MODULES = ("eigenkv.kernels.group_minmax", "eigenkv.kernels.quant_pack", "eigenkv.kernels.lowrank_decode")
+KERNEL_MODULES = (
+    "eigenkv.kernels.group_minmax",
+    "eigenkv.kernels.quant_pack",
+    "eigenkv.kernels.lowrank_decode",
+    "eigenkv.kernels.lowrank_prefill",
+)
 
 # Shared memory per block (bytes) a kernel may use on each target.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

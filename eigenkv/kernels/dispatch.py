@@ -1,10 +1,11 @@
-"""When the attention modules run the decode kernel, and what they hand it.
+"""When the attention modules run the attention kernels, and what they hand them.
 
 The switch is :func:`eigenkv.kernels._launch.backend` (``EIGENKV_BACKEND``):
-with ``auto`` a decode step (one new token) of an fp16/bf16 model on CUDA runs
-:func:`~eigenkv.kernels.lowrank_decode.lowrank_decode`; CPU tensors, float32
-models, prompts, masks that are not one contiguous range of keys per
-sequence, and returned attention weights take the PyTorch path.
+with ``auto`` an fp16/bf16 forward on CUDA runs
+:func:`~eigenkv.kernels.lowrank_decode.lowrank_decode` for one new token and
+:func:`~eigenkv.kernels.lowrank_prefill.lowrank_prefill` for several; CPU
+tensors, float32 models, masks other than causal attention to one range of
+keys per sequence, dropout and returned attention weights take the PyTorch path.
 """
 
 from __future__ import annotations
@@ -19,17 +20,85 @@ STREAM_ATTR = "_eigenkv_stream"
 _BOUNDS_ATTR = "_eigenkv_key_bounds"
 
 
-def decode_kernel_applies(query: torch.Tensor, tokens: int, training: bool = False, **kwargs) -> bool:
-    """Whether a forward with ``query`` ``(B, H, tokens, e)`` should use the decode kernel."""
+def kernels_apply(query: torch.Tensor, training: bool = False, **kwargs) -> bool:
+    """Whether a forward with ``query`` ``(B, H, T, e)`` should use the attention kernels."""
     from eigenkv.kernels.lowrank_decode import KERNEL_DTYPES
 
     return (
-        tokens == 1
-        and not training
+        not training
         and not kwargs.get("output_attentions", False)
+        and not kwargs.get("sliding_window")
         and query.dtype in KERNEL_DTYPES
         and use_triton(query)
     )
+
+
+def kernel_attention(query, key, value, attention_mask, scoring, masked_is_true: bool = False):
+    """Attention through the kernels -> ``(B, T, H, r_v)``, or None when the mask is not one they handle.
+
+    Args:
+        query: ``(B, H, T, e)``; key, value: what the cache returned (tensors, handles to a packed store,
+            or held tensors tagged with their unquantized twins, see ``eigenkv.quant.cache``).
+        attention_mask: 4-D mask of the model (or None: causal); ``masked_is_true`` for MPT's convention.
+        scoring: a :class:`~eigenkv.kernels.scoring.Scoring`.
+    """
+    if attention_mask is not None and attention_mask.dim() != 4:
+        return None
+    batch, _, length, _ = query.shape
+    if length == 1:
+        from eigenkv.kernels.lowrank_decode import lowrank_decode
+
+        keys, values = packed(key), packed(value)
+        bounds = key_bounds(visible_keys(attention_mask, masked_is_true), batch, keys.tokens, query.device)
+        if bounds is None:
+            return None
+        out = lowrank_decode(query[:, :, 0], keys, values, scoring, starts=bounds[0], ends=bounds[1])
+        return out.unsqueeze(1)
+    from eigenkv.kernels.lowrank_prefill import lowrank_prefill
+    from eigenkv.quant.cache import _TWIN
+
+    starts = causal_starts(attention_mask, batch, length, key.shape[-2], masked_is_true, query.device)
+    if starts is None:
+        return None
+    views = []
+    for held in (key, value):
+        twin = getattr(held, _TWIN, None)
+        views.append((held, None) if twin is None else (twin[0], (held, twin[1].to(torch.int32))))
+    (keys, quantized_keys), (values, quantized_values) = views
+    return lowrank_prefill(
+        query, keys, values, scoring, starts=starts, quantized_keys=quantized_keys, quantized_values=quantized_values
+    )
+
+
+def causal_starts(attention_mask, batch: int, length: int, seq: int, masked_is_true: bool, device):
+    """First valid key per sequence (int32 ``(B,)``) when the mask of ``length`` queries over ``seq`` keys is
+    causal attention to ``[start, ...)``, else None. Rows of padding queries (no valid key) are not compared.
+
+    The check costs one device sync; the result is kept on the mask, which every layer shares.
+    """
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    cached = getattr(attention_mask, _BOUNDS_ATTR, None)
+    if cached is not None:
+        return cached if isinstance(cached, torch.Tensor) else None
+    rows = attention_mask[:, 0, -length:, :seq]
+    if rows.dtype == torch.bool:
+        visible = ~rows if masked_is_true else rows
+    else:
+        visible = rows > torch.finfo(rows.dtype).min / 2
+    if visible.shape != (batch, length, seq):
+        attention_mask._eigenkv_key_bounds = ()
+        return None
+    positions = torch.arange(seq, device=device)
+    query_positions = seq - length + torch.arange(length, device=device)
+    starts = visible[:, -1].to(torch.int32).argmax(-1).to(torch.int32)  # the last query sees every valid key
+    expected = (positions[None, None, :] <= query_positions[None, :, None]) & (
+        positions[None, None, :] >= starts[:, None, None]
+    )
+    compared = (query_positions[None, :] >= starts[:, None])[..., None]  # (B, T, 1): queries with a valid key
+    ok = bool(torch.equal(visible & compared, expected & compared))
+    attention_mask._eigenkv_key_bounds = starts if ok else ()
+    return starts if ok else None
 
 
 def stream_handle(stream, like: torch.Tensor) -> torch.Tensor:

@@ -185,12 +185,14 @@ def quantized_cache_attention(module, query, key, value, attention_mask, scaling
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from eigenkv.kernels import dispatch
+    from eigenkv.kernels.scoring import Scoring
 
-    if dispatch.is_handle(key):  # a decode step of a cache that reads packed (the kernel path)
-        out = _decode_with_kernel(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if dispatch.kernels_apply(query, module.training and dropout > 0, **kwargs):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = dispatch.kernel_attention(query, key, value, attention_mask, Scoring(scale))
         if out is not None:
             return out, None
-        key, value = dispatch.resolve(key), dispatch.resolve(value)
+    key, value = dispatch.resolve(key), dispatch.resolve(value)
     key_twin, value_twin = getattr(key, _TWIN, None), getattr(value, _TWIN, None)
     if key_twin is None and value_twin is None:  # decode step, or no query sees a full-precision twin
         return sdpa_attention_forward(
@@ -225,24 +227,6 @@ def quantized_cache_attention(module, query, key, value, attention_mask, scaling
         scale=scaling,
     )
     return out.transpose(1, 2).contiguous(), None
-
-
-def _decode_with_kernel(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
-    """``(B, 1, H, D)`` from the decode kernel, or None when it does not apply (see ``eigenkv.kernels.dispatch``)."""
-    from eigenkv.kernels import dispatch
-    from eigenkv.kernels.lowrank_decode import lowrank_decode
-    from eigenkv.kernels.scoring import Scoring
-
-    keys, values = dispatch.packed(key), dispatch.packed(value)
-    training = module.training and dropout > 0
-    if kwargs.get("sliding_window") or not dispatch.decode_kernel_applies(query, query.shape[-2], training, **kwargs):
-        return None
-    bounds = dispatch.key_bounds(dispatch.visible_keys(attention_mask), query.shape[0], keys.tokens, query.device)
-    if bounds is None:
-        return None
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = lowrank_decode(query[:, :, 0], keys, values, Scoring(scale), starts=bounds[0], ends=bounds[1])
-    return out.unsqueeze(1)
 
 
 def _register() -> None:

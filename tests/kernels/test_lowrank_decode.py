@@ -1,4 +1,4 @@
-"""The decode kernel against its PyTorch reference over odd shapes, and its wiring into the models.
+"""The decode kernel against its PyTorch reference over odd shapes, and the wiring of both kernels into the models.
 
 Error criterion (as FlashAttention's tests): the kernel's error against the
 float64 reference is at most twice the error of the same-dtype reference, plus
@@ -11,6 +11,7 @@ import torch
 from eigenkv.compress import EigenConfig, compress_model
 from eigenkv.kernels import dispatch
 from eigenkv.kernels import lowrank_decode as decode_module
+from eigenkv.kernels import lowrank_prefill as prefill_module
 from eigenkv.kernels.lowrank_decode import lowrank_decode, lowrank_decode_reference
 from eigenkv.kernels.scoring import Scoring
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
@@ -153,26 +154,30 @@ def test_key_bounds_accept_one_range_per_row_only():
 
 @pytest.fixture
 def counted_kernel(monkeypatch):
-    """Force the kernel path and count its launches."""
+    """Force nothing, count launches: ``[("decode" | "prefill", mode)]``."""
     calls = []
-    original = decode_module.lowrank_decode
+    for name, module, function in (
+        ("decode", decode_module, "lowrank_decode"),
+        ("prefill", prefill_module, "lowrank_prefill"),
+    ):
+        original = getattr(module, function)
 
-    def counting(*args, **kwargs):
-        calls.append(args[3].mode)
-        return original(*args, **kwargs)
+        def counting(*args, _name=name, _original=original, **kwargs):
+            calls.append((_name, args[3].mode))
+            return _original(*args, **kwargs)
 
-    monkeypatch.setattr(decode_module, "lowrank_decode", counting)
+        monkeypatch.setattr(module, function, counting)
     return calls
 
 
 def decode_logits(model, ids, new_cache, steps=3):
-    """Logits of ``steps`` greedy decode steps after the prompt ``ids``."""
+    """Logits of the whole prompt ``ids`` (B, T) and of ``steps`` greedy decode steps after it."""
     cache = new_cache()
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:]
-        out = []
+        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        out = [logits]
         for _ in range(steps):
-            logits = model(logits.argmax(-1), past_key_values=cache, use_cache=True).logits
+            logits = model(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
             out.append(logits)
     return torch.cat(out, dim=1).float()
 
@@ -203,9 +208,9 @@ def test_compressed_models_decode_through_the_kernel(make, mode, quantized, coun
         else:
             results[backend] = decode_logits(model, ids, lambda: DynamicCache(config=model.config))
     layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layers
-    assert len(counted_kernel) == 3 * layers  # every decode step of every layer, nothing in the prompt
     expected_mode = "pre" if (make is tiny_llama and mode == "pre") else "rank"
-    assert set(counted_kernel) == {expected_mode}
+    # the prompt through the prefill kernel, every decode step of every layer through the decode kernel
+    assert counted_kernel == [("prefill", expected_mode)] * layers + [("decode", expected_mode)] * 3 * layers
     torch.testing.assert_close(results["triton"], results["torch"], atol=2e-2, rtol=2e-2)
 
 
@@ -227,7 +232,8 @@ def test_plain_model_with_quantized_cache_decodes_through_the_kernel(counted_ker
                 output_scores=True,
                 return_dict_in_generate=True,
             )
-    assert len(counted_kernel) == 4 * model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    assert counted_kernel == [("prefill", "rank")] * layers + [("decode", "rank")] * 4 * layers
     kernel, reference = torch.stack(results["triton"].scores), torch.stack(results["torch"].scores)
     torch.testing.assert_close(kernel, reference, atol=2e-3, rtol=0)
     # a random tiny model has exact fp16 ties between its top logits: compare tokens where the choice is clear

@@ -1,0 +1,349 @@
+"""Causal flash-attention forward in rank space, for prompts (many new query tokens).
+
+Shapes (``B`` batch, ``H`` query heads, ``H_kv`` KV heads, ``T`` new tokens,
+``S`` cached tokens including them, ``r_k`` / ``r_v`` ranks, ``d`` head size):
+
+- ``query`` (B, H, T, e): the last ``T`` positions (query ``i`` sits at position
+  ``S - T + i``); ``e = r_k`` in ``"rank"`` mode, rotated full queries (``e = d``)
+  in ``"pre"`` mode (see :mod:`eigenkv.kernels.scoring`);
+- ``keys`` (B, H_kv, S, r_k), ``values`` (B, H_kv, S, r_v): rank-space states in
+  the query's dtype (pre mode: key coefficients, rebuilt and rotated at their
+  own positions in the kernel, as in decoding);
+- output (B, T, H, r_v) in the query's dtype (the layout the folded output
+  projection reads after a reshape).
+
+Causal reads of a quantized cache: when the prompt goes through a
+``QuantizedKVCache``, query ``i`` must see key ``j`` as the cache holds it after
+``S - T + i + 1`` tokens: quantized (dequantized) for ``j < bounds[i]``, in full
+precision otherwise (``eigenkv.quant.cache``). ``quantized_keys`` /
+``quantized_values`` = ``(held (B, H_kv, S, r), bounds (T,) int32)`` give that
+second version; the kernel scores (or weighs) both and keeps the right one per
+(query, key) pair, so the prompt sees exactly what the reference path sees.
+
+Grid ``(cdiv(T, BLOCK_M), B * H)``: one program per block of queries of one
+head, online softmax in base 2 over key tiles up to the block's last position,
+starting at ``starts[b]`` (left padding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from eigenkv.kernels._launch import KernelConfig, KernelSpec, check_kernel_device, interpreting
+from eigenkv.kernels.lowrank_decode import KERNEL_DTYPES, _dot, _pad
+from eigenkv.kernels.scoring import Scoring
+
+# --- reference -------------------------------------------------------------------------------
+
+
+def lowrank_prefill_reference(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scoring: Scoring,
+    *,
+    starts: torch.Tensor | None = None,
+    quantized_keys: tuple | None = None,
+    quantized_values: tuple | None = None,
+) -> torch.Tensor:
+    """PyTorch reference of :func:`lowrank_prefill` (same arguments): matmuls in the query's dtype,
+    softmax in float32 (the CPU path, and with float64 inputs the exact oracle)."""
+    dtype = query.dtype
+    batch, q_heads, length = query.shape[:3]
+    seq = keys.shape[-2]
+    groups = q_heads // keys.shape[1]
+    positions = torch.arange(seq, device=query.device)
+    query_positions = seq - length + torch.arange(length, device=query.device)
+
+    def expand(x):
+        return x.to(dtype).repeat_interleave(groups, dim=1)
+
+    def scores_of(k):
+        return torch.matmul(query, expand(scoring.keys(k.to(dtype))).transpose(-1, -2)).float()
+
+    scores = scores_of(keys)
+    if quantized_keys is not None:
+        held, bounds = quantized_keys
+        use_held = positions[None, :] < bounds.long()[:, None]  # (T, S)
+        scores = torch.where(use_held, scores_of(held), scores)
+    scores = scores * scoring.scaling
+    if scoring.alibi_slopes is not None:
+        scores = scores + scoring.bias(positions)[None, :, None, :]
+    lo = torch.zeros(batch, dtype=torch.long, device=query.device) if starts is None else starts.long()
+    visible = (positions[None, :] <= query_positions[:, None])[None] & (positions[None, None, :] >= lo[:, None, None])
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows without a visible key give zeros
+    if quantized_values is None:
+        out = torch.matmul(weights.to(dtype), expand(values))
+    else:
+        held, bounds = quantized_values
+        use_held = positions[None, :] < bounds.long()[:, None]
+        out = torch.matmul(torch.where(use_held, 0.0, weights).to(dtype), expand(values))
+        out = out + torch.matmul(torch.where(use_held, weights, 0.0).to(dtype), expand(held))
+    return out.transpose(1, 2).contiguous()
+
+
+# --- kernel ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(X, x_b, x_h, b, h, tok, tok_ok, feat, width):
+    # (BLOCK_N, F) of a (B, H_kv, S, width) tensor, zero outside
+    mask = tok_ok[:, None] & (feat < width)[None, :]
+    return tl.load(X + b * x_b + h * x_h + tok[:, None].to(tl.int64) * width + feat[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE: tl.constexpr, DOT_FP32: tl.constexpr):
+    # (BLOCK_M, BLOCK_N) raw scores of the query tile against key tile k (pre mode: rebuilt and rotated)
+    if PRE:
+        dtype = q1.dtype
+        a1 = _dot(k, d1, DOT_FP32).to(dtype).to(tl.float32)
+        a2 = _dot(k, d2, DOT_FP32).to(dtype).to(tl.float32)
+        angle = tok.to(tl.float32)[:, None] * inv_freq[None, :]
+        cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
+        sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
+        k1 = (a1 * cos - a2 * sin).to(dtype)
+        k2 = (a2 * cos + a1 * sin).to(dtype)
+        return _dot(q1, tl.trans(k1), DOT_FP32) + _dot(q2, tl.trans(k2), DOT_FP32)
+    else:
+        return _dot(q, tl.trans(k), DOT_FP32)
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, q_b, q_h, q_t,
+    K, KH, V, VH, kv_b, kv_h, v_b, v_h,  # full and held (quantized) versions share strides
+    KB, VB,  # (T,) int32 bounds: query i reads the held version of keys/values j < bound
+    OUT,  # (B, T, H, r_v) contiguous
+    STARTS,
+    DEC, dec_h, INV_FREQ, rope_scale, SLOPES,
+    q_heads, groups, length, seq, key_rank, value_rank, half, qk_scale,
+    PRE: tl.constexpr, ALIBI: tl.constexpr, K_HELD: tl.constexpr, V_HELD: tl.constexpr,
+    RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // q_heads).to(tl.int64)
+    hq = (pid_bh % q_heads).to(tl.int64)
+    h = hq // groups
+    dtype = Q.dtype.element_ty
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    positions = seq - length + rows
+    start = tl.load(STARTS + b)
+    q_rows = Q + b * q_b + hq * q_h + rows[:, None].to(tl.int64) * q_t
+    rk = tl.arange(0, RK_PAD)
+    rv = tl.arange(0, RV_PAD)
+    if PRE:
+        j = tl.arange(0, HALF_PAD)
+        j_ok = j < half
+        q1 = tl.load(q_rows + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        q2 = tl.load(q_rows + half + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        dec = DEC + h * dec_h + rk[:, None] + j[None, :] * key_rank
+        dec_ok = (rk < key_rank)[:, None] & j_ok[None, :]
+        d1 = tl.load(dec, mask=dec_ok, other=0.0).to(dtype)
+        d2 = tl.load(dec + half * key_rank, mask=dec_ok, other=0.0).to(dtype)
+        inv_freq = tl.load(INV_FREQ + j, mask=j_ok, other=0.0)
+        q = q1  # unused in pre mode
+    else:
+        q = tl.load(q_rows + rk[None, :], mask=row_ok[:, None] & (rk < key_rank)[None, :], other=0.0)
+        q1 = q  # unused in rank mode
+        q2 = q
+        d1 = q
+        d2 = q
+        inv_freq = rk.to(tl.float32)
+    if ALIBI:
+        slope = tl.load(SLOPES + hq) * 1.4426950408889634
+    if K_HELD:
+        k_bound = tl.load(KB + rows, mask=row_ok, other=0)
+    if V_HELD:
+        v_bound = tl.load(VB + rows, mask=row_ok, other=0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, RV_PAD], tl.float32)
+    lo = (start // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(seq, seq - length + (pid_m + 1) * BLOCK_M)
+    for n in range(lo, hi, BLOCK_N):
+        tok = n + tl.arange(0, BLOCK_N)
+        tok_ok = (tok >= start) & (tok < seq)
+        k = _tile(K, kv_b, kv_h, b, h, tok, tok_ok, rk, key_rank).to(dtype)
+        scores = _scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
+        if K_HELD:
+            k = _tile(KH, kv_b, kv_h, b, h, tok, tok_ok, rk, key_rank).to(dtype)
+            held = _scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
+            scores = tl.where(tok[None, :] < k_bound[:, None], held, scores)
+        scores = scores * qk_scale
+        if ALIBI:
+            scores += slope * tok.to(tl.float32)[None, :]
+        visible = tok_ok[None, :] & (tok[None, :] <= positions[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        v = _tile(V, v_b, v_h, b, h, tok, tok_ok, rv, value_rank).to(dtype)
+        if V_HELD:
+            from_held = tok[None, :] < v_bound[:, None]
+            acc += _dot(tl.where(from_held, 0.0, p).to(dtype), v, DOT_FP32)
+            v = _tile(VH, v_b, v_h, b, h, tok, tok_ok, rv, value_rank).to(dtype)
+            acc += _dot(tl.where(from_held, p, 0.0).to(dtype), v, DOT_FP32)
+        else:
+            acc += _dot(p.to(dtype), v, DOT_FP32)
+        m_i = m_new
+    out = acc / tl.maximum(l_i, 1.0e-30)[:, None]  # a query without a visible key gives zeros
+    dst = OUT + ((b * length + rows.to(tl.int64)) * q_heads + hq)[:, None] * value_rank + rv[None, :]
+    tl.store(dst, out.to(dtype), mask=row_ok[:, None] & (rv < value_rank)[None, :])
+
+
+# --- launcher --------------------------------------------------------------------------------
+
+
+def launch_config(mode: str, width: int, rank_pad: int, value_pad: int, held: bool) -> KernelConfig:
+    """Query and key tile sizes and warps (``width``: HALF_PAD in pre mode, else RK_PAD).
+
+    Chosen from the sm_80/sm_90 compiles: no spills at head size 128 with the
+    second (quantized) versions of keys and values live.
+    """
+    widest = max(width, rank_pad, value_pad)
+    block_n = 32 if (mode == "pre" or held or widest > 64) else 64
+    warps = 4 if widest <= 32 else 8
+    return KernelConfig(constexprs={"BLOCK_M": 64, "BLOCK_N": block_n}, num_warps=warps, num_stages=2)
+
+
+def _check_states(name: str, x: torch.Tensor, batch: int, kv_heads: int, seq: int, width: int, query) -> None:
+    if x.dim() != 4 or tuple(x.shape) != (batch, kv_heads, seq, width):
+        raise ValueError(f"{name} must be (B={batch}, H_kv={kv_heads}, S={seq}, {width}); got {tuple(x.shape)}")
+    if x.dtype != query.dtype or x.device != query.device:
+        raise ValueError(f"{name} must be {query.dtype} on {query.device}; got {x.dtype} on {x.device}")
+
+
+def _held(name: str, view, full: torch.Tensor, length: int):
+    """Validated ``(held, bounds)`` of a quantized view (made contiguous like ``full``), or (None, None)."""
+    if view is None:
+        return None, None
+    held, bounds = view
+    if tuple(held.shape) != tuple(full.shape) or held.dtype != full.dtype or held.device != full.device:
+        raise ValueError(f"{name}: the quantized version must match the states: {tuple(full.shape)} {full.dtype}")
+    if bounds.dtype != torch.int32 or tuple(bounds.shape) != (length,) or bounds.device != full.device:
+        raise ValueError(
+            f"{name}: bounds must be int32 ({length},) on {full.device}; got {bounds.dtype} {tuple(bounds.shape)}"
+        )
+    return held.contiguous(), bounds.contiguous()
+
+
+def lowrank_prefill(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scoring: Scoring,
+    *,
+    starts: torch.Tensor | None = None,
+    quantized_keys: tuple | None = None,
+    quantized_values: tuple | None = None,
+) -> torch.Tensor:
+    """Triton causal attention of ``T`` new queries over ``S`` rank-space states -> ``(B, T, H, r_v)``.
+
+    Args:
+        query: ``(B, H, T, e)`` fp16/bf16 with unit last stride (module doc).
+        keys, values: ``(B, H_kv, S, r_k)``, ``(B, H_kv, S, r_v)`` in the query's dtype; ``S >= T``.
+        scoring: how queries score keys (:class:`~eigenkv.kernels.scoring.Scoring`).
+        starts: ``(B,)`` int32, first valid key per sequence (left padding); default 0.
+        quantized_keys, quantized_values: ``(held, bounds)``: query ``i`` reads ``held[..., j, :]`` for
+            ``j < bounds[i]`` (module doc); ``bounds`` int32 ``(T,)``.
+    """
+    check_kernel_device(query, "lowrank_prefill", "lowrank_prefill_reference")
+    if not isinstance(scoring, Scoring):
+        raise TypeError(f"scoring must be a Scoring; got {type(scoring).__name__}")
+    if query.dim() != 4 or query.dtype not in KERNEL_DTYPES or (query.shape[-1] > 1 and query.stride(-1) != 1):
+        raise ValueError(
+            f"query must be (B, H, T, e) fp16/bf16 with unit last stride; got {query.dim()}-D {query.dtype} "
+            "(float32 models use lowrank_prefill_reference)"
+        )
+    batch, q_heads, length, _ = query.shape
+    if keys.dim() != 4 or keys.shape[1] == 0 or q_heads % keys.shape[1]:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of the KV heads of keys {tuple(keys.shape)}")
+    kv_heads, seq, key_rank = keys.shape[1:]
+    value_rank = values.shape[-1]
+    if seq < length:
+        raise ValueError(f"{length} queries need at least as many keys; got {seq}")
+    _check_states("keys", keys, batch, kv_heads, seq, key_rank, query)
+    _check_states("values", values, batch, kv_heads, seq, value_rank, query)
+    scoring.check(query, kv_heads, key_rank)
+    keys, values = keys.contiguous(), values.contiguous()
+    key_held, key_bounds = _held("quantized_keys", quantized_keys, keys, length)
+    value_held, value_bounds = _held("quantized_values", quantized_values, values, length)
+    if starts is None:
+        starts = torch.zeros(batch, dtype=torch.int32, device=query.device)
+    if starts.shape != (batch,) or starts.dtype != torch.int32 or starts.device != query.device:
+        raise ValueError(f"starts must be int32 ({batch},) on {query.device}; got {starts.dtype} {tuple(starts.shape)}")
+    mode = scoring.mode
+    half = query.shape[-1] // 2 if mode == "pre" else 0
+    rk_pad, rv_pad = _pad(key_rank), _pad(value_rank)
+    half_pad = _pad(half) if mode == "pre" else 16
+    held = quantized_keys is not None or quantized_values is not None
+    cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad, held)
+    out = torch.empty((batch, length, q_heads, value_rank), dtype=query.dtype, device=query.device)
+    if out.numel() == 0:
+        return out
+    decoder, decoder_stride, inv_freq, slopes = scoring.kernel_tensors(query)
+    dummy = starts
+    grid = (triton.cdiv(length, cfg.constexprs["BLOCK_M"]), batch * q_heads)
+    _prefill_kernel[grid](
+        query, query.stride(0), query.stride(1), query.stride(2),
+        keys, keys if key_held is None else key_held, values, values if value_held is None else value_held,
+        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        dummy if key_bounds is None else key_bounds, dummy if value_bounds is None else value_bounds,
+        out, starts.contiguous(),
+        dummy if decoder is None else decoder, decoder_stride, dummy if inv_freq is None else inv_freq,
+        float(scoring.rope_scale), dummy if slopes is None else slopes,
+        q_heads, q_heads // kv_heads, length, seq, key_rank, value_rank, half,
+        float(scoring.scaling) * math.log2(math.e),
+        PRE=mode == "pre", ALIBI=slopes is not None, K_HELD=key_held is not None, V_HELD=value_held is not None,
+        RK_PAD=rk_pad, RV_PAD=rv_pad, HALF_PAD=half_pad, DOT_FP32=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+    )  # fmt: skip
+    return out
+
+
+# --- compile specs -----------------------------------------------------------------------------
+
+
+def _signature(dtype: str) -> dict:
+    sig = {"Q": f"*{dtype}", "q_b": "i32", "q_h": "i32", "q_t": "i32"}
+    sig |= {name: f"*{dtype}" for name in ("K", "KH", "V", "VH")}
+    sig |= {name: "i32" for name in ("kv_b", "kv_h", "v_b", "v_h")}
+    sig |= {"KB": "*i32", "VB": "*i32", "OUT": f"*{dtype}", "STARTS": "*i32"}
+    sig |= {"DEC": f"*{dtype}", "dec_h": "i32", "INV_FREQ": "*fp32", "rope_scale": "fp32", "SLOPES": "*fp32"}
+    ints = ("q_heads", "groups", "length", "seq", "key_rank", "value_rank", "half")
+    return sig | {name: "i32" for name in ints} | {"qk_scale": "fp32"}
+
+
+def compile_specs():
+    """The launcher's configurations for the sm_80/sm_90 compile test: every tile shape, with and
+    without the quantized (held) versions of keys and values."""
+    tiles = [("rank", 16, 32, 32), ("rank", 16, 64, 64), ("rank", 16, 128, 128), ("pre", 32, 64, 64)]
+    tiles += [("pre", 64, 128, 128)]
+    for dtype in ("fp16", "bf16"):
+        for mode, half_pad, rk_pad, rv_pad in tiles:
+            for held in (False, True):
+                cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad, held)
+                constexprs = {
+                    "PRE": mode == "pre", "ALIBI": mode == "rank", "K_HELD": held, "V_HELD": held,
+                    "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False, **cfg.constexprs,
+                }  # fmt: skip
+                yield KernelSpec(
+                    name=f"lowrank_prefill[{dtype},{mode},h{half_pad},rk{rk_pad},rv{rv_pad},held{int(held)}]",
+                    fn=_prefill_kernel,
+                    signature=_signature(dtype),
+                    constexprs=constexprs,
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                )

@@ -108,10 +108,6 @@ def stream_handle(stream, like: torch.Tensor) -> torch.Tensor:
     return handle
 
 
-def is_handle(x: torch.Tensor) -> bool:
-    return getattr(x, STREAM_ATTR, None) is not None
-
-
 def packed(x: torch.Tensor) -> PackedStream:
     """The packed stream behind a handle, or a full-precision ``(B, H_kv, S, r)`` tensor as an all-window stream."""
     stream = getattr(x, STREAM_ATTR, None)

@@ -45,7 +45,6 @@ KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 SCALE_DTYPE = torch.float16
 GROUP_SIZES = (16, 32, 64, 128)
 MAX_SPLITS = 128
-_NEG = -1.0e30  # finite "minus infinity" for the running max: exp2(_NEG - _NEG) stays 1, never NaN
 
 
 # --- reference -------------------------------------------------------------------------------
@@ -226,7 +225,7 @@ def _decode_kernel(
     if ALIBI:
         slopes = tl.load(SLOPES + heads, mask=row_ok, other=0.0) * 1.4426950408889634
 
-    m_i = tl.full([G_PAD], -1.0e30, tl.float32)
+    m_i = tl.full([G_PAD], -1.0e30, tl.float32)  # finite: exp2(m_i - m_new) stays 1 (not NaN) while all masked
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, RV_PAD], tl.float32)
     for n in range(lo, hi, BLOCK_N):

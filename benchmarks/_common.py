@@ -50,6 +50,32 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def plot_latency_panels(rows: list[dict], path: Path, x: str, xlabel: str, ylabel: str, title: str) -> None:
+    """One log-log panel of ``ms`` against ``x`` per (shape, batch), a line per method (rows in long format)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r["metric"] == "ms" and r.get("shape", "-") != "-"]
+    panels = sorted({(r["shape"], r["batch"]) for r in timed})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (shape, batch) in zip(axes[0], panels, strict=True):
+        for method in sorted({r["method"] for r in timed}):
+            pts = [r for r in timed if (r["shape"], r["batch"], r["method"]) == (shape, batch, method)]
+            ax.plot([r[x] for r in pts], [r["value"] for r in pts], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{shape}, batch {batch}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title} on {rows[0]['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 class PointRun:
     """A run folder that loses nothing: its config, and one JSON line per finished point.
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import RESULTS, device_name, device_slug, time_ms, write_csv
+from benchmarks._common import RESULTS, device_name, device_slug, plot_latency_panels, time_ms, write_csv
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # only so that the import works; kernels are not timed on CPU
@@ -166,7 +166,14 @@ def main() -> None:
     out = Path(args.out) if args.out else RESULTS / f"decode_{device_slug()}.csv"
     out = write_csv(rows, out)
     print(f"wrote {out}")
-    _plot(rows, out.with_suffix(".png"))
+    plot_latency_panels(
+        rows,
+        out.with_suffix(".png"),
+        "context",
+        "context (tokens)",
+        "ms per decode step (one layer)",
+        "decode attention",
+    )
 
 
 def _report_crossover(rows: list[dict]) -> None:
@@ -177,32 +184,6 @@ def _report_crossover(rows: list[dict]) -> None:
         faster = [c for i, (c, _) in enumerate(pts) if all(v > 1 for _, v in pts[i:])]
         where = f"from {faster[0]} tokens" if faster else "at none of the measured contexts"
         print(f"{key[0]} B={key[1]} {key[2]}: faster than sdpa_fp16 {where}")
-
-
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(r["shape"], r["batch"]) for r in rows if r["method"] != "copy"})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (shape, batch) in zip(axes[0], panels, strict=True):
-        for method in sorted({r["method"] for r in rows if r["method"] != "copy"}):
-            pts = [
-                r for r in rows if (r["shape"], r["batch"], r["method"], r["metric"]) == (shape, batch, method, "ms")
-            ]
-            ax.plot([r["context"] for r in pts], [r["value"] for r in pts], marker="o", label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("ms per decode step (one layer)")
-        ax.set_title(f"{shape}, batch {batch}", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"decode attention on {rows[0]['device']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

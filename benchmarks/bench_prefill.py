@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import RESULTS, device_name, device_slug, time_ms, write_csv
+from benchmarks._common import RESULTS, device_name, device_slug, plot_latency_panels, time_ms, write_csv
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # only so that the import works; kernels are not timed on CPU
@@ -136,33 +136,14 @@ def main() -> None:
                     )
     out = write_csv(rows, Path(args.out) if args.out else RESULTS / f"prefill_{device_slug()}.csv")
     print(f"wrote {out}")
-    _plot(rows, out.with_suffix(".png"))
-
-
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(r["shape"], r["batch"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (shape, batch) in zip(axes[0], panels, strict=True):
-        for method in sorted({r["method"] for r in rows}):
-            pts = [
-                r for r in rows if (r["shape"], r["batch"], r["method"], r["metric"]) == (shape, batch, method, "ms")
-            ]
-            ax.plot([r["length"] for r in pts], [r["value"] for r in pts], marker="o", label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("ms per prompt (one layer)")
-        ax.set_title(f"{shape}, batch {batch}", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"causal prefill attention on {rows[0]['device']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    plot_latency_panels(
+        rows,
+        out.with_suffix(".png"),
+        "length",
+        "prompt length (tokens)",
+        "ms per prompt (one layer)",
+        "causal prefill attention",
+    )
 
 
 if __name__ == "__main__":

@@ -174,6 +174,47 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _query_operands(
+    q_rows, row_ok, DEC, dec_base, INV_FREQ, key_rank, half, rk, PRE: tl.constexpr, HALF_PAD: tl.constexpr
+):
+    # (q, q1, q2, d1, d2, inv_freq) for _scores from the query rows (M, 1 pointers); the unused ones alias q.
+    # Pre mode: query halves (M, HALF_PAD), decoder halves transposed (RK_PAD, HALF_PAD) with element
+    # (r, j) = D[j, r] and D[half + j, r], and the RoPE frequencies.
+    if PRE:
+        j = tl.arange(0, HALF_PAD)
+        j_ok = j < half
+        q1 = tl.load(q_rows + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        q2 = tl.load(q_rows + half + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        dec = DEC + dec_base + rk[:, None] + j[None, :] * key_rank
+        dec_ok = (rk < key_rank)[:, None] & j_ok[None, :]
+        d1 = tl.load(dec, mask=dec_ok, other=0.0).to(q1.dtype)
+        d2 = tl.load(dec + half * key_rank, mask=dec_ok, other=0.0).to(q1.dtype)
+        return q1, q1, q2, d1, d2, tl.load(INV_FREQ + j, mask=j_ok, other=0.0)
+    else:
+        q = tl.load(q_rows + rk[None, :], mask=row_ok[:, None] & (rk < key_rank)[None, :], other=0.0)
+        return q, q, q, q, q, rk.to(tl.float32)
+
+
+@triton.jit
+def _scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE: tl.constexpr, DOT_FP32: tl.constexpr):
+    # (M, BLOCK_N) raw scores of the query tile against key tile k (BLOCK_N, RK_PAD) at positions tok;
+    # pre mode rebuilds the keys' halves a_i = k D_i^T, rounds them to the model dtype as the model
+    # does, and rotates them at their own positions.
+    if PRE:
+        dtype = q1.dtype
+        a1 = _dot(k, d1, DOT_FP32).to(dtype).to(tl.float32)
+        a2 = _dot(k, d2, DOT_FP32).to(dtype).to(tl.float32)
+        angle = tok.to(tl.float32)[:, None] * inv_freq[None, :]
+        cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
+        sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
+        k1 = (a1 * cos - a2 * sin).to(dtype)
+        k2 = (a2 * cos + a1 * sin).to(dtype)
+        return _dot(q1, tl.trans(k1), DOT_FP32) + _dot(q2, tl.trans(k2), DOT_FP32)
+    else:
+        return _dot(q, tl.trans(k), DOT_FP32)
+
+
+@triton.jit
 def _decode_kernel(
     Q, q_b, q_h,
     ACC, STATS,  # (B * H, SPLITS, RV_PAD), (B * H, SPLITS, 2) fp32 partials
@@ -209,19 +250,9 @@ def _decode_kernel(
     q_rows = Q + b * q_b + heads[:, None] * q_h
     rk = tl.arange(0, RK_PAD)
     rv = tl.arange(0, RV_PAD)
-    if PRE:
-        j = tl.arange(0, HALF_PAD)
-        j_ok = j < half
-        q1 = tl.load(q_rows + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        q2 = tl.load(q_rows + half + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        # decoder halves, transposed: (RK_PAD, HALF_PAD), element (r, j) = D[j, r] and D[half + j, r]
-        dec = DEC + h * dec_h + rk[:, None] + j[None, :] * key_rank
-        dec_ok = (rk < key_rank)[:, None] & j_ok[None, :]
-        d1 = tl.load(dec, mask=dec_ok, other=0.0).to(dtype)
-        d2 = tl.load(dec + half * key_rank, mask=dec_ok, other=0.0).to(dtype)
-        inv_freq = tl.load(INV_FREQ + j, mask=j_ok, other=0.0)
-    else:
-        q = tl.load(q_rows + rk[None, :], mask=row_ok[:, None] & (rk < key_rank)[None, :], other=0.0)
+    q, q1, q2, d1, d2, inv_freq = _query_operands(
+        q_rows, row_ok, DEC, h * dec_h, INV_FREQ, key_rank, half, rk, PRE, HALF_PAD
+    )
     if ALIBI:
         slopes = tl.load(SLOPES + heads, mask=row_ok, other=0.0) * 1.4426950408889634
 
@@ -237,19 +268,7 @@ def _decode_kernel(
             KW, kw_b, kw_h, kw_r, k_quantized, k_width1, key_rank,
             b, h, tok, tok_ok, rk, K_BITS1, K_BITS2, K_TOKEN, GROUP, SYMMETRIC,
         ).to(dtype)  # fmt: skip
-        if PRE:
-            a1 = _dot(k, d1, DOT_FP32)  # (BLOCK_N, HALF_PAD): first half of the unrotated keys
-            a2 = _dot(k, d2, DOT_FP32)
-            angle = tok.to(tl.float32)[:, None] * inv_freq[None, :]
-            cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
-            sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
-            a1 = a1.to(dtype).to(tl.float32)  # keys are rounded to the model dtype, as the model's are
-            a2 = a2.to(dtype).to(tl.float32)
-            k1 = (a1 * cos - a2 * sin).to(dtype)
-            k2 = (a2 * cos + a1 * sin).to(dtype)
-            scores = _dot(q1, tl.trans(k1), DOT_FP32) + _dot(q2, tl.trans(k2), DOT_FP32)
-        else:
-            scores = _dot(q, tl.trans(k), DOT_FP32)
+        scores = _scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
         scores = scores * qk_scale
         if ALIBI:
             scores += slopes[:, None] * tok.to(tl.float32)[None, :]

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from eigenkv.kernels._launch import KernelConfig, KernelSpec, check_kernel_device, interpreting
-from eigenkv.kernels.lowrank_decode import KERNEL_DTYPES, _dot, _pad
+from eigenkv.kernels.lowrank_decode import KERNEL_DTYPES, _dot, _pad, _query_operands, _scores
 from eigenkv.kernels.scoring import Scoring
 
 # --- reference -------------------------------------------------------------------------------
@@ -98,23 +98,6 @@ def _tile(X, x_b, x_h, b, h, tok, tok_ok, feat, width):
 
 
 @triton.jit
-def _scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE: tl.constexpr, DOT_FP32: tl.constexpr):
-    # (BLOCK_M, BLOCK_N) raw scores of the query tile against key tile k (pre mode: rebuilt and rotated)
-    if PRE:
-        dtype = q1.dtype
-        a1 = _dot(k, d1, DOT_FP32).to(dtype).to(tl.float32)
-        a2 = _dot(k, d2, DOT_FP32).to(dtype).to(tl.float32)
-        angle = tok.to(tl.float32)[:, None] * inv_freq[None, :]
-        cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
-        sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
-        k1 = (a1 * cos - a2 * sin).to(dtype)
-        k2 = (a2 * cos + a1 * sin).to(dtype)
-        return _dot(q1, tl.trans(k1), DOT_FP32) + _dot(q2, tl.trans(k2), DOT_FP32)
-    else:
-        return _dot(q, tl.trans(k), DOT_FP32)
-
-
-@triton.jit
 def _prefill_kernel(
     Q, q_b, q_h, q_t,
     K, KH, V, VH, kv_b, kv_h, v_b, v_h,  # full and held (quantized) versions share strides
@@ -140,24 +123,9 @@ def _prefill_kernel(
     q_rows = Q + b * q_b + hq * q_h + rows[:, None].to(tl.int64) * q_t
     rk = tl.arange(0, RK_PAD)
     rv = tl.arange(0, RV_PAD)
-    if PRE:
-        j = tl.arange(0, HALF_PAD)
-        j_ok = j < half
-        q1 = tl.load(q_rows + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        q2 = tl.load(q_rows + half + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        dec = DEC + h * dec_h + rk[:, None] + j[None, :] * key_rank
-        dec_ok = (rk < key_rank)[:, None] & j_ok[None, :]
-        d1 = tl.load(dec, mask=dec_ok, other=0.0).to(dtype)
-        d2 = tl.load(dec + half * key_rank, mask=dec_ok, other=0.0).to(dtype)
-        inv_freq = tl.load(INV_FREQ + j, mask=j_ok, other=0.0)
-        q = q1  # unused in pre mode
-    else:
-        q = tl.load(q_rows + rk[None, :], mask=row_ok[:, None] & (rk < key_rank)[None, :], other=0.0)
-        q1 = q  # unused in rank mode
-        q2 = q
-        d1 = q
-        d2 = q
-        inv_freq = rk.to(tl.float32)
+    q, q1, q2, d1, d2, inv_freq = _query_operands(
+        q_rows, row_ok, DEC, h * dec_h, INV_FREQ, key_rank, half, rk, PRE, HALF_PAD
+    )
     if ALIBI:
         slope = tl.load(SLOPES + hq) * 1.4426950408889634
     if K_HELD:

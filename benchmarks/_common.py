@@ -85,7 +85,7 @@ class PointRun:
     """
 
     def __init__(self, out: Path, run_config: dict):
-        from eigenkv._atomic import atomic_write_json
+        from eigenkv.io import atomic_write_json
 
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, QuantizedCache
 
-from eigenkv._atomic import atomic_write_text
+from eigenkv.io import atomic_write_text
 from eigenkv.eval import load_model, load_windows, perplexity
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import PointRun
-from eigenkv._atomic import atomic_write_text
+from eigenkv.io import atomic_write_text
 from eigenkv.compress import EigenConfig, compress_model
 from eigenkv.compress.calibrate import calibrate
 from eigenkv.eval import kv_cache_bytes, load_model, load_windows, perplexity

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import PointRun
-from eigenkv._atomic import atomic_write_text
+from eigenkv.io import atomic_write_text
 from eigenkv.eval import kv_cache_bytes, load_model, load_windows, perplexity
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 

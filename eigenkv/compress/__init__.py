@@ -2,21 +2,24 @@
 
 - ``config``: :class:`EigenConfig` (target ratio or error budget, basis, allotment, RoPE mode;
   ``EigenConfig.method("paper")`` for the paper's method).
+- ``families``: which attention modules a model has and how to replace them.
 - ``calibrate``: streamed float64 Gram matrices of queries, keys and values (and loss gradients).
 - ``basis``: PCA and output-aware bases, and the paper's rank rule.
+- ``sensitivity``: the output error and predicted loss of truncated bases.
 - ``allot``: ranks per layer (error budget, or a target ratio met within 0.005: uniform,
   the paper's budget rule, or a measured Fisher sensitivity).
 - ``attention``: rank-space attention modules for the Llama family, OPT and MPT.
-- ``plan``: :func:`compress_model`, :class:`EigenPlan` (saved as safetensors + JSON),
-  :func:`load_compressed`.
-- ``accounting``: the KV layout of a compressed model, for honest sizes.
+- ``plan``: :class:`EigenPlan` (saved as safetensors + sealed JSON).
+- ``signature``: which model a plan belongs to (exact weight digests, any dtype).
+- ``build``: :func:`compress_model` and :func:`apply_plan`.
 - ``components``: :func:`prepare_components` (scale, rotate or split the cached components
   before quantizing them; folded into the plan).
 """
 
+from eigenkv.compress.build import apply_plan, compress_model, is_compressed
 from eigenkv.compress.components import ComponentQuantConfig, prepare_components
 from eigenkv.compress.config import EigenConfig
-from eigenkv.compress.plan import EigenPlan, apply_plan, compress_model, is_compressed, load_compressed
+from eigenkv.compress.plan import EigenPlan
 
 __all__ = [
     "ComponentQuantConfig",
@@ -25,6 +28,5 @@ __all__ = [
     "apply_plan",
     "compress_model",
     "is_compressed",
-    "load_compressed",
     "prepare_components",
 ]

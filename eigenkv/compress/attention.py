@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from eigenkv.kernels.scoring import Scoring
+from eigenkv.quant import routing
 
 MODES = ("pre", "post", "none")
 
@@ -96,16 +97,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-def _map_twin(held: torch.Tensor, out: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Carry a quantized cache's unquantized twin (see ``eigenkv.quant.cache``) through ``fn``."""
-    from eigenkv.quant.cache import _TWIN
-
-    twin = getattr(held, _TWIN, None)
-    if twin is not None:
-        setattr(out, _TWIN, (fn(twin[0]), twin[1]))
-    return out
-
-
 def _attention_function(config) -> Callable:
     """The attention function the model is set to use (sdpa, eager, eigenkv_quant, ...)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -117,7 +108,7 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
     if x.shape[-1] == width:
         return x
     padded = nn.functional.pad(x, (0, width - x.shape[-1]))
-    return _map_twin(x, padded, lambda t: nn.functional.pad(t, (0, width - t.shape[-1])))
+    return routing.map_twin(x, padded, lambda t: nn.functional.pad(t, (0, width - t.shape[-1])))
 
 
 def attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs) -> tuple[torch.Tensor, object]:
@@ -192,6 +183,11 @@ class EigenAttention(nn.Module):
         self.key_rank = int(bases.key.shape[-1])
         self.value_rank = int(bases.value.shape[-1])
 
+    def runtime_basis_elements(self) -> int:
+        """Elements of the bases attention reads at run time (counted in the KV accounting as fixed bytes)."""
+        kept = (getattr(self, name, None) for name in ("key_basis", "query_basis"))
+        return sum(basis.numel() for basis in kept if basis is not None)
+
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, mode={self.mode}, key_rank={self.key_rank}, value_rank={self.value_rank}"
 
@@ -253,13 +249,11 @@ class EigenLlamaAttention(EigenAttention):
         return apply_rope(coefficients @ self.key_basis.transpose(-1, -2), cos, sin)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        from eigenkv.kernels import dispatch
-
         batch, length, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, length, self.q_heads, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, self.kv_heads, self.value_rank).transpose(1, 2)
         training = self.training and self.attention_dropout > 0
-        kernel = self.sliding_window is None and dispatch.kernels_apply(query, training, **kwargs)
+        kernel = self.sliding_window is None and routing.kernels_apply(query, training, **kwargs)
         if self.mode == "pre":
             key = self.k_proj(hidden_states).view(batch, length, self.kv_heads, self.key_rank).transpose(1, 2)
             past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
@@ -269,16 +263,16 @@ class EigenLlamaAttention(EigenAttention):
                 positions = torch.arange(past, past + length, device=hidden_states.device)[None]
                 cos, sin = self._rotary(hidden_states, positions)
                 rotated = apply_rope(query, cos, sin)
-                out = dispatch.kernel_attention(rotated, key, value, attention_mask, self._scoring())
+                out = routing.kernel_attention(rotated, key, value, attention_mask, self._scoring())
                 if out is not None:
                     return self.o_proj(out.reshape(batch, length, -1)), None
-            key, value = dispatch.resolve(key), dispatch.resolve(value)
+            key, value = routing.resolve(key), routing.resolve(value)
             # Every position rotates by its index in the cache: scores depend only on position
             # differences, so this equals the model's rotation for any per-sequence offset
             # (left padding), and each cached key is rotated at its own position.
             cos, sin = self._rope_table(hidden_states, key.shape[-2])
             query = apply_rope(query, cos[:, past : past + length], sin[:, past : past + length])
-            keys = _map_twin(key, self.rebuild_keys(key, cos, sin), lambda k: self.rebuild_keys(k, cos, sin))
+            keys = routing.map_twin(key, self.rebuild_keys(key, cos, sin), lambda k: self.rebuild_keys(k, cos, sin))
         else:
             key = self.k_proj(hidden_states).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             cos, sin = position_embeddings
@@ -290,10 +284,10 @@ class EigenLlamaAttention(EigenAttention):
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
             if kernel:
-                out = dispatch.kernel_attention(query, key, value, attention_mask, self._scoring())
+                out = routing.kernel_attention(query, key, value, attention_mask, self._scoring())
                 if out is not None:
                     return self.o_proj(out.reshape(batch, length, -1)), None
-            keys, value = dispatch.resolve(key), dispatch.resolve(value)
+            keys, value = routing.resolve(key), routing.resolve(value)
         if self.sliding_window is not None:
             kwargs.setdefault("sliding_window", self.sliding_window)
         dropout = self.attention_dropout if self.training else 0.0
@@ -320,8 +314,6 @@ class EigenOPTAttention(EigenAttention):
         self.out_proj = fold_columns(original.out_proj, bases.value_decoder, self.num_heads)
 
     def forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
-        from eigenkv.kernels import dispatch
-
         batch, length, _ = hidden_states.shape
         query = (self.q_proj(hidden_states) * self.scaling).view(batch, length, -1, self.key_rank).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, length, -1, self.key_rank).transpose(1, 2)
@@ -329,11 +321,11 @@ class EigenOPTAttention(EigenAttention):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         training = self.training and self.dropout > 0
-        if dispatch.kernels_apply(query, training, output_attentions=output_attentions, **kwargs):
-            out = dispatch.kernel_attention(query, key, value, attention_mask, Scoring(1.0))  # q is prescaled
+        if routing.kernels_apply(query, training, output_attentions=output_attentions, **kwargs):
+            out = routing.kernel_attention(query, key, value, attention_mask, Scoring(1.0))  # q is prescaled
             if out is not None:
                 return self.out_proj(out.reshape(batch, length, -1)), None
-        key, value = dispatch.resolve(key), dispatch.resolve(value)
+        key, value = routing.resolve(key), routing.resolve(value)
         dropout = self.dropout if self.training else 0.0
         out, weights = attend(self, query, key, value, attention_mask, 1.0, dropout, **kwargs)  # q is prescaled
         return self.out_proj(out.reshape(batch, length, -1)), weights
@@ -376,8 +368,6 @@ class EigenMptAttention(EigenAttention):
         query = query.reshape(batch, length, self.n_heads, self.key_rank).transpose(1, 2)
         key = key.reshape(batch, length, self.n_heads, self.key_rank).transpose(1, 2)
         value = value.reshape(batch, length, self.n_heads, self.value_rank).transpose(1, 2)
-        from eigenkv.kernels import dispatch
-
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         training = self.training and self.attn_dropout_p > 0
@@ -385,15 +375,15 @@ class EigenMptAttention(EigenAttention):
             position_bias is not None
             and position_bias.shape[-1] >= 2
             and (attention_mask is not None or length == 1)  # MPT applies no causal mask without one
-            and dispatch.kernels_apply(query, training, **kwargs)
+            and routing.kernels_apply(query, training, **kwargs)
         ):
             # MPT's bias is slope_h * (j - (max_len - 1)); the kernels add slope_h * j (same softmax)
             slopes = (position_bias[:, 0, -1] - position_bias[:, 0, -2]).float()
             scoring = Scoring(self.softmax_scale, alibi_slopes=slopes)
-            out = dispatch.kernel_attention(query, key, value, attention_mask, scoring, masked_is_true=True)
+            out = routing.kernel_attention(query, key, value, attention_mask, scoring, masked_is_true=True)
             if out is not None:
                 return self.out_proj(out.reshape(batch, length, -1)), None
-        key, value = dispatch.resolve(key), dispatch.resolve(value)
+        key, value = routing.resolve(key), routing.resolve(value)
         scores = torch.matmul(query, key.transpose(-1, -2)) * self.softmax_scale
         # Same slicing of the ALiBi bias as MptAttention: it depends on key positions only.
         query_length = length if past_key_values is None else length + past_key_values.get_seq_length()

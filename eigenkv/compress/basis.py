@@ -203,3 +203,16 @@ def rank_for_eps(eigenvalues: torch.Tensor, eps: float) -> int:
     cumulative = s.cumsum(-1) / s.sum(-1, keepdim=True).clamp_min(1e-300)
     needed = (cumulative < eps - 1e-9).sum(-1) + 1
     return int(needed.clamp(max=eigenvalues.shape[-1]).max())
+
+
+def coefficient_variance(gram: torch.Tensor, encoder: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Mean square of each coefficient ``x E`` over calibration tokens: ``diag(E^T G E) / N``.
+
+    Args:
+        gram: ``(H_kv, d, d)`` float64 sum of ``x^T x`` per KV head.
+        encoder: ``(1 or H_kv, d, r)``.
+    Returns:
+        ``(H_kv, r)`` float64.
+    """
+    e = encoder.to(gram.device, torch.float64).expand(gram.shape[0], -1, -1)
+    return torch.einsum("hdr,hde,her->hr", e, gram, e) / max(tokens, 1)

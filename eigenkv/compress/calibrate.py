@@ -18,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eigenkv.compress.families import attention_sites, head_shape, project_qkv
-from eigenkv.eval.data import TokenWindows
+from eigenkv.compress.signature import model_signature
+from eigenkv.data import TokenWindows
 
 
 @dataclass
@@ -141,8 +142,6 @@ def calibrate(
                     "(load it in float32, or check its weights)"
                 )
     source = {**windows.describe(), "tokens": len(windows) * windows.seq_len}
-    from eigenkv.compress.plan import model_signature
-
     return Calibration(
         layers=stats,
         rotated=rotated,

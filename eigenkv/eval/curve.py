@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from eigenkv._atomic import atomic_write_json, atomic_write_text
+from eigenkv.io import atomic_write_json, atomic_write_text
+from eigenkv.plots import pyplot, save_figure
 
 QUICK_WINDOWS = 3
 
@@ -140,7 +141,7 @@ class CurveConfig:
 
 
 def _kv_bytes(model, quant, seq_len: int):
-    from eigenkv.eval.kv_memory import kv_cache_bytes
+    from eigenkv.memory import kv_cache_bytes
 
     return kv_cache_bytes(model, seq_len=seq_len, batch_size=1, quant=quant)
 
@@ -152,8 +153,8 @@ def run_curve(config: CurveConfig, out_root: str | Path = "results", progress: b
     from eigenkv.compress import EigenPlan, apply_plan, compress_model
     from eigenkv.compress.calibrate import calibrate
     from eigenkv.compress.components import prepare_components
-    from eigenkv.eval.data import load_windows
-    from eigenkv.eval.models import load_model, resolve_dtype
+    from eigenkv.data import load_windows
+    from eigenkv.models import load_model, resolve_dtype
     from eigenkv.eval.perplexity import perplexity
     from eigenkv.quant import QuantizedKV
     from eigenkv.quant.config import base_config
@@ -318,12 +319,7 @@ def pareto_table(rows: list[dict]) -> str:
 
 def plot_curve(rows: list[dict], path: Path, title: str = "") -> Path:
     """Perplexity (log) against KV GB: one curve per method, points labelled bits/group, baseline marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = pyplot().subplots(figsize=(7.5, 4.8))
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kv_gb_n2048"])
         xs, ys = [r["kv_gb_n2048"] for r in points], [r["ppl"] for r in points]
@@ -348,9 +344,4 @@ def plot_curve(rows: list[dict], path: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

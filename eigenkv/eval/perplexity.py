@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from eigenkv.eval.data import TokenWindows
+from eigenkv.data import TokenWindows
 
 
 @dataclass(frozen=True)

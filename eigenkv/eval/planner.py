@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eigenkv._atomic import atomic_write_json, atomic_write_text
+from eigenkv.io import atomic_write_json, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -190,13 +190,13 @@ class PlannerRun:
     @property
     def original(self):
         if self._original is None:
-            from eigenkv.eval.models import load_model, resolve_dtype
+            from eigenkv.models import load_model, resolve_dtype
 
             self._original, self._tokenizer = load_model(self.config.model, dtype=resolve_dtype(self.config.dtype))
         return self._original
 
     def texts(self):
-        from eigenkv.eval.data import load_windows
+        from eigenkv.data import load_windows
 
         if self._eval is None:
             cfg = self.config
@@ -311,7 +311,7 @@ def plan_for_budget(
     Returns:
         :class:`BudgetChoice`; the report is also written to ``budget_<GB>.json`` / ``.md`` in the run folder.
     """
-    from eigenkv.eval.kv_memory import GB, kv_cache_bytes
+    from eigenkv.memory import GB, kv_cache_bytes
 
     if not budget_gb > 0:
         raise ValueError(f"budget_gb must be positive; got {budget_gb}")

@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from eigenkv.kernels._launch import KernelSpec, interpreting
+from eigenkv.kernels.backend import interpreting
+from eigenkv.kernels.utils import KernelSpec
 
 # Kernel modules whose compile_specs() the compile check walks.
 KERNEL_MODULES = (

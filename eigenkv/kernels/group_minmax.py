@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from eigenkv.kernels._launch import KernelConfig, check_kernel_device
+from eigenkv.kernels.backend import check_kernel_device
+from eigenkv.kernels.utils import KernelConfig
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GROUP = 1024
@@ -106,7 +107,7 @@ def _check_inputs(x: torch.Tensor, group_size: int) -> None:
 
 def compile_specs():
     """Every (signature, constexprs, num_warps) the launcher can use, for the sm_80/sm_90 compile test."""
-    from eigenkv.kernels._launch import KernelSpec
+    from eigenkv.kernels.utils import KernelSpec
 
     for dtype in ("fp16", "bf16", "fp32"):
         for block_g in (16, 32, 64, 128, 256, 512, 1024):

@@ -36,12 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from eigenkv.kernels._launch import KernelConfig, KernelSpec, check_kernel_device, interpreting
+from eigenkv.kernels.backend import check_kernel_device, interpreting
+from eigenkv.kernels.utils import KERNEL_DTYPES, KernelConfig, KernelSpec, dot, pad_width, query_operands, qk_scores
 from eigenkv.kernels.scoring import Scoring
 from eigenkv.quant.packing import packed_length
-from eigenkv.quant.store import PackedStream
+from eigenkv.quant.packing import PackedStream
 
-KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 SCALE_DTYPE = torch.float16
 GROUP_SIZES = (16, 32, 64, 128)
 MAX_SPLITS = 128
@@ -165,56 +165,6 @@ def _stream_tile(
 
 
 @triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
-    # The interpreter computes bf16 dots wrongly (ARCHITECTURE.md section 5): fp32 operands there.
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _query_operands(
-    q_rows, row_ok, DEC, dec_base, INV_FREQ, key_rank, half, rk, PRE: tl.constexpr, HALF_PAD: tl.constexpr
-):
-    # (q, q1, q2, d1, d2, inv_freq) for _scores from the query rows (M, 1 pointers); the unused ones alias q.
-    # Pre mode: query halves (M, HALF_PAD), decoder halves transposed (RK_PAD, HALF_PAD) with element
-    # (r, j) = D[j, r] and D[half + j, r], and the RoPE frequencies.
-    if PRE:
-        j = tl.arange(0, HALF_PAD)
-        j_ok = j < half
-        q1 = tl.load(q_rows + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        q2 = tl.load(q_rows + half + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        dec = DEC + dec_base + rk[:, None] + j[None, :] * key_rank
-        dec_ok = (rk < key_rank)[:, None] & j_ok[None, :]
-        d1 = tl.load(dec, mask=dec_ok, other=0.0).to(q1.dtype)
-        d2 = tl.load(dec + half * key_rank, mask=dec_ok, other=0.0).to(q1.dtype)
-        return q1, q1, q2, d1, d2, tl.load(INV_FREQ + j, mask=j_ok, other=0.0)
-    else:
-        q = tl.load(q_rows + rk[None, :], mask=row_ok[:, None] & (rk < key_rank)[None, :], other=0.0)
-        return q, q, q, q, q, rk.to(tl.float32)
-
-
-@triton.jit
-def _scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE: tl.constexpr, DOT_FP32: tl.constexpr):
-    # (M, BLOCK_N) raw scores of the query tile against key tile k (BLOCK_N, RK_PAD) at positions tok;
-    # pre mode rebuilds the keys' halves a_i = k D_i^T, rounds them to the model dtype as the model
-    # does, and rotates them at their own positions.
-    if PRE:
-        dtype = q1.dtype
-        a1 = _dot(k, d1, DOT_FP32).to(dtype).to(tl.float32)
-        a2 = _dot(k, d2, DOT_FP32).to(dtype).to(tl.float32)
-        angle = tok.to(tl.float32)[:, None] * inv_freq[None, :]
-        cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
-        sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
-        k1 = (a1 * cos - a2 * sin).to(dtype)
-        k2 = (a2 * cos + a1 * sin).to(dtype)
-        return _dot(q1, tl.trans(k1), DOT_FP32) + _dot(q2, tl.trans(k2), DOT_FP32)
-    else:
-        return _dot(q, tl.trans(k), DOT_FP32)
-
-
-@triton.jit
 def _decode_kernel(
     Q, q_b, q_h,
     ACC, STATS,  # (B * H, SPLITS, RV_PAD), (B * H, SPLITS, 2) fp32 partials
@@ -250,7 +200,7 @@ def _decode_kernel(
     q_rows = Q + b * q_b + heads[:, None] * q_h
     rk = tl.arange(0, RK_PAD)
     rv = tl.arange(0, RV_PAD)
-    q, q1, q2, d1, d2, inv_freq = _query_operands(
+    q, q1, q2, d1, d2, inv_freq = query_operands(
         q_rows, row_ok, DEC, h * dec_h, INV_FREQ, key_rank, half, rk, PRE, HALF_PAD
     )
     if ALIBI:
@@ -268,7 +218,7 @@ def _decode_kernel(
             KW, kw_b, kw_h, kw_r, k_quantized, k_width1, key_rank,
             b, h, tok, tok_ok, rk, K_BITS1, K_BITS2, K_TOKEN, GROUP, SYMMETRIC,
         ).to(dtype)  # fmt: skip
-        scores = _scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
+        scores = qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
         scores = scores * qk_scale
         if ALIBI:
             scores += slopes[:, None] * tok.to(tl.float32)[None, :]
@@ -283,7 +233,7 @@ def _decode_kernel(
             VW, vw_b, vw_h, vw_r, v_quantized, v_width1, value_rank,
             b, h, tok, tok_ok, rv, V_BITS1, V_BITS2, V_TOKEN, GROUP, SYMMETRIC,
         ).to(dtype)  # fmt: skip
-        acc = acc * alpha[:, None] + _dot(p.to(dtype), v, DOT_FP32)
+        acc = acc * alpha[:, None] + dot(p.to(dtype), v, DOT_FP32)
         m_i = m_new
 
     out = (b * kv_heads * groups + heads) * n_splits + split  # row of (B * H, SPLITS)
@@ -308,11 +258,6 @@ def _merge_kernel(ACC, STATS, OUT, n_splits, value_rank, SPLITS_PAD: tl.constexp
 
 
 # --- launcher --------------------------------------------------------------------------------
-
-
-def _pad(n: int) -> int:
-    """Tile width of ``n`` features: a power of two, at least 16 (``tl.dot`` needs K >= 16 on NVIDIA GPUs)."""
-    return max(16, triton.next_power_of_2(n))
 
 
 def launch_config(mode: str, width: int, rank_pad: int, value_pad: int) -> KernelConfig:
@@ -457,8 +402,8 @@ def lowrank_decode(
         raise ValueError(f"{tokens} tokens: positions are int32 in the kernel")
 
     groups = q_heads // kv_heads
-    g_pad, rk_pad, rv_pad = _pad(groups), _pad(key_rank), _pad(value_rank)
-    half_pad = _pad(half) if mode == "pre" else 16
+    g_pad, rk_pad, rv_pad = pad_width(groups), pad_width(key_rank), pad_width(value_rank)
+    half_pad = pad_width(half) if mode == "pre" else 16
     cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad)
     block_n = cfg.constexprs["BLOCK_N"]
     n_splits = splits or num_splits(tokens, batch * kv_heads, block_n, query.device)

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from eigenkv.kernels._launch import KernelConfig, KernelSpec, check_kernel_device, interpreting
-from eigenkv.kernels.lowrank_decode import KERNEL_DTYPES, _dot, _pad, _query_operands, _scores
+from eigenkv.kernels.backend import check_kernel_device, interpreting
+from eigenkv.kernels.utils import KERNEL_DTYPES, KernelConfig, KernelSpec, dot, pad_width, query_operands, qk_scores
 from eigenkv.kernels.scoring import Scoring
 
 # --- reference -------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def _prefill_kernel(
     q_rows = Q + b * q_b + hq * q_h + rows[:, None].to(tl.int64) * q_t
     rk = tl.arange(0, RK_PAD)
     rv = tl.arange(0, RV_PAD)
-    q, q1, q2, d1, d2, inv_freq = _query_operands(
+    q, q1, q2, d1, d2, inv_freq = query_operands(
         q_rows, row_ok, DEC, h * dec_h, INV_FREQ, key_rank, half, rk, PRE, HALF_PAD
     )
     if ALIBI:
@@ -142,10 +142,10 @@ def _prefill_kernel(
         tok = n + tl.arange(0, BLOCK_N)
         tok_ok = (tok >= start) & (tok < seq)
         k = _tile(K, kv_b, kv_h, b, h, tok, tok_ok, rk, key_rank).to(dtype)
-        scores = _scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
+        scores = qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
         if K_HELD:
             k = _tile(KH, kv_b, kv_h, b, h, tok, tok_ok, rk, key_rank).to(dtype)
-            held = _scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
+            held = qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
             scores = tl.where(tok[None, :] < k_bound[:, None], held, scores)
         scores = scores * qk_scale
         if ALIBI:
@@ -160,11 +160,11 @@ def _prefill_kernel(
         v = _tile(V, v_b, v_h, b, h, tok, tok_ok, rv, value_rank).to(dtype)
         if V_HELD:
             from_held = tok[None, :] < v_bound[:, None]
-            acc += _dot(tl.where(from_held, 0.0, p).to(dtype), v, DOT_FP32)
+            acc += dot(tl.where(from_held, 0.0, p).to(dtype), v, DOT_FP32)
             v = _tile(VH, v_b, v_h, b, h, tok, tok_ok, rv, value_rank).to(dtype)
-            acc += _dot(tl.where(from_held, p, 0.0).to(dtype), v, DOT_FP32)
+            acc += dot(tl.where(from_held, p, 0.0).to(dtype), v, DOT_FP32)
         else:
-            acc += _dot(p.to(dtype), v, DOT_FP32)
+            acc += dot(p.to(dtype), v, DOT_FP32)
         m_i = m_new
     out = acc / tl.maximum(l_i, 1.0e-30)[:, None]  # a query without a visible key gives zeros
     dst = OUT + ((b * length + rows.to(tl.int64)) * q_heads + hq)[:, None] * value_rank + rv[None, :]
@@ -254,8 +254,8 @@ def lowrank_prefill(
         raise ValueError(f"starts must be int32 ({batch},) on {query.device}; got {starts.dtype} {tuple(starts.shape)}")
     mode = scoring.mode
     half = query.shape[-1] // 2 if mode == "pre" else 0
-    rk_pad, rv_pad = _pad(key_rank), _pad(value_rank)
-    half_pad = _pad(half) if mode == "pre" else 16
+    rk_pad, rv_pad = pad_width(key_rank), pad_width(value_rank)
+    half_pad = pad_width(half) if mode == "pre" else 16
     held = quantized_keys is not None or quantized_values is not None
     cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad, held)
     out = torch.empty((batch, length, q_heads, value_rank), dtype=query.dtype, device=query.device)

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from eigenkv.kernels._launch import KernelConfig, KernelSpec, check_kernel_device
+from eigenkv.kernels.backend import check_kernel_device
+from eigenkv.kernels.utils import KernelConfig, KernelSpec
 from eigenkv.quant.packing import pack, packed_length, unpack
 from eigenkv.quant.reference import NON_FINITE_MESSAGE, QuantizedGroups, check_quant_args, dequantize, quantize
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from eigenkv.quant.config import KVQuantConfig, MixedKVQuantConfig, base_config
+from eigenkv.quant.config import KVQuantConfig, MixedKVQuantConfig, base_config, quantized_prefix
 from eigenkv.quant.reference import hadamard
-from eigenkv.quant.store import QuantizedStream, SegmentedStream, quantized_prefix
+from eigenkv.quant.routing import kernel_attention, kernels_apply, resolve, stream_handle, tag_twin, twin_of
+from eigenkv.quant.store import QuantizedStream, SegmentedStream
 
 ATTN_NAME = "eigenkv_quant"
-# Attribute set on the key/value tensors a multi-token update returns: (unquantized twin, boundaries).
-_TWIN = "_eigenkv_unquantized"
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -68,8 +67,6 @@ class QuantizedKVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.read_packed and key_states.shape[-2] == 1 and self._kernels_read(key_states):
-            from eigenkv.kernels.dispatch import stream_handle
-
             self.key_stream.push(key_states)
             self.value_stream.push(value_states)
             return stream_handle(self.key_stream, key_states), stream_handle(self.value_stream, value_states)
@@ -86,12 +83,12 @@ class QuantizedKVLayer(DynamicLayer):
                 # Query p (holding m = p + 1 tokens) reads the twin of token j in [bound, m) that this
                 # call quantized (j < bounds[-1]); tag only when that happens for some query.
                 if any(max(b, flushed_from) < min(m, bounds[-1]) for b, m in zip(bounds, positions, strict=True)):
-                    setattr(held, _TWIN, (twin, torch.tensor(bounds, device=held.device)))
+                    tag_twin(held, twin, torch.tensor(bounds, device=held.device))
         return keys, values
 
     def _kernels_read(self, key_states: torch.Tensor) -> bool:
         """Whether the decode kernel reads this layer's store for states like ``key_states``."""
-        from eigenkv.kernels._launch import use_triton
+        from eigenkv.kernels.backend import use_triton
         from eigenkv.kernels.lowrank_decode import GROUP_SIZES, KERNEL_DTYPES
 
         cfg = self.config
@@ -132,7 +129,7 @@ class QuantizedKVCache(Cache):
     Args:
         config: the quantization settings (one precision, or two per layer).
         model_config: the model's config (number of layers).
-        read_packed: decode steps (one new token) on the kernel path (``eigenkv.kernels.dispatch``)
+        read_packed: decode steps (one new token) on the kernel path (``eigenkv.quant.routing``)
             return empty handles to the packed store instead of its dequantized contents, for the
             attention kernels to read; only eigenkv's attention (``QuantizedKV``, compressed models)
             understands them. ``QuantizedKV.new_cache`` sets it.
@@ -184,16 +181,15 @@ def quantized_cache_attention(module, query, key, value, attention_mask, scaling
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from eigenkv.kernels import dispatch
     from eigenkv.kernels.scoring import Scoring
 
-    if dispatch.kernels_apply(query, module.training and dropout > 0, **kwargs):
+    if kernels_apply(query, module.training and dropout > 0, **kwargs):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = dispatch.kernel_attention(query, key, value, attention_mask, Scoring(scale))
+        out = kernel_attention(query, key, value, attention_mask, Scoring(scale))
         if out is not None:
             return out, None
-    key, value = dispatch.resolve(key), dispatch.resolve(value)
-    key_twin, value_twin = getattr(key, _TWIN, None), getattr(value, _TWIN, None)
+    key, value = resolve(key), resolve(value)
+    key_twin, value_twin = twin_of(key), twin_of(value)
     if key_twin is None and value_twin is None:  # decode step, or no query sees a full-precision twin
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs

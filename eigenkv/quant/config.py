@@ -172,3 +172,10 @@ def base_config(config: KVQuantConfig | MixedKVQuantConfig) -> KVQuantConfig:
 def quant_config_from_dict(data: dict) -> KVQuantConfig | MixedKVQuantConfig:
     """Inverse of either config's ``to_dict``."""
     return MixedKVQuantConfig.from_dict(data) if "base" in data else KVQuantConfig.from_dict(data)
+
+def quantized_prefix(tokens: int, axis: str, group_size: int, residual: int) -> int:
+    """``T_q``: how many of ``tokens`` held tokens are stored quantized (the rest is the full-precision window)."""
+    # Per token: all but the last ``residual`` tokens. Per channel: only whole groups of G tokens
+    # (a group shares one scale per feature, so it is quantized once it fills).
+    old = max(0, tokens - residual)
+    return old if axis == "token" else (old // group_size) * group_size

@@ -18,9 +18,12 @@ is completed with zero codes; ``unpack`` takes ``n`` to drop them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from eigenkv.quant.config import SUPPORTED_BITS
+from eigenkv.quant.reference import QuantizedGroups, dequantize
 
 
 def packed_length(n: int, bits: int) -> int:
@@ -88,3 +91,68 @@ def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tens
     else:
         out = _unpack_plane(p, bits, n)
     return out.movedim(-1, dim).contiguous()
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Quantized features of a stream in the layout of ``eigenkv.quant.store`` (one precision).
+
+    Attributes:
+        codes: uint8, per token ``(B, H, T_q, packed_length(width, bits))``,
+            per channel ``(B, H, T_q / G * packed_length(G, bits), width)``.
+        scale, zero: ``(B, H, T_q, ceil(width / G))`` or ``(B, H, T_q / G, width)``; ``zero`` None when symmetric.
+        bits: code width; width: features in this segment.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    width: int
+
+
+@dataclass(frozen=True)
+class PackedStream:
+    """One stream as stored: ``segments`` (consecutive features) quantize tokens ``[0, quantized_tokens)``,
+    ``window`` ``(B, H, S - quantized_tokens, D)`` holds the rest in full precision.
+
+    The attention kernels read this; :meth:`dequantize` is the reference reading.
+    """
+
+    segments: tuple[Segment, ...]
+    window: torch.Tensor
+    quantized_tokens: int
+    axis: str = "token"
+    group_size: int = 64
+    symmetric: bool = False
+
+    @classmethod
+    def full_precision(cls, x: torch.Tensor) -> PackedStream:
+        """An unquantized ``(B, H, S, D)`` tensor (a plain cache) as a stream that is all window."""
+        return cls((), x, 0)
+
+    @property
+    def tokens(self) -> int:
+        return self.quantized_tokens + self.window.shape[-2]
+
+    @property
+    def width(self) -> int:
+        return self.window.shape[-1]
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """Everything held, in ``dtype``: ``(B, H, S, D)``."""
+        parts = []
+        for segment in self.segments:
+            n, g = self.quantized_tokens, self.group_size
+            if self.axis == "token":
+                codes, dim = unpack(segment.codes, segment.bits, segment.width, dim=-1), 3
+            else:
+                b, h = segment.codes.shape[:2]
+                blocks = segment.codes.view(b, h, n // g, packed_length(g, segment.bits), segment.width)
+                codes, dim = unpack(blocks, segment.bits, g, dim=-2).flatten(2, 3), 2
+            q = QuantizedGroups(codes, segment.scale, segment.zero, segment.bits, g, dim, self.symmetric)
+            parts.append(dequantize(q, dtype))
+        window = self.window.to(dtype)
+        if not parts:
+            return window
+        return torch.cat([torch.cat(parts, dim=-1), window], dim=-2)

@@ -8,8 +8,8 @@ import torch
 from eigenkv.compress import EigenConfig, EigenPlan, apply_plan, compress_model
 from eigenkv.compress.calibrate import calibrate
 from eigenkv.compress.components import ComponentQuantConfig, high_components, prepare_components
-from eigenkv.compress.plan import coefficient_variance
-from eigenkv.eval.kv_memory import cache_tensor_bytes, kv_cache_bytes
+from eigenkv.compress.basis import coefficient_variance
+from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV, fake_quantize
 from eigenkv.quant.config import MixedKVQuantConfig
 from tests.compress.test_compress import tokens_for, windows_for

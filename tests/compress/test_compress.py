@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from eigenkv.compress import EigenConfig, EigenPlan, compress_model, is_compressed, load_compressed
+from eigenkv.compress import EigenConfig, EigenPlan, apply_plan, compress_model, is_compressed
 from eigenkv.compress.attention import EigenAttention
 from eigenkv.compress.families import attention_sites
-from eigenkv.eval.data import TokenWindows
-from eigenkv.eval.kv_memory import cache_tensor_bytes, kv_cache_bytes
+from eigenkv.data import TokenWindows
+from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
 from tests.helpers import tiny_llama, tiny_mpt, tiny_opt
 
 # (family, model factory, RoPE mode); OPT/MPT have no RoPE, their mode argument is ignored.
@@ -295,18 +295,19 @@ def test_plan_round_trip_and_refusals(tmp_path):
         plan.save(tmp_path / "plan")
 
     fresh = tiny_llama(kv_heads=2)
-    loaded = load_compressed(fresh, path)
+    loaded = EigenPlan.load(path)
+    apply_plan(fresh, loaded)
     assert loaded.ranks == plan.ranks and loaded.mode == "post"
     x = tokens_for(model)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
 
+    with pytest.raises(ValueError, match="other attention weights"):
+        apply_plan(tiny_llama(kv_heads=2, seed=7), loaded)  # same shapes, other weights
     with pytest.raises(ValueError, match="another model"):
-        load_compressed(tiny_llama(kv_heads=2, seed=7), path)  # same shapes, other weights
-    with pytest.raises(ValueError, match="another model"):
-        load_compressed(tiny_llama(kv_heads=4), path)
+        apply_plan(tiny_llama(kv_heads=4), loaded)
     with pytest.raises(ValueError, match="already compressed"):
-        load_compressed(fresh, path)
+        apply_plan(fresh, loaded)
 
     corrupt = tmp_path / "corrupt"
     plan.save(corrupt)
@@ -324,20 +325,30 @@ def test_plan_round_trip_and_refusals(tmp_path):
     plan.save(skewed)
     tensors = load_file(skewed / "bases.safetensors")
     tensors["layers.1.value_dual"] = tensors["layers.1.value_dual"] * 1.1
-    save_file(tensors, skewed / "bases.safetensors", metadata={"format": "eigenkv-plan/2"})
+    save_file(tensors, skewed / "bases.safetensors", metadata={"format": "eigenkv-plan/3"})
+    with pytest.raises(ValueError, match="modified after the plan was saved"):
+        EigenPlan.load(skewed)  # an edited bases file is refused by its digest
+    # ... and one whose digest was updated too is still refused by the consistency checks
+    from eigenkv.io import seal, sha256_file
+
+    resealed = {**json.loads((skewed / "plan.json").read_text()), "bases_sha256": sha256_file(skewed / "bases.safetensors")}
+    (skewed / "plan.json").write_text(json.dumps(seal(resealed)))
     with pytest.raises(ValueError, match="not biorthogonal"):
         EigenPlan.load(skewed)
 
-    # Plans written before output-aware bases (format /1, no basis field) load as PCA plans.
-    old = tmp_path / "old"
-    compress_model(tiny_llama(kv_heads=2), windows, EigenConfig.method("paper", target_ratio=0.5), progress=False).save(
-        old
-    )
-    legacy = json.loads((old / "plan.json").read_text())
-    legacy["format"] = "eigenkv-plan/1"
-    del legacy["config"]["basis"]
-    (old / "plan.json").write_text(json.dumps(legacy))
-    assert EigenPlan.load(old).config.basis == "pca"
+    # Any edit of plan.json is refused; so are plans of older formats (their digests cannot be checked).
+    edited = tmp_path / "edited"
+    plan.save(edited)
+    meta = json.loads((edited / "plan.json").read_text())
+    meta["errors"][0] = 0.0
+    (edited / "plan.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="edited after it was written"):
+        EigenPlan.load(edited)
+    meta["format"] = "eigenkv-plan/2"
+    (edited / "plan.json").write_text(json.dumps(seal(meta)))
+    with pytest.raises(ValueError, match="recompute the plan"):
+        EigenPlan.load(edited)
+    assert oct((edited / "plan.json").stat().st_mode & 0o777) != oct(0o600)  # readable by other users
 
 
 def test_bad_input_raises_clear_errors():

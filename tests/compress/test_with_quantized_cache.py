@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from eigenkv.compress import EigenConfig, compress_model
-from eigenkv.eval.kv_memory import cache_tensor_bytes, kv_cache_bytes
+from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 from tests.compress.test_compress import tokens_for, windows_for
 from tests.helpers import parallel_and_stepwise, tiny_llama, tiny_opt

@@ -9,9 +9,9 @@ from transformers import DynamicCache
 from eigenkv.compress import EigenPlan, apply_plan
 from eigenkv.compress.components import ComponentQuantConfig, prepare_components
 from eigenkv.eval.curve import CurveConfig, pareto_table, run_curve
-from eigenkv.eval.data import load_windows
-from eigenkv.eval.kv_memory import cache_tensor_bytes
-from eigenkv.eval.models import load_model
+from eigenkv.data import load_windows
+from eigenkv.memory import cache_tensor_bytes
+from eigenkv.models import load_model
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 from eigenkv.quant.config import quant_config_from_dict
 from tests.eval.test_cli import model_dir  # noqa: F401  (fixture)

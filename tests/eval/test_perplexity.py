@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eigenkv.eval.data import tokenize_windows
+from eigenkv.data import tokenize_windows
 from eigenkv.eval.perplexity import perplexity
 from tests.helpers import char_tokenizer, tiny_llama
 

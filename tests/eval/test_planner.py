@@ -5,7 +5,7 @@ import json
 import pytest
 
 from eigenkv.cli import main
-from eigenkv.eval.kv_memory import GB
+from eigenkv.memory import GB
 from eigenkv.eval.planner import PlannerConfig, PlannerRun, candidates, plan_for_budget
 from tests.eval.test_cli import model_dir  # noqa: F401  (fixture)
 

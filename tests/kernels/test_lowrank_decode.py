@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from eigenkv.compress import EigenConfig, compress_model
-from eigenkv.kernels import dispatch
+from eigenkv.quant import routing
 from eigenkv.kernels import lowrank_decode as decode_module
 from eigenkv.kernels import lowrank_prefill as prefill_module
 from eigenkv.kernels.lowrank_decode import lowrank_decode, lowrank_decode_reference
 from eigenkv.kernels.scoring import Scoring
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
 from eigenkv.quant.config import MixedKVQuantConfig
-from eigenkv.quant.store import PackedStream, QuantizedStream, Segment, SegmentedStream
+from eigenkv.quant.packing import PackedStream, Segment
+from eigenkv.quant.store import QuantizedStream, SegmentedStream
 from tests.compress.test_compress import tokens_for, windows_for
 from tests.helpers import DEVICE, tiny_llama, tiny_mpt, tiny_opt
 
@@ -143,10 +144,10 @@ def test_bad_input_is_refused_with_the_fix():
 
 def test_key_bounds_accept_one_range_per_row_only():
     visible = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
-    starts, ends = dispatch.key_bounds(visible, 3, 5, "cpu")
+    starts, ends = routing.key_bounds(visible, 3, 5, "cpu")
     assert starts.tolist() == [2, 0, 0] and ends.tolist() == [5, 4, 0]
     holes = torch.tensor([[1, 0, 1, 1, 1]], dtype=torch.bool)
-    assert dispatch.key_bounds(holes, 1, 5, "cpu") is None
+    assert routing.key_bounds(holes, 1, 5, "cpu") is None
 
 
 # --- wiring: the models decode through the kernel ------------------------------------------------

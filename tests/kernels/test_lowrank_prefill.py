@@ -4,7 +4,7 @@ quantized view; the mask check that decides when the models use it."""
 import pytest
 import torch
 
-from eigenkv.kernels import dispatch
+from eigenkv.quant import routing
 from eigenkv.kernels.lowrank_prefill import lowrank_prefill, lowrank_prefill_reference
 from eigenkv.kernels.scoring import Scoring
 from tests.helpers import DEVICE
@@ -96,9 +96,9 @@ def test_causal_starts_accepts_only_causal_attention_to_one_range():
     causal = positions[None, :] <= (seq - length + torch.arange(length))[:, None]
     padded = causal & (positions >= 3)[None, :]  # second row left-padded by 3: its first query sees nothing
     mask = torch.stack([causal, padded])[:, None]  # (B, 1, T, S) bool, True = attend
-    assert dispatch.causal_starts(mask, 2, length, seq, False, "cpu").tolist() == [0, 3]
+    assert routing.causal_starts(mask, 2, length, seq, False, "cpu").tolist() == [0, 3]
     additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    assert dispatch.causal_starts(additive, 2, length, seq, False, "cpu").tolist() == [0, 3]
-    assert dispatch.causal_starts(~mask, 2, length, seq, True, "cpu").tolist() == [0, 3]  # MPT's convention
+    assert routing.causal_starts(additive, 2, length, seq, False, "cpu").tolist() == [0, 3]
+    assert routing.causal_starts(~mask, 2, length, seq, True, "cpu").tolist() == [0, 3]  # MPT's convention
     full = torch.ones_like(mask)  # bidirectional: not causal
-    assert dispatch.causal_starts(full, 2, length, seq, False, "cpu") is None
+    assert routing.causal_starts(full, 2, length, seq, False, "cpu") is None

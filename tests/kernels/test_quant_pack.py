@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from eigenkv.kernels._launch import interpreting
+from eigenkv.kernels.backend import interpreting
 from eigenkv.kernels.quant_pack import (
     quantize_pack,
     quantize_pack_reference,

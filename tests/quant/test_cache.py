@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from eigenkv.eval.data import load_windows
-from eigenkv.eval.kv_memory import cache_tensor_bytes, kv_cache_bytes
+from eigenkv.data import load_windows
+from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.eval.perplexity import perplexity
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
 from tests.helpers import DEVICE, tiny_llama, tiny_opt

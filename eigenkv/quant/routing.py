@@ -1,6 +1,12 @@
-"""When the attention modules run the attention kernels, and what they hand them.
+"""Routing attention into Hugging Face models: when the kernels run, and what a cache hands attention.
 
-The switch is :func:`eigenkv.kernels._launch.backend` (``EIGENKV_BACKEND``):
+A quantized cache returns either plain tensors, *handles* (empty tensors tagged
+with the packed store, for the decode kernel) or held tensors tagged with
+their unquantized *twins* (a multi-token forward, see ``eigenkv.quant.cache``).
+This module owns those tags; the attention functions (``eigenkv.quant.cache``,
+``eigenkv.compress.attention``) read them through the functions below.
+
+The kernel switch is :func:`eigenkv.kernels.utils.backend` (``EIGENKV_BACKEND``):
 with ``auto`` an fp16/bf16 forward on CUDA runs
 :func:`~eigenkv.kernels.lowrank_decode.lowrank_decode` for one new token and
 :func:`~eigenkv.kernels.lowrank_prefill.lowrank_prefill` for several; CPU
@@ -12,17 +18,38 @@ from __future__ import annotations
 
 import torch
 
-from eigenkv.kernels._launch import use_triton
-from eigenkv.quant.store import PackedStream
+from eigenkv.kernels.backend import use_triton
+from eigenkv.quant.packing import PackedStream
 
 # Set on the (B, H_kv, 0, D) tensors a QuantizedKVCache returns instead of its dequantized contents.
 STREAM_ATTR = "_eigenkv_stream"
+# Set on the key/value tensors a multi-token update returns: (unquantized twin, per-query boundaries).
+TWIN_ATTR = "_eigenkv_unquantized"
 _BOUNDS_ATTR = "_eigenkv_key_bounds"
+
+
+def tag_twin(held: torch.Tensor, twin: torch.Tensor, bounds: torch.Tensor) -> None:
+    """Mark ``held`` (what the cache holds) with its unquantized ``twin``: query ``p`` reads key ``j``
+    quantized when ``j < bounds[p]`` and the twin otherwise."""
+    setattr(held, TWIN_ATTR, (twin, bounds))
+
+
+def twin_of(held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(twin, bounds)`` tagged on ``held`` by :func:`tag_twin`, or None."""
+    return getattr(held, TWIN_ATTR, None)
+
+
+def map_twin(held: torch.Tensor, out: torch.Tensor, fn) -> torch.Tensor:
+    """Carry ``held``'s twin through ``fn`` onto ``out = fn(held)`` (padding, key rebuilds); returns ``out``."""
+    twin = twin_of(held)
+    if twin is not None:
+        tag_twin(out, fn(twin[0]), twin[1])
+    return out
 
 
 def kernels_apply(query: torch.Tensor, training: bool = False, **kwargs) -> bool:
     """Whether a forward with ``query`` ``(B, H, T, e)`` should use the attention kernels."""
-    from eigenkv.kernels.lowrank_decode import KERNEL_DTYPES
+    from eigenkv.kernels.utils import KERNEL_DTYPES
 
     return (
         not training
@@ -55,14 +82,13 @@ def kernel_attention(query, key, value, attention_mask, scoring, masked_is_true:
         out = lowrank_decode(query[:, :, 0], keys, values, scoring, starts=bounds[0], ends=bounds[1])
         return out.unsqueeze(1)
     from eigenkv.kernels.lowrank_prefill import lowrank_prefill
-    from eigenkv.quant.cache import _TWIN
 
     starts = causal_starts(attention_mask, batch, length, key.shape[-2], masked_is_true, query.device)
     if starts is None:
         return None
     views = []
     for held in (key, value):
-        twin = getattr(held, _TWIN, None)
+        twin = twin_of(held)
         views.append((held, None) if twin is None else (twin[0], (held, twin[1].to(torch.int32))))
     (keys, quantized_keys), (values, quantized_values) = views
     return lowrank_prefill(

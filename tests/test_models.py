@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from eigenkv.eval import models
-from eigenkv.eval.models import load_model, resolve_dtype
+from eigenkv import models
+from eigenkv.models import load_model, resolve_dtype
 from eigenkv.eval.perplexity import perplexity
 from tests.helpers import char_tokenizer, tiny_llama
 
@@ -40,7 +40,7 @@ def test_default_model_converts_once_then_loads_from_cache(smollm2, smollm2_cach
 @needs_smollm2
 @needs_data
 def test_smoke_real_model_short_window_perplexity_is_plausible(smollm2):
-    from eigenkv.eval.data import load_windows
+    from eigenkv.data import load_windows
 
     model, tokenizer = smollm2
     windows = load_windows("wikitext2", tokenizer, 256, count=1)
@@ -53,8 +53,8 @@ def test_smoke_real_model_short_window_perplexity_is_plausible(smollm2):
 @needs_smollm2
 @needs_data
 def test_baseline_matches_architecture_protocol(smollm2):
-    """ARCHITECTURE.md section 6: fp32, first 8 windows x 2048 of Wikitext-2 test, no BOS -> 19.26."""
-    from eigenkv.eval.data import load_windows
+    """The reference protocol: fp32, first 8 windows x 2048 of Wikitext-2 test, no BOS -> 19.26 (measured before the library)."""
+    from eigenkv.data import load_windows
 
     model, tokenizer = smollm2
     result = perplexity(model, load_windows("wikitext2", tokenizer, 2048, count=8), progress=False)

@@ -1,12 +1,15 @@
-"""Atomic writes: a reader sees the old file (or none) or the complete new one.
+"""Files eigenkv writes: atomic writes, and seals that make any later edit detectable.
 
 Every artifact and result that eigenkv writes goes through these helpers, so a
 run killed half-way never leaves a truncated JSON or a half-converted model
-that a later run would trust.
+that a later run would trust. Artifacts record the SHA-256 of their files and
+of their own JSON content (:func:`seal`), so a file edited by hand is refused
+on load with a clear message instead of being trusted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -69,3 +72,34 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+SEAL_KEY = "content_sha256"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content_digest(obj: dict) -> str:
+    body = {k: v for k, v in obj.items() if k != SEAL_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def seal(obj: dict) -> dict:
+    """``obj`` plus the SHA-256 of its canonical JSON under ``"content_sha256"`` (checked by :func:`check_seal`)."""
+    return {**obj, SEAL_KEY: _content_digest(obj)}
+
+
+def check_seal(obj: dict, path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` when ``obj`` (read from ``path``) was edited after :func:`seal`."""
+    if obj.get(SEAL_KEY) != _content_digest(obj):
+        raise ValueError(
+            f"{path} was edited after it was written (its content no longer matches its {SEAL_KEY}); "
+            "eigenkv does not trust edited artifacts: recompute it"
+        )

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from eigenkv.eval.data import TokenWindows, load_text, load_windows, tokenize_windows
+from eigenkv.data import TokenWindows, load_text, load_windows, tokenize_windows
 from tests.helpers import char_tokenizer
 
 needs_shared_data = pytest.mark.skipif(
@@ -52,7 +52,7 @@ def test_train_split_is_not_offline(monkeypatch, tmp_path):
 
 
 def test_wikitext2_goes_to_the_hub_only_when_allowed(monkeypatch, tmp_path):
-    from eigenkv.eval import data
+    from eigenkv import data
 
     monkeypatch.setenv("EIGENKV_DATA_DIR", str(tmp_path))  # no offline file there
     monkeypatch.setattr(data, "_read_wikitext_from_hub", lambda split: f"hub {split}")

@@ -15,7 +15,7 @@ Windows (``tokenize_windows``): the whole text is tokenized once without special
 tokens, then cut into consecutive, non-overlapping windows of ``seq_len`` tokens;
 a tail shorter than ``seq_len`` is dropped. BOS policy:
 
-- ``"none"`` (default, the protocol of ARCHITECTURE.md section 6): no BOS anywhere.
+- ``"none"`` (default, the protocol of the results in docs/results.md): no BOS anywhere.
 - ``"window"``: every window is ``[BOS] + seq_len - 1`` text tokens; the BOS is
   context only (never a predicted token).
 - ``"stream"``: one BOS before the whole token stream (what ``tokenizer(text)``
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from eigenkv._env import env_flag
+from eigenkv.env import env_flag
 
 BOS_POLICIES = ("none", "window", "stream")
 

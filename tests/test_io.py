@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from eigenkv._atomic import atomic_directory, atomic_write_json
+from eigenkv.io import atomic_directory, atomic_write_json
 
 
 def test_json_write_replaces_whole_file_and_leaves_no_temp(tmp_path):

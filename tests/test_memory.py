@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from eigenkv.eval.kv_memory import AttentionShape, DenseStorage, KVLayout, LayerKV, cache_tensor_bytes, kv_cache_bytes
+from eigenkv.memory import AttentionShape, DenseStorage, KVLayout, LayerKV, cache_tensor_bytes, kv_cache_bytes
 from tests.helpers import tiny_llama, tiny_mpt, tiny_opt
 
 

@@ -1,34 +1,16 @@
-"""Shared launcher plumbing: launch configs, compile specs and device checks."""
+"""Which code path runs: Triton kernels or their PyTorch references (``$EIGENKV_BACKEND``).
+
+Imports no Triton, so callers above the kernels (caches, attention routing)
+can ask without loading it.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 import torch
 
-from eigenkv._env import env_flag
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Compile-time block sizes and warps of one launch."""
-
-    constexprs: dict
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """One compilation of a kernel: argument types and constexpr values, as a launcher uses it."""
-
-    name: str
-    fn: object
-    signature: dict
-    constexprs: dict = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 3
+from eigenkv.env import env_flag
 
 
 BACKENDS = ("auto", "triton", "torch")

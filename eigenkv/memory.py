@@ -1,11 +1,24 @@
-"""Honest KV-cache accounting: bytes of everything a cache stores.
+"""Honest KV-cache accounting: bytes of everything a cache stores, in one place.
 
 A cache is described by a :class:`KVLayout`: for every layer, how many KV heads
 it has and how one head's keys and values are stored per token (a *storage*).
-``KVLayout.nbytes(seq_len, batch_size)`` sums every component a storage names
-(dense data now; codes, scales, zero points, full-precision windows and bases
-as later storages add them), so every reported size comes from one place and a
-test compares it with the bytes a real cache holds (:func:`cache_tensor_bytes`).
+``KVLayout.nbytes(seq_len, batch_size)`` sums every component a storage names,
+so every reported size comes from one place, and tests compare it with the
+bytes a real cache holds (:func:`cache_tensor_bytes`):
+
+- dense caches (:class:`DenseStorage`): ``d_h`` (or a rank) elements per token;
+- quantized caches (:class:`QuantizedStorage`), per KV head and sequence of
+  ``n`` tokens with ``T_q = quantized_prefix(n)`` quantized tokens (``b`` bits,
+  group ``G``, width ``D``): per token, codes ``T_q * packed_length(D, b)``
+  bytes and ``T_q * ceil(D / G)`` scales and zeros; per channel, codes
+  ``T_q / G * packed_length(G, b) * D`` bytes and ``T_q / G * D`` scales and
+  zeros; the window ``(n - T_q) * D`` values of the model's dtype; plus, with
+  ``rotate``, one ``D x D`` float32 Hadamard matrix. Two-precision streams
+  (``MixedKVQuantConfig``) are the sum of their segments.
+- compressed models (any module exposing ``key_rank``, ``value_rank``,
+  ``kv_heads``, ``layer_idx`` and ``runtime_basis_elements()``, as
+  ``eigenkv.compress`` attention does): ``r_k``/``r_v`` elements per KV head and
+  token, plus the bases kept at run time as fixed bytes.
 
 Sizes are reported in GB of 2^30 bytes, as the paper's Figure 3 does at batch
 1 and n = 2048: an fp16 Llama-2-7B cache of 2048 tokens is exactly 1.00 GB.
@@ -17,6 +30,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+from eigenkv.quant.config import KVQuantConfig, MixedKVQuantConfig, base_config, quantized_prefix
+from eigenkv.quant.packing import packed_length
+from eigenkv.quant.reference import num_groups
 
 GB = 2**30
 
@@ -184,13 +201,8 @@ def kv_cache_bytes(
         if dtype is not None or quant is not None:
             raise ValueError("a KVLayout carries its own storage; do not pass dtype or quant with it")
         return model_or_config.nbytes(seq_len, batch_size)
-    if isinstance(model_or_config, torch.nn.Module):
-        from eigenkv.compress.plan import is_compressed
-
-        if is_compressed(model_or_config):
-            from eigenkv.compress.accounting import compressed_layout
-
-            return compressed_layout(model_or_config, dtype or torch.float16, quant).nbytes(seq_len, batch_size)
+    if isinstance(model_or_config, torch.nn.Module) and rank_space_modules(model_or_config):
+        return compressed_layout(model_or_config, dtype or torch.float16, quant).nbytes(seq_len, batch_size)
     config = getattr(model_or_config, "config", model_or_config)
     shape = AttentionShape.from_config(config)
     if shape.sliding_window is not None and seq_len > shape.sliding_window:
@@ -201,10 +213,116 @@ def kv_cache_bytes(
     if quant is None:
         layout = KVLayout.dense(shape, dtype or torch.float16)
     else:
-        from eigenkv.quant.accounting import quantized_layout
-
         layout = quantized_layout(shape, quant, dtype or torch.float16)
     return layout.nbytes(seq_len, batch_size)
+
+
+@dataclass(frozen=True)
+class QuantizedStorage:
+    """Storage of one KV head's keys or values in a quantized cache (a ``Storage`` for ``KVLayout``)."""
+
+    width: int
+    config: KVQuantConfig
+    axis: str
+    window_dtype: torch.dtype = torch.float16
+
+    def nbytes(self, tokens: int) -> dict[str, int]:
+        cfg = self.config
+        quantized = quantized_prefix(tokens, self.axis, cfg.group_size, cfg.residual)
+        scale_size = cfg.torch_scale_dtype.itemsize
+        if self.axis == "token":
+            codes = quantized * packed_length(self.width, cfg.bits)
+            params = quantized * num_groups(self.width, cfg.group_size)
+        else:
+            blocks = quantized // cfg.group_size
+            codes = blocks * packed_length(cfg.group_size, cfg.bits) * self.width
+            params = blocks * self.width
+        return {
+            "codes": codes,
+            "scales": params * scale_size,
+            "zeros": 0 if cfg.symmetric else params * scale_size,
+            "window": (tokens - quantized) * self.width * self.window_dtype.itemsize,
+        }
+
+
+@dataclass(frozen=True)
+class SegmentedStorage:
+    """Storage of a stream split into feature segments of different precision (a ``Storage``)."""
+
+    parts: tuple[QuantizedStorage, ...]
+
+    def nbytes(self, tokens: int) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for part in self.parts:
+            for name, n in part.nbytes(tokens).items():
+                total[name] = total.get(name, 0) + n
+        return total
+
+
+def stream_storage(
+    width: int,
+    config: KVQuantConfig | MixedKVQuantConfig,
+    kind: str,
+    layer: int,
+    window_dtype: torch.dtype = torch.float16,
+) -> QuantizedStorage | SegmentedStorage:
+    """Storage of layer ``layer``'s ``kind`` (``"key"``/``"value"``) stream of ``width`` features."""
+    base = base_config(config)
+    axis = base.axis_k if kind == "key" else base.axis_v
+    if isinstance(config, MixedKVQuantConfig):
+        segments = config.segments(layer, kind, width)
+        return SegmentedStorage(tuple(QuantizedStorage(n, c, axis, window_dtype) for n, c in segments))
+    return QuantizedStorage(width, config, axis, window_dtype)
+
+
+def quantized_layout(
+    shape: AttentionShape, config: KVQuantConfig | MixedKVQuantConfig, window_dtype: torch.dtype = torch.float16
+) -> KVLayout:
+    """The ``KVLayout`` of a :class:`QuantizedKVCache` on a model of this shape."""
+    if isinstance(config, MixedKVQuantConfig) and config.layers != shape.layers:
+        raise ValueError(f"the MixedKVQuantConfig describes {config.layers} layers; this model has {shape.layers}")
+    layers = tuple(
+        LayerKV(
+            shape.kv_heads,
+            stream_storage(shape.head_dim, config, "key", i, window_dtype),
+            stream_storage(shape.head_dim, config, "value", i, window_dtype),
+        )
+        for i in range(shape.layers)
+    )
+    fixed = {"rotation": shape.head_dim**2 * 4} if base_config(config).rotate else {}
+    return KVLayout(layers=layers, fixed=fixed)
+
+
+def rank_space_modules(model: torch.nn.Module) -> list:
+    """Attention modules of ``model`` that cache rank-space keys and values (``eigenkv.compress``), in layer order."""
+    return [m for m in model.modules() if callable(getattr(m, "runtime_basis_elements", None))]
+
+
+def compressed_layout(model: nn.Module, dtype: torch.dtype = torch.float16, quant=None) -> KVLayout:
+    """The ``KVLayout`` of a compressed model's cache.
+
+    Args:
+        model: compressed in place by ``eigenkv.compress`` (its attention modules cache rank-space states).
+        dtype: element type of a dense cache, of a quantized cache's window, and of the kept bases.
+        quant: a ``KVQuantConfig`` (or ``MixedKVQuantConfig``) when the cache is quantized.
+    """
+    modules = rank_space_modules(model)
+    if not modules:
+        raise ValueError("this model is not compressed; use kv_cache_bytes(model) for its dense cache")
+    if quant is not None:
+        if base_config(quant).rotate:
+            raise ValueError("rotate=True rotates the head dimension; a compressed cache holds ranks, not heads")
+    layers, basis_elements = [], 0
+    for module in modules:
+        if quant is None:
+            keys, values = DenseStorage(module.key_rank, dtype), DenseStorage(module.value_rank, dtype)
+        else:
+            keys = stream_storage(module.key_rank, quant, "key", module.layer_idx, dtype)
+            values = stream_storage(module.value_rank, quant, "value", module.layer_idx, dtype)
+        layers.append(LayerKV(module.kv_heads, keys, values))
+        basis_elements += module.runtime_basis_elements()
+    fixed = {"bases": basis_elements * dtype.itemsize} if basis_elements else {}
+    return KVLayout(layers=tuple(layers), fixed=fixed)
 
 
 def cache_tensor_bytes(cache) -> int:

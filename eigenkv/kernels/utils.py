@@ -1,0 +1,89 @@
+"""Helpers the kernels share: launch configs, compile specs, tile widths, and the scoring code
+(``dot``, ``query_operands``, ``qk_scores``) that decode and prefill both run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+# Activation dtypes the attention kernels take (fp32 models run the PyTorch references).
+KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Compile-time block sizes and warps of one launch."""
+
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compilation of a kernel: argument types and constexpr values, as a launcher uses it."""
+
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def pad_width(n: int) -> int:
+    """Tile width of ``n`` features: a power of two, at least 16 (``tl.dot`` needs K >= 16 on NVIDIA GPUs)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def dot(a, b, DOT_FP32: tl.constexpr):
+    # Triton's CPU interpreter computes bf16 dots wrongly: the launchers pass DOT_FP32 there.
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def query_operands(
+    q_rows, row_ok, DEC, dec_base, INV_FREQ, key_rank, half, rk, PRE: tl.constexpr, HALF_PAD: tl.constexpr
+):
+    # (q, q1, q2, d1, d2, inv_freq) for qk_scores from the query rows (M, 1 pointers); the unused ones alias q.
+    # Pre mode: query halves (M, HALF_PAD), decoder halves transposed (RK_PAD, HALF_PAD) with element
+    # (r, j) = D[j, r] and D[half + j, r], and the RoPE frequencies.
+    if PRE:
+        j = tl.arange(0, HALF_PAD)
+        j_ok = j < half
+        q1 = tl.load(q_rows + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        q2 = tl.load(q_rows + half + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        dec = DEC + dec_base + rk[:, None] + j[None, :] * key_rank
+        dec_ok = (rk < key_rank)[:, None] & j_ok[None, :]
+        d1 = tl.load(dec, mask=dec_ok, other=0.0).to(q1.dtype)
+        d2 = tl.load(dec + half * key_rank, mask=dec_ok, other=0.0).to(q1.dtype)
+        return q1, q1, q2, d1, d2, tl.load(INV_FREQ + j, mask=j_ok, other=0.0)
+    else:
+        q = tl.load(q_rows + rk[None, :], mask=row_ok[:, None] & (rk < key_rank)[None, :], other=0.0)
+        return q, q, q, q, q, rk.to(tl.float32)
+
+
+@triton.jit
+def qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE: tl.constexpr, DOT_FP32: tl.constexpr):
+    # (M, BLOCK_N) raw scores of the query tile against key tile k (BLOCK_N, RK_PAD) at positions tok;
+    # pre mode rebuilds the keys' halves a_i = k D_i^T, rounds them to the model dtype as the model
+    # does, and rotates them at their own positions.
+    if PRE:
+        dtype = q1.dtype
+        a1 = dot(k, d1, DOT_FP32).to(dtype).to(tl.float32)
+        a2 = dot(k, d2, DOT_FP32).to(dtype).to(tl.float32)
+        angle = tok.to(tl.float32)[:, None] * inv_freq[None, :]
+        cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
+        sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
+        k1 = (a1 * cos - a2 * sin).to(dtype)
+        k2 = (a2 * cos + a1 * sin).to(dtype)
+        return dot(q1, tl.trans(k1), DOT_FP32) + dot(q2, tl.trans(k2), DOT_FP32)
+    else:
+        return dot(q, tl.trans(k), DOT_FP32)

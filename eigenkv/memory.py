@@ -31,7 +31,15 @@ from typing import Protocol
 
 import torch
 
-from eigenkv.quant.config import KVQuantConfig, MixedKVQuantConfig, base_config, quantized_prefix
+from eigenkv.quant.config import (
+    AnyKVQuantConfig,
+    KVQuantConfig,
+    MixedKVQuantConfig,
+    check_layers,
+    layer_config,
+    layer_segments,
+    quantized_prefix,
+)
 from eigenkv.quant.packing import packed_length
 from eigenkv.quant.reference import num_groups
 
@@ -261,26 +269,25 @@ class SegmentedStorage:
 
 def stream_storage(
     width: int,
-    config: KVQuantConfig | MixedKVQuantConfig,
+    config: AnyKVQuantConfig,
     kind: str,
     layer: int,
     window_dtype: torch.dtype = torch.float16,
 ) -> QuantizedStorage | SegmentedStorage:
     """Storage of layer ``layer``'s ``kind`` (``"key"``/``"value"``) stream of ``width`` features."""
-    base = base_config(config)
+    base = layer_config(config, layer)
     axis = base.axis_k if kind == "key" else base.axis_v
     if isinstance(config, MixedKVQuantConfig):
-        segments = config.segments(layer, kind, width)
+        segments = layer_segments(config, layer, kind, width)
         return SegmentedStorage(tuple(QuantizedStorage(n, c, axis, window_dtype) for n, c in segments))
-    return QuantizedStorage(width, config, axis, window_dtype)
+    return QuantizedStorage(width, base, axis, window_dtype)
 
 
 def quantized_layout(
-    shape: AttentionShape, config: KVQuantConfig | MixedKVQuantConfig, window_dtype: torch.dtype = torch.float16
+    shape: AttentionShape, config: AnyKVQuantConfig, window_dtype: torch.dtype = torch.float16
 ) -> KVLayout:
     """The ``KVLayout`` of a :class:`QuantizedKVCache` on a model of this shape."""
-    if isinstance(config, MixedKVQuantConfig) and config.layers != shape.layers:
-        raise ValueError(f"the MixedKVQuantConfig describes {config.layers} layers; this model has {shape.layers}")
+    check_layers(config, shape.layers)
     layers = tuple(
         LayerKV(
             shape.kv_heads,
@@ -289,7 +296,8 @@ def quantized_layout(
         )
         for i in range(shape.layers)
     )
-    fixed = {"rotation": shape.head_dim**2 * 4} if base_config(config).rotate else {}
+    rotated = any(layer_config(config, i).rotate for i in range(shape.layers))
+    fixed = {"rotation": shape.head_dim**2 * 4} if rotated else {}  # one Hadamard matrix shared by the layers
     return KVLayout(layers=layers, fixed=fixed)
 
 
@@ -304,13 +312,14 @@ def compressed_layout(model: nn.Module, dtype: torch.dtype = torch.float16, quan
     Args:
         model: compressed in place by ``eigenkv.compress`` (its attention modules cache rank-space states).
         dtype: element type of a dense cache, of a quantized cache's window, and of the kept bases.
-        quant: a ``KVQuantConfig`` (or ``MixedKVQuantConfig``) when the cache is quantized.
+        quant: a ``KVQuantConfig`` (or ``MixedKVQuantConfig``, ``LayerwiseKVQuantConfig``) when the cache is quantized.
     """
     modules = rank_space_modules(model)
     if not modules:
         raise ValueError("this model is not compressed; use kv_cache_bytes(model) for its dense cache")
     if quant is not None:
-        if base_config(quant).rotate:
+        check_layers(quant, len(modules))
+        if any(layer_config(quant, m.layer_idx).rotate for m in modules):
             raise ValueError("rotate=True rotates the head dimension; a compressed cache holds ranks, not heads")
     layers, basis_elements = [], 0
     for module in modules:

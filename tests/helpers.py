@@ -77,3 +77,18 @@ def parallel_and_stepwise(model, new_cache, ids: torch.Tensor):
     steps = new_cache()
     stepwise = [model(ids[:, t : t + 1], past_key_values=steps, use_cache=True).logits for t in range(ids.shape[1])]
     return parallel, torch.cat(stepwise, dim=1), cache
+
+
+def random_windows(model, count: int = 4, length: int = 48, seed: int = 1):
+    """``TokenWindows`` of random token ids (calibration text for tiny models)."""
+    from eigenkv.data import TokenWindows
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, model.config.vocab_size, (count, length), generator=gen)
+    return TokenWindows(ids, "random", length, "none", 0, count)
+
+
+def random_tokens(model, batch: int = 2, length: int = 40, seed: int = 2) -> torch.Tensor:
+    """``(batch, length)`` random int64 token ids."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, model.config.vocab_size, (batch, length), generator=gen)

@@ -40,6 +40,7 @@ def compress_model(
     config: EigenConfig | None = None,
     *,
     progress: bool = True,
+    apply: bool = True,
 ) -> EigenPlan:
     """Calibrate, allot ranks and fold the bases into ``model``'s attention, in place.
 
@@ -53,6 +54,8 @@ def compress_model(
         config: bases and ranks (default ``EigenConfig()``: 0.6x, pre-RoPE,
             output-aware bases, Fisher allotment).
         progress: progress bars.
+        apply: fold the plan into ``model`` (False: leave the model as it is, e.g. to prepare
+            the plan's components first, see ``eigenkv.compress.components``).
 
     Returns:
         The :class:`EigenPlan` (save it with ``plan.save(dir)``).
@@ -153,7 +156,8 @@ def compress_model(
             coefficient_variance(s.values, k.value, s.tokens) for s, k in zip(calib.layers, kept, strict=True)
         ],
     )
-    apply_plan(model, plan)
+    if apply:
+        apply_plan(model, plan)
     return plan
 
 

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from eigenkv.checks import require_bool, require_fields, require_int, require_number
 from eigenkv.compress.plan import EigenPlan
 from eigenkv.quant.config import SUPPORTED_BITS, KVQuantConfig, MixedKVQuantConfig
 
@@ -64,6 +65,13 @@ class ComponentQuantConfig:
     seed: int = 0
 
     def __post_init__(self):
+        require_bool("scale", self.scale)
+        require_bool("rotate", self.rotate)
+        require_int("seed", self.seed)
+        if self.high_bits is not None:
+            require_int("high_bits", self.high_bits)
+        if self.high_fraction is not None:
+            require_number("high_fraction", self.high_fraction, 0, 1, low_open=True)
         if self.high_bits is not None and self.high_bits not in SUPPORTED_BITS:
             raise ValueError(f"high_bits={self.high_bits!r}; use one of {SUPPORTED_BITS} or None")
         if self.high_fraction is not None:
@@ -106,6 +114,10 @@ class ComponentQuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ComponentQuantConfig:
+        return cls(**require_fields("ComponentQuantConfig", data, cls.__dataclass_fields__))
 
 
 def high_components(eigenvalues: torch.Tensor, rank: int, options: ComponentQuantConfig, low_bits: int) -> int:

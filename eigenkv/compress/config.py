@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from eigenkv.checks import require_fields, require_int, require_number
+
 ROPE_MODES = ("pre", "post")
 ALLOTMENTS = ("uniform", "budget", "fisher")
 BASES = ("pca", "output", "output-rope")
@@ -66,6 +68,11 @@ class EigenConfig:
     min_rank: int = 1
 
     def __post_init__(self):
+        if self.target_ratio is not None:
+            require_number("target_ratio", self.target_ratio, 0, 1, low_open=True)
+        if self.error_budget is not None:
+            require_number("error_budget", self.error_budget, 0, 10, low_open=True, high_open=True)
+        require_number("eps_step", self.eps_step, 0, 0.5, low_open=True)
         if (self.target_ratio is None) == (self.error_budget is None):
             raise ValueError(
                 "set exactly one of target_ratio (a KV fraction such as 0.6) and error_budget "
@@ -88,9 +95,7 @@ class EigenConfig:
         if not 0 < self.eps_step <= 0.5:
             raise ValueError(f"eps_step must be in (0, 0.5]; got {self.eps_step}")
         for name in ("error_windows", "rank_multiple", "min_rank"):
-            value = getattr(self, name)
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+            require_int(name, getattr(self, name), minimum=1)
 
     @classmethod
     def method(cls, name: str, **overrides) -> EigenConfig:
@@ -112,10 +117,7 @@ class EigenConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> EigenConfig:
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown EigenConfig fields {sorted(unknown)}: the plan was written by another version")
-        return cls(**data)
+        return cls(**require_fields("EigenConfig", data, cls.__dataclass_fields__))
 
     def label(self) -> str:
         """Short name for tables, e.g. ``eigen0.6-pre-uniform`` (PCA) or ``eigen0.6-pre-output-fisher``."""

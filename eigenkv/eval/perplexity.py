@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from eigenkv.data import TokenWindows
+from eigenkv.pipeline import CompressedModel
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ def perplexity(
     """Perplexity of ``model`` over every window, each window a full causal forward.
 
     Args:
-        model: a Hugging Face causal LM (put it on the device you want used).
+        model: a Hugging Face causal LM (put it on the device you want used), or a
+            :class:`~eigenkv.pipeline.CompressedModel` (its quantized cache is then used).
         windows: ``TokenWindows`` or an int64 tensor ``(num_windows, seq_len)``.
         batch_size: windows per forward.
         progress: show a tqdm bar.
@@ -90,6 +92,14 @@ def perplexity(
     Returns:
         ``PerplexityResult``; NLL is accumulated in float64 over all predicted tokens.
     """
+    if isinstance(model, CompressedModel):
+        if make_cache is not None:
+            raise ValueError("a CompressedModel makes its own caches; do not pass make_cache with it")
+        with model:
+            cache = None if model.cache_config is None else model.new_cache
+            return perplexity(
+                model.model, windows, batch_size=batch_size, progress=progress, desc=desc, make_cache=cache
+            )
     ids = windows.input_ids if isinstance(windows, TokenWindows) else windows
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
         raise ValueError(

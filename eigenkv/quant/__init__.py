@@ -5,18 +5,20 @@
 - ``packing``: dense bit packing of codes (3 bits as a 2-bit and a 1-bit plane).
 - ``store`` / ``cache``: a transformers ``Cache`` that holds packed codes, scales,
   zero points and a full-precision window, read causally by perplexity.
-- ``accounting``: its bytes for any model config, equal to what it holds.
-- ``MixedKVQuantConfig``: two precisions per stream (leading features at more bits).
+- ``routing``: how attention reads the cache (kernels on CUDA, PyTorch elsewhere).
+- ``config``: ``KVQuantConfig``, ``MixedKVQuantConfig`` (two precisions per stream: leading
+  features at more bits), ``LayerwiseKVQuantConfig`` (a quantizer per layer).
 - ``weights``: bitsandbytes int8 / NF4 weights (``quantize_weights``, ``weight_bytes``).
 """
 
 from eigenkv.quant.cache import QuantizedKV, QuantizedKVCache
-from eigenkv.quant.config import KVQuantConfig, MixedKVQuantConfig
+from eigenkv.quant.config import KVQuantConfig, LayerwiseKVQuantConfig, MixedKVQuantConfig
 from eigenkv.quant.packing import pack, packed_length, unpack
 from eigenkv.quant.reference import dequantize, fake_quantize, hadamard, quantize
 
 __all__ = [
     "KVQuantConfig",
+    "LayerwiseKVQuantConfig",
     "MixedKVQuantConfig",
     "QuantizedKV",
     "QuantizedKVCache",

@@ -23,7 +23,16 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from eigenkv.quant.config import KVQuantConfig, MixedKVQuantConfig, base_config, quantized_prefix
+from eigenkv.quant.config import (
+    AnyKVQuantConfig,
+    KVQuantConfig,
+    LayerwiseKVQuantConfig,
+    MixedKVQuantConfig,
+    check_layers,
+    layer_config,
+    layer_segments,
+    quantized_prefix,
+)
 from eigenkv.quant.reference import hadamard
 from eigenkv.quant.routing import kernel_attention, kernels_apply, resolve, stream_handle, tag_twin, twin_of
 from eigenkv.quant.store import QuantizedStream, SegmentedStream
@@ -36,7 +45,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def __init__(
         self,
-        config: KVQuantConfig | MixedKVQuantConfig,
+        config: AnyKVQuantConfig,
         rotation_source: QuantizedKVCache,
         index: int,
         read_packed: bool = False,
@@ -44,7 +53,7 @@ class QuantizedKVLayer(DynamicLayer):
         super().__init__()
         self.read_packed = read_packed
         self.quant = config
-        self.config = base_config(config)  # grouping, group size and window shared by every segment
+        self.config = layer_config(config, index)  # grouping, group size and window shared by every segment
         self.index = index
         self._cache = rotation_source
         self.key_stream: QuantizedStream | SegmentedStream | None = None
@@ -53,8 +62,9 @@ class QuantizedKVLayer(DynamicLayer):
     def _stream(self, kind: str, width: int, device) -> QuantizedStream | SegmentedStream:
         axis = self.config.axis_k if kind == "key" else self.config.axis_v
         if isinstance(self.quant, MixedKVQuantConfig):
-            return SegmentedStream(self.quant.segments(self.index, kind, width), axis)
-        return QuantizedStream(self.config, axis, self._cache.rotation(width, device))
+            return SegmentedStream(layer_segments(self.quant, self.index, kind, width), axis)
+        rotation = self._cache.rotation(width, device) if self.config.rotate else None
+        return QuantizedStream(self.config, axis, rotation)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -135,22 +145,19 @@ class QuantizedKVCache(Cache):
             understands them. ``QuantizedKV.new_cache`` sets it.
     """
 
-    def __init__(self, config: KVQuantConfig | MixedKVQuantConfig, model_config, read_packed: bool = False):
+    def __init__(self, config: AnyKVQuantConfig, model_config, read_packed: bool = False):
         text_config = getattr(model_config, "get_text_config", lambda **_: model_config)(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise ValueError(f"QuantizedKVCache supports full-attention layers only; this model has {set(layer_types)}")
         layers = text_config.num_hidden_layers
-        if isinstance(config, MixedKVQuantConfig) and config.layers != layers:
-            raise ValueError(f"the MixedKVQuantConfig describes {config.layers} layers; this model has {layers}")
+        check_layers(config, layers)
         self.config = config
         self._rotation: torch.Tensor | None = None
         super().__init__(layers=[QuantizedKVLayer(config, self, i, read_packed) for i in range(layers)])
 
     def rotation(self, head_dim: int, device) -> torch.Tensor | None:
-        """The Hadamard matrix shared by all layers (created on first use), or None without ``rotate``."""
-        if not base_config(self.config).rotate:
-            return None
+        """The Hadamard matrix shared by the layers that ``rotate`` (created on first use)."""
         if self._rotation is None:
             self._rotation = hadamard(head_dim, torch.float32, device)
         return self._rotation
@@ -243,9 +250,12 @@ class QuantizedKV:
             out = model.generate(ids, past_key_values=kv.new_cache(), max_new_tokens=20)
     """
 
-    def __init__(self, model, config: KVQuantConfig | MixedKVQuantConfig):
-        if not isinstance(config, (KVQuantConfig, MixedKVQuantConfig)):
-            raise TypeError(f"config must be a KVQuantConfig or MixedKVQuantConfig; got {type(config).__name__}")
+    def __init__(self, model, config: AnyKVQuantConfig):
+        if not isinstance(config, (KVQuantConfig, MixedKVQuantConfig, LayerwiseKVQuantConfig)):
+            raise TypeError(
+                "config must be a KVQuantConfig, MixedKVQuantConfig or LayerwiseKVQuantConfig; "
+                f"got {type(config).__name__}"
+            )
         self.model = model
         self.config = config
         self._previous: str | None = None

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
+from eigenkv.checks import require_bool, require_fields, require_int
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 AXES = ("token", "channel")
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -44,15 +46,16 @@ class KVQuantConfig:
     scale_dtype: str = "float16"
 
     def __post_init__(self):
+        require_int("bits", self.bits)
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"group_size must be a positive int; got {self.group_size!r}")
+        require_int("group_size", self.group_size, minimum=1)
+        require_bool("symmetric", self.symmetric)
+        require_bool("rotate", self.rotate)
         for name in ("axis_k", "axis_v"):
             if getattr(self, name) not in AXES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; use one of {AXES}")
-        if not isinstance(self.residual, int) or self.residual < 0:
-            raise ValueError(f"residual must be an int >= 0 (tokens kept in full precision); got {self.residual!r}")
+        require_int("residual (tokens kept in full precision)", self.residual, minimum=0)
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype={self.scale_dtype!r}; use one of {sorted(SCALE_DTYPES)}")
 
@@ -65,11 +68,7 @@ class KVQuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> KVQuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown KVQuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        return cls(**require_fields("KVQuantConfig", data, [f.name for f in fields(cls)]))
 
     def label(self) -> str:
         """Short name for tables, e.g. ``4b-g64-kc-vt-r0``."""
@@ -160,18 +159,96 @@ class MixedKVQuantConfig:
         return f"{self.base.label()}-hi{self.high_bits}"
 
 
-def base_config(config: KVQuantConfig | MixedKVQuantConfig) -> KVQuantConfig:
-    """The quantizer whose grouping, group size and window every stream of ``config`` follows."""
+@dataclass(frozen=True)
+class LayerwiseKVQuantConfig:
+    """A quantizer per layer, for caches whose layers differ in bits, group size or grouping.
+
+    Attributes:
+        layers: ``layers[i]`` quantizes layer ``i``'s keys and values.
+    """
+
+    layers: tuple[KVQuantConfig, ...]
+
+    def __post_init__(self):
+        layers = tuple(self.layers)
+        if not layers or not all(isinstance(c, KVQuantConfig) for c in layers):
+            raise TypeError("layers must be a non-empty sequence of KVQuantConfig, one per layer")
+        object.__setattr__(self, "layers", layers)
+
+    def to_dict(self) -> dict:
+        return {"layers": [c.to_dict() for c in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerwiseKVQuantConfig:
+        if set(data) != {"layers"}:
+            raise ValueError(f"a LayerwiseKVQuantConfig has one field, layers; got {sorted(data)}")
+        return cls(tuple(KVQuantConfig.from_dict(c) for c in data["layers"]))
+
+    def label(self) -> str:
+        """The labels of the distinct layer configs, e.g. ``4b-g64-kc-vt-r0|3b-g64-kc-vt-r0``."""
+        return "|".join(dict.fromkeys(c.label() for c in self.layers))
+
+
+AnyKVQuantConfig = KVQuantConfig | MixedKVQuantConfig | LayerwiseKVQuantConfig
+
+
+def config_layers(config: AnyKVQuantConfig) -> int | None:
+    """How many layers ``config`` describes (None: any number, one quantizer for all)."""
+    if isinstance(config, MixedKVQuantConfig):
+        return config.layers
+    if isinstance(config, LayerwiseKVQuantConfig):
+        return len(config.layers)
+    return None
+
+
+def check_layers(config: AnyKVQuantConfig, layers: int) -> None:
+    """Refuse a per-layer config written for another number of layers."""
+    described = config_layers(config)
+    if described is not None and described != layers:
+        raise ValueError(
+            f"the {type(config).__name__} describes {described} layers; this model has {layers}: "
+            "build it for this model"
+        )
+
+
+def layer_config(config: AnyKVQuantConfig, layer: int) -> KVQuantConfig:
+    """The quantizer whose grouping, group size and window every stream of ``layer`` follows."""
+    if isinstance(config, LayerwiseKVQuantConfig):
+        if not 0 <= layer < len(config.layers):
+            raise ValueError(f"layer {layer} is out of range: this config describes {len(config.layers)} layers")
+        return config.layers[layer]
+    return base_config(config)
+
+
+def layer_segments(config: AnyKVQuantConfig, layer: int, kind: str, width: int) -> list[tuple[int, KVQuantConfig]]:
+    """``[(features, quantizer)]`` of layer ``layer``'s ``kind`` (``"key"``/``"value"``) stream, in feature order."""
+    if isinstance(config, MixedKVQuantConfig):
+        return config.segments(layer, kind, width)
+    return [(width, layer_config(config, layer))]
+
+
+def base_config(config: AnyKVQuantConfig) -> KVQuantConfig:
+    """The quantizer whose grouping, group size and window every stream of ``config`` follows
+    (for a ``LayerwiseKVQuantConfig``, only when every layer has the same)."""
     if isinstance(config, MixedKVQuantConfig):
         return config.base
     if isinstance(config, KVQuantConfig):
         return config
-    raise TypeError(f"expected a KVQuantConfig or MixedKVQuantConfig; got {type(config).__name__}")
+    if isinstance(config, LayerwiseKVQuantConfig):
+        if len(set(config.layers)) != 1:
+            raise ValueError("this LayerwiseKVQuantConfig quantizes layers differently; ask layer_config(config, i)")
+        return config.layers[0]
+    raise TypeError(
+        f"expected a KVQuantConfig, MixedKVQuantConfig or LayerwiseKVQuantConfig; got {type(config).__name__}"
+    )
 
 
-def quant_config_from_dict(data: dict) -> KVQuantConfig | MixedKVQuantConfig:
-    """Inverse of either config's ``to_dict``."""
+def quant_config_from_dict(data: dict) -> AnyKVQuantConfig:
+    """Inverse of every config's ``to_dict``."""
+    if "layers" in data:
+        return LayerwiseKVQuantConfig.from_dict(data)
     return MixedKVQuantConfig.from_dict(data) if "base" in data else KVQuantConfig.from_dict(data)
+
 
 def quantized_prefix(tokens: int, axis: str, group_size: int, residual: int) -> int:
     """``T_q``: how many of ``tokens`` held tokens are stored quantized (the rest is the full-precision window)."""

@@ -12,7 +12,7 @@ from eigenkv.compress.basis import coefficient_variance
 from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV, fake_quantize
 from eigenkv.quant.config import MixedKVQuantConfig
-from tests.compress.test_compress import tokens_for, windows_for
+from tests.helpers import random_tokens, random_windows
 from tests.helpers import parallel_and_stepwise, tiny_llama, tiny_opt
 
 QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", residual=4)
@@ -22,7 +22,7 @@ OPTIONS = ["scale", "rot", "hi8x0.25", "scale+rot+hi4x0.5", "hi8"]
 def compressed(make, mode, method="eigenkv"):
     model = make().double()
     original = copy.deepcopy(model)
-    windows = windows_for(model)
+    windows = random_windows(model)
     calib = calibrate(model, windows, rotated=mode == "post", gradients=method == "eigenkv", progress=False)
     plan = compress_model(model, calib, EigenConfig.method(method, target_ratio=0.6, rope_mode=mode), progress=False)
     return original, model, plan, calib
@@ -43,7 +43,7 @@ def test_prepared_plan_computes_the_same_model(make, mode, method, spec):
     original, model, plan, _ = compressed(make, mode, method)
     prepared, config = prepare_components(plan, ComponentQuantConfig.parse(spec), QUANT)
     twin = apply_plan(copy.deepcopy(original), prepared)
-    ids = tokens_for(model)
+    ids = random_tokens(model)
     with torch.no_grad():
         # bases are stored in float32: the transformed ones differ by its rounding
         torch.testing.assert_close(twin(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
@@ -83,7 +83,7 @@ def test_mixed_cache_reads_causally_and_its_bytes_match_the_accounting():
     prepared, config = prepare_components(plan, ComponentQuantConfig(scale=True, high_bits=8, high_fraction=0.5), QUANT)
     model = apply_plan(tiny_llama().double(), prepared)
     assert config.key_high == tuple((r + 1) // 2 for r, _ in prepared.ranks)
-    ids = tokens_for(model, batch=2, length=29)
+    ids = random_tokens(model, batch=2, length=29)
     with QuantizedKV(model, config) as kv, torch.no_grad():
         parallel, stepwise, cache = parallel_and_stepwise(model, kv.new_cache, ids)
     torch.testing.assert_close(parallel, stepwise, atol=1e-9, rtol=0)
@@ -96,7 +96,7 @@ def test_mixed_cache_reads_causally_and_its_bytes_match_the_accounting():
 def test_high_precision_segment_has_the_smaller_error():
     model = tiny_llama().double()
     config = MixedKVQuantConfig(KVQuantConfig(bits=2, group_size=8, axis_v="token"), 8, (8, 8), (8, 8))
-    ids = tokens_for(model, batch=1, length=24)
+    ids = random_tokens(model, batch=1, length=24)
     with QuantizedKV(model, config) as kv, torch.no_grad():
         cache = kv.new_cache()
         model(ids, past_key_values=cache, use_cache=True)
@@ -129,7 +129,7 @@ def test_prepared_plan_round_trips(tmp_path):
     assert loaded.extra["components"]["scale"] is True
     for a, b in zip(loaded.key_duals, prepared.key_duals, strict=True):
         torch.testing.assert_close(a, b)
-    ids = tokens_for(model)
+    ids = random_tokens(model)
     with torch.no_grad():
         torch.testing.assert_close(
             apply_plan(copy.deepcopy(original), loaded)(ids).logits, model(ids).logits, atol=1e-5, rtol=0

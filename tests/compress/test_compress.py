@@ -13,7 +13,7 @@ from eigenkv.compress.attention import EigenAttention
 from eigenkv.compress.families import attention_sites
 from eigenkv.data import TokenWindows
 from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
-from tests.helpers import tiny_llama, tiny_mpt, tiny_opt
+from tests.helpers import random_tokens, random_windows, tiny_llama, tiny_mpt, tiny_opt
 
 # (family, model factory, RoPE mode); OPT/MPT have no RoPE, their mode argument is ignored.
 CASES = [
@@ -31,26 +31,15 @@ BASIS_CASES = [(*case, basis) for case in CASES for basis in ("pca", "output")] 
 BASIS_IDS = [f"{name}-{mode}-{basis}" for name, _, mode, basis in BASIS_CASES]
 
 
-def windows_for(model, count=4, length=48, seed=1) -> TokenWindows:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, model.config.vocab_size, (count, length), generator=gen)
-    return TokenWindows(ids, "random", length, "none", 0, count)
-
-
-def tokens_for(model, batch=2, length=40, seed=2):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(4, model.config.vocab_size, (batch, length), generator=gen)
-
-
 def compressed_with_logits(make, ratio, mode, basis="pca", allot="uniform"):
     """(plan, model before compression, logits before, logits after) of a fresh model compressed to ``ratio``."""
     model = make()
     original = copy.deepcopy(model)
-    x = tokens_for(model)
+    x = random_tokens(model)
     with torch.no_grad():
         before = model(x).logits
     config = EigenConfig(target_ratio=ratio, rope_mode=mode, basis=basis, allot=allot)
-    plan = compress_model(model, windows_for(model), config, progress=False)
+    plan = compress_model(model, random_windows(model), config, progress=False)
     assert is_compressed(model)
     with torch.no_grad():
         return plan, original, before, model(x).logits
@@ -129,7 +118,7 @@ def test_reduced_rank_folding_equals_projecting_activations(name, make, mode, ba
             if basis == "pca":  # orthonormal: the decoder is the encoder
                 assert decoder is encoder
     with torch.no_grad(), projected_by_hooks(original, plan):
-        reference = original(tokens_for(original)).logits
+        reference = original(random_tokens(original)).logits
     torch.testing.assert_close(after, reference, atol=1e-4, rtol=1e-4)
 
 
@@ -137,8 +126,8 @@ def test_reduced_rank_folding_equals_projecting_activations(name, make, mode, ba
 def test_cached_decoding_equals_full_forward(name, make, mode):
     """The reference code rotates every cached key at the current position; here each key keeps its own."""
     model = make()
-    compress_model(model, windows_for(model), EigenConfig(target_ratio=0.5, rope_mode=mode), progress=False)
-    x = tokens_for(model, batch=2, length=24)
+    compress_model(model, random_windows(model), EigenConfig(target_ratio=0.5, rope_mode=mode), progress=False)
+    x = random_tokens(model, batch=2, length=24)
     with torch.no_grad():
         full = model(x).logits
         cache = DynamicCache(config=model.config)
@@ -151,8 +140,8 @@ def test_cached_decoding_equals_full_forward(name, make, mode):
 @pytest.mark.parametrize("mode", ["pre", "post"])
 def test_generate_with_left_padding_matches_unpadded(mode):
     model = tiny_llama(kv_heads=2)
-    compress_model(model, windows_for(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
-    prompts = [tokens_for(model, 1, 12, seed=3)[0], tokens_for(model, 1, 7, seed=4)[0]]
+    compress_model(model, random_windows(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
+    prompts = [random_tokens(model, 1, 12, seed=3)[0], random_tokens(model, 1, 7, seed=4)[0]]
     pad = model.config.pad_token_id
     batch = torch.full((2, 12), pad)
     mask = torch.zeros(2, 12, dtype=torch.long)
@@ -173,12 +162,12 @@ def test_generate_with_left_padding_matches_unpadded(mode):
 def test_target_ratio_is_met_and_cache_bytes_match_accounting(ratio, allot, basis, mode):
     model = tiny_llama(kv_heads=2, hidden_size=256)  # head size 64: one component is 1/256 of the cache
     config = EigenConfig(target_ratio=ratio, allot=allot, basis=basis, rope_mode=mode)
-    plan = compress_model(model, windows_for(model), config, progress=False)
+    plan = compress_model(model, random_windows(model), config, progress=False)
     assert abs(plan.ratio - ratio) <= 0.005
     if allot == "uniform":
         flat = [r for pair in plan.ranks for r in pair]  # one rank; a few components more or less to meet the ratio
         assert sum(r == round(ratio * 64) for r in flat) >= len(flat) - 2
-    x = tokens_for(model, batch=3, length=37)
+    x = random_tokens(model, batch=3, length=37)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(x, past_key_values=cache, use_cache=True)
@@ -198,7 +187,7 @@ def test_budget_allotment_gives_values_more_components_when_their_spectrum_is_fl
     with torch.no_grad():  # make keys low rank: only 8 input directions reach them
         model.model.layers[0].self_attn.k_proj.weight[:, 8:] *= 0.01
     config = EigenConfig.method("paper", target_ratio=0.5, allot="budget")
-    plan = compress_model(model, windows_for(model), config, progress=False)
+    plan = compress_model(model, random_windows(model), config, progress=False)
     assert plan.ranks[0][0] < plan.ranks[0][1]
 
 
@@ -206,7 +195,7 @@ def test_fisher_allotment_starves_a_layer_whose_output_does_not_matter():
     model = tiny_llama(kv_heads=2, hidden_size=128)
     with torch.no_grad():  # layer 1's attention barely reaches the residual stream
         model.model.layers[1].self_attn.o_proj.weight *= 1e-3
-    plan = compress_model(model, windows_for(model), EigenConfig(target_ratio=0.5), progress=False)
+    plan = compress_model(model, random_windows(model), EigenConfig(target_ratio=0.5), progress=False)
     (k0, v0), (k1, v1) = plan.ranks
     assert k1 + v1 < k0 + v0 and abs(plan.ratio - 0.5) <= 0.005
     predicted = plan.extra["predicted_loss"]
@@ -270,7 +259,7 @@ def test_rope_averaged_query_weight_keeps_its_trace_and_symmetry():
 
 def test_error_budget_rule_keeps_every_layer_within_its_budget():
     model = tiny_llama(kv_heads=2, hidden_size=128)
-    windows = windows_for(model)
+    windows = random_windows(model)
     tight = compress_model(
         tiny_llama(kv_heads=2, hidden_size=128),
         windows,
@@ -285,7 +274,7 @@ def test_error_budget_rule_keeps_every_layer_within_its_budget():
 
 def test_plan_round_trip_and_refusals(tmp_path):
     model = tiny_llama(kv_heads=2)
-    windows = windows_for(model)
+    windows = random_windows(model)
     plan = compress_model(model, windows, EigenConfig(target_ratio=0.5, rope_mode="post"), progress=False)
     path = plan.save(tmp_path / "plan")
     meta = json.loads((path / "plan.json").read_text())
@@ -298,7 +287,7 @@ def test_plan_round_trip_and_refusals(tmp_path):
     loaded = EigenPlan.load(path)
     apply_plan(fresh, loaded)
     assert loaded.ranks == plan.ranks and loaded.mode == "post"
-    x = tokens_for(model)
+    x = random_tokens(model)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
 
@@ -368,13 +357,13 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="output-rope"):
         EigenConfig(basis="output-rope", rope_mode="post")
     with pytest.raises(ValueError, match="output-rope"):
-        compress_model(tiny_opt(), windows_for(tiny_opt()), EigenConfig(basis="output-rope"), progress=False)
+        compress_model(tiny_opt(), random_windows(tiny_opt()), EigenConfig(basis="output-rope"), progress=False)
     singular = tiny_llama()
     with torch.no_grad():  # query heads 0-1 write nothing: KV head 0's output-projection Gram is zero
         singular.model.layers[0].self_attn.o_proj.weight[:, :32] = 0
     with pytest.raises(ValueError, match="output-projection Gram is singular"):
-        compress_model(singular, windows_for(singular), progress=False)
-    pca = compress_model(singular, windows_for(singular), EigenConfig.method("paper"), progress=False)
+        compress_model(singular, random_windows(singular), progress=False)
+    pca = compress_model(singular, random_windows(singular), EigenConfig.method("paper"), progress=False)
     assert pca.config.method_name == "paper"
 
     model = tiny_llama()
@@ -384,16 +373,16 @@ def test_bad_input_raises_clear_errors():
     with torch.no_grad():
         model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        compress_model(model, windows_for(model), progress=False)
+        compress_model(model, random_windows(model), progress=False)
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
     with pytest.raises(ValueError, match="unsupported model GPT2LMHeadModel"):
-        compress_model(gpt2, windows_for(gpt2), progress=False)
+        compress_model(gpt2, random_windows(gpt2), progress=False)
     with pytest.raises(ValueError, match="below what this model can keep"):
         compress_model(
-            tiny_llama(), windows_for(tiny_llama()), EigenConfig(target_ratio=0.01, min_rank=2), progress=False
+            tiny_llama(), random_windows(tiny_llama()), EigenConfig(target_ratio=0.01, min_rank=2), progress=False
         )
 
 
@@ -401,7 +390,7 @@ def test_one_calibration_serves_several_configs():
     from eigenkv.compress.calibrate import calibrate
 
     model = tiny_llama(kv_heads=2, hidden_size=128)
-    windows = windows_for(model)
+    windows = random_windows(model)
     stats = calibrate(model, windows, rotated=False, gradients=True, progress=False)
     reused = compress_model(
         tiny_llama(kv_heads=2, hidden_size=128), stats, EigenConfig(target_ratio=0.5), progress=False
@@ -430,10 +419,10 @@ def test_one_calibration_serves_several_configs():
 @pytest.mark.parametrize("mode", ["pre", "post"])
 def test_full_rank_in_half_precision_is_within_rounding(dtype, mode):
     model = tiny_llama(kv_heads=2).to(dtype)
-    x = tokens_for(model)
+    x = random_tokens(model)
     with torch.no_grad():
         before = model(x).logits.float()
-    compress_model(model, windows_for(model), EigenConfig(target_ratio=1.0, rope_mode=mode), progress=False)
+    compress_model(model, random_windows(model), EigenConfig(target_ratio=1.0, rope_mode=mode), progress=False)
     assert all(m.key_basis.dtype == dtype for m in model.modules() if isinstance(m, EigenAttention))
     with torch.no_grad():
         after = model(x).logits.float()

@@ -6,7 +6,7 @@ import torch
 from eigenkv.compress import EigenConfig, compress_model
 from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV
-from tests.compress.test_compress import tokens_for, windows_for
+from tests.helpers import random_tokens, random_windows
 from tests.helpers import parallel_and_stepwise, tiny_llama, tiny_opt
 
 QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", residual=4)
@@ -19,8 +19,8 @@ QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", re
 )
 def test_parallel_forward_equals_decoding_and_bytes_match(make, mode):
     model = make().double()
-    compress_model(model, windows_for(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
-    ids = tokens_for(model, batch=2, length=29)
+    compress_model(model, random_windows(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
+    ids = random_tokens(model, batch=2, length=29)
     with QuantizedKV(model, QUANT) as kv, torch.no_grad():
         parallel, stepwise, cache = parallel_and_stepwise(model, kv.new_cache, ids)
         dense = model(ids).logits

@@ -18,7 +18,7 @@ from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
 from eigenkv.quant.config import MixedKVQuantConfig
 from eigenkv.quant.packing import PackedStream, Segment
 from eigenkv.quant.store import QuantizedStream, SegmentedStream
-from tests.compress.test_compress import tokens_for, windows_for
+from tests.helpers import random_tokens, random_windows
 from tests.helpers import DEVICE, tiny_llama, tiny_mpt, tiny_opt
 
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -190,9 +190,9 @@ MODELS = [(tiny_llama, "pre"), (tiny_llama, "post"), (tiny_opt, "pre"), (tiny_mp
 @pytest.mark.parametrize("quantized", [False, True], ids=["plain-cache", "quantized-cache"])
 def test_compressed_models_decode_through_the_kernel(make, mode, quantized, counted_kernel, monkeypatch):
     model = make()
-    compress_model(model, windows_for(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
+    compress_model(model, random_windows(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
     model = model.to(DEVICE, torch.float16)
-    ids = tokens_for(model, batch=2, length=21)
+    ids = random_tokens(model, batch=2, length=21)
     quant = KVQuantConfig(bits=4, group_size=16, residual=3)
     from transformers import DynamicCache
 
@@ -217,7 +217,7 @@ def test_compressed_models_decode_through_the_kernel(make, mode, quantized, coun
 
 def test_plain_model_with_quantized_cache_decodes_through_the_kernel(counted_kernel, monkeypatch):
     model = tiny_llama().to(DEVICE, torch.float16)
-    ids = tokens_for(model, batch=2, length=21)
+    ids = random_tokens(model, batch=2, length=21)
     attention = torch.ones_like(ids)
     attention[1, :4] = 0  # left padding
     results = {}

@@ -10,13 +10,13 @@ pytest.importorskip("bitsandbytes")
 from eigenkv.compress import EigenConfig, compress_model  # noqa: E402
 from eigenkv.quant import KVQuantConfig, QuantizedKV  # noqa: E402
 from eigenkv.quant.weights import quantize_weights, weight_bytes  # noqa: E402
-from tests.compress.test_compress import tokens_for, windows_for  # noqa: E402
+from tests.helpers import random_tokens, random_windows  # noqa: E402
 from tests.helpers import tiny_llama  # noqa: E402
 
 
 def test_weight_formats_shrink_the_weights_and_stay_close():
     model = tiny_llama(hidden_size=128)
-    ids = tokens_for(model)
+    ids = random_tokens(model)
     with torch.no_grad():
         reference = model(ids).logits
     full = weight_bytes(model)
@@ -39,11 +39,11 @@ def test_weight_formats_shrink_the_weights_and_stay_close():
 
 def test_compressed_model_with_quantized_weights_and_kv_decodes():
     model = tiny_llama(hidden_size=128)
-    compress_model(model, windows_for(model), EigenConfig(target_ratio=0.6), progress=False)
+    compress_model(model, random_windows(model), EigenConfig(target_ratio=0.6), progress=False)
     before = weight_bytes(model)
     quantize_weights(model, "nf4")
     assert weight_bytes(model) < before / 3
-    ids = tokens_for(model, batch=1, length=12)
+    ids = random_tokens(model, batch=1, length=12)
     with QuantizedKV(model, KVQuantConfig(bits=4, group_size=8, residual=4)) as kv, torch.no_grad():
         out = model.generate(ids, past_key_values=kv.new_cache(), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 17)

@@ -1,0 +1,116 @@
+"""Wall time of a perplexity pass through a quantized cache, against the plain forward of the same model.
+
+A perplexity window through ``QuantizedKV`` runs one multi-token forward whose
+attention reads the cache causally (query ``p`` sees keys quantized as the cache
+holds them after ``p + 1`` tokens, see ``eigenkv.quant.cache``). This measures
+what that costs on SmolLM2-135M (float32), for:
+
+- ``plain``: the model, no cache (``perplexity(model, windows)``);
+- ``quant``: the model through ``QuantizedKV`` (default: 4 bits, group 64, keys
+  per channel, values per token);
+- ``compressed``: the model compressed with Eigen Attention (``--method``, 0.6x),
+  no cache;
+- ``compressed+quant``: the compressed model through ``QuantizedKV``.
+
+The ratio of ``quant`` is to ``plain``, that of ``compressed+quant`` to
+``compressed``. Settings are timed in turn, ``--repeats`` rounds after one
+warm-up round; each time is the median of its rounds. Writes
+``benchmarks/results/ppl_overhead_<cpu>.csv``.
+
+    EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \\
+        PYTHONPATH=. python benchmarks/bench_ppl_overhead.py [--windows 1] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._common import RESULTS, device_slug, write_csv
+from eigenkv.compress import EigenConfig, compress_model
+from eigenkv.data import load_windows
+from eigenkv.eval.perplexity import perplexity
+from eigenkv.models import load_model
+from eigenkv.quant import KVQuantConfig, QuantizedKV
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--windows", type=int, default=1, help="Wikitext-2 test windows per pass")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--calib-windows", type=int, default=2, help="Brown windows for the compression")
+    parser.add_argument("--method", default="paper", choices=("paper", "eigenkv"))
+    parser.add_argument("--ratio", type=float, default=0.6)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    model, tokenizer = load_model(args.model, torch.float32)
+    windows = load_windows("wikitext2", tokenizer, args.seq_len, count=args.windows)
+    calib = load_windows("brown", tokenizer, args.seq_len, count=args.calib_windows)
+    compressed = copy.deepcopy(model)
+    start = time.perf_counter()
+    compress_model(compressed, calib, EigenConfig.method(args.method, target_ratio=args.ratio), progress=False)
+    print(f"compressed ({args.method}, {args.ratio}) in {time.perf_counter() - start:.1f}s")
+    quant = KVQuantConfig(bits=args.bits, group_size=args.group_size)
+
+    def run(m, quantized: bool) -> tuple[float, float]:
+        if not quantized:
+            result = perplexity(m, windows, progress=False)
+        else:
+            with QuantizedKV(m, quant) as kv:
+                result = perplexity(m, windows, progress=False, make_cache=kv.new_cache)
+        return result.seconds, result.ppl
+
+    settings = {
+        "plain": (model, False),
+        f"quant-{quant.label()}": (model, True),
+        f"compressed-{args.method}{args.ratio:g}": (compressed, False),
+        f"compressed-{args.method}{args.ratio:g}+quant-{quant.label()}": (compressed, True),
+    }
+    names = list(settings)
+    baseline = dict(zip(names, (names[0], names[0], names[2], names[2]), strict=True))
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    ppl: dict[str, float] = {}
+    for round_ in range(args.repeats + 1):  # round 0 warms up
+        for name, (m, quantized) in settings.items():
+            seconds, ppl[name] = run(m, quantized)
+            if round_:
+                times[name].append(seconds)
+        if round_:
+            print(f"round {round_}: " + ", ".join(f"{n}={times[n][-1]:.2f}s" for n in settings))
+
+    machine = f"{platform.processor() or platform.machine()} ({platform.node()})"
+    rows = []
+    for name in settings:
+        seconds = statistics.median(times[name])
+        rows.append(
+            {
+                "setting": name,
+                "seconds": round(seconds, 3),
+                "ratio_to_plain_same_model": round(seconds / statistics.median(times[baseline[name]]), 3),
+                "ppl": round(ppl[name], 4),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "machine": machine,
+            }
+        )
+    width = max(len(r["setting"]) for r in rows)
+    print(f"{'setting':<{width}}  seconds  ratio      ppl")
+    for r in rows:
+        print(f"{r['setting']:<{width}}  {r['seconds']:7.2f}  {r['ratio_to_plain_same_model']:5.2f}  {r['ppl']:7.3f}")
+    path = Path(args.out) if args.out else RESULTS / f"ppl_overhead_{device_slug()}.csv"
+    print(f"wrote {write_csv(rows, path)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""The one pipeline: apply a :class:`~eigenkv.recipe.Recipe` to a model, save the result, load it back.
+
+    compressed = apply_recipe(model, recipe, calibration)   # low rank -> components -> cache -> weights
+    eigenkv.perplexity(compressed, windows)                 # attention reads the quantized cache
+    compressed.kv_bytes(seq_len=2048).gb                    # every stored byte
+    compressed.save_pretrained("out")                       # recipe, plan, folded weights, checksums
+    again = from_pretrained("out")                          # the same model, no calibration
+    fresh = load_compressed(original_model, "out")          # the recipe onto a fresh copy of the model
+
+A saved folder holds ``eigenkv.json`` (format, recipe, cache config, the
+SHA-256 of every other file, sealed), ``plan/`` (bases and ranks, applicable to
+the original model in any dtype), ``model.safetensors`` + ``config.json`` (the
+folded weights, loadable without the original) and, when given, the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eigenkv.compress.build import apply_plan, compress_model
+from eigenkv.compress.calibrate import Calibration
+from eigenkv.compress.components import prepare_components
+from eigenkv.compress.plan import EigenPlan
+from eigenkv.data import TokenWindows
+from eigenkv.io import atomic_directory, atomic_write_json, check_seal, seal, sha256_file
+from eigenkv.memory import KVBytes, kv_cache_bytes
+from eigenkv.models import resolve_dtype
+from eigenkv.quant.cache import QuantizedKV, QuantizedKVCache
+from eigenkv.quant.config import AnyKVQuantConfig, quant_config_from_dict
+from eigenkv.quant.weights import quantize_weights
+from eigenkv.recipe import Recipe
+
+FORMAT = "eigenkv-compressed/1"
+MANIFEST, PLAN_DIR, WEIGHTS = "eigenkv.json", "plan", "model.safetensors"
+
+
+@dataclass
+class CompressedModel:
+    """A model with a recipe applied: the model (changed in place), its plan and its cache quantizer.
+
+    Use it as a context manager (or pass it to ``eigenkv.perplexity``) so that
+    attention reads the quantized cache causally; :meth:`new_cache` makes the
+    caches, :meth:`kv_bytes` counts them.
+
+    Attributes:
+        model: the Hugging Face model, compressed in place.
+        recipe: what was applied.
+        plan: the low-rank plan folded into the model (components prepared), or None.
+        cache_config: the quantizer of the KV cache (per layer and precision), or None.
+    """
+
+    model: nn.Module
+    recipe: Recipe
+    plan: EigenPlan | None = None
+    cache_config: AnyKVQuantConfig | None = None
+
+    def new_cache(self) -> QuantizedKVCache | None:
+        """A fresh quantized cache for this model (None without KV quantization: the model's own cache)."""
+        if self.cache_config is None:
+            return None
+        return QuantizedKV(self.model, self.cache_config).new_cache()
+
+    def attention(self):
+        """Context in which the model's attention reads the quantized cache causally (or a no-op)."""
+        return nullcontext(self) if self.cache_config is None else QuantizedKV(self.model, self.cache_config)
+
+    def __enter__(self) -> CompressedModel:
+        self._context = self.attention()
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._context.__exit__(*exc)
+
+    def kv_bytes(self, seq_len: int = 2048, batch_size: int = 1, dtype: torch.dtype | None = None) -> KVBytes:
+        """Bytes of this model's KV cache (codes, scales, zeros, windows, bases) for ``batch_size`` x ``seq_len``."""
+        return kv_cache_bytes(self.model, seq_len=seq_len, batch_size=batch_size, dtype=dtype, quant=self.cache_config)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``model.generate`` through the compressed, quantized cache (``(B, T)`` int64 ids in, ids out)."""
+        with self:
+            return self.model.generate(input_ids, past_key_values=self.new_cache(), **kwargs)
+
+    def save_pretrained(self, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
+        """Save the recipe, plan, cache config and folded weights to ``path`` (see the module doc).
+
+        The folder is written under a temporary name and renamed, so it is complete or absent.
+        """
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        if self.recipe.weights is not None:
+            raise ValueError(
+                "save_pretrained stores float weights; this model's weights are already quantized "
+                f"({self.recipe.weights}): save the recipe without weights and pass weights="
+                f"{self.recipe.weights!r} to from_pretrained / load_compressed"
+            )
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} exists; choose another folder or pass overwrite=True")
+            shutil.rmtree(path)
+        with atomic_directory(path) as staging:
+            if self.plan is not None:
+                self.plan.save(staging / PLAN_DIR)
+            save_model(self.model, str(staging / WEIGHTS))
+            self.model.config.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            files = sorted(p for p in staging.rglob("*") if p.is_file())
+            manifest = {
+                "format": FORMAT,
+                "recipe": self.recipe.to_dict(),
+                "cache_config": None if self.cache_config is None else self.cache_config.to_dict(),
+                "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                "files": {str(p.relative_to(staging)): sha256_file(p) for p in files},
+            }
+            atomic_write_json(staging / MANIFEST, seal(manifest))
+        return path
+
+
+def apply_recipe(
+    model: nn.Module,
+    recipe: Recipe,
+    calibration: TokenWindows | Calibration | None = None,
+    *,
+    plan: EigenPlan | None = None,
+    progress: bool = True,
+) -> CompressedModel:
+    """Apply ``recipe`` to ``model`` in place: low rank, then components, cache quantizer, weights.
+
+    Args:
+        model: a Hugging Face causal LM (Llama family, OPT or MPT for low rank; any model for
+            quantization alone), in eval mode, uncompressed.
+        recipe: what to do.
+        calibration: ``(N, T)`` calibration windows (or an earlier ``Calibration`` of this model),
+            needed when ``recipe.lowrank`` is set and no ``plan`` is given.
+        plan: a plan made earlier for this model with ``recipe.lowrank`` (``compress_model(...,
+            apply=False)`` or a saved one), to skip calibration.
+        progress: progress bars.
+
+    Returns:
+        The :class:`CompressedModel`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module (a Hugging Face causal LM); got {type(model).__name__}")
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be an eigenkv.Recipe; got {type(recipe).__name__}")
+    layers = model.config.get_text_config().num_hidden_layers
+    cache = recipe.cache_config(layers)
+    if recipe.lowrank is not None:
+        if plan is None:
+            if calibration is None:
+                raise ValueError(
+                    "this recipe compresses the attention (lowrank is set): pass calibration windows "
+                    "(eigenkv.load_windows('brown', tokenizer, ...)) or a plan made for this model"
+                )
+            plan = compress_model(model, calibration, recipe.lowrank, progress=progress, apply=False)
+        elif plan.config != recipe.lowrank:
+            raise ValueError(
+                f"the plan was made with {plan.config.label()}, the recipe asks for {recipe.lowrank.label()}; "
+                "pass the plan of this recipe or calibration windows"
+            )
+        if recipe.components is not None:
+            plan, cache = prepare_components(plan, recipe.components, recipe.kv)
+        apply_plan(model, plan)
+    elif plan is not None:
+        raise ValueError("a plan was given but the recipe has no lowrank settings; set Recipe.lowrank")
+    if recipe.weights is not None:
+        quantize_weights(model, recipe.weights)
+    return CompressedModel(model, recipe, plan, cache)
+
+
+def _read_manifest(path: Path) -> dict:
+    """``eigenkv.json`` of a saved folder, with every listed file checked against its SHA-256."""
+    file = path / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a saved eigenkv model: it has no {MANIFEST} (save with save_pretrained)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is corrupt ({err}); save the model again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{file} has format {found!r}; this version of eigenkv reads {FORMAT!r}")
+    check_seal(manifest, file)
+    for name, digest in manifest["files"].items():
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing from the saved model; save it again")
+        if sha256_file(path / name) != digest:
+            raise ValueError(f"{path / name} was modified after the model was saved (SHA-256 differs); save it again")
+    return manifest
+
+
+def _restore(model: nn.Module, manifest: dict, plan: EigenPlan | None, weights: str | None) -> CompressedModel:
+    recipe = Recipe.from_dict(manifest["recipe"])
+    if weights is not None:
+        recipe = recipe.with_changes(weights=weights)
+        quantize_weights(model, weights)
+    cache = None if manifest["cache_config"] is None else quant_config_from_dict(manifest["cache_config"])
+    return CompressedModel(model, recipe, plan, cache)
+
+
+def load_compressed(model: nn.Module, path: str | os.PathLike, *, weights: str | None = None) -> CompressedModel:
+    """Apply what ``path`` (a ``save_pretrained`` folder) holds onto a fresh copy of the original model.
+
+    The model may be loaded in another dtype than the one calibrated (float32 ->
+    float16/bfloat16); any other change to its attention weights is refused.
+
+    Args:
+        weights: quantize the weights too (``"int8"``/``"nf4"``).
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    plan = EigenPlan.load(path / PLAN_DIR) if (path / PLAN_DIR).is_dir() else None
+    if plan is not None:
+        apply_plan(model, plan)
+    return _restore(model, manifest, plan, weights)
+
+
+def from_pretrained(
+    path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str | None = None, weights=None
+) -> CompressedModel:
+    """Load a ``save_pretrained`` folder: the compressed model with its folded weights, no original needed.
+
+    Args:
+        dtype: cast the model (default: as saved); device: move it (default: CPU).
+        weights: quantize the weights after loading (``"int8"``/``"nf4"``).
+    """
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    manifest = _read_manifest(path)
+    config = AutoConfig.from_pretrained(path)
+    saved_dtype = resolve_dtype(manifest["dtype"])
+    with no_init_weights():  # every weight is overwritten by the saved ones
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=saved_dtype).eval()
+    plan = EigenPlan.load(path / PLAN_DIR) if (path / PLAN_DIR).is_dir() else None
+    if plan is not None:
+        apply_plan(model, plan, check=False)  # the structure; the folded weights are loaded next
+    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    if unexpected or [k for k in missing if not _tied(model, k)]:
+        raise ValueError(
+            f"{path / WEIGHTS} does not fit the model its recipe builds (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); save the model again"
+        )
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=None if dtype is None else resolve_dtype(dtype))
+    return _restore(model, manifest, plan, weights)
+
+
+def _tied(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` is a weight tied to another (saved once), such as an LM head tied to the embeddings."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return key in tied

@@ -1,55 +1,129 @@
-"""Command line: ``eigenkv ppl ...`` and ``eigenkv compress ...``."""
+"""Command line: ``eigenkv ppl | compress | curve | plan`` (also ``python -m eigenkv``).
+
+Every subcommand takes the same model and environment options (``--model
+--device --dtype --data-dir --cache-dir --bos --threads --quiet``); ``ppl``
+and ``compress`` take a recipe (``--recipe FILE`` or the flags that build one,
+mirroring :class:`eigenkv.Recipe`). A user's mistake exits with status 2 and a
+one-line message naming the fix, before any long work starts.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
+import tempfile
 from pathlib import Path
 
+from eigenkv import __version__
 from eigenkv.io import atomic_write_json
 
-
-def _environment() -> dict:
-    import torch
-    import transformers
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": device,
-        "threads": torch.get_num_threads(),
-    }
+DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _load_model(args: argparse.Namespace, dtype):
-    """Load ``--model`` with ``--threads``, ``--device`` (cuda when available) and ``--cache-dir``."""
-    import torch
-
-    from eigenkv.models import load_model
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device, cache=args.cache_dir)
-    return model, tokenizer, device
+class UserError(Exception):
+    """A mistake in the command line or its inputs (exit status 2)."""
 
 
-def _ppl(args: argparse.Namespace) -> int:
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
-    from eigenkv.data import load_windows
-    from eigenkv.memory import kv_cache_bytes
-    from eigenkv.models import describe_model, resolve_dtype
-    from eigenkv.eval.perplexity import perplexity
-    from eigenkv.quant import KVQuantConfig, QuantizedKV
 
-    dtype = resolve_dtype(args.dtype)
-    quant = None
+def listed(kind):
+    """Argument type of a comma-separated option (``"4,3,2"``) as a tuple of ``kind``."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+
+    return parse
+
+
+# --- shared options ---------------------------------------------------------------------------------------
+
+
+def common_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("model and environment")
+    group.add_argument("--model", default="smollm2-135m", help="embedded alias, local folder or hub id")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    group.add_argument("--dtype", default="float32", choices=DTYPES, help="the model's dtype")
+    group.add_argument("--data-dir", default=None, help="offline text folder (default $EIGENKV_DATA_DIR)")
+    group.add_argument("--cache-dir", default=None, help="eigenkv cache (default $EIGENKV_CACHE_DIR or ~/.cache/eigenkv)")
+    group.add_argument("--bos", default="none", choices=["none", "window", "stream"], help="BOS policy of windows")
+    group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parent
+
+
+def recipe_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("recipe (or --recipe FILE)")
+    group.add_argument("--recipe", default=None, help="a recipe JSON file (Recipe.save); excludes the flags below")
+    group.add_argument("--ratio", type=float, default=None, help="Eigen Attention: KV fraction to keep, e.g. 0.6")
+    group.add_argument("--error-budget", type=float, default=None, help="Eigen Attention by the paper's error rule")
+    group.add_argument("--method", default="eigenkv", choices=["eigenkv", "paper"], help="Eigen method preset")
+    group.add_argument("--basis", default=None, choices=["pca", "output", "output-rope"], help="override the method's")
+    group.add_argument("--allot", default=None, choices=["uniform", "budget", "fisher"], help="override the method's")
+    group.add_argument("--rope-mode", default="pre", choices=["pre", "post"], help="RoPE models: basis before/after")
+    group.add_argument("--rank-multiple", type=positive_int, default=1, help="round every rank to a multiple")
+    group.add_argument("--error-windows", type=positive_int, default=1, help="windows kept to measure output errors")
+    group.add_argument("--components", default=None, help="component options: scale, rot, hi<bits>[x<fraction>]")
+    group.add_argument("--kv-bits", type=int, default=None, help="quantize the cache: 2, 3, 4 or 8 bits")
+    group.add_argument("--kv-group", type=positive_int, default=64, help="group size")
+    group.add_argument("--kv-axis-k", default="channel", choices=["channel", "token"], help="key grouping")
+    group.add_argument("--kv-axis-v", default="token", choices=["channel", "token"], help="value grouping")
+    group.add_argument("--kv-residual", type=int, default=0, help="recent tokens kept in full precision")
+    group.add_argument("--kv-symmetric", action="store_true", help="scale only, no zero point")
+    group.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate the head dimension first")
+    group.add_argument("--weights", default=None, choices=["int8", "nf4"], help="bitsandbytes weight quantization")
+    calib = parent.add_argument_group("calibration text (when the recipe has Eigen Attention)")
+    calib.add_argument("--calib-dataset", default="brown", help="brown, wikitext2, or a text file")
+    calib.add_argument("--calib-windows", type=positive_int, default=16)
+    calib.add_argument("--calib-start", type=int, default=0, help="first calibration window")
+    calib.add_argument("--calib-seq-len", type=positive_int, default=2048)
+    return parent
+
+
+def recipe_from(args: argparse.Namespace, default_ratio: float | None = None):
+    """The :class:`~eigenkv.Recipe` named by ``--recipe`` or built from the recipe flags."""
+    from eigenkv.compress.components import ComponentQuantConfig
+    from eigenkv.compress.config import EigenConfig
+    from eigenkv.quant.config import KVQuantConfig
+    from eigenkv.recipe import Recipe
+
+    flags = ("ratio", "error_budget", "basis", "allot", "components", "kv_bits", "weights")
+    if args.recipe is not None:
+        given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
+        if given:
+            raise UserError(f"--recipe already says everything; drop {', '.join(given)}")
+        return Recipe.load(args.recipe)
+    ratio = args.ratio
+    if ratio is None and args.error_budget is None:
+        ratio = default_ratio
+    lowrank = None
+    if ratio is not None or args.error_budget is not None:
+        chosen = {name: value for name in ("basis", "allot") if (value := getattr(args, name)) is not None}
+        lowrank = EigenConfig.method(
+            args.method,
+            target_ratio=ratio,
+            error_budget=args.error_budget,
+            rope_mode=args.rope_mode,
+            error_windows=args.error_windows,
+            rank_multiple=args.rank_multiple,
+            **chosen,
+        )
+    kv = None
     if args.kv_bits is not None:
-        quant = KVQuantConfig(
+        kv = KVQuantConfig(
             bits=args.kv_bits,
             group_size=args.kv_group,
             axis_k=args.kv_axis_k,
@@ -58,9 +132,82 @@ def _ppl(args: argparse.Namespace) -> int:
             symmetric=args.kv_symmetric,
             rotate=args.kv_rotate,
         )
+    components = None if args.components is None else ComponentQuantConfig.parse(args.components)
+    return Recipe(lowrank=lowrank, components=components, kv=kv, weights=args.weights)
+
+
+def resolve_device(name: str | None) -> str:
+    """``--device`` checked against what this machine has (default: cuda when available)."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: eigenkv runs on cpu or cuda")
+    return name
+
+
+def check_writable(path: Path, kind: str = "file") -> None:
+    """Refuse an output path that cannot be written, before any long work."""
+    parent = path if kind == "folder" else path.parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write {path}: {existing} is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".eigenkv-write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {existing} is not writable ({err.strerror}); choose another path") from None
+
+
+def load(args: argparse.Namespace):
+    """``(model, tokenizer, device)`` for ``--model --dtype --device --cache-dir``, with finite weights."""
+    import torch
+
+    from eigenkv.models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, cache=args.cache_dir)
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise UserError(f"the weights of {args.model} hold NaN or Inf ({name}); the checkpoint is broken")
+    return model, tokenizer
+
+
+def windows_of(args: argparse.Namespace, tokenizer, dataset, seq_len, count, start=0, split=None):
+    from eigenkv.data import load_windows
+
+    return load_windows(
+        dataset, tokenizer, seq_len, split=split, start=start, count=count, bos=args.bos, data_dir_path=args.data_dir
+    )
+
+
+# --- subcommands ------------------------------------------------------------------------------------------
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    from eigenkv.eval.perplexity import perplexity
+    from eigenkv.eval.runs import environment
+    from eigenkv.memory import kv_cache_bytes
+    from eigenkv.models import describe_model
+    from eigenkv.pipeline import apply_recipe, load_compressed
+
     count = None if args.windows == "all" else (int(args.windows) if args.windows.isdigit() else 0)
     if count is not None and count < 1:
-        raise ValueError(f"--windows must be a positive integer or 'all'; got {args.windows!r}")
+        raise UserError(f"--windows must be a positive integer or 'all'; got {args.windows!r}")
+    if args.compressed and (args.recipe is not None or args.kv_bits is not None or args.ratio is not None):
+        raise UserError("--compressed already holds a recipe; drop the recipe flags")
+    recipe = None if args.compressed else recipe_from(args)
     config = {
         "command": "ppl",
         "model": args.model,
@@ -70,74 +217,49 @@ def _ppl(args: argparse.Namespace) -> int:
         "start": args.start,
         "seq_len": args.seq_len,
         "bos": args.bos,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": args.dtype,
         "batch_size": args.batch_size,
-        "kv_quant": None if quant is None else quant.to_dict(),
-        "compressed": None,
+        "recipe": None if recipe is None else recipe.to_dict(),
+        "compressed": None if args.compressed is None else str(Path(args.compressed).resolve()),
     }
-    plan = None
-    if args.compressed:
-        from eigenkv.compress import EigenPlan
-
-        plan = EigenPlan.load(args.compressed)
-        config["compressed"] = {
-            "path": str(Path(args.compressed).resolve()),
-            "config": plan.config.to_dict(),
-            "mode": plan.mode,
-            "ratio": plan.ratio,
-            "calibration": {k: v for k, v in plan.calibration.items() if not k.endswith(("seconds", "evaluations"))},
-        }
     out = Path(args.json) if args.json else None
-    if out is not None and out.exists() and not args.overwrite:
-        try:
-            previous = json.loads(out.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{out} exists but is not a result file ({err}); delete it or pass --overwrite") from err
-        if previous.get("config") != config:
-            raise FileExistsError(
-                f"{out} holds a result for another configuration ({previous.get('config')}); "
-                "choose another --json path or pass --overwrite"
-            )
-        print(previous["line"] + "  (already computed: " + str(out) + ")")
-        return 0
+    if out is not None:
+        if out.exists() and not args.overwrite:
+            try:
+                previous = json.loads(out.read_text())
+            except json.JSONDecodeError as err:
+                raise UserError(f"{out} exists but is not a result file ({err}); delete it or pass --overwrite") from None
+            if previous.get("config") != config:
+                raise UserError(f"{out} holds a result for another configuration; choose another --json or --overwrite")
+            print(previous["line"] + "  (already computed: " + str(out) + ")")
+            return 0
+        check_writable(out)
 
-    model, tokenizer, device = _load_model(args, dtype)
-    windows = load_windows(
-        args.dataset,
-        tokenizer,
-        args.seq_len,
-        split=args.split,
-        start=args.start,
-        count=count,
-        bos=args.bos,
-        data_dir_path=args.data_dir,
-    )
-    kv_fp16 = kv_cache_bytes(model, seq_len=2048, batch_size=1)
-    if plan is not None:
-        from eigenkv.compress import apply_plan
-        from eigenkv.data import windows_overlap
-
-        if windows_overlap(plan.calibration, windows.describe()):
-            raise ValueError(
-                f"the plan in {args.compressed} was calibrated on windows that overlap the evaluated ones "
-                f"({plan.calibration['source']} windows from #{plan.calibration['first_window']}); evaluate other "
-                "windows (--start) or calibrate on Brown or on disjoint windows"
-            )
-        apply_plan(model, plan)
-    kv = kv_cache_bytes(model, seq_len=2048, batch_size=1, quant=quant)
-    if quant is None:
-        result = perplexity(model, windows, batch_size=args.batch_size, progress=not args.quiet)
+    model, tokenizer = load(args)
+    windows = windows_of(args, tokenizer, args.dataset, args.seq_len, count, args.start, args.split)
+    kv_fp16 = kv_cache_bytes(model, seq_len=2048)
+    if args.compressed:
+        compressed = load_compressed(model, args.compressed)
     else:
-        with QuantizedKV(model, quant) as kv_quant:
-            result = perplexity(
-                model, windows, batch_size=args.batch_size, progress=not args.quiet, make_cache=kv_quant.new_cache
+        calibration = None
+        if recipe.lowrank is not None:
+            calibration = windows_of(
+                args, tokenizer, args.calib_dataset, args.calib_seq_len, args.calib_windows, args.calib_start
             )
-    kv_label = "fp16" if quant is None else quant.label()
-    if plan is not None:
-        kv_label = f"{plan.config.label()}({plan.ratio:.3f})+{kv_label}"
+            if not calibration.disjoint_from(windows):
+                raise UserError("the calibration windows overlap the evaluated ones: use --calib-start or --start")
+        compressed = apply_recipe(model, recipe, calibration, progress=not args.quiet)
+    plan = compressed.plan  # calibrated here, on windows checked above, or loaded:
+    if args.compressed and plan is not None and _overlaps(plan.calibration, windows.describe()):
+        raise UserError(
+            f"the plan in {args.compressed} was calibrated on windows that overlap the evaluated ones; "
+            "evaluate other windows (--start)"
+        )
+    result = perplexity(compressed, windows, batch_size=args.batch_size, progress=not args.quiet)
+    kv = compressed.kv_bytes(seq_len=2048)
     line = (
         f"{args.model} {windows.source} windows={result.windows}x{result.seq_len} (from #{windows.first}) "
-        f"bos={args.bos} {config['dtype']} kv={kv_label}: "
+        f"bos={args.bos} {args.dtype} recipe={compressed.recipe.label()}: "
         f"ppl={result.ppl:.4f} nll={result.nll:.5f} tokens={result.tokens} "
         f"kv@2048={kv.gb:.4f}GB ({kv.fraction_of(kv_fp16):.3f} of fp16) time={result.seconds:.1f}s"
     )
@@ -147,113 +269,101 @@ def _ppl(args: argparse.Namespace) -> int:
             out,
             {
                 "config": config,
+                "recipe": compressed.recipe.to_dict(),
                 "result": result.to_dict(),
                 "windows": windows.describe(),
                 "model": describe_model(args.model, args.cache_dir),
                 "kv_cache_n2048": kv.to_dict(),
                 "kv_fraction_of_fp16": kv.fraction_of(kv_fp16),
-                "environment": {**_environment(), "device_used": device},
+                "environment": environment(args.device),
                 "line": line,
             },
         )
     return 0
 
 
-def _compress(args: argparse.Namespace) -> int:
+def _overlaps(calibration: dict, evaluated: dict) -> bool:
+    from eigenkv.data import windows_overlap
 
-    from eigenkv.compress import EigenConfig, compress_model
-    from eigenkv.data import load_windows
-    from eigenkv.models import describe_model, resolve_dtype
+    return windows_overlap(calibration, evaluated)
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from eigenkv.pipeline import apply_recipe
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
-    ratio = args.ratio if args.ratio is not None or args.error_budget is not None else 0.6
-    chosen = {name: value for name in ("basis", "allot") if (value := getattr(args, name)) is not None}
-    config = EigenConfig.method(
-        args.method,
-        target_ratio=ratio,
-        error_budget=args.error_budget,
-        rope_mode=args.rope_mode,
-        error_windows=args.error_windows,
-        rank_multiple=args.rank_multiple,
-        **chosen,
-    )
-    model, tokenizer, _ = _load_model(args, resolve_dtype(args.dtype))
-    windows = load_windows(
-        args.calib_dataset,
-        tokenizer,
-        args.calib_seq_len,
-        split=args.calib_split,
-        start=args.calib_start,
-        count=args.calib_windows,
-        data_dir_path=args.data_dir,
-    )
-    plan = compress_model(model, windows, config, progress=not args.quiet)
-    plan.extra.update({"model": describe_model(args.model, args.cache_dir), "environment": _environment()})
-    plan.save(out, overwrite=args.overwrite)
-    cal = plan.calibration
-    print(plan.summary())
-    print(
-        f"calibration: {cal['source']} {cal['windows']}x{cal['seq_len']} from window #{cal['first_window']} "
-        f"({cal['calibration_seconds']:.0f}s); allotment {cal['allotment_seconds']:.0f}s "
-        f"({cal['error_evaluations']} error evaluations)"
-    )
-    print("ranks (key, value) per layer: " + " ".join(f"{k}/{v}" for k, v in plan.ranks))
-    print(f"saved {out} (plan.json, bases.safetensors, ranks.png)")
+        raise UserError(f"{out} exists; choose another --out or pass --overwrite")
+    check_writable(out, "folder")
+    recipe = recipe_from(args, default_ratio=0.6)
+    if recipe.weights is not None:
+        raise UserError(
+            "a saved model keeps float weights: drop --weights here and pass it when loading "
+            "(from_pretrained(path, weights=...))"
+        )
+    model, tokenizer = load(args)
+    calibration = None
+    if recipe.lowrank is not None:
+        calibration = windows_of(args, tokenizer, args.calib_dataset, args.calib_seq_len, args.calib_windows, args.calib_start)
+    compressed = apply_recipe(model, recipe, calibration, progress=not args.quiet)
+    compressed.save_pretrained(out, tokenizer=tokenizer, overwrite=args.overwrite)
+    if compressed.plan is not None:
+        print(compressed.plan.summary())
+        print("ranks (key, value) per layer: " + " ".join(f"{k}/{v}" for k, v in compressed.plan.ranks))
+    kv = compressed.kv_bytes(seq_len=2048)
+    print(f"recipe {recipe.label()}: KV cache {kv.gb:.5f} GB at n = 2048")
+    print(f"saved {out} (eigenkv.json, plan/, model.safetensors): eigenkv.from_pretrained({str(out)!r})")
     return 0
 
 
-def _listed(text: str, kind=str) -> tuple:
-    """A comma-separated option (``"4,3,2"``) as a tuple of ``kind``; empty items are dropped."""
-    return tuple(kind(x) for x in text.split(",") if x)
-
-
-def _curve(args: argparse.Namespace) -> int:
-    import torch
-
+def run_curve(args: argparse.Namespace) -> int:
     from eigenkv.eval.curve import CurveConfig, run_curve
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = CurveConfig(
+    settings = dict(
         model=args.model,
         dataset=args.dataset,
-        windows=None if args.full else args.windows,
+        windows=None if args.windows == "all" else _count(args.windows),
         seq_len=args.seq_len,
-        bits=_listed(args.bits, int),
-        groups=_listed(args.groups, int),
         axis_k=args.kv_axis_k,
         axis_v=args.kv_axis_v,
-        ratios=_listed(args.ratios, float),
-        methods=_listed(args.methods),
-        components=_listed(args.components),
         rope_mode=args.rope_mode,
         calib_dataset=args.calib_dataset,
         calib_windows=args.calib_windows,
+        dtype=args.dtype,
+        bos=args.bos,
     )
-    out = run_curve(config, args.out_root, progress=not args.quiet)
+    for name in ("bits", "groups", "ratios", "methods", "components"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    config = CurveConfig.full(**settings) if args.full else CurveConfig(**settings)
+    check_writable(Path(args.out_root), "folder")
+    out = run_curve(
+        config, args.out_root, progress=not args.quiet, plans=args.plans, device=args.device,
+        cache_dir=args.cache_dir, data_dir=args.data_dir,
+    )  # fmt: skip
     print((out / "pareto.md").read_text())
     print(f"figure: {out / 'curve.png'} (and .svg); rows: {out / 'points.csv'}")
     return 0
 
 
-def _plan(args: argparse.Namespace) -> int:
-    import torch
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"--windows must be a positive integer or 'all'; got {text!r}")
+    return int(text)
 
+
+def run_plan(args: argparse.Namespace) -> int:
     from eigenkv.eval.planner import PlannerConfig, plan_for_budget
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = PlannerConfig(
         model=args.model,
         dataset=args.dataset,
         windows=args.windows,
         seq_len=args.seq_len,
-        ratios=_listed(args.ratios, float),
-        bits=_listed(args.bits, int),
-        groups=_listed(args.groups, int),
-        components=_listed(args.components),
+        ratios=args.ratios,
+        bits=args.bits,
+        groups=args.groups,
+        components=args.components,
         method=args.method,
         calib_dataset=args.calib_dataset,
         calib_windows=args.calib_windows,
@@ -263,149 +373,124 @@ def _plan(args: argparse.Namespace) -> int:
         proxy_seq_len=args.proxy_seq_len,
         min_fill=args.min_fill,
         finalists=args.finalists,
+        dtype=args.dtype,
+        bos=args.bos,
     )
     for budget in args.budget_gb:
-        choice = plan_for_budget(config, budget, args.out_root, progress=not args.quiet)
+        if not budget > 0:
+            raise UserError(f"--budget-gb must be positive; got {budget}")
+    check_writable(Path(args.out_root), "folder")
+    for budget in args.budget_gb:
+        choice = plan_for_budget(
+            config, budget, args.out_root, progress=not args.quiet, plans=args.plans, device=args.device,
+            cache_dir=args.cache_dir, data_dir=args.data_dir,
+        )  # fmt: skip
         print(choice.report.with_suffix(".md").read_text())
         chosen = choice.chosen
         print(
-            f"chosen for {budget:g} GB: {chosen['label']} ({chosen['kv_gb_n2048']:.5f} GB, "
-            f"measured ppl {chosen['ppl']:.3f}); report {choice.report}"
+            f"chosen for {budget:g} GB: {chosen['label']} ({chosen['kv_gb_n2048']:.5f} GB, measured ppl "
+            f"{chosen['ppl']:.3f}); recipe {choice.report.parent / f'budget_{budget:g}.recipe.json'}"
         )
     return 0
 
 
+# --- parser -----------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eigenkv", description=__doc__)
+    parser = argparse.ArgumentParser(prog="eigenkv", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"eigenkv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    ppl = sub.add_parser("ppl", help="perplexity of a model on token windows of a text")
-    ppl.add_argument("--model", default="smollm2-135m", help="embedded alias, local folder or hub id")
+    common, recipe = common_options(), recipe_options()
+
+    ppl = sub.add_parser("ppl", parents=[common, recipe], help="perplexity of a model (with a recipe) on a text")
     ppl.add_argument("--dataset", default="wikitext2", help="wikitext2, brown, or a path to a text file")
     ppl.add_argument("--split", default=None, help="dataset split (wikitext2: test offline; brown: all)")
     ppl.add_argument("--windows", default="16", help="number of windows, or 'all'")
     ppl.add_argument("--start", type=int, default=0, help="index of the first window")
-    ppl.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
-    ppl.add_argument("--bos", default="none", choices=["none", "window", "stream"], help="BOS policy")
-    ppl.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
-    ppl.add_argument("--batch-size", type=int, default=1)
-    ppl.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    ppl.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ppl.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per window")
+    ppl.add_argument("--batch-size", type=positive_int, default=1)
+    ppl.add_argument("--compressed", default=None, help="a folder saved by `eigenkv compress` (instead of a recipe)")
     ppl.add_argument("--json", default=None, help="write the result here (atomically); reruns reuse it")
     ppl.add_argument("--overwrite", action="store_true", help="recompute even if --json already holds the result")
-    ppl.add_argument("--cache-dir", default=None, help="eigenkv cache (default $EIGENKV_CACHE_DIR or ~/.cache/eigenkv)")
-    ppl.add_argument("--data-dir", default=None, help="offline data folder (default $EIGENKV_DATA_DIR)")
-    ppl.add_argument("--quiet", action="store_true", help="no progress bar")
-    quant = ppl.add_argument_group("quantized KV cache (off unless --kv-bits is given)")
-    quant.add_argument("--kv-bits", type=int, default=None, help="2, 3, 4 or 8")
-    quant.add_argument("--kv-group", type=int, default=64, help="group size")
-    quant.add_argument("--kv-axis-k", default="channel", choices=["channel", "token"], help="key grouping")
-    quant.add_argument("--kv-axis-v", default="token", choices=["channel", "token"], help="value grouping")
-    quant.add_argument("--kv-residual", type=int, default=0, help="recent tokens kept in full precision")
-    quant.add_argument("--kv-symmetric", action="store_true", help="scale only, no zero point")
-    quant.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate the head dimension first")
-    ppl.add_argument("--compressed", default=None, help="apply the Eigen Attention plan saved in this folder")
-    ppl.set_defaults(func=_ppl)
+    ppl.set_defaults(func=run_ppl)
 
-    comp = sub.add_parser("compress", help="calibrate Eigen Attention bases and ranks; save the plan")
-    comp.add_argument("--model", default="smollm2-135m", help="embedded alias, local folder or hub id")
-    comp.add_argument("--out", required=True, help="folder for the plan (plan.json + bases.safetensors)")
-    size = comp.add_mutually_exclusive_group()
-    size.add_argument("--ratio", type=float, default=None, help="KV fraction to keep (default 0.6)")
-    size.add_argument("--error-budget", type=float, default=None, help="the paper's per-layer output-error rule")
-    comp.add_argument(
-        "--rope-mode", default="pre", choices=["pre", "post"], help="RoPE models: basis before/after RoPE"
-    )
-    comp.add_argument(
-        "--method",
-        default="eigenkv",
-        choices=["eigenkv", "paper"],
-        help="eigenkv: output-aware bases + Fisher allotment (best measured); paper: PCA bases, uniform ranks",
-    )
-    comp.add_argument("--basis", default=None, choices=["pca", "output", "output-rope"], help="override the method's")
-    comp.add_argument(
-        "--allot", default=None, choices=["uniform", "budget", "fisher"], help="override the method's allotment"
-    )
-    comp.add_argument("--calib-dataset", default="brown", help="brown, wikitext2, or a text file")
-    comp.add_argument("--calib-split", default=None)
-    comp.add_argument("--calib-windows", type=int, default=16)
-    comp.add_argument("--calib-start", type=int, default=0, help="first calibration window")
-    comp.add_argument("--calib-seq-len", type=int, default=2048)
-    comp.add_argument("--error-windows", type=int, default=1, help="windows kept to measure layer output errors")
-    comp.add_argument("--rank-multiple", type=int, default=1, help="round every rank to a multiple of this")
-    comp.add_argument("--dtype", default="float32", help="dtype of the model during calibration")
-    comp.add_argument("--device", default=None)
-    comp.add_argument("--threads", type=int, default=0)
-    comp.add_argument("--overwrite", action="store_true", help="replace an existing plan folder")
-    comp.add_argument("--cache-dir", default=None)
-    comp.add_argument("--data-dir", default=None)
-    comp.add_argument("--quiet", action="store_true")
-    comp.set_defaults(func=_compress)
+    comp = sub.add_parser("compress", parents=[common, recipe], help="apply a recipe and save the compressed model")
+    comp.add_argument("--out", required=True, help="folder for the compressed model (save_pretrained)")
+    comp.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    comp.set_defaults(func=run_compress)
 
-    curve = sub.add_parser("curve", help="perplexity vs KV GB: quantization alone vs Eigen Attention + quantization")
-    curve.add_argument("--model", default="smollm2-135m")
+    curve = sub.add_parser("curve", parents=[common], help="perplexity vs KV GB: quantization alone vs low rank + it")
     curve.add_argument("--dataset", default="wikitext2")
-    curve.add_argument("--windows", type=int, default=3, help="evaluated windows from the start (quick run: 3)")
-    curve.add_argument("--full", action="store_true", help="evaluate every window of the split")
-    curve.add_argument("--seq-len", type=int, default=2048)
-    curve.add_argument("--bits", default="8,4,3,2")
-    curve.add_argument("--groups", default="128,64,32")
+    curve.add_argument("--windows", default="3", help="evaluated windows from the start, or 'all'")
+    curve.add_argument("--full", action="store_true", help="the complete grid: bits 8,4,3,2 x groups 128,64,32")
+    curve.add_argument("--seq-len", type=positive_int, default=2048)
+    curve.add_argument("--bits", type=listed(int), default=None, help="e.g. 4,3,2 (default 4,3,2; --full 8,4,3,2)")
+    curve.add_argument("--groups", type=listed(int), default=None, help="e.g. 64,32 (default 32; --full 128,64,32)")
     curve.add_argument("--kv-axis-k", default="channel", choices=["channel", "token"])
     curve.add_argument("--kv-axis-v", default="token", choices=["channel", "token"])
-    curve.add_argument("--ratios", default="0.6", help="Eigen Attention KV ratios, e.g. 0.6,0.8")
+    curve.add_argument("--ratios", type=listed(float), default=None, help="Eigen KV ratios, e.g. 0.6,0.8")
     curve.add_argument("--rope-mode", default="pre", choices=["pre", "post"])
-    curve.add_argument("--methods", default="paper,eigenkv", help="Eigen methods, one curve each")
-    curve.add_argument(
-        "--components",
-        default="hi4x0.25",
-        help="component variants before quantizing, one curve each per method: e.g. scale,rot,scale+hi8x0.125 "
-        "(adding variants to a finished run extends it)",
-    )
+    curve.add_argument("--methods", type=listed(str), default=None, help="Eigen methods (default paper,eigenkv)")
+    curve.add_argument("--components", type=listed(str), default=None, help="component variants, e.g. hi4x0.25,scale")
     curve.add_argument("--calib-dataset", default="brown")
-    curve.add_argument("--calib-windows", type=int, default=16)
+    curve.add_argument("--calib-windows", type=positive_int, default=16)
+    curve.add_argument("--plans", default=None, help="folder of saved plans to reuse (new ones are added to it)")
     curve.add_argument("--out-root", default="results", help="run folders are created here, named after the settings")
-    curve.add_argument("--threads", type=int, default=0)
-    curve.add_argument("--quiet", action="store_true")
-    curve.set_defaults(func=_curve)
+    curve.set_defaults(func=run_curve)
 
-    plan = sub.add_parser("plan", help="the Eigen ratio, bits, group and component options that fit a KV budget")
+    plan = sub.add_parser("plan", parents=[common], help="the recipe with the best perplexity within a KV budget")
     plan.add_argument("--budget-gb", type=float, nargs="+", required=True, help="KV GB at n = 2048, batch 1")
-    plan.add_argument("--model", default="smollm2-135m")
     plan.add_argument("--dataset", default="wikitext2")
-    plan.add_argument("--windows", type=int, default=3, help="evaluated windows (finalists' perplexity)")
-    plan.add_argument("--seq-len", type=int, default=2048)
-    plan.add_argument("--ratios", default="1,0.8,0.7,0.6,0.5", help="Eigen ratios (1: uncompressed)")
-    plan.add_argument("--bits", default="8,4,3,2")
-    plan.add_argument("--groups", default="128,64,32")
-    plan.add_argument("--components", default="plain,hi4x0.25", help="component variants, e.g. plain,hi4x0.25")
+    plan.add_argument("--windows", type=positive_int, default=3, help="evaluated windows (finalists' perplexity)")
+    plan.add_argument("--seq-len", type=positive_int, default=2048)
+    plan.add_argument("--ratios", type=listed(float), default=(1.0, 0.8, 0.7, 0.6, 0.5), help="Eigen ratios (1: none)")
+    plan.add_argument("--bits", type=listed(int), default=(8, 4, 3, 2))
+    plan.add_argument("--groups", type=listed(int), default=(128, 64, 32))
+    plan.add_argument("--components", type=listed(str), default=("plain", "hi4x0.25"), help="e.g. plain,hi4x0.25")
     plan.add_argument("--method", default="eigenkv", choices=["eigenkv", "paper"])
     plan.add_argument("--calib-dataset", default="brown")
-    plan.add_argument("--calib-windows", type=int, default=16)
+    plan.add_argument("--calib-windows", type=positive_int, default=16)
     plan.add_argument(
         "--proxy",
         default="evaluated",
         choices=["evaluated", "calibration"],
-        help="held-out text the proxy loss is measured on: the evaluated corpus after the evaluated windows "
-        "(or --proxy-split of it), or the calibration corpus after the calibration windows",
+        help="held-out text of the proxy loss: the evaluated corpus after the evaluated windows (or --proxy-split "
+        "of it), or the calibration corpus after the calibration windows",
     )
     plan.add_argument("--proxy-split", default=None, help="a split of the evaluated corpus for the proxy")
-    plan.add_argument("--proxy-windows", type=int, default=2, help="held-out windows the proxy is measured on")
-    plan.add_argument("--proxy-seq-len", type=int, default=1024)
+    plan.add_argument("--proxy-windows", type=positive_int, default=2, help="held-out windows of the proxy")
+    plan.add_argument("--proxy-seq-len", type=positive_int, default=1024)
     plan.add_argument("--min-fill", type=float, default=0.6, help="candidates use at least this share of the budget")
-    plan.add_argument("--finalists", type=int, default=3, help="best-by-proxy settings measured on the evaluated text")
+    plan.add_argument("--finalists", type=positive_int, default=3, help="best-by-proxy settings measured")
+    plan.add_argument("--plans", default=None, help="folder of saved plans to reuse")
     plan.add_argument("--out-root", default="results")
-    plan.add_argument("--threads", type=int, default=0)
-    plan.add_argument("--quiet", action="store_true")
-    plan.set_defaults(func=_plan)
+    plan.set_defaults(func=run_plan)
     return parser
+
+
+# Exceptions that describe a user's mistake (bad value, missing file, refused artifact): no traceback.
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, NotImplementedError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        args.device = resolve_device(args.device)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
+    except USER_ERRORS as err:
         print(f"eigenkv {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except PermissionError as err:
+        print(f"eigenkv {args.command}: error: {err.filename or err}: permission denied", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"eigenkv {args.command}: interrupted (finished records are kept; rerun to resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@ from eigenkv.data import load_windows
 from eigenkv.memory import cache_tensor_bytes
 from eigenkv.models import load_model
 from eigenkv.quant import KVQuantConfig, QuantizedKV
-from eigenkv.quant.config import quant_config_from_dict
-from tests.eval.test_cli import model_dir  # noqa: F401  (fixture)
+from eigenkv.recipe import Recipe
+from tests.test_cli import model_dir  # noqa: F401  (fixture)
+
+
+PLANS = {"paper-eigen0.5": "eigen0.5-pre-uniform", "eigenkv-eigen0.5": "eigen0.5-pre-output-fisher"}
 
 
 @pytest.fixture
@@ -36,6 +39,7 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
         bits=(4,),
         groups=(16,),
         ratios=(0.5,),
+        components=(),
         calib_dataset=str(calib),
         calib_windows=2,
         dtype="float16",
@@ -58,9 +62,10 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
     assert sizes[f"paper-eigen0.5 {q}"] < sizes[f"quant {q}"] < sizes["baseline"]
     table = (out / "pareto.md").read_text()
     assert "best paper-eigen0.5+quant | best eigenkv-eigen0.5+quant | paper-eigen0.5+quant - quant" in table
-    plans = {name: EigenPlan.load(out / "plans" / name) for name in ("paper-eigen0.5", "eigenkv-eigen0.5")}
+    plans = {name: EigenPlan.load(out / "plans" / folder) for name, folder in PLANS.items()}
     assert plans["paper-eigen0.5"].config.basis == "pca" and plans["eigenkv-eigen0.5"].config.allot == "fisher"
-    assert {r["eigen"]["basis"] for r in rows if r["eigen"]} == {"pca", "output"}
+    assert {r["recipe"]["lowrank"]["basis"] for r in rows if r["recipe"]["lowrank"]} == {"pca", "output"}
+    assert all(Recipe.from_dict(r["recipe"]).label() for r in rows)  # every row records its whole recipe
 
     # Each row's size equals the bytes a real cache holds after one evaluated window (fp16 model).
     model0, tokenizer = load_model(str(model_dir), dtype=torch.float16)
@@ -69,19 +74,20 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
         model = load_model(str(model_dir), dtype=torch.float16)[0] if row["ratio"] else model0
         bases = 0
         if row["ratio"]:
-            apply_plan(model, EigenPlan.load(row["plan"]))
+            name = "paper-eigen0.5" if row["label"].startswith("paper") else "eigenkv-eigen0.5"
+            apply_plan(model, EigenPlan.load(out / "plans" / PLANS[name]))
             bases = sum(b.numel() * 2 for n, b in model.named_buffers() if n.endswith(("key_basis", "query_basis")))
         with torch.no_grad():
-            if row["quant"] is None:
+            if row["recipe"]["kv"] is None:
                 cache = DynamicCache(config=model.config)
                 model(window, past_key_values=cache, use_cache=True)
             else:
-                with QuantizedKV(model, KVQuantConfig.from_dict(row["quant"])) as kv:
+                with QuantizedKV(model, KVQuantConfig.from_dict(row["recipe"]["kv"])) as kv:
                     cache = kv.new_cache()
                     model(window, past_key_values=cache, use_cache=True)
         assert cache_tensor_bytes(cache) + bases == row["kv_bytes_eval_seq_len"], row["label"]
 
-    files = (out / "points.jsonl", out / "plans" / "eigenkv-eigen0.5" / "plan.json")
+    files = (out / "points.jsonl", out / "plans" / PLANS["eigenkv-eigen0.5"] / "plan.json")
     stamps = [p.stat().st_mtime_ns for p in files]
     run_curve(config, tmp_path / "runs", progress=False)  # nothing left to compute
     assert [p.stat().st_mtime_ns for p in files] == stamps
@@ -94,16 +100,17 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
     assert [r["label"] for r in added] == [f"{m}-eigen0.5+scale+hi8x0.5 {q}" for m in ("paper", "eigenkv")]
     assert [p.stat().st_mtime_ns for p in files[1:]] == stamps[1:]
     for row in added:
+        name = "paper-eigen0.5" if row["label"].startswith("paper") else "eigenkv-eigen0.5"
         plan, quant = prepare_components(
-            EigenPlan.load(row["plan"]), ComponentQuantConfig.parse("scale+hi8x0.5"), KVQuantConfig(4, 16)
+            EigenPlan.load(out / "plans" / PLANS[name]), ComponentQuantConfig.parse("scale+hi8x0.5"), KVQuantConfig(4, 16)
         )
         model = apply_plan(load_model(str(model_dir), dtype=torch.float16)[0], plan)
-        with torch.no_grad(), QuantizedKV(model, quant_config_from_dict(row["quant"])) as kv:
+        with torch.no_grad(), QuantizedKV(model, quant) as kv:
             cache = kv.new_cache()
             model(window, past_key_values=cache, use_cache=True)
         bases = sum(b.numel() * 2 for n, b in model.named_buffers() if n.endswith(("key_basis", "query_basis")))
         assert cache_tensor_bytes(cache) + bases == row["kv_bytes_eval_seq_len"], row["label"]
-        assert row["components"]["key_high"] == list(quant.key_high)
+        assert row["high_bits"] == 8 and Recipe.from_dict(row["recipe"]).components.high_fraction == 0.5
         same_plain = next(r for r in rows if r["label"] == row["label"].replace("+scale+hi8x0.5", ""))
         assert row["kv_bytes_eval_seq_len"] > same_plain["kv_bytes_eval_seq_len"]  # half the components at 8 bits
     assert "best eigenkv-eigen0.5+scale+hi8x0.5" in (out / "pareto.md").read_text()

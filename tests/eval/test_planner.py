@@ -6,8 +6,10 @@ import pytest
 
 from eigenkv.cli import main
 from eigenkv.memory import GB
-from eigenkv.eval.planner import PlannerConfig, PlannerRun, candidates, plan_for_budget
-from tests.eval.test_cli import model_dir  # noqa: F401  (fixture)
+from eigenkv.eval.planner import PlannerConfig, PlannerExperiment, candidates, plan_for_budget
+from eigenkv.eval.runs import RunFolder
+from eigenkv.recipe import Recipe
+from tests.test_cli import model_dir  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -35,7 +37,7 @@ def config(model_dir, tmp_path):  # noqa: F811
 
 
 def test_planner_chooses_within_the_budget_and_reuses_its_work(config, tmp_path):
-    labels = [c.label for c in candidates(config)]
+    labels = list(candidates(config))
     # no component variants without Eigen or without quantization; hi8 only above the grid's bits
     assert "eigen0.5+scale 4b-g16-kc-vt-r0" in labels and "eigen0.5+hi8x0.5 2b-g16-kc-vt-r0" in labels
     assert not any("scale fp16" in x or x.startswith("fp16-model ") and "+" in x for x in labels)
@@ -59,6 +61,7 @@ def test_planner_chooses_within_the_budget_and_reuses_its_work(config, tmp_path)
     proxies = {json.loads(r)["label"]: json.loads(r)["nll"] for r in proxy_rows}
     assert [f["label"] for f in choice.finalists] == sorted(fitting, key=proxies.get)[:2]
     assert (run / f"budget_{budget:g}.md").read_text().count("|") > 8
+    assert Recipe.load(run / f"budget_{budget:g}.recipe.json") == choice.recipe  # the choice is a recipe
 
     # min_fill drops candidates far below the largest one within the budget
     filled = PlannerConfig(**{**config.__dict__, "min_fill": 0.9, "proxy": "calibration"})
@@ -67,10 +70,11 @@ def test_planner_chooses_within_the_budget_and_reuses_its_work(config, tmp_path)
     largest = max(n for n in sizes.values() if n <= budget * GB)
     assert strict.considered == sum(0.9 * largest <= n <= budget * GB for n in sizes.values()) < choice.considered
     # the proxy text is held out: after the evaluated windows, or after the calibration windows
-    evaluated, calib, proxy = PlannerRun(config, tmp_path, False).texts()
-    assert proxy.source == evaluated.source and proxy.disjoint_from(evaluated) and proxy.first * 64 >= 2 * 64
-    evaluated, calib, proxy = PlannerRun(filled, tmp_path, False).texts()
-    assert proxy.source == calib.source and proxy.disjoint_from(calib)
+    run = PlannerExperiment(config, RunFolder(tmp_path, "a", config.to_dict()), progress=False)
+    assert run.proxy.source == run.evaluated.source and run.proxy.disjoint_from(run.evaluated)
+    assert run.proxy.first * 64 >= 2 * 64
+    run = PlannerExperiment(filled, RunFolder(tmp_path, "b", filled.to_dict()), progress=False)
+    assert run.proxy.source == run.calibration_windows.source and run.proxy.disjoint_from(run.calibration_windows)
 
     with pytest.raises(ValueError, match="no candidate fits"):
         plan_for_budget(config, 1e-9, out, progress=False)
@@ -89,7 +93,7 @@ def test_planner_cli_and_bad_settings(config, tmp_path, capsys):
         PlannerConfig(ratios=(1.5,))
     with pytest.raises(ValueError, match="unknown component option"):
         PlannerConfig(components=("plain", "hadamard"))
-    with pytest.raises(ValueError, match="proxy='other'"):
+    with pytest.raises(ValueError, match="proxy must be one of"):
         PlannerConfig(proxy="other")
     with pytest.raises(ValueError, match="min_fill"):
         PlannerConfig(min_fill=1.0)

@@ -6,11 +6,12 @@ holds them after ``p + 1`` tokens, see ``eigenkv.quant.cache``). This measures
 what that costs on SmolLM2-135M (float32), for:
 
 - ``plain``: the model, no cache (``perplexity(model, windows)``);
-- ``quant``: the model through ``QuantizedKV`` (default: 4 bits, group 64, keys
-  per channel, values per token);
+- ``quant``: the model through the quantized cache, ``Recipe(kv=...)``
+  (default: 4 bits, group 64, keys per channel, values per token);
 - ``compressed``: the model compressed with Eigen Attention (``--method``, 0.6x),
   no cache;
-- ``compressed+quant``: the compressed model through ``QuantizedKV``.
+- ``compressed+quant``: the compressed model through the quantized cache
+  (``Recipe(lowrank=..., kv=...)``, the same plan).
 
 The ratio of ``quant`` is to ``plain``, that of ``compressed+quant`` to
 ``compressed``. Settings are timed in turn, ``--repeats`` rounds after one
@@ -33,11 +34,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import RESULTS, device_slug, write_csv
-from eigenkv.compress import EigenConfig, compress_model
-from eigenkv.data import load_windows
-from eigenkv.eval.perplexity import perplexity
-from eigenkv.models import load_model
-from eigenkv.quant import KVQuantConfig, QuantizedKV
+from eigenkv import EigenConfig, KVQuantConfig, Recipe, apply_recipe, load_model, load_windows, perplexity
 
 
 def main() -> None:
@@ -57,33 +54,30 @@ def main() -> None:
     model, tokenizer = load_model(args.model, torch.float32)
     windows = load_windows("wikitext2", tokenizer, args.seq_len, count=args.windows)
     calib = load_windows("brown", tokenizer, args.seq_len, count=args.calib_windows)
-    compressed = copy.deepcopy(model)
-    start = time.perf_counter()
-    compress_model(compressed, calib, EigenConfig.method(args.method, target_ratio=args.ratio), progress=False)
-    print(f"compressed ({args.method}, {args.ratio}) in {time.perf_counter() - start:.1f}s")
+    lowrank = EigenConfig.method(args.method, target_ratio=args.ratio)
     quant = KVQuantConfig(bits=args.bits, group_size=args.group_size)
+    start = time.perf_counter()
+    compressed = apply_recipe(copy.deepcopy(model), Recipe(lowrank=lowrank), calib, progress=False)
+    print(f"compressed ({args.method}, {args.ratio}) in {time.perf_counter() - start:.1f}s")
+    both = apply_recipe(copy.deepcopy(model), Recipe(lowrank=lowrank, kv=quant), plan=compressed.plan, progress=False)
 
-    def run(m, quantized: bool) -> tuple[float, float]:
-        if not quantized:
-            result = perplexity(m, windows, progress=False)
-        else:
-            with QuantizedKV(m, quant) as kv:
-                result = perplexity(m, windows, progress=False, make_cache=kv.new_cache)
+    def run(m) -> tuple[float, float]:
+        result = perplexity(m, windows, progress=False)
         return result.seconds, result.ppl
 
-    settings = {
-        "plain": (model, False),
-        f"quant-{quant.label()}": (model, True),
-        f"compressed-{args.method}{args.ratio:g}": (compressed, False),
-        f"compressed-{args.method}{args.ratio:g}+quant-{quant.label()}": (compressed, True),
+    settings = {  # each a recipe applied (CompressedModel), or the model as loaded
+        "plain": model,
+        f"quant-{quant.label()}": apply_recipe(model, Recipe(kv=quant)),
+        f"compressed-{args.method}{args.ratio:g}": compressed,
+        f"compressed-{args.method}{args.ratio:g}+quant-{quant.label()}": both,
     }
     names = list(settings)
     baseline = dict(zip(names, (names[0], names[0], names[2], names[2]), strict=True))
     times: dict[str, list[float]] = {name: [] for name in settings}
     ppl: dict[str, float] = {}
     for round_ in range(args.repeats + 1):  # round 0 warms up
-        for name, (m, quantized) in settings.items():
-            seconds, ppl[name] = run(m, quantized)
+        for name, m in settings.items():
+            seconds, ppl[name] = run(m)
             if round_:
                 times[name].append(seconds)
         if round_:

@@ -1,11 +1,12 @@
 """Is the planner's proxy a perplexity predictor? Proxy loss vs measured perplexity over a curve's points.
 
-Scores every point of a finished curve run (``eigenkv curve``) with the
-planner's proxy (next-token loss on held-out calibration-corpus text; scores
-are kept in the planner run's ``proxy.jsonl`` and reused) and writes
-``proxy_check.md`` and ``proxy_check.png`` into the planner run folder:
-Spearman and Pearson correlation of the proxy NLL with the measured
-``ln ppl``, and how often the proxy orders two points as their perplexity does.
+Scores the recipe of every point of a finished curve run (``eigenkv curve``)
+with the planner's proxy (next-token loss on held-out text, see
+``eigenkv.eval.planner``; scores are kept in the planner run's ``proxy.jsonl``
+and reused, under the planner's labels) and writes ``proxy_check.md`` and
+``proxy_check.png`` into the planner run folder: Spearman and Pearson
+correlation of the proxy NLL with the measured ``ln ppl``, and how often the
+proxy orders two points as their perplexity does.
 
     EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/check_planner_proxy.py \\
         --planner-run results/planner/plan_smollm2-135m_... --curve-run results/curve_smollm2-135m_...
@@ -17,6 +18,11 @@ import argparse
 import json
 import math
 from pathlib import Path
+
+from eigenkv import ComponentQuantConfig, EigenConfig, Recipe
+from eigenkv.eval.planner import PlannerConfig, PlannerExperiment, _scores, candidates
+from eigenkv.eval.runs import RunFolder
+from eigenkv.quant.config import base_config, quant_config_from_dict
 
 
 def _ranks(xs: list[float]) -> list[float]:
@@ -33,38 +39,46 @@ def _pearson(xs: list[float], ys: list[float]) -> float:
     return cov / math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
 
 
+def _recipe(row: dict) -> Recipe:
+    """A curve point's recipe (rows written before recipes were recorded: rebuilt from their fields)."""
+    if "recipe" in row:
+        return Recipe.from_dict(row["recipe"])
+    options = row.get("components")
+    return Recipe(
+        lowrank=None if row["eigen"] is None else EigenConfig.from_dict(row["eigen"]),
+        components=None if not options else ComponentQuantConfig(**{k: options[k] for k in ComponentQuantConfig().to_dict()}),
+        kv=None if row["quant"] is None else base_config(quant_config_from_dict(row["quant"])),
+    )
+
+
+def _config(stored: dict) -> PlannerConfig:
+    return PlannerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--planner-run", required=True, help="a planner run folder (holds config.json)")
     parser.add_argument("--curve-run", required=True, help="a finished curve run folder (holds points.jsonl)")
     args = parser.parse_args()
 
-    from eigenkv.compress.components import ComponentQuantConfig
-    from eigenkv.eval.curve import read_points
-    from eigenkv.eval.planner import Candidate, PlannerConfig, open_run
-    from eigenkv.quant.config import base_config, quant_config_from_dict
-
     planner_dir = Path(args.planner_run)
-    stored = json.loads((planner_dir / "config.json").read_text())
-    config = PlannerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
-    run = open_run(config, planner_dir.parent)
-    rows = [r for r in read_points(Path(args.curve_run)) if r["method"] != "baseline"]
+    config = _config(json.loads((planner_dir / "config.json").read_text()))
+    folder = RunFolder(planner_dir.parent, planner_dir.name, config.to_dict(), extends=lambda old: _config(old) == config)
+    experiment = PlannerExperiment(config, folder)
+    labels = {recipe: label for label, recipe in candidates(config).items()}  # the planner's names for its recipes
     pairs = []
-    for row in rows:
-        if row["ratio"] is not None and not row["method"].startswith(config.method):
+    for line in (Path(args.curve_run) / "points.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        recipe = _recipe(row)
+        if recipe == Recipe():  # the baseline
+            continue
+        low = recipe.lowrank
+        if low is not None and low != EigenConfig.method(config.method, target_ratio=low.target_ratio, rope_mode=config.rope_mode):
             continue  # the planner compresses with its own method only
-        quant = None if row["quant"] is None else base_config(quant_config_from_dict(row["quant"]))
-        spec = (
-            "plain"
-            if not row.get("components")
-            else ComponentQuantConfig(
-                **{k: row["components"][k] for k in ("scale", "rotate", "high_bits", "high_fraction", "seed")}
-            ).label()
-        )
-        pairs.append((Candidate(row["ratio"] or 1.0, quant, spec), row))
-    scores = run.scores([c for c, _ in pairs], "proxy")
-    proxy = [scores[c.label]["nll"] for c, _ in pairs]
-    measured = [math.log(r["ppl"]) for _, r in pairs]
+        pairs.append((labels.get(recipe, recipe.label()), recipe, row))
+    scores = _scores(experiment, {label: recipe for label, recipe, _ in pairs}, "proxy", print)
+    proxy = [scores[label]["nll"] for label, _, _ in pairs]
+    measured = [math.log(r["ppl"]) for _, _, r in pairs]
     spearman = _pearson(_ranks(proxy), _ranks(measured))
     pearson = _pearson(proxy, measured)
     agree = total = 0
@@ -72,21 +86,18 @@ def main() -> None:
         for j in range(i + 1, len(pairs)):
             total += 1
             agree += (proxy[i] - proxy[j]) * (measured[i] - measured[j]) > 0
+    text = config.dataset if config.proxy == "evaluated" else config.calib_dataset
     lines = [
-        f"proxy ({config.proxy_windows} x {config.proxy_seq_len} held-out tokens of "
-        f"{config.dataset if config.proxy == 'evaluated' else config.calib_dataset}) vs measured "
+        f"proxy ({config.proxy_windows} x {config.proxy_seq_len} held-out tokens of {text}) vs measured "
         f"ln ppl ({args.curve_run}): {len(pairs)} points",
         "",
-        f"Spearman {spearman:.3f}, Pearson {pearson:.3f}; pairs ordered alike {agree}/{total} ({agree / total:.1%})",
+        f"Spearman {spearman:.3f}, Pearson {pearson:.3f}; pairs ordered alike {agree}/{total} ({agree / max(total, 1):.1%})",
         "",
         "| point | proxy NLL | measured ppl |",
         "|---|---|---|",
     ]
-    lines += [
-        f"| {c.label} | {p:.4f} | {r['ppl']:.2f} |"
-        for (c, r), p in sorted(zip(pairs, proxy, strict=True), key=lambda t: t[1])
-    ]
-    (run.out / "proxy_check.md").write_text("\n".join(lines) + "\n")
+    lines += [f"| {label} | {p:.4f} | {r['ppl']:.2f} |" for (label, _, r), p in sorted(zip(pairs, proxy), key=lambda t: t[1])]
+    (folder.path / "proxy_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:3]))
 
     import matplotlib
@@ -96,12 +107,12 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.scatter(proxy, measured, s=12)
-    ax.set_xlabel("proxy NLL (held-out calibration text)")
+    ax.set_xlabel(f"proxy NLL (held-out {text} text)")
     ax.set_ylabel("ln perplexity (evaluated windows)")
     ax.set_title(f"planner proxy: Spearman {spearman:.3f}, Pearson {pearson:.3f}", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run.out / "proxy_check.png", dpi=120)
+    fig.savefig(folder.path / "proxy_check.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ Two measurements on the default model:
 2. "token by token": the NLL of the first ``--decode-tokens`` tokens of window
    0, fed one token per forward through the cache (how generation reads it).
 
+eigenkv's side is the recipe ``Recipe(kv=KVQuantConfig(...))`` applied with
+``apply_recipe`` (the same model and windows as transformers' caches). The run
+folder (``eigenkv.eval.runs``) holds ``config.json`` and ``table.md``.
+
 Needs ``pip install optimum-quanto`` (an optional test dependency).
 
     EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/compare_hf_quantized_cache.py
@@ -24,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, QuantizedCache
 
+from eigenkv import KVQuantConfig, Recipe, perplexity
+from eigenkv.eval.runs import Experiment, RunFolder, Texts
 from eigenkv.io import atomic_write_text
-from eigenkv.eval import load_model, load_windows, perplexity
-from eigenkv.quant import KVQuantConfig, QuantizedKV
 
 
 @torch.no_grad()
@@ -40,7 +44,9 @@ def stepwise_ppl(model, ids: torch.Tensor, cache) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--decode-tokens", type=int, default=512)
     parser.add_argument("--residual", type=int, default=128, help="full-precision window of both caches")
     parser.add_argument("--bits", default="4,2")
@@ -48,9 +54,9 @@ def main() -> None:
     parser.add_argument("--out", default="results/compare_hf_quantized_cache")
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model("smollm2-135m")
-    windows = load_windows("wikitext2", tokenizer, 2048, count=args.windows)
+    folder = RunFolder(out.parent, out.name, {k: v for k, v in vars(args).items() if k != "out"})
+    experiment = Experiment(folder, args.model, Texts(windows=args.windows, seq_len=args.seq_len), progress=False)
+    model, windows = experiment.original, experiment.evaluated
     decode_ids = windows.input_ids[:1, : args.decode_tokens]
 
     rows = [
@@ -75,18 +81,22 @@ def main() -> None:
                     "token_by_token_ppl": stepwise_ppl(model, decode_ids, hf_cache()),
                 }
             )
-            cfg = KVQuantConfig(bits=bits, group_size=group, residual=args.residual)
-            with QuantizedKV(model, cfg) as kv:
-                rows.append(
-                    {
-                        "cache": f"eigenkv QuantizedKVCache {cfg.label()}",
-                        "one_forward_ppl": perplexity(model, windows, progress=False, make_cache=kv.new_cache).ppl,
-                        "token_by_token_ppl": stepwise_ppl(model, decode_ids, kv.new_cache()),
-                    }
-                )
+            recipe = Recipe(kv=KVQuantConfig(bits=bits, group_size=group, residual=args.residual))
+            compressed = experiment.apply(recipe)
+            one_forward = perplexity(compressed, windows, progress=False).ppl
+            with compressed:  # attention reads the quantized cache
+                token_by_token = stepwise_ppl(compressed.model, decode_ids, compressed.new_cache())
+            rows.append(
+                {
+                    "cache": f"eigenkv QuantizedKVCache {recipe.kv.label()}",
+                    "recipe": recipe.to_dict(),
+                    "one_forward_ppl": one_forward,
+                    "token_by_token_ppl": token_by_token,
+                }
+            )
             print(json.dumps(rows[-2:]), flush=True)
     lines = [
-        f"| cache | one forward, {args.windows}x2048 ppl | token by token, {args.decode_tokens} tokens ppl |",
+        f"| cache | one forward, {args.windows}x{args.seq_len} ppl | token by token, {args.decode_tokens} tokens ppl |",
         "|---|---|---|",
     ]
     lines += [f"| {r['cache']} | {r['one_forward_ppl']:.3f} | {r['token_by_token_ppl']:.3f} |" for r in rows]

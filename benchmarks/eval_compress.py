@@ -1,11 +1,12 @@
 """Perplexity of Eigen Attention at several KV ratios, RoPE modes, bases and allotments.
 
-Calibrates once per RoPE mode (the statistics do not depend on the ratio),
-then for each (basis, allotment, ratio) compresses a fresh copy of the model from that
-calibration and evaluates it. One JSON line per point is appended to
-``<out>/points.jsonl`` as it finishes; a rerun skips finished points and
-refuses a folder holding another configuration. Plans are saved under
-``<out>/plans/``; a markdown table is written at the end.
+Every point is a ``Recipe(lowrank=EigenConfig(...))`` measured through the
+shared experiment (``eigenkv.eval.runs``): one calibration per RoPE mode (the
+statistics do not depend on the ratio) serves every plan, each plan is saved
+under ``<out>/plans/`` and reused by a rerun. One JSON line per point (with its
+recipe) is appended to ``<out>/points.jsonl`` as it finishes; a rerun skips
+finished points and refuses a folder holding another configuration. A markdown
+table is written at the end.
 
     EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 python benchmarks/eval_compress.py \\
         --windows 8 --ratios 0.8,0.7,0.6,0.5 --modes pre,post --bases pca,output --allots uniform,budget,fisher
@@ -17,19 +18,13 @@ its ranks (``predicted_nll_increase``), to check the proxy against perplexity.
 from __future__ import annotations
 
 import argparse
-import copy
-import platform
 import shutil
 import time
 from pathlib import Path
 
-import torch
-
-from benchmarks._common import PointRun
+from eigenkv import EigenConfig, Recipe
+from eigenkv.eval.runs import Experiment, RunFolder, Texts
 from eigenkv.io import atomic_write_text
-from eigenkv.compress import EigenConfig, compress_model
-from eigenkv.compress.calibrate import calibrate
-from eigenkv.eval import kv_cache_bytes, load_model, load_windows, perplexity
 
 
 def main() -> None:
@@ -46,79 +41,48 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="run folder (default results/compress_<model>_<windows>x<seq>)")
     args = parser.parse_args()
     out = Path(args.out or f"results/compress_{args.model}_{args.windows}x{args.seq_len}")
-    run_config = vars(args) | {
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-    }
-    run = PointRun(out, run_config)
-    done = run.done
-
-    original, tokenizer = load_model(args.model)
-    windows = load_windows("wikitext2", tokenizer, args.seq_len, count=args.windows)
-    calib_windows = load_windows(args.calib_dataset, tokenizer, args.seq_len, count=args.calib_windows)
-    fp16 = kv_cache_bytes(original)
+    folder = RunFolder(out.parent, out.name, {k: v for k, v in vars(args).items() if k != "out"})
+    texts = Texts(
+        windows=args.windows, seq_len=args.seq_len, calib_dataset=args.calib_dataset, calib_windows=args.calib_windows
+    )
+    experiment = Experiment(folder, args.model, texts)
+    done = folder.records("points.jsonl")
 
     def record(row: dict) -> None:
-        run.record(row)
-        print(
-            f"{row['label']:28s} ppl={row['ppl']:9.4f} kv={row['kv_gb_n2048']:.5f} GB ({row['fraction_of_fp16']:.3f})",
-            flush=True,
-        )
+        row["fraction_of_fp16"] = row["kv_bytes_n2048"] / (done.get("baseline", row)["kv_bytes_n2048"])
+        folder.append("points.jsonl", row)
+        done[row["label"]] = row
+        print(f"{row['label']:28s} ppl={row['ppl']:9.4f} kv={row['kv_gb_n2048']:.5f} GB ({row['fraction_of_fp16']:.3f})")
 
     if "baseline" not in done:
-        result = perplexity(original, windows, desc="baseline")
-        record(
-            {
-                "label": "baseline",
-                "ppl": result.ppl,
-                "kv_gb_n2048": fp16.gb,
-                "fraction_of_fp16": 1.0,
-                "tokens": result.tokens,
-                "seconds": result.seconds,
-                "windows": windows.describe(),
-            }
-        )
+        record({"label": "baseline", **experiment.measure(Recipe(), desc="baseline")})
     ratios = [float(r) for r in args.ratios.split(",")]
     columns = [(m, b, a) for m in args.modes.split(",") for b in args.bases.split(",") for a in args.allots.split(",")]
-    for mode in args.modes.split(","):
-        calibration = None
-        for _, basis, allot in [c for c in columns if c[0] == mode]:
-            for ratio in ratios:
-                config = EigenConfig(target_ratio=ratio, rope_mode=mode, basis=basis, allot=allot)
-                label = config.label()
-                if label in done or (allot != "uniform" and ratio == 1.0):
-                    continue
-                if calibration is None:
-                    calibration = calibrate(original, calib_windows, rotated=mode == "post", gradients=True)
-                model = copy.deepcopy(original)
-                start = time.perf_counter()
-                plan = compress_model(model, calibration, config)
-                compress_seconds = time.perf_counter() - start
-                plan.save(out / "plans" / label, overwrite=True)
-                if ratio == 0.6:  # the rank-assignment figure beside the tables (plans/ is not committed)
-                    shutil.copyfile(out / "plans" / label / "ranks.png", out / f"ranks_{label}.png")
-                result = perplexity(model, windows, desc=label)
-                kv_bytes = kv_cache_bytes(model)
-                record(
-                    {
-                        "label": label,
-                        "config": config.to_dict(),
-                        "ratio": plan.ratio,
-                        "ranks": plan.ranks,
-                        "layer_errors": plan.errors,
-                        "predicted_nll_increase": plan.extra.get("predicted_nll_increase"),
-                        "ppl": result.ppl,
-                        "kv_gb_n2048": kv_bytes.gb,
-                        "fraction_of_fp16": kv_bytes.fraction_of(fp16),
-                        "tokens": result.tokens,
-                        "seconds": result.seconds,
-                        "calibration": plan.calibration,
-                        "compress_seconds": compress_seconds,
-                        "windows": windows.describe(),
-                    }
-                )
-                del model
+    for mode, basis, allot in columns:
+        for ratio in ratios:
+            config = EigenConfig(target_ratio=ratio, rope_mode=mode, basis=basis, allot=allot)
+            label = config.label()
+            if label in done or (allot != "uniform" and ratio == 1.0):
+                continue
+            start = time.perf_counter()
+            plan = experiment.plan(config)  # saved in <out>/plans/<label>; the first of a mode also calibrates
+            plan_seconds = time.perf_counter() - start
+            if ratio == 0.6:  # the rank-assignment figure beside the tables (plans/ is not committed)
+                shutil.copyfile(folder.path / "plans" / label / "ranks.png", out / f"ranks_{label}.png")
+            row = experiment.measure(Recipe(lowrank=config), desc=label)
+            record(
+                {
+                    "label": label,
+                    "config": config.to_dict(),
+                    "ratio": plan.ratio,
+                    "ranks": plan.ranks,
+                    "layer_errors": plan.errors,
+                    "predicted_nll_increase": plan.extra.get("predicted_nll_increase"),
+                    **row,
+                    "calibration": plan.calibration,
+                    "compress_seconds": plan_seconds,
+                }
+            )
     table = render_table(done, ratios, columns)
     atomic_write_text(out / "table.md", table)
     print(table)

@@ -1,30 +1,36 @@
 """Perplexity and KV size of the quantized cache over a grid of settings (issue 3's table).
 
-For bits x group size x axes (per-token, KIVI-style) x rotation, evaluates the
-model through ``QuantizedKVCache`` (every attention read of the past goes
-through the cache) and records perplexity and the cache's bytes at n = 2048
-(fp16 window, as the paper counts). One JSON line per point is appended to
-``<out>/points.jsonl`` as it finishes; a rerun skips finished points. A
-markdown table is written at the end.
+For bits x group size x axes (per-token, KIVI-style) x rotation, measures the
+recipe ``Recipe(kv=KVQuantConfig(...))`` (every attention read of the past goes
+through the quantized cache) and records perplexity and the cache's bytes at
+n = 2048 (fp16 window, as the paper counts). The run folder (``eigenkv.eval.runs``)
+holds ``config.json`` and ``points.jsonl``, one row per point with its recipe,
+appended as it finishes; a rerun skips finished points. A markdown table is
+written at the end.
 
-    EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 python benchmarks/eval_kv_quant.py --windows 8
+    EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/eval_kv_quant.py --windows 8
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 from pathlib import Path
 
-import torch
-
-from benchmarks._common import PointRun
+from eigenkv import KVQuantConfig, Recipe
+from eigenkv.eval.runs import Experiment, RunFolder, Texts
 from eigenkv.io import atomic_write_text
-from eigenkv.eval import kv_cache_bytes, load_model, load_windows, perplexity
-from eigenkv.quant import KVQuantConfig, QuantizedKV
 
 AXES = {"per-token": ("token", "token"), "KIVI": ("channel", "token")}
+
+
+def settings(bits: list[int], groups: list[int], residual: int) -> dict[str, Recipe]:
+    """label -> recipe of every point, fp16 first."""
+    points = {"fp16": Recipe()}
+    for b, g, (axes, (axis_k, axis_v)), rotate in itertools.product(bits, groups, AXES.items(), (False, True)):
+        kv = KVQuantConfig(bits=b, group_size=g, axis_k=axis_k, axis_v=axis_v, residual=residual, rotate=rotate)
+        points[f"{axes} {kv.label()}"] = Recipe(kv=kv)
+    return points
 
 
 def main() -> None:
@@ -38,47 +44,22 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="run folder (default results/kv_quant_<model>_<windows>x<seq>)")
     args = parser.parse_args()
     out = Path(args.out or f"results/kv_quant_{args.model}_{args.windows}x{args.seq_len}")
-    run = PointRun(out, vars(args) | {"torch": torch.__version__, "machine": platform.machine()})
-    done = run.done
+    bits, groups = [int(b) for b in args.bits.split(",")], [int(g) for g in args.groups.split(",")]
+    folder = RunFolder(out.parent, out.name, {k: v for k, v in vars(args).items() if k != "out"})
+    experiment = Experiment(folder, args.model, Texts(windows=args.windows, seq_len=args.seq_len))
 
-    model, tokenizer = load_model(args.model)
-    windows = load_windows("wikitext2", tokenizer, args.seq_len, count=args.windows)
-    fp16 = kv_cache_bytes(model)
-    settings = [("fp16", None)]
-    for bits, group, (axes_name, (axis_k, axis_v)), rotate in itertools.product(
-        [int(b) for b in args.bits.split(",")], [int(g) for g in args.groups.split(",")], AXES.items(), (False, True)
-    ):
-        cfg = KVQuantConfig(
-            bits=bits, group_size=group, axis_k=axis_k, axis_v=axis_v, residual=args.residual, rotate=rotate
-        )
-        settings.append((f"{axes_name} {cfg.label()}", cfg))
-    for label, cfg in settings:
+    done = folder.records("points.jsonl")
+    for label, recipe in settings(bits, groups, args.residual).items():
         if label in done:
             continue
-        if cfg is None:
-            result = perplexity(model, windows, desc=label)
-        else:
-            with QuantizedKV(model, cfg) as kv:
-                result = perplexity(model, windows, make_cache=kv.new_cache, desc=label)
-        kv_bytes = kv_cache_bytes(model, quant=cfg)
-        row = {
-            "label": label,
-            "config": None if cfg is None else cfg.to_dict(),
-            "ppl": result.ppl,
-            "kv_gb_n2048": kv_bytes.gb,
-            "fraction_of_fp16": kv_bytes.fraction_of(fp16),
-            "tokens": result.tokens,
-            "seconds": result.seconds,
-            "windows": windows.describe(),
-        }
-        run.record(row)
-        print(
-            f"{label:32s} ppl={result.ppl:9.4f} kv={kv_bytes.gb:.5f} GB ({kv_bytes.fraction_of(fp16):.3f})", flush=True
-        )
+        row = {"label": label, "config": recipe.kv and recipe.kv.to_dict(), **experiment.measure(recipe, desc=label)}
+        fp16 = done["fp16"]["kv_bytes_n2048"] if done else row["kv_bytes_n2048"]
+        row["fraction_of_fp16"] = row["kv_bytes_n2048"] / fp16
+        folder.append("points.jsonl", row)
+        done[label] = row
+        print(f"{label:32s} ppl={row['ppl']:9.4f} kv={row['kv_gb_n2048']:.5f} GB ({row['fraction_of_fp16']:.3f})")
 
-    table = render_table(
-        done, bits=[int(b) for b in args.bits.split(",")], groups=[int(g) for g in args.groups.split(",")]
-    )
+    table = render_table(done, bits, groups, args.residual)
     atomic_write_text(out / "table.md", table)
     print(table)
 
@@ -86,25 +67,21 @@ def main() -> None:
 def render_table(rows: dict, bits: list[int], groups: list[int], residual: int = 0) -> str:
     """Markdown: one row per (bits, group), one column per axes x rotation; cells 'ppl (GB, fraction)'."""
     fp16 = rows["fp16"]
+    points = settings(bits, groups, residual)
     lines = [
         f"fp16: ppl {fp16['ppl']:.3f}, {fp16['kv_gb_n2048']:.4f} GB",
         "",
         "| bits | group | per-token | per-token + rotation | KIVI (keys per channel) | KIVI + rotation |",
         "|---|---|---|---|---|---|",
     ]
-    for b in bits:
-        for g in groups:
-            cells = []
-            for axes_name, (axis_k, axis_v) in AXES.items():
-                for rotate in (False, True):
-                    cfg = KVQuantConfig(
-                        bits=b, group_size=g, axis_k=axis_k, axis_v=axis_v, residual=residual, rotate=rotate
-                    )
-                    r = rows.get(f"{axes_name} {cfg.label()}")
-                    cells.append(
-                        "-" if r is None else f"{r['ppl']:.2f} ({r['kv_gb_n2048']:.4f} GB, {r['fraction_of_fp16']:.3f})"
-                    )
-            lines.append(f"| {b} | {g} | " + " | ".join(cells) + " |")
+    for b, g in itertools.product(bits, groups):
+        cells = []
+        for label, recipe in points.items():
+            if recipe.kv is None or (recipe.kv.bits, recipe.kv.group_size) != (b, g):
+                continue
+            r = rows.get(label)
+            cells.append("-" if r is None else f"{r['ppl']:.2f} ({r['kv_gb_n2048']:.4f} GB, {r['fraction_of_fp16']:.3f})")
+        lines.append(f"| {b} | {g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,10 +1,11 @@
 """Weights + KV memory: bitsandbytes weight quantization composed with a compressed, quantized KV cache.
 
-Evaluates every (weights, KV) pair on the first windows of Wikitext-2 and
-writes ``points.jsonl`` (one row per pair, resumable), ``table.md`` and
-``table.csv``: perplexity, weight bytes as held, weight bytes with the
-unquantized tensors (embeddings, norms) in fp16 as a deployment holds them,
-KV bytes at n = 2048 (batch 1) and the total.
+Evaluates every (weights, KV) pair, each one ``Recipe`` (the saved plan's low
+rank, components, KV quantizer, ``weights``) applied with ``apply_recipe``, on
+the first windows of Wikitext-2 and writes ``points.jsonl`` (one row per pair
+with its recipe, resumable), ``table.md`` and ``table.csv``: perplexity, weight
+bytes as held, weight bytes with the unquantized tensors (embeddings, norms) in
+fp16 as a deployment holds them, KV bytes at n = 2048 (batch 1) and the total.
 
     EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/eval_weights_kv.py \\
         --plan results/plans/eigenkv-eigen0.6 --windows 3 --out results/weights_kv
@@ -17,25 +18,25 @@ import copy
 import time
 from pathlib import Path
 
-import torch
-
-from benchmarks._common import PointRun, device_name, write_csv
+from benchmarks._common import device_name, write_csv
+from eigenkv import ComponentQuantConfig, EigenPlan, KVQuantConfig, Recipe, apply_recipe, perplexity
+from eigenkv.eval.runs import Experiment, RunFolder, Texts, environment
+from eigenkv.quant.weights import weight_bytes
 
 WEIGHTS = ("fp32", "int8", "nf4")
+CSV_FIELDS = ["label", "weights", "kv", "ppl", "weight_bytes", "weight_bytes_fp16_rest", "kv_bytes_n2048"]
+CSV_FIELDS += ["total_bytes_fp16_rest", "seconds", "device"]
 
 
-def kv_settings(plan_dir: str | None, components: str) -> dict:
-    """name -> (plan folder or None, KVQuantConfig or None, component spec or None)."""
-    from eigenkv.quant import KVQuantConfig
-
-    settings = {
-        "fp16 KV": (None, None, None),
-        "quant 4b/g64": (None, KVQuantConfig(bits=4, group_size=64), None),
-    }
-    if plan_dir:
-        settings["eigen 0.6 4b/g128"] = (plan_dir, KVQuantConfig(bits=4, group_size=128), None)
+def kv_settings(plan: EigenPlan | None, components: str) -> dict[str, Recipe]:
+    """KV name -> recipe without weight quantization."""
+    settings = {"fp16 KV": Recipe(), "quant 4b/g64": Recipe(kv=KVQuantConfig(bits=4, group_size=64))}
+    if plan is not None:
+        settings["eigen 0.6 4b/g128"] = Recipe(lowrank=plan.config, kv=KVQuantConfig(bits=4, group_size=128))
         if components:
-            settings[f"eigen 0.6+{components} 3b/g64"] = (plan_dir, KVQuantConfig(bits=3, group_size=64), components)
+            options = ComponentQuantConfig.parse(components)
+            kv = KVQuantConfig(bits=3, group_size=64)
+            settings[f"eigen 0.6+{components} 3b/g64"] = Recipe(lowrank=plan.config, components=options, kv=kv)
     return settings
 
 
@@ -50,56 +51,45 @@ def main() -> None:
     parser.add_argument("--out", default="results/weights_kv")
     args = parser.parse_args()
 
-    from eigenkv.compress import EigenPlan, apply_plan
-    from eigenkv.compress.components import ComponentQuantConfig, prepare_components
-    from eigenkv.eval import kv_cache_bytes, load_model, load_windows, perplexity
-    from eigenkv.quant import QuantizedKV
-    from eigenkv.quant.weights import quantize_weights, weight_bytes
-
-    settings = kv_settings(args.plan, args.components)
-    formats = args.weights.split(",")
-    run = PointRun(Path(args.out), {**vars(args), "device": device_name()})
-    original, tokenizer = load_model(args.model, dtype=torch.float32)
-    windows = load_windows("wikitext2", tokenizer, args.seq_len, count=args.windows)
-    for kv_name, (plan_dir, quant, spec) in settings.items():
-        for fmt in formats:
+    out = Path(args.out)
+    folder = RunFolder(out.parent, out.name, {**{k: v for k, v in vars(args).items() if k != "out"}, "device": device_name()})
+    experiment = Experiment(folder, args.model, Texts(windows=args.windows, seq_len=args.seq_len))
+    plan = None if args.plan is None else EigenPlan.load(args.plan)
+    done = folder.records("points.jsonl")
+    for kv_name, kv_recipe in kv_settings(plan, args.components).items():
+        for fmt in args.weights.split(","):
             label = f"{fmt} weights, {kv_name}"
-            if label in run.done:
+            if label in done:
                 continue
-            model = copy.deepcopy(original)
-            if plan_dir is not None:
-                plan = EigenPlan.load(plan_dir)
-                if spec:
-                    plan, quant = prepare_components(plan, ComponentQuantConfig.parse(spec), quant)
-                apply_plan(model, plan)
-            half = copy.deepcopy(model).half()  # what a deployment holds: unquantized tensors in fp16
-            if fmt != "fp32":
-                quantize_weights(model, fmt)
-                quantize_weights(half, fmt)
+            recipe = kv_recipe.with_changes(weights=None if fmt == "fp32" else fmt)
+            used = None if recipe.lowrank is None else plan
             start = time.perf_counter()
-            if quant is None:
-                result = perplexity(model, windows, desc=label)
-            else:
-                with QuantizedKV(model, quant) as kv:
-                    result = perplexity(model, windows, desc=label, make_cache=kv.new_cache)
-            kv_bytes = kv_cache_bytes(model, seq_len=2048, batch_size=1, quant=quant).total
+            compressed = apply_recipe(copy.deepcopy(experiment.original), recipe, plan=used, progress=False)
+            result = perplexity(compressed, experiment.evaluated, desc=label)
+            # what a deployment holds: the same recipe with the unquantized tensors in fp16
+            half = apply_recipe(copy.deepcopy(experiment.original).half(), recipe, plan=used, progress=False)
+            kv_bytes = compressed.kv_bytes(seq_len=2048, batch_size=1).total
             row = {
                 "label": label,
                 "weights": fmt,
                 "kv": kv_name,
+                "recipe": recipe.to_dict(),
                 "ppl": result.ppl,
-                "weight_bytes": weight_bytes(model),
-                "weight_bytes_fp16_rest": weight_bytes(half),
+                "nll": result.nll,
+                "weight_bytes": weight_bytes(compressed.model),
+                "weight_bytes_fp16_rest": weight_bytes(half.model),
                 "kv_bytes_n2048": kv_bytes,
-                "total_bytes_fp16_rest": weight_bytes(half) + kv_bytes,
+                "total_bytes_fp16_rest": weight_bytes(half.model) + kv_bytes,
                 "seconds": time.perf_counter() - start,
-                "windows": windows.describe(),
+                "windows": experiment.evaluated.describe(),
                 "device": device_name(),
+                "environment": environment(),
             }
-            run.record(row)
+            folder.append("points.jsonl", row)
+            done[label] = row
             print(f"{label:45s} ppl {result.ppl:8.3f}  weights {row['weight_bytes'] / 2**30:.4f} GB", flush=True)
-    rows = list(run.done.values())
-    write_csv([{k: v for k, v in r.items() if k != "windows"} for r in rows], run.out / "table.csv")
+    rows = list(done.values())
+    write_csv([{k: r.get(k) for k in CSV_FIELDS} for r in rows], out / "table.csv")
     gb = 2**30
     lines = [
         f"{args.model}, {args.windows} x {args.seq_len} Wikitext-2 windows, {device_name()}. "
@@ -115,7 +105,7 @@ def main() -> None:
             f"{r['weight_bytes_fp16_rest'] / gb:.4f} | {r['kv_bytes_n2048'] / gb:.5f} | "
             f"{r['total_bytes_fp16_rest'] / gb:.4f} |"
         )
-    (run.out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -42,7 +42,9 @@ def listed(kind):
         try:
             return tuple(kind(x) for x in text.split(",") if x.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}, got {text!r}"
+            ) from None
 
     return parse
 
@@ -57,7 +59,9 @@ def common_options() -> argparse.ArgumentParser:
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     group.add_argument("--dtype", default="float32", choices=DTYPES, help="the model's dtype")
     group.add_argument("--data-dir", default=None, help="offline text folder (default $EIGENKV_DATA_DIR)")
-    group.add_argument("--cache-dir", default=None, help="eigenkv cache (default $EIGENKV_CACHE_DIR or ~/.cache/eigenkv)")
+    group.add_argument(
+        "--cache-dir", default=None, help="eigenkv cache (default $EIGENKV_CACHE_DIR or ~/.cache/eigenkv)"
+    )
     group.add_argument("--bos", default="none", choices=["none", "window", "stream"], help="BOS policy of windows")
     group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -168,7 +172,9 @@ def check_writable(path: Path, kind: str = "file") -> None:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".eigenkv-write-test-"):
             pass
     except OSError as err:
-        raise UserError(f"cannot write {path}: {existing} is not writable ({err.strerror}); choose another path") from None
+        raise UserError(
+            f"cannot write {path}: {existing} is not writable ({err.strerror}); choose another path"
+        ) from None
 
 
 def load(args: argparse.Namespace):
@@ -192,6 +198,10 @@ def windows_of(args: argparse.Namespace, tokenizer, dataset, seq_len, count, sta
     )
 
 
+def calibration_windows(args: argparse.Namespace, tokenizer):
+    return windows_of(args, tokenizer, args.calib_dataset, args.calib_seq_len, args.calib_windows, args.calib_start)
+
+
 # --- subcommands ------------------------------------------------------------------------------------------
 
 
@@ -200,7 +210,6 @@ def run_ppl(args: argparse.Namespace) -> int:
     from eigenkv.eval.runs import environment
     from eigenkv.memory import kv_cache_bytes
     from eigenkv.models import describe_model
-    from eigenkv.pipeline import apply_recipe, load_compressed
 
     count = None if args.windows == "all" else (int(args.windows) if args.windows.isdigit() else 0)
     if count is not None and count < 1:
@@ -223,38 +232,13 @@ def run_ppl(args: argparse.Namespace) -> int:
         "compressed": None if args.compressed is None else str(Path(args.compressed).resolve()),
     }
     out = Path(args.json) if args.json else None
-    if out is not None:
-        if out.exists() and not args.overwrite:
-            try:
-                previous = json.loads(out.read_text())
-            except json.JSONDecodeError as err:
-                raise UserError(f"{out} exists but is not a result file ({err}); delete it or pass --overwrite") from None
-            if previous.get("config") != config:
-                raise UserError(f"{out} holds a result for another configuration; choose another --json or --overwrite")
-            print(previous["line"] + "  (already computed: " + str(out) + ")")
-            return 0
-        check_writable(out)
+    if out is not None and already_computed(out, config, args.overwrite):
+        return 0
 
     model, tokenizer = load(args)
     windows = windows_of(args, tokenizer, args.dataset, args.seq_len, count, args.start, args.split)
     kv_fp16 = kv_cache_bytes(model, seq_len=2048)
-    if args.compressed:
-        compressed = load_compressed(model, args.compressed)
-    else:
-        calibration = None
-        if recipe.lowrank is not None:
-            calibration = windows_of(
-                args, tokenizer, args.calib_dataset, args.calib_seq_len, args.calib_windows, args.calib_start
-            )
-            if not calibration.disjoint_from(windows):
-                raise UserError("the calibration windows overlap the evaluated ones: use --calib-start or --start")
-        compressed = apply_recipe(model, recipe, calibration, progress=not args.quiet)
-    plan = compressed.plan  # calibrated here, on windows checked above, or loaded:
-    if args.compressed and plan is not None and _overlaps(plan.calibration, windows.describe()):
-        raise UserError(
-            f"the plan in {args.compressed} was calibrated on windows that overlap the evaluated ones; "
-            "evaluate other windows (--start)"
-        )
+    compressed = compressed_for(args, recipe, model, tokenizer, windows)
     result = perplexity(compressed, windows, batch_size=args.batch_size, progress=not args.quiet)
     kv = compressed.kv_bytes(seq_len=2048)
     line = (
@@ -282,10 +266,40 @@ def run_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overlaps(calibration: dict, evaluated: dict) -> bool:
-    from eigenkv.data import windows_overlap
+def already_computed(out: Path, config: dict, overwrite: bool) -> bool:
+    """Print and reuse the result ``out`` holds for ``config``; refuse one for another config; check writability."""
+    if out.exists() and not overwrite:
+        try:
+            previous = json.loads(out.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{out} exists but is not a result file ({err}); delete it or pass --overwrite") from None
+        if previous.get("config") != config:
+            raise UserError(f"{out} holds a result for another configuration; choose another --json or --overwrite")
+        print(previous["line"] + "  (already computed: " + str(out) + ")")
+        return True
+    check_writable(out)
+    return False
 
-    return windows_overlap(calibration, evaluated)
+
+def compressed_for(args: argparse.Namespace, recipe, model, tokenizer, windows):
+    """``model`` with ``recipe`` applied (calibrated on windows disjoint from ``windows``) or ``--compressed``."""
+    from eigenkv.data import windows_overlap
+    from eigenkv.pipeline import apply_recipe, load_compressed
+
+    if args.compressed:
+        compressed = load_compressed(model, args.compressed)
+        if compressed.plan is not None and windows_overlap(compressed.plan.calibration, windows.describe()):
+            raise UserError(
+                f"the plan in {args.compressed} was calibrated on windows that overlap the evaluated ones; "
+                "evaluate other windows (--start)"
+            )
+        return compressed
+    calibration = None
+    if recipe.lowrank is not None:
+        calibration = calibration_windows(args, tokenizer)
+        if not calibration.disjoint_from(windows):
+            raise UserError("the calibration windows overlap the evaluated ones: use --calib-start or --start")
+    return apply_recipe(model, recipe, calibration, progress=not args.quiet)
 
 
 def run_compress(args: argparse.Namespace) -> int:
@@ -304,7 +318,7 @@ def run_compress(args: argparse.Namespace) -> int:
     model, tokenizer = load(args)
     calibration = None
     if recipe.lowrank is not None:
-        calibration = windows_of(args, tokenizer, args.calib_dataset, args.calib_seq_len, args.calib_windows, args.calib_start)
+        calibration = calibration_windows(args, tokenizer)
     compressed = apply_recipe(model, recipe, calibration, progress=not args.quiet)
     compressed.save_pretrained(out, tokenizer=tokenizer, overwrite=args.overwrite)
     if compressed.plan is not None:

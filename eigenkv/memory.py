@@ -306,7 +306,7 @@ def rank_space_modules(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if callable(getattr(m, "runtime_basis_elements", None))]
 
 
-def compressed_layout(model: nn.Module, dtype: torch.dtype = torch.float16, quant=None) -> KVLayout:
+def compressed_layout(model: torch.nn.Module, dtype: torch.dtype = torch.float16, quant=None) -> KVLayout:
     """The ``KVLayout`` of a compressed model's cache.
 
     Args:

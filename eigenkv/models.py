@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from eigenkv.io import atomic_directory, atomic_write_json
 from eigenkv.env import env_flag
+from eigenkv.io import atomic_directory, atomic_write_json
 
 DTYPES = {
     "float32": torch.float32,

@@ -183,7 +183,9 @@ def _read_manifest(path: Path) -> dict:
     """``eigenkv.json`` of a saved folder, with every listed file checked against its SHA-256."""
     file = path / MANIFEST
     if not file.is_file():
-        raise FileNotFoundError(f"{path} is not a saved eigenkv model: it has no {MANIFEST} (save with save_pretrained)")
+        raise FileNotFoundError(
+            f"{path} is not a saved eigenkv model: it has no {MANIFEST} (save with save_pretrained)"
+        )
     try:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

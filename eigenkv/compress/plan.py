@@ -10,14 +10,11 @@ applies plans.
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from eigenkv.compress.allot import LayerSize, kv_ratio
 from eigenkv.compress.attention import KeptBases
@@ -159,7 +156,9 @@ class EigenPlan:
         try:
             meta = json.loads((path / PLAN_FILE).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-            raise ValueError(f"corrupt compression plan in {path}: {err}; recompute it with `eigenkv compress`") from err
+            raise ValueError(
+                f"corrupt compression plan in {path}: {err}; recompute it with `eigenkv compress`"
+            ) from err
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise ValueError(
@@ -175,7 +174,9 @@ class EigenPlan:
         try:
             tensors = load_file(path / BASES_FILE)
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"corrupt compression plan in {path}: {err}; recompute it with `eigenkv compress`") from err
+            raise ValueError(
+                f"corrupt compression plan in {path}: {err}; recompute it with `eigenkv compress`"
+            ) from err
         try:
             ranks = [(int(k), int(v)) for k, v in meta["ranks"]]
             config = EigenConfig.from_dict(meta["config"])
@@ -243,5 +244,3 @@ class EigenPlan:
                         raise ValueError(
                             f"layer {i} {name} variances have shape {tuple(variances.shape)}, expected {(kv, r)}"
                         )
-
-

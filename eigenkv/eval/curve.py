@@ -153,7 +153,6 @@ def run_curve(
             plans computed here are saved there too.
     """
     folder = RunFolder(out_root, config.run_name(), config.to_dict(), extends=config.extends)
-    texts = Texts(config.dataset, config.windows, config.seq_len, config.calib_dataset, config.calib_windows, config.bos)
     experiment = Experiment(
         folder, config.model, texts, dtype=config.dtype, plans=plans, device=device, cache_dir=cache_dir,
         data_dir=data_dir, progress=progress,

@@ -116,7 +116,9 @@ def candidates(config: PlannerConfig) -> dict[str, Recipe]:
     ]
     out = {}
     for ratio in config.ratios:
-        lowrank = None if ratio == 1 else EigenConfig.method(config.method, target_ratio=ratio, rope_mode=config.rope_mode)
+        lowrank = (
+            None if ratio == 1 else EigenConfig.method(config.method, target_ratio=ratio, rope_mode=config.rope_mode)
+        )
         for kv in grid:
             for spec in config.components if lowrank is not None and kv is not None else ("plain",):
                 options = ComponentQuantConfig.parse(spec)
@@ -161,8 +163,7 @@ class PlannerExperiment(Experiment):
     """The planner's experiment: also held-out proxy text, disjoint from the evaluated and calibration text."""
 
     def __init__(self, config: PlannerConfig, folder: RunFolder, **kwargs):
-        texts = Texts(config.dataset, config.windows, config.seq_len, config.calib_dataset, config.calib_windows, config.bos)
-        super().__init__(folder, config.model, texts, dtype=config.dtype, **kwargs)
+        super().__init__(folder, config.model, Texts.of(config), dtype=config.dtype, **kwargs)
         self.config = config
         self._proxy = None
 
@@ -222,7 +223,9 @@ def plan_for_budget(
         )
     largest = max(sizes[label] for label in within)
     fitting = {label: every[label] for label in within if sizes[label] >= config.min_fill * largest}
-    say(f"{len(fitting)} of {len(every)} candidates fit {budget_gb} GB and fill >= {config.min_fill:.0%} of the largest")
+    say(
+        f"{len(fitting)} of {len(every)} candidates fit {budget_gb} GB and fill >= {config.min_fill:.0%} of the largest"
+    )
 
     proxy = _scores(experiment, fitting, "proxy", say)
     ranked = sorted(fitting, key=lambda label: proxy[label]["nll"])[: config.finalists]

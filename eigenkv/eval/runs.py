@@ -123,6 +123,12 @@ class Texts:
     calib_windows: int = 16
     bos: str = "none"
 
+    @classmethod
+    def of(cls, config) -> Texts:
+        """The texts named by a curve or planner config (same field names)."""
+        names = ("dataset", "windows", "seq_len", "calib_dataset", "calib_windows", "bos")
+        return cls(**{name: getattr(config, name) for name in names})
+
 
 class Experiment:
     """Model, texts, calibrations and plans of one run, each loaded or computed on first use.

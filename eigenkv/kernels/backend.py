@@ -12,7 +12,6 @@ import torch
 
 from eigenkv.env import env_flag
 
-
 BACKENDS = ("auto", "triton", "torch")
 
 

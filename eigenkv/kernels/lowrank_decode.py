@@ -37,10 +37,9 @@ import triton
 import triton.language as tl
 
 from eigenkv.kernels.backend import check_kernel_device, interpreting
-from eigenkv.kernels.utils import KERNEL_DTYPES, KernelConfig, KernelSpec, dot, pad_width, query_operands, qk_scores
 from eigenkv.kernels.scoring import Scoring
-from eigenkv.quant.packing import packed_length
-from eigenkv.quant.packing import PackedStream
+from eigenkv.kernels.utils import KERNEL_DTYPES, KernelConfig, KernelSpec, dot, pad_width, qk_scores, query_operands
+from eigenkv.quant.packing import PackedStream, packed_length
 
 SCALE_DTYPE = torch.float16
 GROUP_SIZES = (16, 32, 64, 128)

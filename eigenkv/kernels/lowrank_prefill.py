@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from eigenkv.kernels.backend import check_kernel_device, interpreting
-from eigenkv.kernels.utils import KERNEL_DTYPES, KernelConfig, KernelSpec, dot, pad_width, query_operands, qk_scores
 from eigenkv.kernels.scoring import Scoring
+from eigenkv.kernels.utils import KERNEL_DTYPES, KernelConfig, KernelSpec, dot, pad_width, qk_scores, query_operands
 
 # --- reference -------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from eigenkv.quant.routing import kernel_attention, kernels_apply, resolve, stre
 from eigenkv.quant.store import QuantizedStream, SegmentedStream
 
 ATTN_NAME = "eigenkv_quant"
+QUERY_BLOCK = 64  # queries per SDPA call of banded_attention (a multiple of the usual group size)
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -86,14 +87,16 @@ class QuantizedKVLayer(DynamicLayer):
         new = key_states.shape[-2]
         if new > 1:
             cfg = self.config
-            positions = range(start + 1, start + new + 1)
+            positions = torch.arange(start + 1, start + new + 1)
             for held, twin, axis in ((keys, keys_fp, cfg.axis_k), (values, values_fp, cfg.axis_v)):
-                bounds = [quantized_prefix(m, axis, cfg.group_size, cfg.residual) for m in positions]
+                # quantized_prefix(m) for every m in positions, at once
+                old = (positions - cfg.residual).clamp(min=0)
+                bounds = old if axis == "token" else old // cfg.group_size * cfg.group_size
                 flushed_from = quantized_prefix(start, axis, cfg.group_size, cfg.residual)
                 # Query p (holding m = p + 1 tokens) reads the twin of token j in [bound, m) that this
                 # call quantized (j < bounds[-1]); tag only when that happens for some query.
-                if any(max(b, flushed_from) < min(m, bounds[-1]) for b, m in zip(bounds, positions, strict=True)):
-                    tag_twin(held, twin, torch.tensor(bounds, device=held.device))
+                if bool((bounds.clamp(min=flushed_from) < positions.clamp(max=int(bounds[-1]))).any()):
+                    tag_twin(held, twin, bounds.to(held.device))
         return keys, values
 
     def _kernels_read(self, key_states: torch.Tensor) -> bool:
@@ -181,10 +184,10 @@ def quantized_cache_attention(module, query, key, value, attention_mask, scaling
     ``key``/``value`` (B, H_kv, S, D), ``attention_mask`` additive (B, 1, T, S) or None.
     Returns ``(output (B, T, H, D), None)``.
 
-    Each key position ``j`` appears in up to four versions (key quantized or
-    not, value quantized or not); the keys and values are concatenated over the
-    versions present and a boolean mask lets query ``p`` see exactly one version
-    of each ``j``, so one fused SDPA call computes the mixed attention.
+    Query ``p`` reads each key ``j`` in one of up to four versions (key quantized
+    or not, value quantized or not): :func:`banded_attention` computes it block by
+    block of queries, reading the versions other than the held one only near the
+    diagonal; :func:`versions_attention` (its reference) with all versions of all keys.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -201,6 +204,21 @@ def quantized_cache_attention(module, query, key, value, attention_mask, scaling
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if attention_mask is None or attention_mask.dim() != 4:
+        return versions_attention(query, key, value, attention_mask, scaling), None
+    return banded_attention(query, key, value, attention_mask, scaling), None
+
+
+def versions_attention(query, key, value, attention_mask, scaling=None) -> torch.Tensor:
+    """The causal mixed attention as one SDPA over every version of every key -> ``(B, T, H, D_v)``.
+
+    Each key position ``j`` appears in up to four versions (key quantized or
+    not, value quantized or not); the keys and values are concatenated over the
+    versions present and a boolean mask lets query ``p`` see exactly one version
+    of each ``j``. The reference of :func:`banded_attention`, and the path for a
+    mask that is not 4-D (or none: no query is masked).
+    """
+    key_twin, value_twin = twin_of(key), twin_of(value)
     seq = key.shape[-2]
     positions = torch.arange(seq, device=query.device)
 
@@ -229,7 +247,90 @@ def quantized_cache_attention(module, query, key, value, attention_mask, scaling
         attn_mask=allowed,
         scale=scaling,
     )
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
+
+
+def banded_attention(query, key, value, attention_mask, scaling=None, block: int = QUERY_BLOCK) -> torch.Tensor:
+    """:func:`versions_attention` over the keys each block of ``block`` queries needs -> ``(B, T, H, D_v)``.
+
+    Args follow :func:`quantized_cache_attention`; ``attention_mask`` is 4-D, additive
+    or bool (True = attend).
+
+    Query ``p`` reads key ``j`` as the cache holds it (the held key and value) when
+    ``j < lo[p]``, the smaller of its key and value boundaries, and only the band
+    ``[lo[p], p]`` in other versions (at most ``G + R`` tokens with per-channel groups,
+    ``R`` per token). For queries ``[a, e)``, whose visible keys end at ``hi`` and whose
+    boundaries start at ``lo[a]`` (they grow with ``p``), one SDPA reads the held keys
+    ``[0, hi)`` and, after them, each other version of the band ``[lo[a], hi)``, with a
+    boolean mask choosing one version of each key per query: the scores of
+    :func:`versions_attention` without its masked ones (causal, or versions not read).
+
+    The keys of every block live in one buffer holding the held keys plus room for the
+    band: a block writes its band versions right after its ``hi`` held keys; blocks
+    run from the last one, so each overwrites only held keys that no block after it reads.
+    GQA without repeating keys (``enable_gqa``).
+    """
+    key_twin, value_twin = twin_of(key), twin_of(value)
+    length, seq = query.shape[-2], key.shape[-2]
+    visible, ends = _visible(attention_mask, seq)
+    twins = [twin for twin in (key_twin, value_twin) if twin is not None]
+    lo = twins[0][1] if len(twins) == 1 else torch.minimum(twins[0][1], twins[1][1])  # (T,)
+    starts = lo.tolist()
+    blocks = []  # (first query, end query, visible keys, band start)
+    for a in range(0, length, block):
+        e = min(a + block, length)
+        hi = max(1, *ends[a:e])  # at least one key: fully masked rows give what SDPA gives them
+        blocks.append((a, e, hi, min(hi, *starts[a:e])))
+    # versions other than (held key, held value): (reads the key twin, reads the value twin)
+    options = [(False, True) if twin is not None else (False,) for twin in (key_twin, value_twin)]
+    extra = [(k, v) for k in options[0] for v in options[1]][1:]
+    room = len(extra) * max(hi - low for _, _, hi, low in blocks)
+    buffers = []
+    for held in (key, value):
+        buffer = held.new_empty((*held.shape[:-2], seq + room, held.shape[-1]))
+        buffer[..., :seq, :] = held
+        buffers.append(buffer)
+    keys, values = buffers
+    columns = torch.arange(seq, device=query.device)
+    out = query.new_empty(query.shape[0], length, query.shape[1], value.shape[-1])
+    for a, e, hi, low in reversed(blocks):
+        seen = visible[..., a:e, :hi]
+        masks = [seen & (columns[:hi] < lo[a:e, None])]
+        band, end = columns[low:hi], hi
+        for reads_key_twin, reads_value_twin in extra if hi > low else ():
+            allowed = seen[..., low:hi]
+            for twin, reads in ((key_twin, reads_key_twin), (value_twin, reads_value_twin)):
+                if twin is not None:
+                    bound = twin[1][a:e, None]
+                    allowed = allowed & (band >= bound if reads else band < bound)
+            keys[..., end : end + hi - low, :] = (key_twin[0] if reads_key_twin else key)[..., low:hi, :]
+            values[..., end : end + hi - low, :] = (value_twin[0] if reads_value_twin else value)[..., low:hi, :]
+            masks.append(allowed)
+            end += hi - low
+        out[:, a:e] = torch.nn.functional.scaled_dot_product_attention(
+            query[..., a:e, :],
+            keys[..., :end, :],
+            values[..., :end, :],
+            attn_mask=torch.cat(masks, dim=-1),
+            scale=scaling,
+            enable_gqa=True,
+        ).transpose(1, 2)
+    return out
+
+
+def _visible(attention_mask: torch.Tensor, seq: int) -> tuple[torch.Tensor, list[int]]:
+    """``(visible, ends)``: the 4-D bool mask of the keys ``[0, seq)`` each query may read, and per query
+    1 + the last key any batch row reads there (0: none). Kept on the mask, which every layer shares."""
+    cached = getattr(attention_mask, "_eigenkv_visible_rows", None)
+    if cached is not None and cached[0] == seq:
+        return cached[1], cached[2]
+    rows = attention_mask[..., :seq]
+    visible = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
+    seen = visible.flatten(0, -3).any(0)  # (T, seq)
+    last = seq - seen.flip(-1).to(torch.uint8).argmax(-1)
+    ends = torch.where(seen.any(-1), last, 0).tolist()
+    attention_mask._eigenkv_visible_rows = (seq, visible, ends)
+    return visible, ends
 
 
 def _register() -> None:

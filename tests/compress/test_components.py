@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from eigenkv.compress import EigenConfig, EigenPlan, apply_plan, compress_model
+from eigenkv.compress.basis import coefficient_variance
 from eigenkv.compress.calibrate import calibrate
 from eigenkv.compress.components import ComponentQuantConfig, high_components, prepare_components
-from eigenkv.compress.basis import coefficient_variance
 from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV, fake_quantize
 from eigenkv.quant.config import MixedKVQuantConfig
-from tests.helpers import random_tokens, random_windows
-from tests.helpers import parallel_and_stepwise, tiny_llama, tiny_opt
+from tests.helpers import parallel_and_stepwise, random_tokens, random_windows, tiny_llama, tiny_opt
 
 QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", residual=4)
 OPTIONS = ["scale", "rot", "hi8x0.25", "scale+rot+hi4x0.5", "hi8"]

@@ -320,7 +320,10 @@ def test_plan_round_trip_and_refusals(tmp_path):
     # ... and one whose digest was updated too is still refused by the consistency checks
     from eigenkv.io import seal, sha256_file
 
-    resealed = {**json.loads((skewed / "plan.json").read_text()), "bases_sha256": sha256_file(skewed / "bases.safetensors")}
+    resealed = {
+        **json.loads((skewed / "plan.json").read_text()),
+        "bases_sha256": sha256_file(skewed / "bases.safetensors"),
+    }
     (skewed / "plan.json").write_text(json.dumps(seal(resealed)))
     with pytest.raises(ValueError, match="not biorthogonal"):
         EigenPlan.load(skewed)

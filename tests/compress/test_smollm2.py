@@ -8,8 +8,8 @@ from transformers import DynamicCache
 from eigenkv.compress import EigenConfig, apply_plan, compress_model
 from eigenkv.compress.components import ComponentQuantConfig, prepare_components
 from eigenkv.data import load_windows
-from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.eval.perplexity import perplexity
+from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 
 

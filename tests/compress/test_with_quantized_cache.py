@@ -6,8 +6,7 @@ import torch
 from eigenkv.compress import EigenConfig, compress_model
 from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV
-from tests.helpers import random_tokens, random_windows
-from tests.helpers import parallel_and_stepwise, tiny_llama, tiny_opt
+from tests.helpers import parallel_and_stepwise, random_tokens, random_windows, tiny_llama, tiny_opt
 
 QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", residual=4)
 

@@ -8,14 +8,13 @@ from transformers import DynamicCache
 
 from eigenkv.compress import EigenPlan, apply_plan
 from eigenkv.compress.components import ComponentQuantConfig, prepare_components
-from eigenkv.eval.curve import CurveConfig, pareto_table, run_curve
 from eigenkv.data import load_windows
+from eigenkv.eval.curve import CurveConfig, pareto_table, run_curve
 from eigenkv.memory import cache_tensor_bytes
 from eigenkv.models import load_model
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 from eigenkv.recipe import Recipe
 from tests.test_cli import model_dir  # noqa: F401  (fixture)
-
 
 PLANS = {"paper-eigen0.5": "eigen0.5-pre-uniform", "eigenkv-eigen0.5": "eigen0.5-pre-output-fisher"}
 
@@ -102,7 +101,9 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
     for row in added:
         name = "paper-eigen0.5" if row["label"].startswith("paper") else "eigenkv-eigen0.5"
         plan, quant = prepare_components(
-            EigenPlan.load(out / "plans" / PLANS[name]), ComponentQuantConfig.parse("scale+hi8x0.5"), KVQuantConfig(4, 16)
+            EigenPlan.load(out / "plans" / PLANS[name]),
+            ComponentQuantConfig.parse("scale+hi8x0.5"),
+            KVQuantConfig(4, 16),
         )
         model = apply_plan(load_model(str(model_dir), dtype=torch.float16)[0], plan)
         with torch.no_grad(), QuantizedKV(model, quant) as kv:

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from eigenkv.cli import main
-from eigenkv.memory import GB
 from eigenkv.eval.planner import PlannerConfig, PlannerExperiment, candidates, plan_for_budget
 from eigenkv.eval.runs import RunFolder
+from eigenkv.memory import GB
 from eigenkv.recipe import Recipe
 from tests.test_cli import model_dir  # noqa: F401  (fixture)
 

@@ -9,17 +9,15 @@ import pytest
 import torch
 
 from eigenkv.compress import EigenConfig, compress_model
-from eigenkv.quant import routing
 from eigenkv.kernels import lowrank_decode as decode_module
 from eigenkv.kernels import lowrank_prefill as prefill_module
 from eigenkv.kernels.lowrank_decode import lowrank_decode, lowrank_decode_reference
 from eigenkv.kernels.scoring import Scoring
-from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
+from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache, routing
 from eigenkv.quant.config import MixedKVQuantConfig
 from eigenkv.quant.packing import PackedStream, Segment
 from eigenkv.quant.store import QuantizedStream, SegmentedStream
-from tests.helpers import random_tokens, random_windows
-from tests.helpers import DEVICE, tiny_llama, tiny_mpt, tiny_opt
+from tests.helpers import DEVICE, random_tokens, random_windows, tiny_llama, tiny_mpt, tiny_opt
 
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

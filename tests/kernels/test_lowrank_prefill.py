@@ -4,9 +4,9 @@ quantized view; the mask check that decides when the models use it."""
 import pytest
 import torch
 
-from eigenkv.quant import routing
 from eigenkv.kernels.lowrank_prefill import lowrank_prefill, lowrank_prefill_reference
 from eigenkv.kernels.scoring import Scoring
+from eigenkv.quant import routing
 from tests.helpers import DEVICE
 from tests.kernels.test_lowrank_decode import ATOL, pre_rope
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from eigenkv.data import load_windows
-from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.eval.perplexity import perplexity
+from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
 from tests.helpers import DEVICE, tiny_llama, tiny_opt
 

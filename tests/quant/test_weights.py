@@ -10,8 +10,11 @@ pytest.importorskip("bitsandbytes")
 from eigenkv.compress import EigenConfig, compress_model  # noqa: E402
 from eigenkv.quant import KVQuantConfig, QuantizedKV  # noqa: E402
 from eigenkv.quant.weights import quantize_weights, weight_bytes  # noqa: E402
-from tests.helpers import random_tokens, random_windows  # noqa: E402
-from tests.helpers import tiny_llama  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    random_tokens,
+    random_windows,
+    tiny_llama,  # noqa: E402
+)
 
 
 def test_weight_formats_shrink_the_weights_and_stay_close():

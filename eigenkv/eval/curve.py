@@ -154,7 +154,7 @@ def run_curve(
     """
     folder = RunFolder(out_root, config.run_name(), config.to_dict(), extends=config.extends)
     experiment = Experiment(
-        folder, config.model, texts, dtype=config.dtype, plans=plans, device=device, cache_dir=cache_dir,
+        folder, config.model, Texts.of(config), dtype=config.dtype, plans=plans, device=device, cache_dir=cache_dir,
         data_dir=data_dir, progress=progress,
     )  # fmt: skip
     done = folder.records("points.jsonl")

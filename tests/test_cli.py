@@ -171,3 +171,17 @@ def test_version_and_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "eigenkv", "ppl", "--windows"], capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 2 and "expected one argument" in done.stderr
+
+
+def test_nan_weights_and_unwritable_outputs_are_refused_before_work(tmp_path, capsys):
+    import torch
+
+    tok = char_tokenizer()
+    broken = tiny_llama(vocab_size=len(tok))
+    with torch.no_grad():
+        broken.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    broken.save_pretrained(tmp_path / "broken")
+    tok.save_pretrained(tmp_path / "broken")
+    assert main(["ppl", "--model", str(tmp_path / "broken"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "hold NaN or Inf (model.layers.0.mlp.up_proj.weight)" in err and "Traceback" not in err

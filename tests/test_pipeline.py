@@ -99,3 +99,46 @@ def test_saved_artifacts_refuse_edits_and_other_models(tmp_path):
         eigenkv.from_pretrained(tmp_path / "other")
     with pytest.raises(FileNotFoundError, match="not a saved eigenkv model"):
         eigenkv.from_pretrained(tmp_path)
+
+
+def test_api_cli_and_curve_give_the_same_perplexity_and_bytes(tmp_path, capsys):
+    """One recipe through the three front doors: identical perplexity and KV bytes (one pipeline)."""
+    from eigenkv.cli import main
+    from eigenkv.eval.curve import CurveConfig, run_curve
+    from tests.helpers import char_tokenizer
+
+    tok = char_tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_llama(vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    evaluated, calib = tmp_path / "eval.txt", tmp_path / "calib.txt"
+    evaluated.write_text("It was the best of times, it was the worst of times.\n" * 6)
+    calib.write_text("Call me Ishmael. Some years ago, never mind how long precisely.\n" * 6)
+    recipe = Recipe(lowrank=EigenConfig(target_ratio=0.5), kv=KVQuantConfig(bits=4, group_size=16))
+
+    model, tokenizer = eigenkv.load_model(str(model_dir))
+    calibration = eigenkv.load_windows(str(calib), tokenizer, 64, count=2)
+    windows = eigenkv.load_windows(str(evaluated), tokenizer, 64, count=2)
+    compressed = eigenkv.apply_recipe(model, recipe, calibration, progress=False)
+    api = eigenkv.perplexity(compressed, windows, progress=False)
+    api_bytes = compressed.kv_bytes(seq_len=2048).total
+
+    recipe.save(tmp_path / "recipe.json")
+    out = tmp_path / "cli.json"
+    argv = ["ppl", "--model", str(model_dir), "--dataset", str(evaluated), "--windows", "2", "--seq-len", "64",
+            "--recipe", str(tmp_path / "recipe.json"), "--calib-dataset", str(calib), "--calib-windows", "2",
+            "--calib-seq-len", "64", "--json", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    cli = json.loads(out.read_text())
+
+    config = CurveConfig(model=str(model_dir), dataset=str(evaluated), windows=2, seq_len=64, bits=(4,),
+                         groups=(16,), ratios=(0.5,), methods=("eigenkv",), components=(),
+                         calib_dataset=str(calib), calib_windows=2)  # fmt: skip
+    folder = run_curve(config, tmp_path / "runs", progress=False)
+    rows = {r["label"]: r for r in map(json.loads, (folder / "points.jsonl").read_text().splitlines())}
+    curve = rows["eigenkv-eigen0.5 4b-g16-kc-vt-r0"]
+
+    assert Recipe.from_dict(cli["recipe"]) == Recipe.from_dict(curve["recipe"]) == recipe
+    assert cli["result"]["nll"] == pytest.approx(api.nll, abs=1e-12)
+    assert curve["nll"] == pytest.approx(api.nll, abs=1e-12)
+    assert cli["kv_cache_n2048"]["bytes"] == curve["kv_bytes_n2048"] == api_bytes

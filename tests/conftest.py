@@ -4,6 +4,7 @@
   is read when ``@triton.jit`` decorates a function, so it is set here, first.
 - Hub lookups are switched off (each would wait ~50 s before failing offline).
 - EIGENKV_DATA_DIR points at ../shared/data when that folder exists.
+- EIGENKV_CACHE_DIR is a fresh folder, so tests never read or fill the user's cache.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _shared_data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "EIGENKV_DATA_DIR" not in os.environ and _shared_data.is_dir():
     os.environ["EIGENKV_DATA_DIR"] = str(_shared_data)
+
+import tempfile  # noqa: E402
+
+os.environ["EIGENKV_CACHE_DIR"] = tempfile.mkdtemp(prefix="eigenkv-test-cache-")
 
 import torch  # noqa: E402  (after the environment above)
 

@@ -137,8 +137,9 @@ class Experiment:
         folder: where plans and records go.
         model: alias, folder or hub id; dtype: its dtype for calibration and evaluation.
         texts: evaluated and calibration text.
-        plans: a folder of plans to reuse before calibrating (each checked against this model
-            and calibration text); new plans are saved in ``folder/plans``.
+        plans: a folder of plans shared between runs: ``plans/<model name>/<config label>`` is
+            reused when it fits this model and calibration text, and new plans are saved there
+            too (always also in ``folder/plans``).
         device, cache_dir, data_dir: where to run, the eigenkv cache, the offline text folder.
     """
 
@@ -157,7 +158,7 @@ class Experiment:
     ):
         self.folder, self.model_name, self.texts = folder, model, texts
         self.dtype, self.device, self.cache_dir, self.data_dir = dtype, device, cache_dir, data_dir
-        self.plans_dir = None if plans is None else Path(plans)
+        self.plans_dir = None if plans is None else Path(plans) / Path(model).name
         self.progress = progress
         self._original = self._tokenizer = self._evaluated = self._calib = None
         self._calibrations: dict[bool, Calibration] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import platform
 import time
 from pathlib import Path
@@ -76,31 +75,13 @@ def plot_latency_panels(rows: list[dict], path: Path, x: str, xlabel: str, ylabe
     print(f"wrote {path}")
 
 
-class PointRun:
-    """A run folder that loses nothing: its config, and one JSON line per finished point.
+def run_folder(out: Path, args, **extra):
+    """The ``eigenkv.eval.runs.RunFolder`` at ``out`` for a script's settings (its options but ``--out``, and
+    ``extra``); a folder holding a run with other settings is refused."""
+    from eigenkv.eval.runs import RunFolder
 
-    ``run_config.json`` is written on first use and must match on reruns (else
-    ``SystemExit``); ``points.jsonl`` is appended point by point, and ``done``
-    maps each finished point's ``label`` to its row, so reruns skip it.
-    """
-
-    def __init__(self, out: Path, run_config: dict):
-        from eigenkv.io import atomic_write_json
-
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        config_file = self.out / "run_config.json"
-        if config_file.exists() and json.loads(config_file.read_text()) | {"out": None} != run_config | {"out": None}:
-            raise SystemExit(f"{self.out} holds a run with another configuration; choose another --out")
-        atomic_write_json(config_file, run_config)
-        self.points_file = self.out / "points.jsonl"
-        self.done: dict[str, dict] = {}
-        if self.points_file.exists():
-            for line in self.points_file.read_text().splitlines():
-                row = json.loads(line)
-                self.done[row["label"]] = row
-
-    def record(self, row: dict) -> None:
-        with open(self.points_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.done[row["label"]] = row
+    config = {k: v for k, v in vars(args).items() if k != "out"} | extra
+    try:
+        return RunFolder(out.parent, out.name, config)
+    except FileExistsError:
+        raise SystemExit(f"{out} holds a run with other settings; choose another --out or delete it") from None

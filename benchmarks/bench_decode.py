@@ -38,8 +38,7 @@ if not torch.cuda.is_available():
 
 from eigenkv.kernels.lowrank_decode import lowrank_decode, lowrank_decode_reference  # noqa: E402
 from eigenkv.kernels.scoring import Scoring  # noqa: E402
-from eigenkv.quant.packing import packed_length  # noqa: E402
-from eigenkv.quant.packing import PackedStream, Segment  # noqa: E402
+from eigenkv.quant.packing import PackedStream, Segment, packed_length  # noqa: E402
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}  # query heads, KV heads, head size
 

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from eigenkv import ComponentQuantConfig, EigenConfig, Recipe
-from eigenkv.eval.planner import PlannerConfig, PlannerExperiment, _scores, candidates
+from eigenkv.eval.planner import PlannerConfig, PlannerExperiment, candidates, score_recipes
 from eigenkv.eval.runs import RunFolder
 from eigenkv.quant.config import base_config, quant_config_from_dict
 
@@ -43,10 +43,11 @@ def _recipe(row: dict) -> Recipe:
     """A curve point's recipe (rows written before recipes were recorded: rebuilt from their fields)."""
     if "recipe" in row:
         return Recipe.from_dict(row["recipe"])
-    options = row.get("components")
+    options = row.get("components") or None  # the options and the layers' counts at high precision
+    fields = ComponentQuantConfig().to_dict()
     return Recipe(
         lowrank=None if row["eigen"] is None else EigenConfig.from_dict(row["eigen"]),
-        components=None if not options else ComponentQuantConfig(**{k: options[k] for k in ComponentQuantConfig().to_dict()}),
+        components=options and ComponentQuantConfig(**{k: options[k] for k in fields}),
         kv=None if row["quant"] is None else base_config(quant_config_from_dict(row["quant"])),
     )
 
@@ -63,9 +64,11 @@ def main() -> None:
 
     planner_dir = Path(args.planner_run)
     config = _config(json.loads((planner_dir / "config.json").read_text()))
-    folder = RunFolder(planner_dir.parent, planner_dir.name, config.to_dict(), extends=lambda old: _config(old) == config)
+    # a run stored before a setting was added extends to this one (config.json gains the default)
+    folder = RunFolder(planner_dir.parent, planner_dir.name, config.to_dict(), extends=lambda old: True)
     experiment = PlannerExperiment(config, folder)
     labels = {recipe: label for label, recipe in candidates(config).items()}  # the planner's names for its recipes
+    own = EigenConfig.method(config.method, rope_mode=config.rope_mode)
     pairs = []
     for line in (Path(args.curve_run) / "points.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -73,10 +76,10 @@ def main() -> None:
         if recipe == Recipe():  # the baseline
             continue
         low = recipe.lowrank
-        if low is not None and low != EigenConfig.method(config.method, target_ratio=low.target_ratio, rope_mode=config.rope_mode):
+        if low is not None and low != own.with_ratio(low.target_ratio):
             continue  # the planner compresses with its own method only
         pairs.append((labels.get(recipe, recipe.label()), recipe, row))
-    scores = _scores(experiment, {label: recipe for label, recipe, _ in pairs}, "proxy", print)
+    scores = score_recipes(experiment, {label: recipe for label, recipe, _ in pairs}, "proxy", print)
     proxy = [scores[label]["nll"] for label, _, _ in pairs]
     measured = [math.log(r["ppl"]) for _, _, r in pairs]
     spearman = _pearson(_ranks(proxy), _ranks(measured))
@@ -91,12 +94,13 @@ def main() -> None:
         f"proxy ({config.proxy_windows} x {config.proxy_seq_len} held-out tokens of {text}) vs measured "
         f"ln ppl ({args.curve_run}): {len(pairs)} points",
         "",
-        f"Spearman {spearman:.3f}, Pearson {pearson:.3f}; pairs ordered alike {agree}/{total} ({agree / max(total, 1):.1%})",
+        f"Spearman {spearman:.3f}, Pearson {pearson:.3f}; pairs ordered alike {agree}/{total} ({agree / total:.1%})",
         "",
         "| point | proxy NLL | measured ppl |",
         "|---|---|---|",
     ]
-    lines += [f"| {label} | {p:.4f} | {r['ppl']:.2f} |" for (label, _, r), p in sorted(zip(pairs, proxy), key=lambda t: t[1])]
+    ordered = sorted(zip(pairs, proxy, strict=True), key=lambda t: t[1])
+    lines += [f"| {label} | {p:.4f} | {r['ppl']:.2f} |" for (label, _, r), p in ordered]
     (folder.path / "proxy_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:3]))
 

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, QuantizedCache
 
+from benchmarks._common import run_folder
 from eigenkv import KVQuantConfig, Recipe, perplexity
-from eigenkv.eval.runs import Experiment, RunFolder, Texts
+from eigenkv.eval.runs import Experiment, Texts
 from eigenkv.io import atomic_write_text
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/compare_hf_quantized_cache")
     args = parser.parse_args()
     out = Path(args.out)
-    folder = RunFolder(out.parent, out.name, {k: v for k, v in vars(args).items() if k != "out"})
+    folder = run_folder(out, args)
     experiment = Experiment(folder, args.model, Texts(windows=args.windows, seq_len=args.seq_len), progress=False)
     model, windows = experiment.original, experiment.evaluated
     decode_ids = windows.input_ids[:1, : args.decode_tokens]

@@ -8,7 +8,7 @@ recipe) is appended to ``<out>/points.jsonl`` as it finishes; a rerun skips
 finished points and refuses a folder holding another configuration. A markdown
 table is written at the end.
 
-    EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 python benchmarks/eval_compress.py \\
+    EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/eval_compress.py \\
         --windows 8 --ratios 0.8,0.7,0.6,0.5 --modes pre,post --bases pca,output --allots uniform,budget,fisher
 
 Each Eigen row also records the Fisher proxy's predicted loss increase for
@@ -22,8 +22,9 @@ import shutil
 import time
 from pathlib import Path
 
+from benchmarks._common import run_folder
 from eigenkv import EigenConfig, Recipe
-from eigenkv.eval.runs import Experiment, RunFolder, Texts
+from eigenkv.eval.runs import Experiment, Texts
 from eigenkv.io import atomic_write_text
 
 
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="run folder (default results/compress_<model>_<windows>x<seq>)")
     args = parser.parse_args()
     out = Path(args.out or f"results/compress_{args.model}_{args.windows}x{args.seq_len}")
-    folder = RunFolder(out.parent, out.name, {k: v for k, v in vars(args).items() if k != "out"})
+    folder = run_folder(out, args)
     texts = Texts(
         windows=args.windows, seq_len=args.seq_len, calib_dataset=args.calib_dataset, calib_windows=args.calib_windows
     )
@@ -49,10 +50,12 @@ def main() -> None:
     done = folder.records("points.jsonl")
 
     def record(row: dict) -> None:
-        row["fraction_of_fp16"] = row["kv_bytes_n2048"] / (done.get("baseline", row)["kv_bytes_n2048"])
+        row["fraction_of_fp16"] = row["kv_gb_n2048"] / done.get("baseline", row)["kv_gb_n2048"]
         folder.append("points.jsonl", row)
         done[row["label"]] = row
-        print(f"{row['label']:28s} ppl={row['ppl']:9.4f} kv={row['kv_gb_n2048']:.5f} GB ({row['fraction_of_fp16']:.3f})")
+        print(
+            f"{row['label']:28s} ppl={row['ppl']:9.4f} kv={row['kv_gb_n2048']:.5f} GB ({row['fraction_of_fp16']:.3f})"
+        )
 
     if "baseline" not in done:
         record({"label": "baseline", **experiment.measure(Recipe(), desc="baseline")})

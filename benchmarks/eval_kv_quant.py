@@ -17,8 +17,9 @@ import argparse
 import itertools
 from pathlib import Path
 
+from benchmarks._common import run_folder
 from eigenkv import KVQuantConfig, Recipe
-from eigenkv.eval.runs import Experiment, RunFolder, Texts
+from eigenkv.eval.runs import Experiment, Texts
 from eigenkv.io import atomic_write_text
 
 AXES = {"per-token": ("token", "token"), "KIVI": ("channel", "token")}
@@ -45,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out or f"results/kv_quant_{args.model}_{args.windows}x{args.seq_len}")
     bits, groups = [int(b) for b in args.bits.split(",")], [int(g) for g in args.groups.split(",")]
-    folder = RunFolder(out.parent, out.name, {k: v for k, v in vars(args).items() if k != "out"})
+    folder = run_folder(out, args)
     experiment = Experiment(folder, args.model, Texts(windows=args.windows, seq_len=args.seq_len))
 
     done = folder.records("points.jsonl")
@@ -53,8 +54,7 @@ def main() -> None:
         if label in done:
             continue
         row = {"label": label, "config": recipe.kv and recipe.kv.to_dict(), **experiment.measure(recipe, desc=label)}
-        fp16 = done["fp16"]["kv_bytes_n2048"] if done else row["kv_bytes_n2048"]
-        row["fraction_of_fp16"] = row["kv_bytes_n2048"] / fp16
+        row["fraction_of_fp16"] = row["kv_gb_n2048"] / done.get("fp16", row)["kv_gb_n2048"]
         folder.append("points.jsonl", row)
         done[label] = row
         print(f"{label:32s} ppl={row['ppl']:9.4f} kv={row['kv_gb_n2048']:.5f} GB ({row['fraction_of_fp16']:.3f})")
@@ -80,7 +80,9 @@ def render_table(rows: dict, bits: list[int], groups: list[int], residual: int =
             if recipe.kv is None or (recipe.kv.bits, recipe.kv.group_size) != (b, g):
                 continue
             r = rows.get(label)
-            cells.append("-" if r is None else f"{r['ppl']:.2f} ({r['kv_gb_n2048']:.4f} GB, {r['fraction_of_fp16']:.3f})")
+            cells.append(
+                "-" if r is None else f"{r['ppl']:.2f} ({r['kv_gb_n2048']:.4f} GB, {r['fraction_of_fp16']:.3f})"
+            )
         lines.append(f"| {b} | {g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -18,9 +18,9 @@ import copy
 import time
 from pathlib import Path
 
-from benchmarks._common import device_name, write_csv
+from benchmarks._common import device_name, run_folder, write_csv
 from eigenkv import ComponentQuantConfig, EigenPlan, KVQuantConfig, Recipe, apply_recipe, perplexity
-from eigenkv.eval.runs import Experiment, RunFolder, Texts, environment
+from eigenkv.eval.runs import Experiment, Texts, environment
 from eigenkv.quant.weights import weight_bytes
 
 WEIGHTS = ("fp32", "int8", "nf4")
@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out)
-    folder = RunFolder(out.parent, out.name, {**{k: v for k, v in vars(args).items() if k != "out"}, "device": device_name()})
+    folder = run_folder(out, args, device=device_name())
     experiment = Experiment(folder, args.model, Texts(windows=args.windows, seq_len=args.seq_len))
     plan = None if args.plan is None else EigenPlan.load(args.plan)
     done = folder.records("points.jsonl")

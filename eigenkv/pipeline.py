@@ -73,12 +73,13 @@ class CompressedModel:
         return nullcontext(self) if self.cache_config is None else QuantizedKV(self.model, self.cache_config)
 
     def __enter__(self) -> CompressedModel:
-        self._context = self.attention()
-        self._context.__enter__()
+        context = self.attention()
+        context.__enter__()
+        self.__dict__.setdefault("_entered", []).append(context)  # re-entrant: perplexity(c) inside `with c`
         return self
 
     def __exit__(self, *exc) -> None:
-        self._context.__exit__(*exc)
+        self.__dict__["_entered"].pop().__exit__(*exc)
 
     def kv_bytes(self, seq_len: int = 2048, batch_size: int = 1, dtype: torch.dtype | None = None) -> KVBytes:
         """Bytes of this model's KV cache (codes, scales, zeros, windows, bases) for ``batch_size`` x ``seq_len``."""

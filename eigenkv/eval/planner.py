@@ -142,7 +142,7 @@ class BudgetChoice:
     report: Path
 
 
-def _scores(experiment: Experiment, recipes: dict[str, Recipe], text: str, say) -> dict[str, dict]:
+def score_recipes(experiment: Experiment, recipes: dict[str, Recipe], text: str, say) -> dict[str, dict]:
     """label -> ``{"nll", "ppl", "seconds"}`` of every recipe on ``text`` (``"proxy"`` or ``"evaluated"``),
     measuring those not yet recorded in ``proxy.jsonl`` / ``measured.jsonl``."""
     name = "proxy.jsonl" if text == "proxy" else "measured.jsonl"
@@ -227,9 +227,9 @@ def plan_for_budget(
         f"{len(fitting)} of {len(every)} candidates fit {budget_gb} GB and fill >= {config.min_fill:.0%} of the largest"
     )
 
-    proxy = _scores(experiment, fitting, "proxy", say)
+    proxy = score_recipes(experiment, fitting, "proxy", say)
     ranked = sorted(fitting, key=lambda label: proxy[label]["nll"])[: config.finalists]
-    measured = _scores(experiment, {label: every[label] for label in ranked}, "evaluated", say)
+    measured = score_recipes(experiment, {label: every[label] for label in ranked}, "evaluated", say)
 
     finalists = [
         {

@@ -8,7 +8,7 @@ bytes as held, weight bytes with the unquantized tensors (embeddings, norms) in
 fp16 as a deployment holds them, KV bytes at n = 2048 (batch 1) and the total.
 
     EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/eval_weights_kv.py \\
-        --plan results/plans/eigenkv-eigen0.6 --windows 3 --out results/weights_kv
+        --plan results/<curve run>/plans/eigen0.6-pre-output-fisher --windows 3 --out results/weights_kv
 """
 
 from __future__ import annotations

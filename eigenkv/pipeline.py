@@ -240,14 +240,18 @@ def from_pretrained(
     """
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+
+    try:  # transformers >= 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
 
     path = Path(path)
     manifest = _read_manifest(path)
     config = AutoConfig.from_pretrained(path)
     saved_dtype = resolve_dtype(manifest["dtype"])
     with no_init_weights():  # every weight is overwritten by the saved ones
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=saved_dtype).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype).eval()
     plan = EigenPlan.load(path / PLAN_DIR) if (path / PLAN_DIR).is_dir() else None
     if plan is not None:
         apply_plan(model, plan, check=False)  # the structure; the folded weights are loaded next

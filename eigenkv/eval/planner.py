@@ -1,4 +1,4 @@
-"""The best KV setting for a memory budget: rank ratio, bits, group size and component options.
+"""The best recipe for a KV memory budget: rank ratio, bits, group size and component options.
 
 ``plan_for_budget(PlannerConfig(...), budget_gb)``:
 

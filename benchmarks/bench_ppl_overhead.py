@@ -16,10 +16,14 @@ what that costs on SmolLM2-135M (float32), for:
 The ratio of ``quant`` is to ``plain``, that of ``compressed+quant`` to
 ``compressed``. Settings are timed in turn, ``--repeats`` rounds after one
 warm-up round; each time is the median of its rounds. Writes
-``benchmarks/results/ppl_overhead_<cpu>.csv``.
+``benchmarks/results/ppl_overhead_<cpu>.csv`` (``_versions`` with ``--attention versions``,
+the reference path that attends to every version of every key). Timings on a
+machine shared with other jobs are noise: every extra parallel region waits for
+a descheduled thread.
 
     EIGENKV_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \\
-        PYTHONPATH=. python benchmarks/bench_ppl_overhead.py [--windows 1] [--repeats 3]
+        PYTHONPATH=. python benchmarks/bench_ppl_overhead.py [--windows 1] [--repeats 3] [--threads 2] \\
+        [--attention versions]
 """
 
 from __future__ import annotations
@@ -48,8 +52,24 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--attention",
+        default="banded",
+        choices=("banded", "versions"),
+        help="the causal quantized view: block by block (banded_attention), or the reference over all versions "
+        "of all keys (versions_attention, what eigenkv did before), to time both on the same machine",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.attention == "versions":
+        from eigenkv.quant import cache
+
+        cache.banded_attention = lambda query, key, value, mask, scaling: cache.versions_attention(
+            query, key, value, mask, scaling
+        )
 
     model, tokenizer = load_model(args.model, torch.float32)
     windows = load_windows("wikitext2", tokenizer, args.seq_len, count=args.windows)
@@ -102,7 +122,8 @@ def main() -> None:
     print(f"{'setting':<{width}}  seconds  ratio      ppl")
     for r in rows:
         print(f"{r['setting']:<{width}}  {r['seconds']:7.2f}  {r['ratio_to_plain_same_model']:5.2f}  {r['ppl']:7.3f}")
-    path = Path(args.out) if args.out else RESULTS / f"ppl_overhead_{device_slug()}.csv"
+    suffix = "" if args.attention == "banded" else f"_{args.attention}"
+    path = Path(args.out) if args.out else RESULTS / f"ppl_overhead_{device_slug()}{suffix}.csv"
     print(f"wrote {write_csv(rows, path)}")
 
 

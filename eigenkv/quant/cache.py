@@ -264,8 +264,10 @@ def banded_attention(query, key, value, attention_mask, scaling=None, block: int
     ``R`` per token). For queries ``[a, e)``, whose visible keys end at ``hi`` and whose
     boundaries start at ``lo[a]`` (they grow with ``p``), one SDPA reads the held keys
     ``[0, hi)`` and, after them, each other version of the band ``[lo[a], hi)``, with a
-    boolean mask choosing one version of each key per query: the scores of
+    mask choosing one version of each key per query: the scores of
     :func:`versions_attention` without its masked ones (causal, or versions not read).
+    Blocks and masks are computed once per forward and kept on ``attention_mask``,
+    which every layer shares.
 
     The keys of every block live in one buffer holding the held keys plus room for the
     band: a block writes its band versions right after its ``hi`` held keys; blocks
@@ -288,17 +290,11 @@ def banded_attention(query, key, value, attention_mask, scaling=None, block: int
             keys[..., end : end + hi - low, :] = (key_twin[0] if reads_key_twin else key)[..., low:hi, :]
             values[..., end : end + hi - low, :] = (value_twin[0] if reads_value_twin else value)[..., low:hi, :]
             end += hi - low
-        outs.append(
-            torch.nn.functional.scaled_dot_product_attention(
-                query[..., a:e, :],
-                keys[..., :end, :],
-                values[..., :end, :],
-                attn_mask=mask,
-                scale=scaling,
-                enable_gqa=True,
-            )
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query[..., a:e, :], keys[..., :end, :], values[..., :end, :], attn_mask=mask, scale=scaling, enable_gqa=True
         )
-    return torch.cat(outs[::-1], dim=-2).transpose(1, 2).contiguous()
+        outs.append(out.transpose(1, 2))  # (B, queries, H, D_v)
+    return torch.cat(outs[::-1], dim=1)
 
 
 class _BandedPlan(NamedTuple):
@@ -318,13 +314,13 @@ def _banded_plan(attention_mask, seq: int, key_twin, value_twin, block: int, dty
     """The plan of :func:`banded_attention`, kept on ``attention_mask`` (every layer shares it)."""
     key_bounds = None if key_twin is None else key_twin[1]
     value_bounds = None if value_twin is None else value_twin[1]
-    plans = attention_mask.__dict__.setdefault("_eigenkv_banded_plans", {})
-    plan = plans.get((seq, block, dtype))
-    if plan is not None and all(
-        (a is None) == (b is None) and (a is None or torch.equal(a, b))
-        for a, b in ((plan.key_bounds, key_bounds), (plan.value_bounds, value_bounds))
-    ):
-        return plan
+    plans = attention_mask.__dict__.setdefault("_eigenkv_banded_plans", {}).setdefault((seq, block, dtype), [])
+    for plan in plans:  # one per distinct quantizer geometry among the layers (usually one)
+        if all(
+            (a is None) == (b is None) and (a is None or torch.equal(a, b))
+            for a, b in ((plan.key_bounds, key_bounds), (plan.value_bounds, value_bounds))
+        ):
+            return plan
     rows = attention_mask[..., :seq]
     visible = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2  # (B, 1|H, T, seq)
     seen = visible.flatten(0, -3).any(0)  # (T, seq): some batch row reads this key
@@ -354,7 +350,7 @@ def _banded_plan(attention_mask, seq: int, key_twin, value_twin, block: int, dty
         masks.append(torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, -torch.inf))
     room = len(extra) * max(hi - low for _, _, hi, low in blocks)
     plan = _BandedPlan(key_bounds, value_bounds, block, dtype, blocks, extra, room, masks)
-    plans[(seq, block, dtype)] = plan
+    plans.append(plan)
     return plan
 
 

@@ -108,7 +108,7 @@ def test_config_validation_and_round_trip():
     assert KVQuantConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"bits=5 is not supported"):
         KVQuantConfig(bits=5)
-    with pytest.raises(ValueError, match="residual must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"residual \(tokens kept in full precision\) must be >= 0"):
         KVQuantConfig(residual=-1)
     with pytest.raises(ValueError, match="axis_k='rows'"):
         KVQuantConfig(axis_k="rows")
@@ -192,3 +192,46 @@ def test_triton_backend_gives_the_same_cache_as_the_torch_backend(config, monkey
         assert torch.equal(a, b)
     # head size 16: the kernels take groups of 16 and leave other sizes to the reference
     assert bool(calls) == (config.group_size == 16)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        KVQuantConfig(bits=4, group_size=8),  # only keys read a twin
+        KVQuantConfig(bits=2, group_size=8, axis_k="token", axis_v="channel"),  # only values
+        KVQuantConfig(bits=2, group_size=8, axis_k="channel", residual=4),  # both: four versions
+        KVQuantConfig(bits=3, group_size=16, axis_v="channel", residual=3, rotate=True),
+        KVQuantConfig(bits=8, group_size=12, axis_k="token", residual=2),
+    ],
+    ids=lambda c: c.label(),
+)
+@pytest.mark.parametrize(("past", "block"), [(0, 7), (13, 16), (5, 64)])
+def test_banded_attention_equals_attention_over_all_versions(config, past, block):
+    """The block-by-block attention of a multi-token update reads exactly what one SDPA over every
+    version of every key does: GQA, odd lengths, a chunk after earlier tokens, left padding."""
+    from transformers import LlamaConfig
+
+    from eigenkv.quant.cache import banded_attention, versions_attention
+    from eigenkv.quant.routing import twin_of
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, new, dim = 2, 6, 3, 41, 16
+    layer = QuantizedKVCache(config, LlamaConfig(num_hidden_layers=1)).layers[0]
+    if past:
+        layer.update(*torch.randn(2, batch, kv_heads, past, dim, dtype=torch.float64))
+    key, value = layer.update(*torch.randn(2, batch, kv_heads, new, dim, dtype=torch.float64))
+    assert twin_of(key) is not None or twin_of(value) is not None
+    seq = past + new
+    visible = (torch.arange(seq)[None, :] <= past + torch.arange(new)[:, None]).repeat(batch, 1, 1, 1)
+    visible = visible.view(batch, 1, new, seq)
+    visible[1, ..., :3] = False  # the second sequence is left-padded by 3 tokens
+    mask = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
+    query = torch.randn(batch, heads, new, dim, dtype=torch.float64)
+    expected = versions_attention(query, key, value, mask, 0.3)
+    for _ in range(2):  # the second call reuses the plan kept on the mask
+        torch.testing.assert_close(banded_attention(query, key, value, mask, 0.3, block), expected, atol=1e-9, rtol=0)
+    twin = (twin_of(key) or twin_of(value))[0]
+    twin.add_(1.0)  # a changed twin changes both results alike: the twins are read
+    changed = banded_attention(query, key, value, mask, 0.3, block)
+    torch.testing.assert_close(changed, versions_attention(query, key, value, mask, 0.3), atol=1e-9, rtol=0)
+    assert (changed - expected).abs().max() > 1e-3

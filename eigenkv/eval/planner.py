@@ -244,13 +244,18 @@ def plan_for_budget(
     ]
     chosen = min(finalists, key=lambda f: f["ppl"])
     recipe = every[chosen["label"]]
-    report = out / f"budget_{budget_gb:g}.json"
-    atomic_write_json(
-        report, {"budget_gb": budget_gb, "chosen": chosen, "finalists": finalists, "considered": len(fitting)}
-    )
+    report = write_report(out, budget_gb, chosen, finalists, len(fitting))
     recipe.save(out / f"budget_{budget_gb:g}.recipe.json")
+    return BudgetChoice(budget_gb, chosen, recipe, finalists, len(fitting), report)
+
+
+def write_report(out: Path, budget_gb: float, chosen: dict, finalists: list[dict], considered: int) -> Path:
+    """``budget_<GB>.json`` (the evidence) and ``budget_<GB>.md`` (its table) in the run folder ``out``."""
+    report = out / f"budget_{budget_gb:g}.json"
+    evidence = {"budget_gb": budget_gb, "chosen": chosen, "finalists": finalists, "considered": considered}
+    atomic_write_json(report, evidence)
     lines = [
-        f"budget {budget_gb:g} GB (KV at n = 2048, batch 1): {len(fitting)} candidates scored by the proxy",
+        f"budget {budget_gb:g} GB (KV at n = 2048, batch 1): {considered} candidates scored by the proxy",
         "",
         "| finalist | KV GB | proxy NLL | measured ppl |",
         "|---|---|---|---|",
@@ -261,4 +266,4 @@ def plan_for_budget(
         for f in finalists
     ]
     atomic_write_text(report.with_suffix(".md"), "\n".join(lines) + "\n")
-    return BudgetChoice(budget_gb, chosen, recipe, finalists, len(fitting), report)
+    return report

@@ -3,7 +3,7 @@
 - ``reference``: pure torch quantize / dequantize (2, 3, 4, 8 bits; symmetric or
   not; groups along any axis) and the Hadamard rotation.
 - ``packing``: dense bit packing of codes (3 bits as a 2-bit and a 1-bit plane).
-- ``store`` / ``cache``: a transformers ``Cache`` that holds packed codes, scales,
+- ``store`` / ``cache`` / ``attention``: a transformers ``Cache`` that holds packed codes, scales,
   zero points and a full-precision window, read causally by perplexity.
 - ``routing``: how attention reads the cache (kernels on CUDA, PyTorch elsewhere).
 - ``config``: ``KVQuantConfig``, ``MixedKVQuantConfig`` (two precisions per stream: leading

@@ -211,7 +211,7 @@ def test_banded_attention_equals_attention_over_all_versions(config, past, block
     version of every key does: GQA, odd lengths, a chunk after earlier tokens, left padding."""
     from transformers import LlamaConfig
 
-    from eigenkv.quant.cache import banded_attention, versions_attention
+    from eigenkv.quant.attention import banded_attention, versions_attention
     from eigenkv.quant.routing import twin_of
 
     torch.manual_seed(0)

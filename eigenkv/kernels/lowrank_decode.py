@@ -38,7 +38,16 @@ import triton.language as tl
 
 from eigenkv.kernels.backend import check_kernel_device, interpreting
 from eigenkv.kernels.scoring import Scoring
-from eigenkv.kernels.utils import KERNEL_DTYPES, KernelConfig, KernelSpec, dot, pad_width, qk_scores, query_operands
+from eigenkv.kernels.utils import (
+    KERNEL_DTYPES,
+    KernelConfig,
+    KernelSpec,
+    RooflineCase,
+    dot,
+    pad_width,
+    qk_scores,
+    query_operands,
+)
 from eigenkv.quant.packing import PackedStream, packed_length
 
 SCALE_DTYPE = torch.float16
@@ -275,10 +284,14 @@ def launch_config(mode: str, width: int, rank_pad: int, value_pad: int) -> Kerne
     return KernelConfig(constexprs={"BLOCK_N": 64 if widest <= 32 else 32}, num_warps=8, num_stages=2)
 
 
-def num_splits(tokens: int, programs: int, block_n: int, device: torch.device) -> int:
-    """Splits of the sequence so that ``programs * splits`` fills the GPU about twice over."""
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (4 elsewhere: the interpreter, where splits only need testing)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def num_splits(tokens: int, programs: int, block_n: int, units: int) -> int:
+    """Splits of the sequence so that ``programs * splits`` fills ``units`` SMs about twice over."""
     tiles = max(1, triton.cdiv(tokens, block_n))
-    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     return int(min(tiles, MAX_SPLITS, max(1, triton.cdiv(2 * units, programs))))
 
 
@@ -405,7 +418,7 @@ def lowrank_decode(
     half_pad = pad_width(half) if mode == "pre" else 16
     cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad)
     block_n = cfg.constexprs["BLOCK_N"]
-    n_splits = splits or num_splits(tokens, batch * kv_heads, block_n, query.device)
+    n_splits = splits or num_splits(tokens, batch * kv_heads, block_n, multiprocessors(query.device))
     if not 1 <= n_splits <= MAX_SPLITS:
         raise ValueError(f"splits must be in [1, {MAX_SPLITS}]; got {n_splits}")
     tokens_per_split = block_n * triton.cdiv(triton.cdiv(max(tokens, 1), block_n), n_splits)
@@ -514,3 +527,59 @@ def compile_specs():
                     | {"n_splits": "i32", "value_rank": "i32"},
                     constexprs={"SPLITS_PAD": splits_pad, "RV_PAD": rv_pad},
                 )
+
+
+# --- static roofline cases ---------------------------------------------------------------------
+
+# (name, query heads, KV heads, head size, key rank, value rank): the benchmark shapes (0.6x ranks)
+ROOFLINE_SHAPES = [("llama3-8b", 32, 8, 128, 77, 77), ("smollm2-135m", 9, 3, 64, 38, 38)]
+H100_SMS = 132  # H100 SXM and H200: splits of the roofline workloads
+ROOFLINE_WORKLOAD = {"batch": 8, "context": 32768, "group": 64}
+
+
+def stream_bytes_per_token(width: int, bits: int, group: int, axis: str, symmetric: bool = False) -> float:
+    """Bytes one KV head stores per token for a stream of ``width`` features (codes, scales, zeros)."""
+    params = 1 if symmetric else 2
+    if axis == "token":
+        return packed_length(width, bits) + params * 2 * -(-width // group)
+    return packed_length(group, bits) * width / group + params * 2 * width / group
+
+
+def roofline_cases():
+    """Decode at the benchmark shapes: Llama-3-8B and SmolLM2 at 0.6x, rank and pre modes, 2/3/4/8 bits,
+    keys per channel and values per token, group 64, batch 8 at 32k tokens."""
+    batch, context, group = ROOFLINE_WORKLOAD["batch"], ROOFLINE_WORKLOAD["context"], ROOFLINE_WORKLOAD["group"]
+    for shape, heads, kv_heads, head_dim, key_rank, value_rank in ROOFLINE_SHAPES:
+        for mode in ("rank", "pre"):
+            for bits in (2, 3, 4, 8):
+                rk_pad, rv_pad = pad_width(key_rank), pad_width(value_rank)
+                half_pad = pad_width(head_dim // 2) if mode == "pre" else 16
+                cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad)
+                constexprs = {
+                    "PRE": mode == "pre", "ALIBI": False, "GROUP": group, "SYMMETRIC": False,
+                    "K_BITS1": bits, "K_BITS2": 0, "K_TOKEN": False, "V_BITS1": bits, "V_BITS2": 0, "V_TOKEN": True,
+                    "G_PAD": pad_width(heads // kv_heads), "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad,
+                    "DOT_FP32": False, **cfg.constexprs,
+                }  # fmt: skip
+                name = f"lowrank_decode[{shape},{mode},{bits}bit,g{group}]"
+                spec = KernelSpec(name, _decode_kernel, _decode_signature("fp16"), constexprs, cfg.num_warps,
+                                  cfg.num_stages)  # fmt: skip
+                per_token = stream_bytes_per_token(key_rank, bits, group, "channel") + stream_bytes_per_token(
+                    value_rank, bits, group, "token"
+                )
+                programs = batch * kv_heads * num_splits(context, batch * kv_heads, cfg.constexprs["BLOCK_N"], H100_SMS)
+                decoders = kv_heads * head_dim * key_rank * 2 if mode == "pre" else 0
+                yield RooflineCase(
+                    name=name,
+                    spec=spec,
+                    tokens_per_iteration=cfg.constexprs["BLOCK_N"],
+                    bytes_per_token=per_token,
+                    total_bytes=batch * kv_heads * context * per_token + decoders,
+                    sdpa_bytes=batch * kv_heads * context * 2 * head_dim * 2,
+                    programs=programs,
+                    workload={
+                        "shape": shape, "mode": mode, "batch": batch, "context": context, "heads": heads,
+                        "kv_heads": kv_heads, "head_dim": head_dim, "key_rank": key_rank, "value_rank": value_rank,
+                        "bits": bits, "group": group, "keys": "channel", "values": "token",
+                    },
+                )  # fmt: skip

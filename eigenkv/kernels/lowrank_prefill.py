@@ -35,7 +35,16 @@ import triton.language as tl
 
 from eigenkv.kernels.backend import check_kernel_device, interpreting
 from eigenkv.kernels.scoring import Scoring
-from eigenkv.kernels.utils import KERNEL_DTYPES, KernelConfig, KernelSpec, dot, pad_width, qk_scores, query_operands
+from eigenkv.kernels.utils import (
+    KERNEL_DTYPES,
+    KernelConfig,
+    KernelSpec,
+    RooflineCase,
+    dot,
+    pad_width,
+    qk_scores,
+    query_operands,
+)
 
 # --- reference -------------------------------------------------------------------------------
 
@@ -315,3 +324,44 @@ def compile_specs():
                     num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages,
                 )
+
+
+# --- static roofline cases ---------------------------------------------------------------------
+
+# (name, query heads, KV heads, head size, key rank, value rank): the benchmark shapes (0.6x ranks)
+ROOFLINE_SHAPES = [("llama3-8b", 32, 8, 128, 77, 77), ("smollm2-135m", 9, 3, 64, 38, 38)]
+
+
+def roofline_cases(batch: int = 1, length: int = 8192):
+    """Prefill of a ``length``-token prompt at the benchmark shapes (rank and pre modes, no held versions).
+
+    A program holds BLOCK_M queries of one head and reads the keys and values before them: per key token
+    it reads ``(r_k + r_v) * 2`` bytes (fp16 rank-space states); the launch reads them about ``T / (2 BLOCK_M)``
+    times per query head (causal)."""
+    for shape, heads, kv_heads, head_dim, key_rank, value_rank in ROOFLINE_SHAPES:
+        for mode in ("rank", "pre"):
+            rk_pad, rv_pad = pad_width(key_rank), pad_width(value_rank)
+            half_pad = pad_width(head_dim // 2) if mode == "pre" else 16
+            cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad, False)
+            constexprs = {
+                "PRE": mode == "pre", "ALIBI": False, "K_HELD": False, "V_HELD": False,
+                "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False, **cfg.constexprs,
+            }  # fmt: skip
+            block_m = cfg.constexprs["BLOCK_M"]
+            name = f"lowrank_prefill[{shape},{mode},T{length}]"
+            spec = KernelSpec(name, _prefill_kernel, _signature("fp16"), constexprs, cfg.num_warps, cfg.num_stages)
+            per_token = (key_rank + value_rank) * 2
+            query_blocks = triton.cdiv(length, block_m)
+            yield RooflineCase(
+                name=name,
+                spec=spec,
+                tokens_per_iteration=cfg.constexprs["BLOCK_N"],
+                bytes_per_token=per_token,
+                total_bytes=batch * heads * query_blocks * (length / 2) * per_token,
+                sdpa_bytes=batch * kv_heads * length * 2 * head_dim * 2,
+                programs=batch * heads * query_blocks,
+                workload={
+                    "shape": shape, "mode": mode, "batch": batch, "context": length, "heads": heads,
+                    "kv_heads": kv_heads, "head_dim": head_dim, "key_rank": key_rank, "value_rank": value_rank,
+                },
+            )  # fmt: skip

@@ -34,6 +34,32 @@ class KernelSpec:
     num_stages: int = 3
 
 
+@dataclass(frozen=True)
+class RooflineCase:
+    """One kernel compile at a benchmark workload, with what its main loop reads (for the static roofline).
+
+    Attributes:
+        name: ``kernel[shape, config]`` label of the report row.
+        spec: the compile, as the launcher makes it for this workload.
+        tokens_per_iteration: key tokens one program reads per iteration of its main loop.
+        bytes_per_token: bytes one program reads from memory per key token in that loop (what is stored:
+            codes with their padding, scales, zeros; fp16 states for the dense kernels).
+        total_bytes: bytes the whole launch reads (every program), for the time estimate.
+        sdpa_bytes: bytes fp16 SDPA reads for the same attention (uncompressed K and V), for comparison.
+        programs: programs the launch starts.
+        workload: the shape, for the report (batch, heads, kv_heads, head_dim, context, ranks, bits, ...).
+    """
+
+    name: str
+    spec: KernelSpec
+    tokens_per_iteration: int
+    bytes_per_token: float
+    total_bytes: float
+    sdpa_bytes: float
+    programs: int
+    workload: dict = field(default_factory=dict)
+
+
 def pad_width(n: int) -> int:
     """Tile width of ``n`` features: a power of two, at least 16 (``tl.dot`` needs K >= 16 on NVIDIA GPUs)."""
     return max(16, triton.next_power_of_2(n))

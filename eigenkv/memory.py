@@ -9,12 +9,14 @@ bytes a real cache holds (:func:`cache_tensor_bytes`):
 - dense caches (:class:`DenseStorage`): ``d_h`` (or a rank) elements per token;
 - quantized caches (:class:`QuantizedStorage`), per KV head and sequence of
   ``n`` tokens with ``T_q = quantized_prefix(n)`` quantized tokens (``b`` bits,
-  group ``G``, width ``D``): per token, codes ``T_q * packed_length(D, b)``
-  bytes and ``T_q * ceil(D / G)`` scales and zeros; per channel, codes
-  ``T_q / G * packed_length(G, b) * D`` bytes and ``T_q / G * D`` scales and
-  zeros; the window ``(n - T_q) * D`` values of the model's dtype; plus, with
-  ``rotate``, one ``D x D`` float32 Hadamard matrix. Two-precision streams
-  (``MixedKVQuantConfig``) are the sum of their segments.
+  group ``G``, width ``D``, codes stored for ``D' = aligned_width(D)``
+  features, ``D`` rounded up to a multiple of 16): per token, codes
+  ``T_q * packed_length(D', b)`` bytes and ``T_q * ceil(D / G)`` scales and
+  zeros; per channel, codes ``T_q / G * packed_length(G, b) * D'`` bytes and
+  ``T_q / G * D'`` scales and zeros; the window ``(n - T_q) * D`` values of the
+  model's dtype; plus, with ``rotate``, one ``D x D`` float32 Hadamard matrix.
+  Two-precision streams (``MixedKVQuantConfig``) are the sum of their
+  segments, each padded to its own aligned width.
 - compressed models (any module exposing ``key_rank``, ``value_rank``,
   ``kv_heads``, ``layer_idx`` and ``runtime_basis_elements()``, as
   ``eigenkv.compress`` attention does): ``r_k``/``r_v`` elements per KV head and
@@ -40,7 +42,7 @@ from eigenkv.quant.config import (
     layer_segments,
     quantized_prefix,
 )
-from eigenkv.quant.packing import packed_length
+from eigenkv.quant.packing import aligned_width, packed_length
 from eigenkv.quant.reference import num_groups
 
 GB = 2**30
@@ -239,12 +241,12 @@ class QuantizedStorage:
         quantized = quantized_prefix(tokens, self.axis, cfg.group_size, cfg.residual)
         scale_size = cfg.torch_scale_dtype.itemsize
         if self.axis == "token":
-            codes = quantized * packed_length(self.width, cfg.bits)
+            codes = quantized * packed_length(aligned_width(self.width), cfg.bits)  # the padding codes count
             params = quantized * num_groups(self.width, cfg.group_size)
         else:
             blocks = quantized // cfg.group_size
-            codes = blocks * packed_length(cfg.group_size, cfg.bits) * self.width
-            params = blocks * self.width
+            codes = blocks * packed_length(cfg.group_size, cfg.bits) * aligned_width(self.width)
+            params = blocks * aligned_width(self.width)  # scales and zeros of the padding features too
         return {
             "codes": codes,
             "scales": params * scale_size,

@@ -2,7 +2,18 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from eigenkv.memory import AttentionShape, DenseStorage, KVLayout, LayerKV, cache_tensor_bytes, kv_cache_bytes
+from eigenkv.memory import (
+    AttentionShape,
+    DenseStorage,
+    KVLayout,
+    LayerKV,
+    QuantizedStorage,
+    SegmentedStorage,
+    cache_tensor_bytes,
+    kv_cache_bytes,
+)
+from eigenkv.quant import KVQuantConfig, QuantizedKV
+from eigenkv.quant.store import QuantizedStream, SegmentedStream
 from tests.helpers import tiny_llama, tiny_mpt, tiny_opt
 
 
@@ -35,6 +46,57 @@ def test_count_equals_bytes_a_real_cache_holds(build, dtype):
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
     assert cache_tensor_bytes(cache) == kv_cache_bytes(model, seq_len=seq, batch_size=batch, dtype=dtype).total
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("width", [77, 38])
+def test_quantized_count_includes_the_code_padding(width, bits, axis):
+    """Codes are stored for ``aligned_width(width)`` features (a multiple of 16); the count is what a stream holds."""
+    batch, heads, tokens = 2, 3, 45
+    config = KVQuantConfig(bits=bits, group_size=16, residual=4)
+    stream = QuantizedStream(config, axis, None)
+    stream.push(torch.randn(batch, heads, tokens, width))
+    held = stream.nbytes()
+    tensors = (stream.codes, stream.scale, stream.zero, stream.window)
+    assert sum(held.values()) == sum(t.numel() * t.element_size() for t in tensors)
+    counted = QuantizedStorage(width, config, axis, torch.float32).nbytes(tokens)
+    assert {name: batch * heads * n for name, n in counted.items()} == held
+    padded = {77: 80, 38: 48}[width]
+    if axis == "token":  # T_q = 41 tokens of padded * bits / 8 bytes each
+        assert counted["codes"] == 41 * padded * bits // 8
+        if (width, bits) == (77, 4):
+            assert counted["codes"] == 41 * 40  # 40 bytes per token, not the 39 of 77 dense codes
+    else:  # T_q = 32 tokens: 2 blocks of 16 tokens, 2 * bits bytes per block and feature, padded features
+        assert counted["codes"] == 2 * 2 * bits * padded
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_segmented_count_pads_each_segment(axis):
+    widths, configs = [5, 33], [KVQuantConfig(bits=8, group_size=8), KVQuantConfig(bits=3, group_size=8)]
+    stream = SegmentedStream(list(zip(widths, configs, strict=True)), axis)
+    stream.push(torch.randn(1, 2, 24, sum(widths)))
+    counted = SegmentedStorage(
+        tuple(QuantizedStorage(w, c, axis, torch.float32) for w, c in zip(widths, configs, strict=True))
+    ).nbytes(24)
+    assert {name: 2 * n for name, n in counted.items()} == stream.nbytes()
+    assert counted["codes"] == 24 * (16 * 8 + 48 * 3) // 8  # 16 and 48 features of codes for 5 and 33
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_count_equals_bytes_a_quantized_cache_of_unaligned_head_size_holds(bits, axis):
+    model = tiny_llama(hidden_size=152)  # head size 38: codes stored for 48 features
+    config = KVQuantConfig(bits=bits, group_size=16, axis_k=axis, axis_v=axis, residual=3)
+    ids = torch.randint(4, 96, (3, 40))
+    with QuantizedKV(model, config) as kv, torch.no_grad():
+        cache = kv.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+    counted = kv_cache_bytes(model, seq_len=40, batch_size=3, dtype=torch.float32, quant=config)
+    assert counted.total == cache_tensor_bytes(cache) == sum(cache.nbytes().values())
+    tq = 37 if axis == "token" else 32
+    codes = tq * 48 * bits // 8 * 2 * 2 * 3  # tokens x padded bytes per token x layers x KV heads x batch
+    assert counted.components["keys.codes"] == counted.components["values.codes"] == codes
 
 
 def test_attention_shape_reads_each_family():

@@ -2,12 +2,15 @@
 
 ``python -m eigenkv.kernels.compile_check`` prints one JSON line per (kernel
 config, target) with shared memory, registers and spill bytes (read with the
-``cuobjdump`` shipped in the Triton wheel). It must run with
-``TRITON_INTERPRET`` unset: interpreted kernels cannot be compiled.
+``cuobjdump`` shipped in the Triton wheel). ``--roofline`` writes the static
+roofline of the attention kernels instead (:mod:`eigenkv.kernels.roofline`).
+Either must run with ``TRITON_INTERPRET`` unset: interpreted kernels cannot be
+compiled.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import multiprocessing
@@ -16,6 +19,8 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from eigenkv.kernels.backend import interpreting
@@ -33,14 +38,41 @@ KERNEL_MODULES = (
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
+@dataclass(frozen=True)
+class CompiledSpec:
+    """A spec compiled for ``sm_<capability>``, with the resource usage of its cubin.
+
+    Attributes:
+        kernel: Triton's compiled kernel (``kernel.asm`` holds ``"ttgir"``, ``"ptx"``, ``"cubin"``).
+        shared: shared memory bytes per block Triton launches it with.
+        registers: registers per thread.
+        spill_bytes: local memory bytes per thread (register spills).
+    """
+
+    spec: KernelSpec
+    capability: int
+    kernel: object
+    shared: int
+    registers: int
+    spill_bytes: int
+
+
 def _cuobjdump() -> Path:
     import triton
 
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def compile_spec(spec: KernelSpec, capability: int) -> dict:
-    """Compile ``spec`` for ``sm_<capability>``; return shared bytes, registers and spill bytes."""
+def cuobjdump(cubin: bytes, *flags: str) -> str:
+    """What the Triton wheel's ``cuobjdump <flags>`` prints for ``cubin``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(_cuobjdump()), *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def compile_kernel(spec: KernelSpec, capability: int) -> CompiledSpec:
+    """Compile ``spec`` for ``sm_<capability>`` (no GPU needed) and read its registers and spills."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -54,23 +86,33 @@ def compile_spec(spec: KernelSpec, capability: int) -> dict:
         target=GPUTarget("cuda", capability, 32),
         options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
     )
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run(
-            [str(_cuobjdump()), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
-        ).stdout
+    usage = cuobjdump(compiled.asm["cubin"], "--dump-resource-usage")
     registers = re.search(r"REG:(\d+)", usage)
     spills = re.search(r"LOCAL:(\d+)", usage)
     if registers is None or spills is None:
         raise RuntimeError(f"cannot read resource usage of {spec.name}: {usage!r}")
+    # cuobjdump's SHARED is static shared memory only (on sm_90 the 1 KB the driver reserves per block):
+    # Triton's kernels take all theirs dynamically, as metadata.shared
+    return CompiledSpec(
+        spec=spec,
+        capability=capability,
+        kernel=compiled,
+        shared=int(compiled.metadata.shared),
+        registers=int(registers.group(1)),
+        spill_bytes=int(spills.group(1)),
+    )
+
+
+def compile_spec(spec: KernelSpec, capability: int) -> dict:
+    """Compile ``spec`` for ``sm_<capability>``; return shared bytes, registers and spill bytes."""
+    compiled = compile_kernel(spec, capability)
     return {
         "kernel": spec.name,
         "target": f"sm_{capability}",
-        "shared": int(compiled.metadata.shared),
+        "shared": compiled.shared,
         "shared_limit": SHARED_LIMIT[capability],
-        "registers": int(registers.group(1)),
-        "spill_bytes": int(spills.group(1)),
+        "registers": compiled.registers,
+        "spill_bytes": compiled.spill_bytes,
     }
 
 
@@ -78,32 +120,76 @@ def all_specs() -> list[KernelSpec]:
     return [spec for module in KERNEL_MODULES for spec in importlib.import_module(module).compile_specs()]
 
 
-_SPECS: list[KernelSpec] = []
+# What fork_map's workers call, set before the pool forks: jitted functions do not pickle.
+_FORK_JOB: tuple[Callable, Sequence] | None = None
 
 
-def _compile_one(job: tuple[int, int]) -> dict:
-    index, capability = job
-    spec = _SPECS[index]
+def _call_forked(index: int):
+    fn, items = _FORK_JOB
+    return fn(items[index])
+
+
+def fork_map(fn: Callable, items: Sequence, chunksize: int = 1) -> Iterator:
+    """``fn(item)`` for each item, in order, computed by a fork pool of one worker per CPU.
+
+    Workers inherit ``fn`` and ``items`` by forking (specs hold jitted functions, which do not pickle);
+    only the results travel back, so they must pickle. Compiling is CPU-bound: processes, not threads.
+    """
+    global _FORK_JOB
+    _FORK_JOB = (fn, items)
+    try:
+        with multiprocessing.get_context("fork").Pool(min(os.cpu_count() or 1, max(len(items), 1))) as pool:
+            yield from pool.imap(_call_forked, range(len(items)), chunksize=chunksize)
+    finally:
+        _FORK_JOB = None
+
+
+def _compile_one(job: tuple[KernelSpec, int]) -> dict:
+    spec, capability = job
     try:
         return compile_spec(spec, capability)
     except Exception as err:  # reported, and the run fails, after every other config is tried
         return {"kernel": spec.name, "target": f"sm_{capability}", "error": f"{type(err).__name__}: {err}"}
 
 
-def main() -> int:
+def check_all() -> int:
+    """Compile every spec for sm_80 and sm_90, print one JSON line each; 1 when any failed."""
+    jobs = [(spec, capability) for spec in all_specs() for capability in (80, 90)]
+    failed = 0
+    for report in fork_map(_compile_one, jobs, chunksize=4):
+        failed += "error" in report
+        print(json.dumps(report), flush=True)
+    return 1 if failed else 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m eigenkv.kernels.compile_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--roofline", action="store_true", help="write the static sm_90 roofline of the attention "
+                        "kernels' benchmark cases instead of checking every compile spec")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="roofline: folder of the CSV and Markdown reports "
+                        "(default benchmarks/results)")  # fmt: skip
+    parser.add_argument("--cases", default=None, metavar="SUBSTRING", help="roofline: only cases whose name holds it")
+    parser.add_argument("--sass", default=None, metavar="NAME", help="roofline: print the hot-loop SASS of the one "
+                        "case whose name is NAME (or holds it), write nothing")  # fmt: skip
+    args = parser.parse_args(argv)
+    extra = [flag for flag, value in (("--out", args.out), ("--cases", args.cases), ("--sass", args.sass)) if value]
+    if extra and not args.roofline:
+        parser.error(f"{', '.join(extra)}: roofline options, they need --roofline")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     if interpreting():
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU", file=sys.stderr)
         return 2
-    _SPECS[:] = all_specs()
-    jobs = [(i, capability) for i in range(len(_SPECS)) for capability in (80, 90)]
-    # fork: workers inherit the spec list (jitted functions do not pickle); compiling is CPU-bound
-    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
-        reports = pool.imap(_compile_one, jobs, chunksize=4)
-        failed = 0
-        for report in reports:
-            failed += "error" in report
-            print(json.dumps(report), flush=True)
-    return 1 if failed else 0
+    if not args.roofline:
+        return check_all()
+    from eigenkv.kernels import roofline  # imports this module: not at the top
+
+    if args.sass is not None:
+        return roofline.print_hot_loop(args.sass)
+    return roofline.run(out=args.out, cases=args.cases)
 
 
 if __name__ == "__main__":

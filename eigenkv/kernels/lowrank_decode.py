@@ -31,6 +31,7 @@ the per-query shift ``- slope_h * (S - 1)`` MPT also adds).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -45,10 +46,9 @@ from eigenkv.kernels.utils import (
     RooflineCase,
     dot,
     pad_width,
-    qk_scores,
-    query_operands,
+    rotate_keys,
 )
-from eigenkv.quant.packing import PackedStream, packed_length
+from eigenkv.quant.packing import PackedStream, aligned_width, packed_length
 
 SCALE_DTYPE = torch.float16
 GROUP_SIZES = (16, 32, 64, 128)
@@ -90,18 +90,22 @@ def lowrank_decode_reference(
 
 # --- kernel ----------------------------------------------------------------------------------
 
+# The tail loop (window, partly quantized tiles) reads codes one element at a time; the main loop reads whole
+# 16-byte runs of packed codes (_channel_codes, _token_codes).
+
 
 @triton.jit
 def _codes(
-    C, base, stride_row, tok, feat, ok, width, AXIS_TOKEN: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr
+    C, base, stride_row, tok, feat, ok, aligned, AXIS_TOKEN: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr
 ):
-    # int32 codes (BLOCK_N, F) of tokens `tok` and segment-local features `feat` (layouts: eigenkv.quant.store)
+    # int32 codes (BLOCK_N, F) of tokens `tok` and segment-local features `feat`, one element at a time
+    # (layouts: eigenkv.quant.packing; `aligned`: features a code row covers)
     if AXIS_TOKEN:  # a token's codes packed along features
         row = base + tok[:, None].to(tl.int64) * stride_row
         along = feat[None, :]
         if BITS == 3:
             low = tl.load(C + row + along // 4, mask=ok, other=0).to(tl.int32)
-            high = tl.load(C + row + (width + 3) // 4 + along // 8, mask=ok, other=0).to(tl.int32)
+            high = tl.load(C + row + aligned // 4 + along // 8, mask=ok, other=0).to(tl.int32)
             return ((low >> ((along % 4) * 2)) & 3) | (((high >> (along % 8)) & 1) << 2)
         else:
             byte = tl.load(C + row + along // (8 // BITS), mask=ok, other=0).to(tl.int32)
@@ -122,7 +126,7 @@ def _codes(
 
 @triton.jit
 def _segment(
-    C, S, Z, c_base, s_base, stride_cr, stride_sr, tok, tok_ok, feat, first, width,
+    C, S, Z, c_base, s_base, stride_cr, stride_sr, tok, tok_ok, feat, first, width, aligned,
     AXIS_TOKEN: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):  # fmt: skip
     # fp32 (BLOCK_N, F): features [first, first + width) of the tile dequantized, zero elsewhere
@@ -130,7 +134,7 @@ def _segment(
     feat_ok = (local >= 0) & (local < width)
     local = tl.where(feat_ok, local, 0)
     ok = tok_ok[:, None] & feat_ok[None, :]
-    codes = _codes(C, c_base, stride_cr, tok, local, ok, width, AXIS_TOKEN, BITS, GROUP).to(tl.float32)
+    codes = _codes(C, c_base, stride_cr, tok, local, ok, aligned, AXIS_TOKEN, BITS, GROUP).to(tl.float32)
     if AXIS_TOKEN:
         params = s_base + tok[:, None].to(tl.int64) * stride_sr + (local // GROUP)[None, :]
     else:
@@ -143,32 +147,208 @@ def _segment(
 
 
 @triton.jit
-def _stream_tile(
-    C1, S1, Z1, c1_b, c1_h, c1_r, s1_b, s1_h, s1_r,
-    C2, S2, Z2, c2_b, c2_h, c2_r, s2_b, s2_h, s2_r,
-    W, w_b, w_h, w_r, quantized, width1, width,
-    b, h, tok, tok_ok, feat,
-    BITS1: tl.constexpr, BITS2: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-):  # fmt: skip
-    # fp32 (BLOCK_N, F) of one stream: dequantized codes for tokens < quantized, the window after
+def _spread(x, BITS: tl.constexpr):
+    # (F, R) uint8, each byte holding 8 // BITS codes along the last axis (first code in the lowest bits)
+    # -> (F, R * 8 // BITS) codes in order: whole bytes shifted and masked, interleaved in registers
+    if BITS == 8:
+        return x
+    elif BITS == 4:
+        return tl.interleave(x & 15, x >> 4)
+    elif BITS == 2:
+        return tl.interleave(tl.interleave(x & 3, (x >> 4) & 3), tl.interleave((x >> 2) & 3, x >> 6))
+    else:
+        even = tl.interleave(tl.interleave(x & 1, (x >> 4) & 1), tl.interleave((x >> 2) & 1, (x >> 6) & 1))
+        odd = tl.interleave(tl.interleave((x >> 1) & 1, (x >> 5) & 1), tl.interleave((x >> 3) & 1, x >> 7))
+        return tl.interleave(even, odd)
+
+
+@triton.jit
+def _channel_codes(C, base, stride_r, n, col, col_ok, BITS: tl.constexpr, GROUP: tl.constexpr, N: tl.constexpr,
+                   MASK: tl.constexpr):  # fmt: skip
+    # (W, N) codes of columns `col` (features) for tokens [n, n + N) of one block of GROUP tokens packed
+    # along tokens: rows of the block, each a run of features (16-byte aligned, see eigenkv.quant.packing)
+    o = n % GROUP
+    if BITS == 3:
+        row0 = (n // GROUP) * (GROUP // 4 + GROUP // 8)
+        low_rows = (row0 + o // 4 + tl.arange(0, N // 4)).to(tl.int64) * stride_r
+        high_rows = (row0 + GROUP // 4 + o // 8 + tl.arange(0, N // 8)).to(tl.int64) * stride_r
+        if MASK:
+            low = tl.load(C + base + col[:, None] + low_rows[None, :], mask=col_ok[:, None], other=0)
+            high = tl.load(C + base + col[:, None] + high_rows[None, :], mask=col_ok[:, None], other=0)
+        else:
+            low = tl.load(C + base + col[:, None] + low_rows[None, :])
+            high = tl.load(C + base + col[:, None] + high_rows[None, :])
+        return _spread(low, 2) | (_spread(high, 1) << 2)
+    else:
+        rows = ((n // GROUP) * (GROUP * BITS // 8) + o * BITS // 8 + tl.arange(0, N * BITS // 8)).to(tl.int64)
+        ptrs = C + base + col[:, None] + rows[None, :] * stride_r
+        if MASK:
+            return _spread(tl.load(ptrs, mask=col_ok[:, None], other=0), BITS)
+        else:
+            return _spread(tl.load(ptrs), BITS)
+
+
+@triton.jit
+def _token_codes(C, rows, offset, aligned, BITS: tl.constexpr, W: tl.constexpr, MASK: tl.constexpr):
+    # (N, W) codes of features [offset, offset + W) of tokens whose packed rows start at `rows` (N, 1):
+    # each row packs `aligned` features along features (3 bits: a 2-bit plane, then a 1-bit plane). Rows hold
+    # a multiple of 16 features and chunks start at one, so runs of 2 * BITS bytes are aligned (vector loads).
+    if BITS == 3:
+        j4 = tl.arange(0, W // 4)
+        j8 = tl.arange(0, W // 8)
+        low = tl.multiple_of(rows + offset // 4 + j4[None, :], [1, 2])
+        high = tl.multiple_of(rows + aligned // 4 + offset // 8 + j8[None, :], [1, 2])
+        if MASK:
+            low = tl.load(C + low, mask=(offset + 4 * j4 < aligned)[None, :], other=0)
+            high = tl.load(C + high, mask=(offset + 8 * j8 < aligned)[None, :], other=0)
+        else:
+            low = tl.load(C + low)
+            high = tl.load(C + high)
+        return _spread(low, 2) | (_spread(high, 1) << 2)
+    else:
+        j = tl.arange(0, W * BITS // 8)
+        idx = tl.multiple_of(rows + offset * BITS // 8 + j[None, :], [1, 2 * BITS])
+        if MASK:
+            return _spread(tl.load(C + idx, mask=(offset + j * (8 // BITS) < aligned)[None, :], other=0), BITS)
+        else:
+            return _spread(tl.load(C + idx), BITS)
+
+
+@triton.jit
+def _offset(S, Z, ptrs, ok, scale, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    # dequantized = scale * code + offset: the zero point, or -scale * 2^(BITS-1) when symmetric
+    if SYMMETRIC:
+        return -scale * (1 << (BITS - 1))
+    else:
+        return tl.load(Z + ptrs, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _channel_params(S, Z, base, stride_r, n, col, aligned, BITS: tl.constexpr, GROUP: tl.constexpr,
+                    SYMMETRIC: tl.constexpr, MASK: tl.constexpr):  # fmt: skip
+    # (W,) scale and offset of columns `col` for the group holding token n: one row of the group's parameters,
+    # stored for the aligned features (vector loads; the padding features' are zero)
+    ptrs = base + (n // GROUP).to(tl.int64) * stride_r + col
+    if MASK:
+        ok = col < aligned
+        scale = tl.load(S + ptrs, mask=ok, other=0.0)
+        if SYMMETRIC:
+            return scale, -scale * (1 << (BITS - 1))
+        else:
+            return scale, tl.load(Z + ptrs, mask=ok, other=0.0)
+    else:
+        scale = tl.load(S + ptrs)
+        if SYMMETRIC:
+            return scale, -scale * (1 << (BITS - 1))
+        else:
+            return scale, tl.load(Z + ptrs)
+
+
+@triton.jit
+def _token_params(S, Z, rows, first, groups, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NG: tl.constexpr):
+    # (N, NG) fp32 scales and offsets of groups [first, first + NG) of tokens whose parameter rows start at `rows`
+    g = first + tl.arange(0, NG)
+    ok = (g < groups)[None, :]
+    ptrs = rows + g[None, :]
+    scale = tl.load(S + ptrs, mask=ok, other=0.0).to(tl.float32)
+    return scale, _offset(S, Z, ptrs, ok, scale, BITS, SYMMETRIC)
+
+
+@triton.jit
+def _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups,
+                  DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
+                  SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
+                  FP32: tl.constexpr):  # fmt: skip
+    # features [offset, offset + W) of a segment for the tokens [n, n + N) of a full tile, dequantized in the
+    # model dtype (one fused multiply-add per element, two elements per instruction; fp32 under the
+    # interpreter, whose bf16 arithmetic is wrong): (N, W) grouped per token, (W, N) grouped per channel
+    # (the layout they are packed in; the tile lies in one group)
+    if AXIS_TOKEN:
+        codes = _token_codes(C, c_base + tok[:, None].to(tl.int64) * c_r, offset, aligned, BITS, W, MASK)
+        rows = s_base + tok[:, None].to(tl.int64) * s_r
+        if W > GROUP:  # several groups in the chunk: each group's parameters broadcast over its features
+            scale, shift = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, W // GROUP)
+            x = _fma(codes.reshape(N, W // GROUP, GROUP), scale[:, :, None], shift[:, :, None], DTYPE, FP32)
+            return x.reshape(N, W)
+        else:
+            scale, shift = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, 1)
+            return _fma(codes, scale, shift, DTYPE, FP32)
+    else:
+        col = offset + tl.arange(0, W)
+        codes = _channel_codes(C, c_base, c_r, n, col, col < aligned, BITS, GROUP, N, MASK)
+        scale, shift = _channel_params(S, Z, s_base, s_r, n, col, aligned, BITS, GROUP, SYMMETRIC, MASK)
+        return _fma(codes, scale[:, None], shift[:, None], DTYPE, FP32)
+
+
+@triton.jit
+def _fma(codes, scale, shift, DTYPE: tl.constexpr, FP32: tl.constexpr):
+    # scale * codes + shift in DTYPE (small integer codes are exact in fp16 and bf16)
+    if FP32:
+        return (codes.to(tl.float32) * scale.to(tl.float32) + shift.to(tl.float32)).to(DTYPE)
+    else:
+        return codes.to(DTYPE) * scale.to(DTYPE) + shift.to(DTYPE)
+
+
+@triton.jit
+def _key_chunk_scores(qt, C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, width, aligned, groups,
+                      DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
+                      SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
+                      DOT_FP32: tl.constexpr):  # fmt: skip
+    # (N, M) raw scores of a key chunk against the query chunk qt (W, M) in the model dtype
+    k = _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, DTYPE, BITS,
+                      AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, DOT_FP32)  # fmt: skip
+    if AXIS_TOKEN:
+        return dot(k, qt, DOT_FP32)
+    else:
+        return dot(tl.trans(k), qt, DOT_FP32)
+
+
+@triton.jit
+def _key_chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, width, aligned, groups,
+                      DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
+                      SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
+                      DOT_FP32: tl.constexpr):  # fmt: skip
+    # (N, W) keys of a full tile in the model dtype (pre mode rebuilds keys from these coefficients)
+    k = _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, DTYPE, BITS,
+                      AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, DOT_FP32)  # fmt: skip
+    if AXIS_TOKEN:
+        return k
+    else:
+        return tl.trans(k)
+
+
+@triton.jit
+def _value_chunk(pt, C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, width, aligned, groups,
+                 DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
+                 SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
+                 DOT_FP32: tl.constexpr):  # fmt: skip
+    # (W, M): a value chunk weighted by pt (N, M) in the model dtype
+    v = _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, DTYPE, BITS,
+                      AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, DOT_FP32)  # fmt: skip
+    if AXIS_TOKEN:
+        return dot(tl.trans(v), pt, DOT_FP32)
+    else:
+        return dot(v, pt, DOT_FP32)
+
+
+@triton.jit
+def _chunk_tail(C, S, Z, c_base, s_base, c_r, s_r, X, x_base, x_r, quantized, tok, tok_ok, offset, feat0, width,
+                aligned, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+                W: tl.constexpr):  # fmt: skip
+    # (N, W) fp32 of features [offset, offset + W) of a segment (stream features feat0 + j) for any tokens:
+    # dequantized codes for tok < quantized, the full-precision window after (per element: the few last tiles)
+    j = tl.arange(0, W)
+    f_ok = offset + j < width
     in_window = tok_ok & (tok >= quantized)
     row = tl.where(in_window, tok - quantized, 0)
     x = tl.load(
-        W + b * w_b + h * w_h + row[:, None].to(tl.int64) * w_r + feat[None, :],
-        mask=in_window[:, None] & (feat < width)[None, :],
+        X + x_base + row[:, None].to(tl.int64) * x_r + (feat0 + j)[None, :],
+        mask=in_window[:, None] & f_ok[None, :],
         other=0.0,
     ).to(tl.float32)
-    in_codes = tok_ok & (tok < quantized)
-    if BITS1 > 0:
-        x += _segment(
-            C1, S1, Z1, b * c1_b + h * c1_h, b * s1_b + h * s1_h, c1_r, s1_r, tok, in_codes, feat, 0, width1,
-            AXIS_TOKEN, BITS1, GROUP, SYMMETRIC,
-        )  # fmt: skip
-    if BITS2 > 0:
-        x += _segment(
-            C2, S2, Z2, b * c2_b + h * c2_h, b * s2_b + h * s2_h, c2_r, s2_r, tok, in_codes, feat, width1,
-            width - width1, AXIS_TOKEN, BITS2, GROUP, SYMMETRIC,
-        )  # fmt: skip
+    if BITS > 0:
+        x += _segment(C, S, Z, c_base, s_base, c_r, s_r, tok, tok_ok & (tok < quantized), offset + j, 0, width,
+                      aligned, AXIS_TOKEN, BITS, GROUP, SYMMETRIC)  # fmt: skip
     return x
 
 
@@ -179,19 +359,28 @@ def _decode_kernel(
     STARTS, ENDS,  # (B,) int32: valid keys [start, end)
     DEC, dec_h, INV_FREQ, rope_scale,  # pre mode: decoders (1 or H_kv, d, r_k), (d / 2,) fp32
     SLOPES,  # (H,) fp32 ALiBi slopes
-    KC1, KS1, KZ1, kc1_b, kc1_h, kc1_r, ks1_b, ks1_h, ks1_r,
-    KC2, KS2, KZ2, kc2_b, kc2_h, kc2_r, ks2_b, ks2_h, ks2_r,
-    KW, kw_b, kw_h, kw_r, k_quantized, k_width1,
-    VC1, VS1, VZ1, vc1_b, vc1_h, vc1_r, vs1_b, vs1_h, vs1_r,
-    VC2, VS2, VZ2, vc2_b, vc2_h, vc2_r, vs2_b, vs2_h, vs2_r,
-    VW, vw_b, vw_h, vw_r, v_quantized, v_width1,
-    kv_heads, groups, key_rank, value_rank, half, qk_scale, tokens_per_split, n_splits,
+    # two feature chunks per stream (see feature_chunks): packed codes, scales, zeros, their (batch, head, row)
+    # strides, offset in their segment (in units of 16 features, so that the compiler knows the alignment of the
+    # loads), first stream feature, the segment's width, aligned width and groups per token
+    KAC, KAS, KAZ, kac_b, kac_h, kac_r, kas_b, kas_h, kas_r, ka_off16, ka_feat, ka_width, ka_aligned, ka_groups,
+    KBC, KBS, KBZ, kbc_b, kbc_h, kbc_r, kbs_b, kbs_h, kbs_r, kb_off16, kb_feat, kb_width, kb_aligned, kb_groups,
+    KW, kw_b, kw_h, kw_r, k_quantized,
+    VAC, VAS, VAZ, vac_b, vac_h, vac_r, vas_b, vas_h, vas_r, va_off16, va_feat, va_width, va_aligned, va_groups,
+    VBC, VBS, VBZ, vbc_b, vbc_h, vbc_r, vbs_b, vbs_h, vbs_r, vb_off16, vb_feat, vb_width, vb_aligned, vb_groups,
+    VW, vw_b, vw_h, vw_r, v_quantized,
+    kv_heads, groups, key_rank, half, qk_scale, tokens_per_split, n_splits, main_tokens,
     PRE: tl.constexpr, ALIBI: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-    K_BITS1: tl.constexpr, K_BITS2: tl.constexpr, K_TOKEN: tl.constexpr,
-    V_BITS1: tl.constexpr, V_BITS2: tl.constexpr, V_TOKEN: tl.constexpr,
-    G_PAD: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    K_TOKEN: tl.constexpr, KA_BITS: tl.constexpr, KA_W: tl.constexpr, KA_MASK: tl.constexpr,
+    KB: tl.constexpr, KB_BITS: tl.constexpr, KB_W: tl.constexpr, KB_MASK: tl.constexpr,
+    V_TOKEN: tl.constexpr, VA_BITS: tl.constexpr, VA_W: tl.constexpr, VA_MASK: tl.constexpr,
+    VB: tl.constexpr, VB_BITS: tl.constexpr, VB_W: tl.constexpr, VB_MASK: tl.constexpr,
+    G_PAD: tl.constexpr, RV_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):  # fmt: skip
+    ka_off = ka_off16 * 16
+    kb_off = kb_off16 * 16
+    va_off = va_off16 * 16
+    vb_off = vb_off16 * 16
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // kv_heads).to(tl.int64)
@@ -205,47 +394,229 @@ def _decode_kernel(
     rows = tl.arange(0, G_PAD)
     row_ok = rows < groups
     heads = h * groups + rows  # query heads of this KV head
-    q_rows = Q + b * q_b + heads[:, None] * q_h
-    rk = tl.arange(0, RK_PAD)
-    rv = tl.arange(0, RV_PAD)
-    q, q1, q2, d1, d2, inv_freq = query_operands(
-        q_rows, row_ok, DEC, h * dec_h, INV_FREQ, key_rank, half, rk, PRE, HALF_PAD
-    )
+    q_cols = Q + b * q_b + heads[None, :] * q_h  # the queries as columns: every tile is token-major (N, M)
+    ja = tl.arange(0, KA_W)
+    jb = tl.arange(0, KB_W)
+    if PRE:  # query halves (HALF_PAD, M), and each key chunk's decoder rows transposed: (W, HALF_PAD) = D[j, r]
+        j = tl.arange(0, HALF_PAD)
+        j_ok = j < half
+        q1 = tl.load(q_cols + j[:, None], mask=j_ok[:, None] & row_ok[None, :], other=0.0)
+        q2 = tl.load(q_cols + half + j[:, None], mask=j_ok[:, None] & row_ok[None, :], other=0.0)
+        inv_freq = tl.load(INV_FREQ + j, mask=j_ok, other=0.0)
+        dec = DEC + h * dec_h + j[None, :] * key_rank
+        da_ok = (ka_off + ja < ka_width)[:, None] & j_ok[None, :]
+        d1a = tl.load(dec + (ka_feat + ja)[:, None], mask=da_ok, other=0.0).to(dtype)
+        d2a = tl.load(dec + half * key_rank + (ka_feat + ja)[:, None], mask=da_ok, other=0.0).to(dtype)
+        if KB:
+            db_ok = (kb_off + jb < kb_width)[:, None] & j_ok[None, :]
+            d1b = tl.load(dec + (kb_feat + jb)[:, None], mask=db_ok, other=0.0).to(dtype)
+            d2b = tl.load(dec + half * key_rank + (kb_feat + jb)[:, None], mask=db_ok, other=0.0).to(dtype)
+    else:  # the query's features of each key chunk, (W, M)
+        qa_ok = (ka_off + ja < ka_width)[:, None] & row_ok[None, :]
+        qa = tl.load(q_cols + (ka_feat + ja)[:, None], mask=qa_ok, other=0.0)
+        if KB:
+            qb_ok = (kb_off + jb < kb_width)[:, None] & row_ok[None, :]
+            qb = tl.load(q_cols + (kb_feat + jb)[:, None], mask=qb_ok, other=0.0)
     if ALIBI:
         slopes = tl.load(SLOPES + heads, mask=row_ok, other=0.0) * 1.4426950408889634
 
+    ka_c = b * kac_b + h * kac_h
+    ka_s = b * kas_b + h * kas_h
+    kb_c = b * kbc_b + h * kbc_h
+    kb_s = b * kbs_b + h * kbs_h
+    va_c = b * vac_b + h * vac_h
+    va_s = b * vas_b + h * vas_h
+    vb_c = b * vbc_b + h * vbc_h
+    vb_s = b * vbs_b + h * vbs_h
     m_i = tl.full([G_PAD], -1.0e30, tl.float32)  # finite: exp2(m_i - m_new) stays 1 (not NaN) while all masked
     l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, RV_PAD], tl.float32)
-    for n in range(lo, hi, BLOCK_N):
+    acc_a = tl.zeros([VA_W, G_PAD], tl.float32)
+    acc_b = tl.zeros([VB_W, G_PAD], tl.float32)
+
+    # main loop: tiles where every key and value is quantized (no load masked by token; scales folded)
+    if KA_BITS > 0 and VA_BITS > 0:
+        for n in range(lo, tl.minimum(hi, main_tokens), BLOCK_N):
+            n = tl.multiple_of(n, BLOCK_N)
+            tok = n + tl.arange(0, BLOCK_N)
+            if PRE:
+                k = _key_chunk_states(
+                    KAC,
+                    KAS,
+                    KAZ,
+                    ka_c,
+                    ka_s,
+                    kac_r,
+                    kas_r,
+                    n,
+                    tok,
+                    ka_off,
+                    ka_width,
+                    ka_aligned,
+                    ka_groups,
+                    dtype,
+                    KA_BITS,
+                    K_TOKEN,
+                    GROUP,
+                    SYMMETRIC,
+                    KA_W,
+                    BLOCK_N,
+                    KA_MASK,
+                    DOT_FP32,
+                )
+                a1 = dot(k, d1a, DOT_FP32)
+                a2 = dot(k, d2a, DOT_FP32)
+                if KB:
+                    k = _key_chunk_states(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off, kb_width,
+                                          kb_aligned, kb_groups, dtype, KB_BITS, K_TOKEN, GROUP, SYMMETRIC, KB_W,
+                                          BLOCK_N, KB_MASK, DOT_FP32)  # fmt: skip
+                    a1 += dot(k, d1b, DOT_FP32)
+                    a2 += dot(k, d2b, DOT_FP32)
+                k1, k2 = rotate_keys(a1, a2, tok, inv_freq, rope_scale, dtype)
+                scores = dot(k1, q1, DOT_FP32) + dot(k2, q2, DOT_FP32)
+            else:
+                scores = _key_chunk_scores(qa, KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off, ka_width,
+                                           ka_aligned, ka_groups, dtype, KA_BITS, K_TOKEN, GROUP, SYMMETRIC, KA_W,
+                                           BLOCK_N, KA_MASK, DOT_FP32)  # fmt: skip
+                if KB:
+                    scores += _key_chunk_scores(qb, KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off, kb_width,
+                                                kb_aligned, kb_groups, dtype, KB_BITS, K_TOKEN, GROUP, SYMMETRIC,
+                                                KB_W, BLOCK_N, KB_MASK, DOT_FP32)  # fmt: skip
+            scores = scores * qk_scale
+            if ALIBI:
+                scores += tok.to(tl.float32)[:, None] * slopes[None, :]
+            scores = tl.where(((tok >= start) & (tok < hi))[:, None], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[None, :])
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            p = p.to(dtype)
+            acc_a = acc_a * alpha[None, :] + _value_chunk(
+                p, VAC, VAS, VAZ, va_c, va_s, vac_r, vas_r, n, tok, va_off, va_width, va_aligned, va_groups, dtype,
+                VA_BITS, V_TOKEN, GROUP, SYMMETRIC, VA_W, BLOCK_N, VA_MASK, DOT_FP32,
+            )  # fmt: skip
+            if VB:
+                acc_b = acc_b * alpha[None, :] + _value_chunk(
+                    p, VBC, VBS, VBZ, vb_c, vb_s, vbc_r, vbs_r, n, tok, vb_off, vb_width, vb_aligned, vb_groups,
+                    dtype, VB_BITS, V_TOKEN, GROUP, SYMMETRIC, VB_W, BLOCK_N, VB_MASK, DOT_FP32,
+                )  # fmt: skip
+            m_i = m_new
+
+    # tail: the full-precision window and partly quantized tiles, element by element
+    kw = b * kw_b + h * kw_h
+    vw = b * vw_b + h * vw_h
+    for n in range(tl.maximum(lo, main_tokens), hi, BLOCK_N):
         tok = n + tl.arange(0, BLOCK_N)
         tok_ok = (tok >= start) & (tok < hi)
-        k = _stream_tile(
-            KC1, KS1, KZ1, kc1_b, kc1_h, kc1_r, ks1_b, ks1_h, ks1_r,
-            KC2, KS2, KZ2, kc2_b, kc2_h, kc2_r, ks2_b, ks2_h, ks2_r,
-            KW, kw_b, kw_h, kw_r, k_quantized, k_width1, key_rank,
-            b, h, tok, tok_ok, rk, K_BITS1, K_BITS2, K_TOKEN, GROUP, SYMMETRIC,
-        ).to(dtype)  # fmt: skip
-        scores = qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
+        k = _chunk_tail(
+            KAC,
+            KAS,
+            KAZ,
+            ka_c,
+            ka_s,
+            kac_r,
+            kas_r,
+            KW,
+            kw,
+            kw_r,
+            k_quantized,
+            tok,
+            tok_ok,
+            ka_off,
+            ka_feat,
+            ka_width,
+            ka_aligned,
+            KA_BITS,
+            K_TOKEN,
+            GROUP,
+            SYMMETRIC,
+            KA_W,
+        ).to(dtype)
+        if PRE:
+            a1 = dot(k, d1a, DOT_FP32)
+            a2 = dot(k, d2a, DOT_FP32)
+            if KB:
+                k = _chunk_tail(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, KW, kw, kw_r, k_quantized, tok, tok_ok,
+                                kb_off, kb_feat, kb_width, kb_aligned, KB_BITS, K_TOKEN, GROUP, SYMMETRIC,
+                                KB_W).to(dtype)  # fmt: skip
+                a1 += dot(k, d1b, DOT_FP32)
+                a2 += dot(k, d2b, DOT_FP32)
+            k1, k2 = rotate_keys(a1, a2, tok, inv_freq, rope_scale, dtype)
+            scores = dot(k1, q1, DOT_FP32) + dot(k2, q2, DOT_FP32)
+        else:
+            scores = dot(k, qa, DOT_FP32)
+            if KB:
+                k = _chunk_tail(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, KW, kw, kw_r, k_quantized, tok, tok_ok,
+                                kb_off, kb_feat, kb_width, kb_aligned, KB_BITS, K_TOKEN, GROUP, SYMMETRIC,
+                                KB_W).to(dtype)  # fmt: skip
+                scores += dot(k, qb, DOT_FP32)
         scores = scores * qk_scale
         if ALIBI:
-            scores += slopes[:, None] * tok.to(tl.float32)[None, :]
-        scores = tl.where(tok_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            scores += tok.to(tl.float32)[:, None] * slopes[None, :]
+        scores = tl.where(tok_ok[:, None], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _stream_tile(
-            VC1, VS1, VZ1, vc1_b, vc1_h, vc1_r, vs1_b, vs1_h, vs1_r,
-            VC2, VS2, VZ2, vc2_b, vc2_h, vc2_r, vs2_b, vs2_h, vs2_r,
-            VW, vw_b, vw_h, vw_r, v_quantized, v_width1, value_rank,
-            b, h, tok, tok_ok, rv, V_BITS1, V_BITS2, V_TOKEN, GROUP, SYMMETRIC,
-        ).to(dtype)  # fmt: skip
-        acc = acc * alpha[:, None] + dot(p.to(dtype), v, DOT_FP32)
+        p = tl.exp2(scores - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        v = _chunk_tail(
+            VAC,
+            VAS,
+            VAZ,
+            va_c,
+            va_s,
+            vac_r,
+            vas_r,
+            VW,
+            vw,
+            vw_r,
+            v_quantized,
+            tok,
+            tok_ok,
+            va_off,
+            va_feat,
+            va_width,
+            va_aligned,
+            VA_BITS,
+            V_TOKEN,
+            GROUP,
+            SYMMETRIC,
+            VA_W,
+        )
+        acc_a = acc_a * alpha[None, :] + dot(tl.trans(v.to(dtype)), p.to(dtype), DOT_FP32)
+        if VB:
+            v = _chunk_tail(
+                VBC,
+                VBS,
+                VBZ,
+                vb_c,
+                vb_s,
+                vbc_r,
+                vbs_r,
+                VW,
+                vw,
+                vw_r,
+                v_quantized,
+                tok,
+                tok_ok,
+                vb_off,
+                vb_feat,
+                vb_width,
+                vb_aligned,
+                VB_BITS,
+                V_TOKEN,
+                GROUP,
+                SYMMETRIC,
+                VB_W,
+            )
+            acc_b = acc_b * alpha[None, :] + dot(tl.trans(v.to(dtype)), p.to(dtype), DOT_FP32)
         m_i = m_new
 
     out = (b * kv_heads * groups + heads) * n_splits + split  # row of (B * H, SPLITS)
-    tl.store(ACC + out[:, None] * RV_PAD + rv[None, :], acc, mask=row_ok[:, None])
+    jv = tl.arange(0, VA_W)
+    dst = ACC + out[None, :] * RV_PAD
+    tl.store(dst + (va_feat + jv)[:, None], acc_a, mask=(va_off + jv < va_width)[:, None] & row_ok[None, :])
+    if VB:
+        jv = tl.arange(0, VB_W)
+        tl.store(dst + (vb_feat + jv)[:, None], acc_b, mask=(vb_off + jv < vb_width)[:, None] & row_ok[None, :])
     tl.store(STATS + out * 2, m_i, mask=row_ok)
     tl.store(STATS + out * 2 + 1, l_i, mask=row_ok)
 
@@ -268,20 +639,55 @@ def _merge_kernel(ACC, STATS, OUT, n_splits, value_rank, SPLITS_PAD: tl.constexp
 # --- launcher --------------------------------------------------------------------------------
 
 
-def launch_config(mode: str, width: int, rank_pad: int, value_pad: int) -> KernelConfig:
-    """Tokens per tile and warps for a mode and tile widths (``width``: HALF_PAD in pre mode, else RK_PAD).
+def launch_config(mode: str, group: int) -> KernelConfig:
+    """Tokens per tile, warps and pipeline stages.
 
-    Chosen from the sm_90 compile (no GPU to time on yet): the widest tiles that
-    stay free of spills, with registers well under the 255 cap where possible,
-    since a memory-bound kernel wants many warps in flight. Pre mode holds the
-    two rebuilt key halves and their cos/sin, so its token tile shrinks with the
-    head size.
+    A tile never straddles a quantization group (keys grouped per channel fold one
+    group's scales into the query), so it holds ``min(group, 64)`` tokens; four
+    warps and three stages keep two tiles of loads in flight while one is used.
+    Chosen from the sm_90 compile (``python -m eigenkv.kernels.compile_check --roofline``).
     """
-    widest = max(width, rank_pad, value_pad)
-    if mode == "pre":
-        block_n = 32 if max(width, rank_pad) >= 64 else 64
-        return KernelConfig(constexprs={"BLOCK_N": block_n}, num_warps=4 if widest <= 64 else 8, num_stages=2)
-    return KernelConfig(constexprs={"BLOCK_N": 64 if widest <= 32 else 32}, num_warps=8, num_stages=2)
+    return KernelConfig(constexprs={"BLOCK_N": min(group, 64)}, num_warps=4, num_stages=3)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A power-of-two run of features that the kernel reads as one tile (two per stream at most).
+
+    Attributes:
+        segment: index of the precision segment it reads (0 for an unquantized stream).
+        offset: its first feature in that segment; feature: its first feature in the stream.
+        width: tile width (a power of two, at least 16).
+        masked: the tile reaches past the features the segment stores (its loads need a mask).
+    """
+
+    segment: int
+    offset: int
+    feature: int
+    width: int
+    masked: bool
+
+
+def feature_chunks(widths: list[int]) -> list[Chunk]:
+    """The tiles covering a stream of segments of ``widths`` features (stored ``aligned_width`` each).
+
+    One segment: the largest power of two within its aligned width, then the rest rounded up to a
+    power of two (77 features: 64 + 16, stored 80); two segments: one tile each."""
+    if len(widths) == 1:
+        stored = aligned_width(widths[0])
+        first = 1 << (stored.bit_length() - 1)
+        chunks = [Chunk(0, 0, 0, first, False)]
+        if stored > first:
+            rest = triton.next_power_of_2(stored - first)
+            chunks.append(Chunk(0, first, first, rest, rest > stored - first))
+        return chunks
+    if len(widths) != 2:
+        raise ValueError(f"the kernel reads at most two precision segments; got {len(widths)}")
+    w1, w2 = (triton.next_power_of_2(aligned_width(w)) for w in widths)
+    return [
+        Chunk(0, 0, 0, w1, w1 > aligned_width(widths[0])),
+        Chunk(1, 0, widths[0], w2, w2 > aligned_width(widths[1])),
+    ]
 
 
 def multiprocessors(device: torch.device) -> int:
@@ -316,13 +722,14 @@ def _check_stream(name: str, stream: PackedStream, batch: int, kv_heads: int, qu
     if stream.axis == "channel" and tq % g:
         raise ValueError(f"{name}: per-channel groups hold whole blocks of {g} tokens; got {tq} quantized tokens")
     for segment in stream.segments:
+        stored = aligned_width(segment.width)
         rows = tq if stream.axis == "token" else tq // g * packed_length(g, segment.bits)
-        cols = packed_length(segment.width, segment.bits) if stream.axis == "token" else segment.width
-        params = (tq, -(-segment.width // g)) if stream.axis == "token" else (tq // g, segment.width)
+        cols = packed_length(stored, segment.bits) if stream.axis == "token" else stored
+        params = (tq, -(-segment.width // g)) if stream.axis == "token" else (tq // g, stored)
         if segment.codes.dtype != torch.uint8 or tuple(segment.codes.shape) != (batch, kv_heads, rows, cols):
             raise ValueError(
                 f"{name} codes must be uint8 {(batch, kv_heads, rows, cols)} for {tq} tokens of "
-                f"{segment.width} features at {segment.bits} bits; "
+                f"{segment.width} features (stored {stored}) at {segment.bits} bits; "
                 f"got {segment.codes.dtype} {tuple(segment.codes.shape)}"
             )
         for label, t in (("scale", segment.scale), ("zero", segment.zero)):
@@ -341,23 +748,28 @@ def _check_stream(name: str, stream: PackedStream, batch: int, kv_heads: int, qu
                 raise ValueError(f"{name}: packed tensors must be on {query.device} with a unit last stride")
 
 
-def _stream_args(stream: PackedStream) -> tuple[tuple, tuple[int, int]]:
-    """Kernel arguments of a stream and its (BITS1, BITS2) constexprs (0: absent)."""
+def _stream_args(stream: PackedStream, prefix: str) -> tuple[tuple, dict]:
+    """Kernel arguments of a stream's two chunks and window, and their constexprs (``prefix`` K or V)."""
     segments = list(stream.segments)
-    bits = tuple(segments[i].bits if i < len(segments) else 0 for i in range(2))
-    args = []
-    for i in range(2):
-        s = segments[min(i, len(segments) - 1)] if segments else None
-        if s is None:  # nothing quantized: point at the window, never read
-            w = stream.window
-            args += [w, w, w, 0, 0, 0, 0, 0, 0]
-            continue
-        zero = s.scale if s.zero is None else s.zero
-        args += [s.codes, s.scale, zero, *s.codes.stride()[:3], *s.scale.stride()[:3]]
+    widths = [seg.width for seg in segments] or [stream.width]
+    chunks = feature_chunks(widths)
+    args, constexprs = [], {f"{prefix}_TOKEN": stream.axis == "token", f"{prefix}B": len(chunks) > 1}
+    for name, chunk in zip("AB", chunks + chunks[:1] * (2 - len(chunks)), strict=True):  # a missing B repeats A (unread)
+        width = widths[chunk.segment]
+        if segments:
+            seg = segments[chunk.segment]
+            zero = seg.scale if seg.zero is None else seg.zero
+            args += [seg.codes, seg.scale, zero, *seg.codes.stride()[:3], *seg.scale.stride()[:3]]
+            bits = seg.bits
+        else:  # nothing quantized: point at the window, never read
+            args += [stream.window] * 3 + [0] * 6
+            bits = 0
+        args += [chunk.offset // 16, chunk.feature, width, aligned_width(width), -(-width // stream.group_size)]
+        constexprs |= {f"{prefix}{name}_BITS": bits, f"{prefix}{name}_W": chunk.width}
+        constexprs |= {f"{prefix}{name}_MASK": chunk.masked}
     w = stream.window
-    width1 = segments[0].width if segments else stream.width
-    args += [w, *w.stride()[:3], stream.quantized_tokens, width1]
-    return tuple(args), bits
+    args += [w, *w.stride()[:3], stream.quantized_tokens]
+    return tuple(args), constexprs
 
 
 def lowrank_decode(
@@ -414,22 +826,26 @@ def lowrank_decode(
         raise ValueError(f"{tokens} tokens: positions are int32 in the kernel")
 
     groups = q_heads // kv_heads
-    g_pad, rk_pad, rv_pad = pad_width(groups), pad_width(key_rank), pad_width(value_rank)
-    half_pad = pad_width(half) if mode == "pre" else 16
-    cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad)
+    group = (keys if keys.segments else values).group_size
+    cfg = launch_config(mode, group)
     block_n = cfg.constexprs["BLOCK_N"]
     n_splits = splits or num_splits(tokens, batch * kv_heads, block_n, multiprocessors(query.device))
     if not 1 <= n_splits <= MAX_SPLITS:
         raise ValueError(f"splits must be in [1, {MAX_SPLITS}]; got {n_splits}")
     tokens_per_split = block_n * triton.cdiv(triton.cdiv(max(tokens, 1), block_n), n_splits)
+    # tokens read by the main loop: whole tiles where keys and values are both quantized
+    main_tokens = min(keys.quantized_tokens, values.quantized_tokens) // block_n * block_n
+    if not (keys.segments and values.segments):
+        main_tokens = 0
 
+    rv_pad = pad_width(value_rank)
     out = torch.empty((batch, q_heads, value_rank), dtype=query.dtype, device=query.device)
     if batch == 0:
         return out
     acc = torch.empty((batch * q_heads, n_splits, rv_pad), dtype=torch.float32, device=query.device)
     stats = torch.empty((batch * q_heads, n_splits, 2), dtype=torch.float32, device=query.device)
-    key_args, key_bits = _stream_args(keys)
-    value_args, value_bits = _stream_args(values)
+    key_args, key_constexprs = _stream_args(keys, "K")
+    value_args, value_constexprs = _stream_args(values, "V")
     dummy = bounds[0]
     grid = (batch * kv_heads, n_splits)
     _decode_kernel[grid](
@@ -439,14 +855,12 @@ def lowrank_decode(
         dummy if inv_freq is None else inv_freq, float(scoring.rope_scale),
         dummy if slopes is None else slopes,
         *key_args, *value_args,
-        kv_heads, groups, key_rank, value_rank, half, float(scoring.scaling) * math.log2(math.e),
-        tokens_per_split, n_splits,
-        PRE=mode == "pre", ALIBI=slopes is not None,
-        GROUP=(keys if keys.segments else values).group_size,
+        kv_heads, groups, key_rank, half, float(scoring.scaling) * math.log2(math.e),
+        tokens_per_split, n_splits, main_tokens,
+        PRE=mode == "pre", ALIBI=slopes is not None, GROUP=group,
         SYMMETRIC=(keys if keys.segments else values).symmetric,
-        K_BITS1=key_bits[0], K_BITS2=key_bits[1], K_TOKEN=keys.axis == "token",
-        V_BITS1=value_bits[0], V_BITS2=value_bits[1], V_TOKEN=values.axis == "token",
-        G_PAD=g_pad, RK_PAD=rk_pad, RV_PAD=rv_pad, HALF_PAD=half_pad,
+        **key_constexprs, **value_constexprs,
+        G_PAD=pad_width(groups), RV_PAD=rv_pad, HALF_PAD=pad_width(half) if mode == "pre" else 16,
         DOT_FP32=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
@@ -466,58 +880,75 @@ def _decode_signature(dtype: str) -> dict:
     sig |= {"rope_scale": "fp32", "SLOPES": "*fp32"}
     for s in ("K", "V"):
         low = s.lower()
-        for i in (1, 2):
-            sig |= {f"{s}C{i}": "*u8", f"{s}S{i}": "*fp16", f"{s}Z{i}": "*fp16"}
-            sig |= {f"{low}{p}{i}_{a}": "i32" for p in ("c", "s") for a in ("b", "h", "r")}
+        for c in ("A", "B"):
+            x, y = s + c, (s + c).lower()
+            sig |= {f"{x}C": "*u8", f"{x}S": "*fp16", f"{x}Z": "*fp16"}
+            sig |= {f"{y}{p}_{a}": "i32" for p in ("c", "s") for a in ("b", "h", "r")}
+            sig |= {f"{y}_{n}": "i32" for n in ("off16", "feat", "width", "aligned", "groups")}
         sig |= {f"{s}W": f"*{dtype}", f"{low}w_b": "i32", f"{low}w_h": "i32", f"{low}w_r": "i32"}
-        sig |= {f"{low}_quantized": "i32", f"{low}_width1": "i32"}
-    sig |= {name: "i32" for name in ("kv_heads", "groups", "key_rank", "value_rank", "half")}
-    return sig | {"qk_scale": "fp32", "tokens_per_split": "i32", "n_splits": "i32"}
+        sig |= {f"{low}_quantized": "i32"}
+    sig |= {name: "i32" for name in ("kv_heads", "groups", "key_rank", "half")}
+    return sig | {"qk_scale": "fp32", "tokens_per_split": "i32", "n_splits": "i32", "main_tokens": "i32"}
 
 
-# (mode, HALF_PAD, RK_PAD, RV_PAD): the tile widths of the shapes users run (head sizes 64/128, ranks to 128)
-_SPEC_TILES = [
-    ("rank", 16, 32, 32),
-    ("rank", 16, 64, 64),
-    ("rank", 16, 128, 128),
-    ("rank", 16, 64, 128),
-    ("pre", 32, 32, 32),
-    ("pre", 32, 64, 64),
-    ("pre", 64, 64, 64),
-    ("pre", 64, 128, 128),
-]
-# (K_BITS1, K_BITS2, K_TOKEN, V_BITS1, V_BITS2, V_TOKEN): default grouping at every width, token keys,
-# channel values, mixed precision, and an unquantized cache
-_SPEC_STORES = [(b, 0, False, b, 0, True) for b in (2, 3, 4, 8)] + [
-    (4, 0, True, 4, 0, False),
-    (8, 4, False, 8, 4, True),
-    (0, 0, False, 0, 0, True),
-]
+def decode_spec(
+    name: str, dtype: str, mode: str, heads: int, kv_heads: int, head_dim: int, key_rank: int, value_rank: int,
+    bits: tuple[int, int], group: int, key_axis: str = "channel", value_axis: str = "token", alibi: bool = False,
+) -> KernelSpec:  # fmt: skip
+    """The compile a launch makes for uniform streams (``bits``: keys, values; 0 = unquantized) of these ranks.
+
+    Arguments the launcher always passes as multiples of 16 (pointers, the row strides of per-channel codes,
+    token ranges) are declared so, as Triton specializes them at a real launch."""
+    cfg = launch_config(mode, group)
+    constexprs = {"PRE": mode == "pre", "ALIBI": alibi, "GROUP": group, "SYMMETRIC": False}
+    aligned = ["tokens_per_split", "main_tokens"]
+    for prefix, width, b, axis in (("K", key_rank, bits[0], key_axis), ("V", value_rank, bits[1], value_axis)):
+        chunks = feature_chunks([width])
+        constexprs |= {f"{prefix}_TOKEN": axis == "token", f"{prefix}B": len(chunks) > 1}
+        for c, chunk in zip("AB", chunks + chunks[:1] * (2 - len(chunks)), strict=True):
+            constexprs |= {f"{prefix}{c}_BITS": b, f"{prefix}{c}_W": chunk.width, f"{prefix}{c}_MASK": chunk.masked}
+            if axis == "channel":  # rows of a multiple of 16 features (per-token rows: hinted in the kernel)
+                aligned += [f"{(prefix + c).lower()}{t}_{a}" for t in ("c", "s") for a in ("b", "h", "r")]
+    constexprs |= {"G_PAD": pad_width(heads // kv_heads), "RV_PAD": pad_width(value_rank)}
+    constexprs |= {"HALF_PAD": pad_width(head_dim // 2) if mode == "pre" else 16, "DOT_FP32": False}
+    signature = _decode_signature(dtype)
+    aligned += [arg for arg, kind in signature.items() if kind.startswith("*")]
+    return KernelSpec(
+        name=name,
+        fn=_decode_kernel,
+        signature=signature,
+        constexprs=constexprs | cfg.constexprs,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        aligned=tuple(aligned),
+    )
+
+
+# (mode, head size, key rank, value rank): the shapes users run (head sizes 64/128, ranks with one or two chunks)
+_SPEC_SHAPES = [("rank", 64, 20, 13), ("rank", 64, 38, 38), ("rank", 128, 77, 77), ("rank", 128, 128, 100),
+                ("pre", 64, 38, 38), ("pre", 128, 77, 77), ("pre", 128, 64, 128)]  # fmt: skip
 
 
 def compile_specs():
-    """The configurations the launcher uses, for the sm_80/sm_90 compile test: every tile size with 4-bit
-    codes, and every store layout at the largest tiles of each mode."""
+    """The configurations the launcher uses, for the sm_80/sm_90 compile test: every shape at 4 bits (keys
+    per channel, values per token, group 64), and at the widest shape of each mode every bit width, both
+    groupings swapped, group 16 and 128, and an unquantized cache."""
     for dtype in ("fp16", "bf16"):
-        for mode, half_pad, rk_pad, rv_pad in _SPEC_TILES:
-            cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad)
-            widest = (rk_pad, rv_pad) == (128, 128)
-            for kb1, kb2, kt, vb1, vb2, vt in _SPEC_STORES if widest else _SPEC_STORES[2:3]:
-                constexprs = {
-                    "PRE": mode == "pre", "ALIBI": mode == "rank", "GROUP": 64, "SYMMETRIC": False,
-                    "K_BITS1": kb1, "K_BITS2": kb2, "K_TOKEN": kt, "V_BITS1": vb1, "V_BITS2": vb2, "V_TOKEN": vt,
-                    "G_PAD": 16, "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False,
-                    **cfg.constexprs,
-                }  # fmt: skip
-                yield KernelSpec(
-                    name=f"lowrank_decode[{dtype},{mode},h{half_pad},rk{rk_pad},rv{rv_pad},k{kb1}{kb2},v{vb1}{vb2}"
-                    f",kt{int(kt)},vt{int(vt)}]",
-                    fn=_decode_kernel,
-                    signature=_decode_signature(dtype),
-                    constexprs=constexprs,
-                    num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages,
+        for mode, head_dim, key_rank, value_rank in _SPEC_SHAPES:
+            variants = [((4, 4), 64, "channel", "token")]
+            if key_rank == 77:
+                variants += [((b, b), 64, "channel", "token") for b in (2, 3, 8)]
+                variants += [((4, 4), 64, "token", "channel"), ((3, 3), 16, "token", "token")]
+                variants += [((2, 2), 128, "channel", "channel"), ((0, 0), 64, "channel", "token")]
+            for bits, group, key_axis, value_axis in variants:
+                name = (
+                    f"lowrank_decode[{dtype},{mode},d{head_dim},r{key_rank}x{value_rank},b{bits[0]},g{group}"
+                    f",k{key_axis[0]},v{value_axis[0]}]"
                 )
+                yield decode_spec(
+                    name, dtype, mode, 32, 8, head_dim, key_rank, value_rank, bits, group, key_axis, value_axis,
+                    alibi=mode == "rank",
+                )  # fmt: skip
         for rv_pad in (16, 32, 64, 128):
             for splits_pad in (1, 8, MAX_SPLITS):
                 yield KernelSpec(
@@ -538,11 +969,13 @@ ROOFLINE_WORKLOAD = {"batch": 8, "context": 32768, "group": 64}
 
 
 def stream_bytes_per_token(width: int, bits: int, group: int, axis: str, symmetric: bool = False) -> float:
-    """Bytes one KV head stores per token for a stream of ``width`` features (codes, scales, zeros)."""
+    """Bytes one KV head stores per token for a stream of ``width`` features (codes with their padding to
+    ``aligned_width``, fp16 scales and zeros)."""
     params = 1 if symmetric else 2
+    stored = aligned_width(width)
     if axis == "token":
-        return packed_length(width, bits) + params * 2 * -(-width // group)
-    return packed_length(group, bits) * width / group + params * 2 * width / group
+        return packed_length(stored, bits) + params * 2 * -(-width // group)
+    return packed_length(group, bits) * stored / group + params * 2 * stored / group
 
 
 def roofline_cases():
@@ -552,27 +985,19 @@ def roofline_cases():
     for shape, heads, kv_heads, head_dim, key_rank, value_rank in ROOFLINE_SHAPES:
         for mode in ("rank", "pre"):
             for bits in (2, 3, 4, 8):
-                rk_pad, rv_pad = pad_width(key_rank), pad_width(value_rank)
-                half_pad = pad_width(head_dim // 2) if mode == "pre" else 16
-                cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad)
-                constexprs = {
-                    "PRE": mode == "pre", "ALIBI": False, "GROUP": group, "SYMMETRIC": False,
-                    "K_BITS1": bits, "K_BITS2": 0, "K_TOKEN": False, "V_BITS1": bits, "V_BITS2": 0, "V_TOKEN": True,
-                    "G_PAD": pad_width(heads // kv_heads), "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad,
-                    "DOT_FP32": False, **cfg.constexprs,
-                }  # fmt: skip
                 name = f"lowrank_decode[{shape},{mode},{bits}bit,g{group}]"
-                spec = KernelSpec(name, _decode_kernel, _decode_signature("fp16"), constexprs, cfg.num_warps,
-                                  cfg.num_stages)  # fmt: skip
+                spec = decode_spec(name, "fp16", mode, heads, kv_heads, head_dim, key_rank, value_rank, (bits, bits),
+                                   group)  # fmt: skip
+                block_n = spec.constexprs["BLOCK_N"]
                 per_token = stream_bytes_per_token(key_rank, bits, group, "channel") + stream_bytes_per_token(
                     value_rank, bits, group, "token"
                 )
-                programs = batch * kv_heads * num_splits(context, batch * kv_heads, cfg.constexprs["BLOCK_N"], H100_SMS)
+                programs = batch * kv_heads * num_splits(context, batch * kv_heads, block_n, H100_SMS)
                 decoders = kv_heads * head_dim * key_rank * 2 if mode == "pre" else 0
                 yield RooflineCase(
                     name=name,
                     spec=spec,
-                    tokens_per_iteration=cfg.constexprs["BLOCK_N"],
+                    tokens_per_iteration=block_n,
                     bytes_per_token=per_token,
                     total_bytes=batch * kv_heads * context * per_token + decoders,
                     sdpa_bytes=batch * kv_heads * context * 2 * head_dim * 2,

@@ -32,6 +32,11 @@ class KernelSpec:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    aligned: tuple[str, ...] = ()  # arguments a launch passes as multiples of 16 (Triton specializes them)
+
+    def attrs(self) -> dict:
+        """``ASTSource`` attributes declaring the ``aligned`` arguments divisible by 16."""
+        return {(self.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in self.aligned}
 
 
 @dataclass(frozen=True)
@@ -97,19 +102,23 @@ def query_operands(
 
 
 @triton.jit
+def rotate_keys(a1, a2, tok, inv_freq, rope_scale, dtype: tl.constexpr):
+    # rebuilt key halves a_i (BLOCK_N, HALF_PAD) fp32 -> rotated halves (k1, k2) in `dtype`, rounded as the
+    # model rounds them (Hugging Face's rotate_half convention), each key at its own position `tok`
+    a1 = a1.to(dtype).to(tl.float32)
+    a2 = a2.to(dtype).to(tl.float32)
+    angle = tok.to(tl.float32)[:, None] * inv_freq[None, :]
+    cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
+    sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
+    return (a1 * cos - a2 * sin).to(dtype), (a2 * cos + a1 * sin).to(dtype)
+
+
+@triton.jit
 def qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE: tl.constexpr, DOT_FP32: tl.constexpr):
     # (M, BLOCK_N) raw scores of the query tile against key tile k (BLOCK_N, RK_PAD) at positions tok;
-    # pre mode rebuilds the keys' halves a_i = k D_i^T, rounds them to the model dtype as the model
-    # does, and rotates them at their own positions.
+    # pre mode rebuilds the keys' halves a_i = k D_i^T and rotates them (rotate_keys)
     if PRE:
-        dtype = q1.dtype
-        a1 = dot(k, d1, DOT_FP32).to(dtype).to(tl.float32)
-        a2 = dot(k, d2, DOT_FP32).to(dtype).to(tl.float32)
-        angle = tok.to(tl.float32)[:, None] * inv_freq[None, :]
-        cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
-        sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
-        k1 = (a1 * cos - a2 * sin).to(dtype)
-        k2 = (a2 * cos + a1 * sin).to(dtype)
+        k1, k2 = rotate_keys(dot(k, d1, DOT_FP32), dot(k, d2, DOT_FP32), tok, inv_freq, rope_scale, q1.dtype)
         return dot(q1, tl.trans(k1), DOT_FP32) + dot(q2, tl.trans(k2), DOT_FP32)
     else:
         return dot(q, tl.trans(k), DOT_FP32)

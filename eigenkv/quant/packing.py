@@ -14,6 +14,14 @@ Layout along the packed axis of length ``n`` (every other axis unchanged):
 
 When ``k`` (8 for the 3-bit high plane) does not divide ``n``, the last byte
 is completed with zero codes; ``unpack`` takes ``n`` to drop them.
+
+Feature alignment (what a cache stores): rows of features are stored as if they
+had ``aligned_width(n)`` features (``n`` rounded up to a multiple of
+``FEATURE_ALIGN = 16``), the padding codes zero, so that a kernel reads every
+row with 16-byte vector loads and without masks. ``pack_aligned`` /
+``unpack_aligned`` go between ``n`` codes and that padded form, ``pad_packed``
+from a dense packed row to it. For 3 bits each plane is padded: the low plane
+has ``aligned_width(n) / 4`` bytes, then the high plane ``aligned_width(n) / 8``.
 """
 
 from __future__ import annotations
@@ -24,6 +32,13 @@ import torch
 
 from eigenkv.quant.config import SUPPORTED_BITS
 from eigenkv.quant.reference import QuantizedGroups, dequantize
+
+FEATURE_ALIGN = 16
+
+
+def aligned_width(n: int) -> int:
+    """``n`` features rounded up to a multiple of ``FEATURE_ALIGN``: the features a stored row of codes covers."""
+    return -(-n // FEATURE_ALIGN) * FEATURE_ALIGN
 
 
 def packed_length(n: int, bits: int) -> int:
@@ -93,15 +108,50 @@ def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tens
     return out.movedim(-1, dim).contiguous()
 
 
+def _pad_codes(codes: torch.Tensor, n_to: int, dim: int) -> torch.Tensor:
+    n = codes.shape[dim]
+    if n_to < n:
+        raise ValueError(f"cannot pad {n} codes to {n_to}")
+    if n_to == n:
+        return codes
+    return torch.nn.functional.pad(codes.movedim(dim, -1), (0, n_to - n)).movedim(-1, dim)
+
+
+def pad_packed(packed: torch.Tensor, bits: int, n: int, n_to: int, dim: int = -1) -> torch.Tensor:
+    """Dense packed ``n`` codes along ``dim`` -> the packing of the same codes followed by ``n_to - n`` zero codes.
+
+    Equal to ``pack(codes zero-padded to n_to, bits, dim)`` (for 3 bits each plane is padded on its own).
+    """
+    if n_to == n:
+        return packed
+    return pack(_pad_codes(unpack(packed, bits, n, dim=dim), n_to, dim), bits, dim=dim)
+
+
+def pack_aligned(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Pack ``n`` codes along ``dim`` padded with zero codes to ``aligned_width(n)``:
+    that axis becomes ``packed_length(aligned_width(n), bits)`` bytes."""
+    return pack(_pad_codes(codes, aligned_width(codes.shape[dim]), dim), bits, dim=dim)
+
+
+def unpack_aligned(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of ``pack_aligned``: the first ``n`` codes along ``dim`` (the padding dropped)."""
+    codes = unpack(packed, bits, aligned_width(n), dim=dim)
+    return codes.narrow(dim, 0, n).contiguous()
+
+
 @dataclass(frozen=True)
 class Segment:
     """Quantized features of a stream in the layout of ``eigenkv.quant.store`` (one precision).
 
     Attributes:
-        codes: uint8, per token ``(B, H, T_q, packed_length(width, bits))``,
-            per channel ``(B, H, T_q / G * packed_length(G, bits), width)``.
-        scale, zero: ``(B, H, T_q, ceil(width / G))`` or ``(B, H, T_q / G, width)``; ``zero`` None when symmetric.
-        bits: code width; width: features in this segment.
+        codes: uint8 covering ``aligned_width(width)`` features, the padding codes zero: per token
+            ``(B, H, T_q, packed_length(aligned_width(width), bits))`` (packed along features, see
+            ``pack_aligned``), per channel ``(B, H, T_q / G * packed_length(G, bits), aligned_width(width))``
+            (each block of ``G`` tokens packed along tokens).
+        scale, zero: ``(B, H, T_q, ceil(width / G))`` per token, ``(B, H, T_q / G, aligned_width(width))`` per
+            channel (the padding features' zero, so a row of them loads as 16-byte vectors too);
+            ``zero`` None when symmetric.
+        bits: code width; width: features in this segment (without the padding).
     """
 
     codes: torch.Tensor
@@ -115,6 +165,9 @@ class Segment:
 class PackedStream:
     """One stream as stored: ``segments`` (consecutive features) quantize tokens ``[0, quantized_tokens)``,
     ``window`` ``(B, H, S - quantized_tokens, D)`` holds the rest in full precision.
+
+    Each segment's codes are padded to ``aligned_width`` of its own width (see :class:`Segment`);
+    ``D`` is the sum of the unpadded widths.
 
     The attention kernels read this; :meth:`dequantize` is the reference reading.
     """
@@ -145,12 +198,16 @@ class PackedStream:
         for segment in self.segments:
             n, g = self.quantized_tokens, self.group_size
             if self.axis == "token":
-                codes, dim = unpack(segment.codes, segment.bits, segment.width, dim=-1), 3
+                codes, dim = unpack_aligned(segment.codes, segment.bits, segment.width, dim=-1), 3
             else:
                 b, h = segment.codes.shape[:2]
-                blocks = segment.codes.view(b, h, n // g, packed_length(g, segment.bits), segment.width)
-                codes, dim = unpack(blocks, segment.bits, g, dim=-2).flatten(2, 3), 2
-            q = QuantizedGroups(codes, segment.scale, segment.zero, segment.bits, g, dim, self.symmetric)
+                blocks = segment.codes.view(b, h, n // g, packed_length(g, segment.bits), aligned_width(segment.width))
+                codes, dim = unpack(blocks, segment.bits, g, dim=-2).flatten(2, 3)[..., : segment.width], 2
+            scale, zero = segment.scale, segment.zero
+            if self.axis == "channel":  # parameters are stored for the aligned features too
+                scale = scale[..., : segment.width]
+                zero = None if zero is None else zero[..., : segment.width]
+            q = QuantizedGroups(codes, scale, zero, segment.bits, g, dim, self.symmetric)
             parts.append(dequantize(q, dtype))
         window = self.window.to(dtype)
         if not parts:

@@ -14,14 +14,23 @@ following this rule (``R`` = ``residual``, ``G`` = group size, ``m`` tokens held
   ``G`` consecutive tokens, aligned at position 0, are quantized once they are
   complete and older than the window; the rest stays in full precision.
 
-Storage layouts, per stream (``B`` batch, ``H`` KV heads, ``D`` head size, ``b`` bits):
+Storage layouts, per stream (``B`` batch, ``H`` KV heads, ``D`` head size, ``b`` bits,
+``D' = aligned_width(D)``: ``D`` rounded up to a multiple of 16):
 
-- per token:   codes ``(B, H, T_q, packed_length(D, b))`` uint8 packed along features,
+- per token:   codes ``(B, H, T_q, packed_length(D', b))`` uint8 packed along features,
   scales / zeros ``(B, H, T_q, ceil(D / G))``;
-- per channel: codes ``(B, H, T_q / G * packed_length(G, b), D)`` uint8, each block of
+- per channel: codes ``(B, H, T_q / G * packed_length(G, b), D')`` uint8, each block of
   ``G`` tokens packed along tokens (the axis a decode tile reads), scales / zeros
-  ``(B, H, T_q / G, D)``;
+  ``(B, H, T_q / G, D')`` (the padding features' zero);
 - window:      ``(B, H, m - T_q, D)`` in the model's dtype.
+
+Codes (and per-channel scales and zeros) cover ``D'`` features so that a kernel
+reads whole rows with 16-byte vector loads, without masks; the ``D' - D`` padding
+codes and parameters are zero (per token at 3 bits each plane is padded: ``D' / 4``
+bytes of the low plane, then ``D' / 8`` of the high plane; see
+:mod:`eigenkv.quant.packing`). The ``D`` real features are quantized as they are;
+the window is not padded; the padding is counted in ``nbytes`` (and in
+``eigenkv.memory``). A :class:`SegmentedStream` pads each segment to its own aligned width.
 
 With ``rotate``, what is stored is ``x @ Hd`` (``Hd`` the normalised Hadamard
 matrix of size ``D``) and reads return ``x^ @ Hd^T``.
@@ -32,8 +41,24 @@ from __future__ import annotations
 import torch
 
 from eigenkv.quant.config import KVQuantConfig, quantized_prefix
-from eigenkv.quant.packing import PackedStream, Segment, pack, packed_length, unpack
+from eigenkv.quant.packing import (
+    PackedStream,
+    Segment,
+    aligned_width,
+    pack,
+    pack_aligned,
+    packed_length,
+    pad_packed,
+    unpack,
+    unpack_aligned,
+)
 from eigenkv.quant.reference import QuantizedGroups, dequantize, quantize
+
+
+def _pad_features(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-channel codes, scales or zeros ``(..., D)`` -> contiguous ``(..., width)``, the added features zero."""
+    pad = width - codes.shape[-1]
+    return (torch.nn.functional.pad(codes, (0, pad)) if pad else codes).contiguous()
 
 
 class QuantizedStream:
@@ -80,43 +105,55 @@ class QuantizedStream:
         )
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``x`` (B, H, t, D) -> packed codes, scales, zeros in the stream's layout."""
+        """``x`` (B, H, t, D) -> packed codes (padded to ``aligned_width(D)`` features), scales, zeros."""
         cfg = self.config
         x = self._rotate(x)
         b, h, t, d = x.shape
+        padded = aligned_width(d)
         row_length = d if self.axis == "token" else cfg.group_size
         if self._kernels(x, row_length, x.dtype):
             from eigenkv.kernels.quant_pack import quantize_pack
 
             if self.axis == "token":  # rows = tokens
                 codes, scale, zero = quantize_pack(x.reshape(-1, d), cfg.bits, cfg.group_size, symmetric=cfg.symmetric)
+                # the kernels take d a multiple of G >= 16, so this is already aligned (kept for any other case)
+                codes = pad_packed(codes, cfg.bits, d, padded)
                 shape = (b, h, t, -1)
                 return codes.view(shape), scale.view(shape), None if zero is None else zero.view(shape)
             # rows = (block, feature): G tokens of one feature, packed along tokens
             blocks = x.view(b, h, t // cfg.group_size, cfg.group_size, d).transpose(-1, -2).reshape(-1, cfg.group_size)
             codes, scale, zero = quantize_pack(blocks, cfg.bits, cfg.group_size, symmetric=cfg.symmetric)
-            codes = codes.view(b, h, t // cfg.group_size, d, -1).transpose(-1, -2).reshape(b, h, -1, d).contiguous()
-            scale = scale.view(b, h, t // cfg.group_size, d)
-            return codes, scale, None if zero is None else zero.view(b, h, t // cfg.group_size, d)
+            codes = codes.view(b, h, t // cfg.group_size, d, -1).transpose(-1, -2).reshape(b, h, -1, d)
+            codes = _pad_features(codes, padded)
+            scale = _pad_features(scale.view(b, h, t // cfg.group_size, d), padded)
+            return (
+                codes,
+                scale,
+                None if zero is None else _pad_features(zero.view(b, h, t // cfg.group_size, d), padded),
+            )
         dim = -1 if self.axis == "token" else -2
         q = quantize(x, cfg.bits, cfg.group_size, dim, symmetric=cfg.symmetric, scale_dtype=cfg.torch_scale_dtype)
         if self.axis == "token":
-            return pack(q.codes, cfg.bits, dim=-1), q.scale, q.zero
+            return pack_aligned(q.codes, cfg.bits, dim=-1), q.scale, q.zero
         # per channel: t is a multiple of G; pack each block of G tokens along tokens
         blocks = q.codes.view(b, h, t // cfg.group_size, cfg.group_size, d)
-        codes = pack(blocks, cfg.bits, dim=-2).flatten(2, 3)
-        return codes, q.scale, q.zero
+        codes = _pad_features(pack(blocks, cfg.bits, dim=-2).flatten(2, 3), padded)
+        return codes, _pad_features(q.scale, padded), None if q.zero is None else _pad_features(q.zero, padded)
 
     def _decode(self, codes, scale, zero, tokens: int, dtype: torch.dtype) -> torch.Tensor:
-        """Packed blocks holding ``tokens`` tokens -> dequantized (B, H, tokens, D)."""
+        """Packed blocks holding ``tokens`` tokens (the padded layout) -> dequantized (B, H, tokens, D)."""
         cfg = self.config
-        row_length = self.head_dim if self.axis == "token" else cfg.group_size
+        d = self.head_dim
+        row_length = d if self.axis == "token" else cfg.group_size
+        if self.axis == "channel":  # drop the padding features: the dense per-channel layout
+            codes, scale = codes[..., :d], scale[..., :d]
+            zero = None if zero is None else zero[..., :d]
         if self._kernels(scale, row_length, dtype):
             from eigenkv.kernels.quant_pack import unpack_dequantize
 
             b, h = codes.shape[:2]
-            d = self.head_dim
             if self.axis == "token":
+                # the kernels take d a multiple of G >= 16: the padded row is the dense row
                 rows = unpack_dequantize(
                     codes.reshape(b * h * tokens, -1),
                     scale.reshape(b * h * tokens, -1),
@@ -128,7 +165,7 @@ class QuantizedStream:
                 )
                 return self._unrotate(rows.view(b, h, tokens, d))
             nblocks = tokens // cfg.group_size
-            packed = codes.view(b, h, nblocks, -1, d).transpose(-1, -2).reshape(b * h * nblocks * d, -1)
+            packed = codes.reshape(b, h, nblocks, -1, d).transpose(-1, -2).reshape(b * h * nblocks * d, -1)
             rows = unpack_dequantize(
                 packed,
                 scale.reshape(-1, 1),
@@ -142,11 +179,11 @@ class QuantizedStream:
                 rows.view(b, h, nblocks, d, cfg.group_size).transpose(-1, -2).reshape(b, h, tokens, d)
             )
         if self.axis == "token":
-            codes = unpack(codes, cfg.bits, self.head_dim, dim=-1)
+            codes = unpack_aligned(codes, cfg.bits, d, dim=-1)
             dim = 3
         else:
-            b, h, _, d = codes.shape
-            blocks = codes.view(b, h, tokens // cfg.group_size, packed_length(cfg.group_size, cfg.bits), d)
+            b, h = codes.shape[:2]
+            blocks = codes.reshape(b, h, tokens // cfg.group_size, packed_length(cfg.group_size, cfg.bits), d)
             codes = unpack(blocks, cfg.bits, cfg.group_size, dim=-2).flatten(2, 3)
             dim = 2
         q = QuantizedGroups(codes, scale, zero, cfg.bits, cfg.group_size, dim, cfg.symmetric)

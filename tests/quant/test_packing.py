@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from eigenkv.quant.packing import pack, packed_length, unpack
+from eigenkv.quant.packing import (
+    FEATURE_ALIGN,
+    aligned_width,
+    pack,
+    pack_aligned,
+    packed_length,
+    pad_packed,
+    unpack,
+    unpack_aligned,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -32,6 +41,38 @@ def test_layout_is_little_endian_within_a_byte():
 
 def test_exact_bits_per_code():
     assert [packed_length(64, b) * 8 / 64 for b in (2, 3, 4, 8)] == [2, 3, 4, 8]
+
+
+def test_aligned_width_rounds_up_to_16_features():
+    assert FEATURE_ALIGN == 16
+    assert [aligned_width(n) for n in (0, 1, 15, 16, 17, 38, 64, 77)] == [0, 16, 16, 16, 32, 48, 64, 80]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 5, 16, 38, 77])
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_aligned_packing_pads_with_zero_codes(bits, n, dim):
+    shape = [3, n, 5] if dim == 1 else [3, 5, n]
+    codes = torch.randint(0, 2**bits, shape, dtype=torch.uint8)
+    padded = pack_aligned(codes, bits, dim=dim)
+    assert padded.shape[dim] == packed_length(aligned_width(n), bits)
+    assert padded.shape[dim] * 8 == aligned_width(n) * bits  # whole bytes: no partial byte at the end of a row
+    assert torch.equal(unpack_aligned(padded, bits, n, dim=dim), codes)
+    everything = unpack(padded, bits, aligned_width(n), dim=dim)
+    assert not everything.narrow(dim, n, aligned_width(n) - n).any()  # the padding codes are zero
+    # the same bytes from a dense packed row
+    assert torch.equal(pad_packed(pack(codes, bits, dim=dim), bits, n, aligned_width(n), dim=dim), padded)
+
+
+def test_three_bit_padding_pads_each_plane():
+    codes = torch.full((38,), 7, dtype=torch.uint8)
+    padded = pack_aligned(codes, 3)
+    # low plane of 48 codes (12 bytes), then the high plane of 48 codes (6 bytes): not the dense row + zeros
+    assert padded.shape == (18,)
+    assert padded[:12].tolist() == [0xFF] * 9 + [0b1111, 0, 0]  # codes 36, 37 real in byte 9
+    assert padded[12:].tolist() == [0xFF] * 4 + [0b111111, 0]  # codes 32..37 real in byte 4
+    dense = pack(codes, 3)  # 10 + 5 bytes
+    assert not torch.equal(padded, torch.nn.functional.pad(dense, (0, 3)))
 
 
 def test_bad_input():

@@ -1,0 +1,183 @@
+"""The attention kernels against their PyTorch references at the Llama-3-8B shape, on the GPU (or, with
+``--cpu-smoke``, at tiny sizes in the Triton interpreter).
+
+- decode: :func:`lowrank_decode` over a cache of ``--tokens`` tokens (32 query
+  heads, 8 KV heads, head size 128, ranks 77 / 77, 4-bit codes, group 64, keys
+  per channel, values per token, a full-precision window of ``--residual``
+  tokens), stored through the library's ``QuantizedStream``; rank and pre modes,
+  fp16 and bf16;
+- prefill: :func:`lowrank_prefill` of ``--prefill-tokens`` new tokens, rank and
+  pre modes, fp16 and bf16.
+
+Criterion (the kernel tests', after FlashAttention's): the kernel's max abs
+error against the float64 reference is at most twice the same-dtype
+reference's error plus a small atol (2e-3 fp16, 1.6e-2 bf16). Queries are
+scaled by ``--query-scale`` so the softmax is peaked and the outputs are O(1)
+(flat attention over 4k random values would average them to ~0, where any
+kernel passes). Each check prints its error, the bound and PASS/FAIL and
+appends rows (``max_abs_err``, ``ref_err``, ``bound``, ``rel_err``, ``pass``)
+to ``correct_<device>.csv`` as soon as it is done. Exit status 1 when a check
+fails or errors.
+
+    PYTHONPATH=. python benchmarks/check_gpu_correctness.py [--out DIR] [--cpu-smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from benchmarks._common import RowLog, results_path, short_error
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel import: the interpreter runs them on CPU
+
+from benchmarks.bench_decode import SHAPES, decode_case  # noqa: E402
+from eigenkv.kernels.lowrank_decode import lowrank_decode, lowrank_decode_reference  # noqa: E402
+from eigenkv.kernels.lowrank_prefill import lowrank_prefill, lowrank_prefill_reference  # noqa: E402
+from eigenkv.kernels.scoring import Scoring  # noqa: E402
+from eigenkv.quant.config import KVQuantConfig  # noqa: E402
+
+ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # as tests/kernels/test_lowrank_decode.py
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+SHAPE = "llama3-8b"
+RATIO = 77 / 128  # ranks 77 / 77
+
+
+def compare(out: torch.Tensor, same_dtype: torch.Tensor, exact: torch.Tensor) -> dict:
+    """Errors of the kernel's ``out`` and of the same-dtype reference against the float64 ``exact``."""
+    err = (out.double() - exact).abs().max().item()
+    ref_err = (same_dtype.double() - exact).abs().max().item()
+    bound = 2 * ref_err + ATOL[out.dtype]
+    finite = bool(torch.isfinite(out).all())
+    scale = exact.abs().max().item() or 1.0
+    passed = finite and err <= bound
+    return {"max_abs_err": err, "ref_err": ref_err, "bound": bound, "rel_err": err / scale, "pass": passed}
+
+
+def log_check(log: RowLog, common: dict, result: dict, seconds: float) -> bool:
+    """Append a check's rows and print its line; return whether it passed."""
+    for metric in ("max_abs_err", "ref_err", "bound", "rel_err"):
+        log.add(**common, metric=metric, value=f"{result[metric]:.4g}")
+    log.add(**common, metric="pass", value=int(result["pass"]))
+    verdict = "PASS" if result["pass"] else "FAIL"
+    print(
+        f"{verdict} {common['method']:14s} {common['mode']:4s} {common['dtype']:8s} B={common['batch']} "
+        f"S={common['context']}: max abs err {result['max_abs_err']:.3g} (bound {result['bound']:.3g}, "
+        f"same-dtype reference {result['ref_err']:.3g}, relative {result['rel_err']:.2g}) [{seconds:.1f} s]",
+        flush=True,
+    )
+    return result["pass"]
+
+
+def check_decode(log: RowLog, dtype_name: str, modes: list[str], batch: int, tokens: int, args, device) -> bool:
+    """Decode kernel vs reference in each mode, on one cache (stored once per dtype)."""
+    dtype = DTYPES[dtype_name]
+    config = KVQuantConfig(bits=4, group_size=64, axis_k="channel", axis_v="token", residual=args.residual)
+    case = decode_case(SHAPE, batch, tokens, RATIO, config, dtype, device, query_scale=args.query_scale)
+    ok = True
+    for mode in modes:
+        common = {"step": "correct", "shape": SHAPE, "dtype": dtype_name, "method": "lowrank_decode", "mode": mode}
+        common |= {"batch": batch, "context": tokens}
+        began = time.perf_counter()
+        try:
+            query, scoring = case.queries[mode]
+            out = lowrank_decode(query, case.keys, case.values, scoring)
+            same = lowrank_decode_reference(query, case.keys, case.values, scoring)
+            exact = lowrank_decode_reference(query.double(), case.keys, case.values, scoring.exact())
+            ok &= log_check(log, common, compare(out, same, exact), time.perf_counter() - began)
+        except Exception as exc:  # a launch or shape error: record it, run the other checks
+            traceback.print_exc()
+            log.add(**common, metric="error", value=short_error(exc))
+            print(f"ERROR {common['method']} {mode} {dtype_name}: {short_error(exc)}", flush=True)
+            ok = False
+    return ok
+
+
+def prefill_inputs(batch: int, length: int, dtype, device, query_scale: float, seed: int = 0) -> dict:
+    """Rank-space keys / values ``(B, 8, T, 77)``; rank and full queries with their scorings, per mode."""
+    q_heads, kv_heads, d = SHAPES[SHAPE]
+    rank = round(RATIO * d)
+    gen = torch.Generator().manual_seed(seed)
+
+    def states(heads, width, scale=1.0):
+        return (scale * torch.randn(batch, heads, length, width, generator=gen)).to(device, dtype)
+
+    keys, values = states(kv_heads, rank), states(kv_heads, rank)
+    decoder = torch.linalg.qr(torch.randn(kv_heads, d, d, generator=gen))[0][..., :rank].to(device, dtype)
+    inv_freq = (1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))).to(device)
+    return {
+        "keys": keys,
+        "values": values,
+        "rank": (states(q_heads, rank, query_scale), Scoring(d**-0.5)),
+        "pre": (states(q_heads, d, query_scale), Scoring(d**-0.5, "pre", decoder, inv_freq)),
+    }
+
+
+def check_prefill(log: RowLog, dtype_name: str, modes: list[str], batch: int, length: int, args, device) -> bool:
+    """Prefill kernel vs reference (float64 exact, and same dtype) in each mode."""
+    dtype = DTYPES[dtype_name]
+    inputs = prefill_inputs(batch, length, dtype, device, args.query_scale)
+    keys, values = inputs["keys"], inputs["values"]
+    ok = True
+    for mode in modes:
+        common = {"step": "correct", "shape": SHAPE, "dtype": dtype_name, "method": "lowrank_prefill", "mode": mode}
+        common |= {"batch": batch, "context": length}
+        began = time.perf_counter()
+        try:
+            query, scoring = inputs[mode]
+            out = lowrank_prefill(query, keys, values, scoring)
+            same = lowrank_prefill_reference(query, keys, values, scoring)
+            exact = lowrank_prefill_reference(query.double(), keys.double(), values.double(), scoring.exact())
+            ok &= log_check(log, common, compare(out, same, exact), time.perf_counter() - began)
+        except Exception as exc:
+            traceback.print_exc()
+            log.add(**common, metric="error", value=short_error(exc))
+            print(f"ERROR {common['method']} {mode} {dtype_name}: {short_error(exc)}", flush=True)
+            ok = False
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096, help="decode: cached tokens")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--residual", type=int, default=32, help="decode: full-precision window (KVQuantConfig)")
+    parser.add_argument("--prefill-tokens", type=int, default=1024)
+    parser.add_argument("--prefill-batch", type=int, default=1)
+    parser.add_argument("--modes", default="rank,pre")
+    parser.add_argument("--dtypes", default="float16,bfloat16")
+    parser.add_argument("--query-scale", type=float, default=4.0)
+    parser.add_argument("--skip", default="", help="comma-separated: decode, prefill")
+    parser.add_argument("--cpu-smoke", action="store_true", help="no CUDA: tiny sizes in the Triton interpreter")
+    parser.add_argument("--append", action="store_true", help="append to the CSV instead of starting it over")
+    parser.add_argument("--out", default=None, help="folder (default benchmarks/results) or a .csv path")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu_smoke:
+        raise SystemExit("no CUDA device: these checks are for a GPU; --cpu-smoke runs them tiny in the interpreter")
+    device = torch.device("cuda" if cuda else "cpu")
+    batch, tokens, length = args.batch, args.tokens, args.prefill_tokens
+    if not cuda:  # the interpreter takes ~7 ms per program and key tile
+        batch, tokens, length = 1, min(tokens, 160), min(length, 48)
+        print(f"no CUDA device: interpreter smoke run at B={batch}, {tokens} cached / {length} prompt tokens")
+    log = RowLog(results_path(args.out, "correct"), fresh=not args.append)
+    modes, skip = args.modes.split(","), set(args.skip.split(","))
+    ok = True
+    dtypes = args.dtypes.split(",")
+    # decode first (the step the GPU run is for), fp16 before bf16: a timeout keeps the most useful checks
+    for dtype_name in dtypes if "decode" not in skip else []:
+        ok &= check_decode(log, dtype_name, modes, batch, tokens, args, device)
+    for dtype_name in dtypes if "prefill" not in skip else []:
+        ok &= check_prefill(log, dtype_name, modes, args.prefill_batch, length, args, device)
+    print(f"correctness: {'all PASS' if ok else 'FAILURES above'}; rows in {log.path}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -433,8 +433,18 @@ def _decode_kernel(
     acc_a = tl.zeros([VA_W, G_PAD], tl.float32)
     acc_b = tl.zeros([VB_W, G_PAD], tl.float32)
 
-    # main loop: tiles where every key and value is quantized (no load masked by token; scales folded)
+    # main loop: tiles where every key and value is quantized (no load masked by token)
     if KA_BITS > 0 and VA_BITS > 0:
+        if PRE:  # turns of the first tile (fp32 angles, as the model's), of one tile, and of each offset in a tile
+            q1f = q1.to(tl.float32) * rope_scale
+            q2f = q2.to(tl.float32) * rope_scale
+            cos_n = tl.cos(lo.to(tl.float32) * inv_freq)[:, None]
+            sin_n = tl.sin(lo.to(tl.float32) * inv_freq)[:, None]
+            cos_step = tl.cos(BLOCK_N * inv_freq)[:, None]
+            sin_step = tl.sin(BLOCK_N * inv_freq)[:, None]
+            offset_angle = tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * inv_freq[None, :]
+            cos_i = tl.cos(offset_angle).to(dtype).to(tl.float32)
+            sin_i = tl.sin(offset_angle).to(dtype).to(tl.float32)
         for n in range(lo, tl.minimum(hi, main_tokens), BLOCK_N):
             n = tl.multiple_of(n, BLOCK_N)
             tok = n + tl.arange(0, BLOCK_N)
@@ -471,8 +481,16 @@ def _decode_kernel(
                                           BLOCK_N, KB_MASK, DOT_FP32)  # fmt: skip
                     a1 += dot(k, d1b, DOT_FP32)
                     a2 += dot(k, d2b, DOT_FP32)
-                k1, k2 = rotate_keys(a1, a2, tok, inv_freq, rope_scale, dtype)
-                scores = dot(k1, q1, DOT_FP32) + dot(k2, q2, DOT_FP32)
+                # key t = n + i turns by (n + i) * inv_freq: the tile's base turn moves to the query (once per
+                # tile), each key's offset turn comes from a table (once per program): no sin/cos in the loop
+                a1 = a1.to(dtype).to(tl.float32)  # rounded as the model rounds them
+                a2 = a2.to(dtype).to(tl.float32)
+                k1 = (a1 * cos_i - a2 * sin_i).to(dtype)
+                k2 = (a2 * cos_i + a1 * sin_i).to(dtype)
+                qr1 = (q1f * cos_n + q2f * sin_n).to(dtype)
+                qr2 = (q2f * cos_n - q1f * sin_n).to(dtype)
+                scores = dot(k1, qr1, DOT_FP32) + dot(k2, qr2, DOT_FP32)
+                cos_n, sin_n = cos_n * cos_step - sin_n * sin_step, sin_n * cos_step + cos_n * sin_step
             else:
                 scores = _key_chunk_scores(qa, KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off, ka_width,
                                            ka_aligned, ka_groups, dtype, KA_BITS, K_TOKEN, GROUP, SYMMETRIC, KA_W,
@@ -754,7 +772,8 @@ def _stream_args(stream: PackedStream, prefix: str) -> tuple[tuple, dict]:
     widths = [seg.width for seg in segments] or [stream.width]
     chunks = feature_chunks(widths)
     args, constexprs = [], {f"{prefix}_TOKEN": stream.axis == "token", f"{prefix}B": len(chunks) > 1}
-    for name, chunk in zip("AB", chunks + chunks[:1] * (2 - len(chunks)), strict=True):  # a missing B repeats A (unread)
+    # a stream of one chunk repeats it as chunk B (never read)
+    for name, chunk in zip("AB", chunks + chunks[:1] * (2 - len(chunks)), strict=True):
         width = widths[chunk.segment]
         if segments:
             seg = segments[chunk.segment]

@@ -474,7 +474,7 @@ def _markdown_row(row: dict) -> list[str]:
         cells += [
             f"{_number(row[f'{device.key}_kernel_us'])} ({row[f'{device.key}_bound']})",
             _number(row[f"{device.key}_sdpa_us"]),
-            "-" if speedup is None else f"{speedup:.2f}x",
+            "-" if speedup is None else f"{speedup:.3g}x",
         ]
     return cells
 

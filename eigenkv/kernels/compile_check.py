@@ -10,7 +10,6 @@ compiled.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import multiprocessing
@@ -80,6 +79,7 @@ def compile_kernel(spec: KernelSpec, capability: int) -> CompiledSpec:
         fn=spec.fn,
         signature={**spec.signature, **{k: "constexpr" for k in spec.constexprs}},
         constexprs=spec.constexprs,
+        attrs=spec.attrs(),  # the arguments a launch passes divisible by 16, as Triton specializes them
     )
     compiled = compile(
         src,
@@ -162,34 +162,11 @@ def check_all() -> int:
     return 1 if failed else 0
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m eigenkv.kernels.compile_check", description=__doc__.split("\n")[0])
-    parser.add_argument("--roofline", action="store_true", help="write the static sm_90 roofline of the attention "
-                        "kernels' benchmark cases instead of checking every compile spec")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None, help="roofline: folder of the CSV and Markdown reports "
-                        "(default benchmarks/results)")  # fmt: skip
-    parser.add_argument("--cases", default=None, metavar="SUBSTRING", help="roofline: only cases whose name holds it")
-    parser.add_argument("--sass", default=None, metavar="NAME", help="roofline: print the hot-loop SASS of the one "
-                        "case whose name is NAME (or holds it), write nothing")  # fmt: skip
-    args = parser.parse_args(argv)
-    extra = [flag for flag, value in (("--out", args.out), ("--cases", args.cases), ("--sass", args.sass)) if value]
-    if extra and not args.roofline:
-        parser.error(f"{', '.join(extra)}: roofline options, they need --roofline")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main() -> int:
     if interpreting():
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU", file=sys.stderr)
         return 2
-    if not args.roofline:
-        return check_all()
-    from eigenkv.kernels import roofline  # imports this module: not at the top
-
-    if args.sass is not None:
-        return roofline.print_hot_loop(args.sass)
-    return roofline.run(out=args.out, cases=args.cases)
+    return check_all()
 
 
 if __name__ == "__main__":

@@ -1021,6 +1021,7 @@ def roofline_cases():
                     total_bytes=batch * kv_heads * context * per_token + decoders,
                     sdpa_bytes=batch * kv_heads * context * 2 * head_dim * 2,
                     programs=programs,
+                    loop=0,  # the main loop comes first; the tail loop after it runs at most twice per program
                     workload={
                         "shape": shape, "mode": mode, "batch": batch, "context": context, "heads": heads,
                         "kv_heads": kv_heads, "head_dim": head_dim, "key_rank": key_rank, "value_rank": value_rank,

@@ -1,12 +1,12 @@
 """Static roofline of the attention kernels on sm_90, read from their SASS without a GPU.
 
-``python -m eigenkv.kernels.compile_check --roofline [--out DIR] [--cases SUBSTRING]`` compiles every
+``python -m eigenkv.kernels.roofline [--out DIR] [--cases SUBSTRING]`` compiles every
 :class:`~eigenkv.kernels.utils.RooflineCase` of the attention kernels (their ``roofline_cases()``: the
 benchmark workloads) for sm_90, finds the hot loop in the SASS, counts what one iteration issues, and
 estimates the launch time on an H100 SXM and an H200 from the bytes the launch reads and the
 instructions it issues per byte, next to fp16 SDPA reading uncompressed K and V. It writes
 ``roofline_sm90.csv`` and ``roofline_sm90.md`` and prints the tables.
-``--roofline --sass NAME`` prints the hot-loop SASS of one case instead (for optimizing a kernel).
+``--sass NAME`` prints the hot-loop SASS of one case instead (for optimizing a kernel).
 
 :func:`analyze` gives the report row of one case; the pure pieces (:func:`parse_sass`, :func:`hot_loop`,
 :func:`opcode_mix`, :func:`ctas_per_sm`, :func:`estimate`) are tested on hand-written inputs.
@@ -14,6 +14,7 @@ instructions it issues per byte, next to fp16 SDPA reading uncompressed K and V.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib
 import io
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eigenkv.io import atomic_write_text
+from eigenkv.kernels.backend import interpreting
 from eigenkv.kernels.compile_check import CompiledSpec, compile_kernel, cuobjdump, fork_map
 from eigenkv.kernels.utils import RooflineCase
 
@@ -154,14 +156,29 @@ def loops(instructions: list[Instruction]) -> list[Loop]:
     return found
 
 
-def hot_loop(instructions: list[Instruction]) -> Loop | None:
+MIN_LOOP = 64  # instructions: smaller loops are libdevice slow paths (sin/cos range reduction), not tiles
+
+
+def hot_loop(instructions: list[Instruction], index: int | None = None) -> Loop | None:
     """The loop region with the most instructions (the first such), or None without a backward branch.
+
+    ``index``: instead, the ``index``-th outermost loop of at least ``MIN_LOOP`` instructions in address
+    order (a kernel whose hot loop is not its largest, e.g. decode, whose tail loop reads the last tiles
+    element by element but runs at most twice per program).
 
     Nested loops: the outermost region contains its inner loops, so it is the one chosen, and an inner body
     counts once per outer iteration. The count is static: both sides of a forward branch inside the region
     count, as if every iteration executed every instruction of the region once.
     """
-    return max(loops(instructions), key=lambda loop: len(loop.body), default=None)
+    found = loops(instructions)
+    if index is None:
+        return max(found, key=lambda loop: len(loop.body), default=None)
+    big = [loop for loop in found if len(loop.body) >= MIN_LOOP]
+    outer = sorted(
+        (loop for loop in big if not any(o is not loop and o.start <= loop.start and loop.end <= o.end for o in big)),
+        key=lambda loop: loop.start,
+    )
+    return outer[index] if index < len(outer) else None
 
 
 # Opcode groups of the mix, by opcode without modifiers; the uniform-datapath twin of an integer op
@@ -309,7 +326,7 @@ ESTIMATE_FIELDS = ("bound", "wave_factor", "kernel_us", "sdpa_us", "speedup")
 
 def report(case: RooflineCase, sass: str, ttgir: str, registers: int, spill_bytes: int, shared: int) -> dict:
     """The report row of ``case`` from its compiled kernel's SASS, TTGIR and resource usage (see ``COLUMNS``)."""
-    loop = hot_loop(parse_sass(sass))
+    loop = hot_loop(parse_sass(sass), case.loop)
     if loop is None:
         raise ValueError(f"{case.name}: no backward branch in the SASS, so no loop to analyze")
     spec = case.spec
@@ -561,7 +578,7 @@ def markdown(rows: list[dict], command: str) -> str:
 
 def command_line(out: Path | None, cases: str | None) -> str:
     """The command that makes the report with these options."""
-    command = "python -m eigenkv.kernels.compile_check --roofline"
+    command = "python -m eigenkv.kernels.roofline"
     if cases is not None:
         command += f" --cases '{cases}'"
     return command + (f" --out {out}" if out is not None else "")
@@ -594,10 +611,30 @@ def print_hot_loop(name: str) -> int:
         return 2
     case = matches[0]
     _, sass = _compile(case)
-    loop = hot_loop(parse_sass(sass))
+    loop = hot_loop(parse_sass(sass), case.loop)
     if loop is None:
         print(f"{case.name}: no backward branch in the SASS", file=sys.stderr)
         return 1
     print(f"# {case.name}: hot loop 0x{loop.start:04x}-0x{loop.end:04x}, {len(loop.body)} instructions per thread")
     print("\n".join(str(instruction) for instruction in loop.body))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eigenkv.kernels.roofline", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="folder of the CSV and Markdown reports "
+                        "(default benchmarks/results)")  # fmt: skip
+    parser.add_argument("--cases", default=None, metavar="SUBSTRING", help="only cases whose name holds it")
+    parser.add_argument("--sass", default=None, metavar="NAME", help="print the hot-loop SASS of the one case "
+                        "whose name is NAME (or holds it), write nothing")  # fmt: skip
+    args = parser.parse_args(argv)
+    if interpreting():
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU", file=sys.stderr)
+        return 2
+    if args.sass is not None:
+        return print_hot_loop(args.sass)
+    return run(out=args.out, cases=args.cases)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

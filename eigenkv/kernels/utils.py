@@ -53,6 +53,7 @@ class RooflineCase:
         sdpa_bytes: bytes fp16 SDPA reads for the same attention (uncompressed K and V), for comparison.
         programs: programs the launch starts.
         workload: the shape, for the report (batch, heads, kv_heads, head_dim, context, ranks, bits, ...).
+        loop: which loop is the hot one (``eigenkv.kernels.roofline.hot_loop``); None: the largest.
     """
 
     name: str
@@ -63,6 +64,7 @@ class RooflineCase:
     sdpa_bytes: float
     programs: int
     workload: dict = field(default_factory=dict)
+    loop: int | None = None
 
 
 def pad_width(n: int) -> int:

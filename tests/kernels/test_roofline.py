@@ -171,7 +171,7 @@ def test_formulas():
 
 def _compile_check(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # interpreted kernels do not compile
-    command = [sys.executable, "-m", "eigenkv.kernels.compile_check", "--roofline", *args]
+    command = [sys.executable, "-m", "eigenkv.kernels.roofline", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -63,6 +63,12 @@ CASES = [
     ("pre", 128, 4, 77, 50, 70, 3, 32, ("channel", "token"), 0, 0, torch.bfloat16),
     ("pre", 64, 1, 20, 13, 61, 2, 16, ("token", "token"), 2, 0, torch.float16),
     ("pre", 128, 8, 64, 77, 66, 4, 16, ("channel", "token"), 3, 10, torch.float16),
+    # head sizes 80 / 96 / 256, GQA 16, ranks whose second chunk is masked (112 -> 64 + 64), the main loop at
+    # several tiles per split (group 16), 8-bit and symmetric-free 2-bit codes
+    ("rank", 80, 16, 80, 48, 70, 2, 16, ("channel", "token"), 2, 0, torch.float16),
+    ("pre", 96, 2, 57, 96, 64, 8, 32, ("channel", "token"), 0, 0, torch.bfloat16),
+    ("rank", 256, 2, 112, 100, 40, 4, 16, ("token", "channel"), 1, 0, torch.float16),
+    ("pre", 256, 4, 150, 130, 40, 3, 16, ("channel", "token"), 5, 0, torch.float16),
 ]
 
 
@@ -84,6 +90,23 @@ def test_matches_reference_over_odd_shapes(case):
     ends = torch.tensor([tokens, tokens - 3], dtype=torch.int32, device=DEVICE)
     for splits in (1, 3):
         check_against_reference(query, keys, values, scoring, starts=starts, ends=ends, splits=splits)
+
+
+@pytest.mark.parametrize(
+    "widths, expected",
+    [
+        ([77], [(0, 0, 0, 64, False), (0, 64, 64, 16, False)]),  # stored 80: 64 + 16
+        ([13], [(0, 0, 0, 16, False)]),
+        ([100], [(0, 0, 0, 64, False), (0, 64, 64, 64, True)]),  # stored 112: the second tile reaches past it
+        ([128], [(0, 0, 0, 128, False)]),
+        ([19, 58], [(0, 0, 0, 32, False), (1, 0, 19, 64, False)]),  # two precisions: one tile each
+    ],
+)
+def test_feature_chunks_cover_the_stored_features(widths, expected):
+    chunks = decode_module.feature_chunks(widths)
+    assert [(c.segment, c.offset, c.feature, c.width, c.masked) for c in chunks] == expected
+    for c in chunks:
+        assert c.offset % 16 == 0 and c.width >= 16 and c.width & (c.width - 1) == 0
 
 
 def test_alibi_symmetric_and_full_precision_streams():

@@ -8,17 +8,24 @@ prompt attention is timed:
   on fp16 queries, keys and values of the full head size, under the first SDPA
   backend that runs (``mode``: flash, efficient, cudnn; math only where nothing
   else runs and the prompt is short: it materialises the T x T scores);
-- ``sdpa_rank_pad8``: the same SDPA on the rank-space tensors, their features
-  zero-padded to a multiple of 8 (the fused backends' requirement) and the
-  scale set to ``d^-1/2``: exact, since zero features add nothing to a score and
-  give zero output columns. What a rank-space prefill costs without a kernel of
-  our own (post-RoPE and no-RoPE models only: pre mode needs the key rebuild);
-- ``eigenkv`` (``mode`` rank / pre / rank_quantized_view):
+- ``sdpa_rank_pad8``: :func:`eigenkv.kernels.sdpa_prefill.sdpa_prefill` in rank
+  mode, the path a compressed model's prompt takes on CUDA when no query reads a
+  quantized view (``eigenkv.quant.routing``): SDPA on the rank-space tensors, their
+  features zero-padded to a multiple of 8 (the fused backends' requirement) and
+  the scale set to ``d^-1/2``: exact, since zero features add nothing to a score
+  and give zero output columns. Timed as shipped (``mode`` ``auto``: torch picks
+  the backend, as in the models);
+- ``sdpa_pre_rebuild`` (with ``--modes`` pre): ``sdpa_prefill`` in pre mode: keys
+  rebuilt from their pre-RoPE coefficients and rotated (``Scoring.keys``), then
+  SDPA at full head size with the rotated queries (the rebuild is timed, not
+  counted in TFLOP/s);
+- ``eigenkv`` (``mode`` rank / pre / rank_quantized_view): the kernel,
   :func:`eigenkv.kernels.lowrank_prefill` at ``--ratio`` of the head size,
   scores in rank space, or keys rebuilt from pre-RoPE coefficients and rotated
   in the kernel (queries stay full size), or rank space reading the causal
   quantized view of a quantized cache (a second version of every key and value,
-  as a prompt through ``QuantizedKV`` does).
+  as a prompt through ``QuantizedKV`` does: the only one the models still send to
+  the kernel, with ALiBi).
 
 Metrics: ``ms`` (CUDA events, median, after an L2 flush), ``TFLOP/s`` of the
 attention work (``B H T^2 (e + r_v)``: the causal half of two matmuls; pre mode's
@@ -58,14 +65,10 @@ if not torch.cuda.is_available():
 from benchmarks.bench_decode import SHAPES  # noqa: E402
 from eigenkv.kernels.lowrank_prefill import lowrank_prefill, lowrank_prefill_reference  # noqa: E402
 from eigenkv.kernels.scoring import Scoring  # noqa: E402
+from eigenkv.kernels.sdpa_prefill import sdpa_prefill  # noqa: E402
 
 MAX_TOKENS = 8 * 32768  # batch x length per point: longer prompts only at batch 1
 MATH_MAX_LENGTH = 8192  # the math backend holds B H T^2 fp32 scores: beyond this it is slow or out of memory
-
-
-def pad8(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with its features zero-padded to a multiple of 8."""
-    return torch.nn.functional.pad(x, (0, -x.shape[-1] % 8))
 
 
 def pick_sdpa(fn, length: int, names: str):
@@ -82,35 +85,43 @@ def pick_sdpa(fn, length: int, names: str):
     return None, None
 
 
-def sdpa_methods(q_full, k_full, v_full, q_rank, k_rank, v_rank, d: int, length: int, names: str) -> list[tuple]:
-    """``[(method, mode, fn, flops)]`` of SDPA at full head size and on padded rank-space tensors, each under
-    the first backend that runs it (``fn`` forces that backend). GQA as ``enable_gqa`` first; where no
-    backend takes that, keys and values repeated per query head beforehand (mode ``<backend>+expand``)."""
+def sdpa_methods(q_full, k_full, v_full, q_rank, k_rank, v_rank, pre: Scoring, length: int, args) -> list[tuple]:
+    """``[(method, mode, fn, flops)]`` of SDPA: at full head size under the first backend that runs it (``fn``
+    forces that backend; GQA as ``enable_gqa`` first, where no backend takes that, keys and values repeated
+    per query head beforehand: mode ``<backend>+expand``), and ``sdpa_prefill`` as the models call it."""
     from torch.nn.attention import sdpa_kernel
 
     sdpa = partial(torch.nn.functional.scaled_dot_product_attention, is_causal=True)
+    d = q_full.shape[-1]
     groups = q_full.shape[1] // k_full.shape[1]
     causal = q_full.shape[0] * q_full.shape[1] * length * length  # query-key pairs x 2 (causal half)
-    rank_flops = causal * (k_rank.shape[-1] + v_rank.shape[-1])  # the padding is not counted
     methods = []
-    for method, (q, k, v), scale, flops in (
-        ("sdpa_fp16", (q_full, k_full, v_full), None, causal * 2 * d),
-        ("sdpa_rank_pad8", (pad8(q_rank), pad8(k_rank), pad8(v_rank)), d**-0.5, rank_flops),
-    ):
-        call, suffix = partial(sdpa, q, k, v, scale=scale, enable_gqa=True), ""
-        name, backend = pick_sdpa(call, length, names)
-        if backend is None:  # keys and values repeated outside the timing (they are read `groups` times)
-            call, suffix = partial(sdpa, q, *_expand(k, v, groups), scale=scale), "+expand"
-            name, backend = pick_sdpa(call, length, names)
-        if backend is None:
-            methods.append((method, "none", None, flops))
-            continue
+    call, suffix = partial(sdpa, q_full, k_full, v_full, enable_gqa=True), ""
+    name, backend = pick_sdpa(call, length, args.sdpa_backends)
+    if backend is None:  # keys and values repeated outside the timing (they are read `groups` times)
+        call, suffix = partial(sdpa, q_full, *_expand(k_full, v_full, groups)), "+expand"
+        name, backend = pick_sdpa(call, length, args.sdpa_backends)
+    if backend is None:
+        methods.append(("sdpa_fp16", "none", None, causal * 2 * d))
+    else:
 
         def forced(call=call, backend=backend):
             with sdpa_kernel(backend):
                 return call()
 
-        methods.append((method, name + suffix, forced, flops))
+        methods.append(("sdpa_fp16", name + suffix, forced, causal * 2 * d))
+    # the shipped prompt path (padding, GQA and backend choice inside); padded features not counted
+    methods.append(
+        (
+            "sdpa_rank_pad8",
+            "auto",
+            partial(sdpa_prefill, q_rank, k_rank, v_rank, Scoring(d**-0.5)),
+            causal * (k_rank.shape[-1] + v_rank.shape[-1]),
+        )
+    )
+    if "pre" in args.modes.split(","):
+        rebuild = partial(sdpa_prefill, q_full, k_rank, v_rank, pre)
+        methods.append(("sdpa_pre_rebuild", "auto", rebuild, causal * (d + v_rank.shape[-1])))
     return methods
 
 
@@ -139,13 +150,14 @@ def prefill_point(log: RowLog, args, shape: str, batch: int, length: int, kernel
     bounds = torch.arange(length, dtype=torch.int32, device=device)  # every older token quantized
     causal = batch * q_heads * length * length
     prefill = lowrank_prefill if kernel else lowrank_prefill_reference
-    methods = sdpa_methods(q_full, k_full, v_full, q_rank, k_rank, v_rank, d, length, args.sdpa_backends)
+    pre = Scoring(d**-0.5, "pre", decoder, inv_freq)
+    methods = sdpa_methods(q_full, k_full, v_full, q_rank, k_rank, v_rank, pre, length, args)
     methods += [
         ("eigenkv", "rank", partial(prefill, q_rank, k_rank, v_rank, Scoring(d**-0.5)), causal * 2 * rank),
         (
             "eigenkv",
             "pre",
-            partial(prefill, q_full, k_rank, v_rank, Scoring(d**-0.5, "pre", decoder, inv_freq)),
+            partial(prefill, q_full, k_rank, v_rank, pre),
             causal * (d + rank),  # the in-kernel key rebuild is not counted
         ),
         (

@@ -10,7 +10,7 @@ bytes a real cache holds (:func:`cache_tensor_bytes`):
 - quantized caches (:class:`QuantizedStorage`), per KV head and sequence of
   ``n`` tokens with ``T_q = quantized_prefix(n)`` quantized tokens (``b`` bits,
   group ``G``, width ``D``, codes stored for ``D' = aligned_width(D)``
-  features, ``D`` rounded up to a multiple of 16): per token, codes
+  features, ``D`` rounded up to a multiple of 8): per token, codes
   ``T_q * packed_length(D', b)`` bytes and ``T_q * ceil(D / G)`` scales and
   zeros; per channel, codes ``T_q / G * packed_length(G, b) * D'`` bytes and
   ``T_q / G * D'`` scales and zeros; the window ``(n - T_q) * D`` values of the

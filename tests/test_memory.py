@@ -52,7 +52,7 @@ def test_count_equals_bytes_a_real_cache_holds(build, dtype):
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("width", [77, 38])
 def test_quantized_count_includes_the_code_padding(width, bits, axis):
-    """Codes are stored for ``aligned_width(width)`` features (a multiple of 16); the count is what a stream holds."""
+    """Codes are stored for ``aligned_width(width)`` features (a multiple of 8); the count is what a stream holds."""
     batch, heads, tokens = 2, 3, 45
     config = KVQuantConfig(bits=bits, group_size=16, residual=4)
     stream = QuantizedStream(config, axis, None)
@@ -62,7 +62,7 @@ def test_quantized_count_includes_the_code_padding(width, bits, axis):
     assert sum(held.values()) == sum(t.numel() * t.element_size() for t in tensors)
     counted = QuantizedStorage(width, config, axis, torch.float32).nbytes(tokens)
     assert {name: batch * heads * n for name, n in counted.items()} == held
-    padded = {77: 80, 38: 48}[width]
+    padded = {77: 80, 38: 40}[width]
     if axis == "token":  # T_q = 41 tokens of padded * bits / 8 bytes each
         assert counted["codes"] == 41 * padded * bits // 8
         if (width, bits) == (77, 4):
@@ -80,13 +80,13 @@ def test_segmented_count_pads_each_segment(axis):
         tuple(QuantizedStorage(w, c, axis, torch.float32) for w, c in zip(widths, configs, strict=True))
     ).nbytes(24)
     assert {name: 2 * n for name, n in counted.items()} == stream.nbytes()
-    assert counted["codes"] == 24 * (16 * 8 + 48 * 3) // 8  # 16 and 48 features of codes for 5 and 33
+    assert counted["codes"] == 24 * (8 * 8 + 40 * 3) // 8  # 8 and 40 features of codes for 5 and 33
 
 
 @pytest.mark.parametrize("axis", ["token", "channel"])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_count_equals_bytes_a_quantized_cache_of_unaligned_head_size_holds(bits, axis):
-    model = tiny_llama(hidden_size=152)  # head size 38: codes stored for 48 features
+    model = tiny_llama(hidden_size=152)  # head size 38: codes stored for 40 features
     config = KVQuantConfig(bits=bits, group_size=16, axis_k=axis, axis_v=axis, residual=3)
     ids = torch.randint(4, 96, (3, 40))
     with QuantizedKV(model, config) as kv, torch.no_grad():
@@ -95,7 +95,7 @@ def test_count_equals_bytes_a_quantized_cache_of_unaligned_head_size_holds(bits,
     counted = kv_cache_bytes(model, seq_len=40, batch_size=3, dtype=torch.float32, quant=config)
     assert counted.total == cache_tensor_bytes(cache) == sum(cache.nbytes().values())
     tq = 37 if axis == "token" else 32
-    codes = tq * 48 * bits // 8 * 2 * 2 * 3  # tokens x padded bytes per token x layers x KV heads x batch
+    codes = tq * 40 * bits // 8 * 2 * 2 * 3  # tokens x padded bytes per token x layers x KV heads x batch
     assert counted.components["keys.codes"] == counted.components["values.codes"] == codes
 
 

@@ -166,22 +166,25 @@ def _spread(x, BITS: tl.constexpr):
 def _channel_codes(C, base, stride_r, n, col, col_ok, BITS: tl.constexpr, GROUP: tl.constexpr, N: tl.constexpr,
                    MASK: tl.constexpr):  # fmt: skip
     # (W, N) codes of columns `col` (features) for tokens [n, n + N) of one block of GROUP tokens packed
-    # along tokens: rows of the block, each a run of features (16-byte aligned, see eigenkv.quant.packing)
+    # along tokens: rows of the block, each a run of features (rows of a multiple of 8 features and chunks
+    # starting at a multiple of 16, see eigenkv.quant.packing: 8-byte vectors, told to the compiler)
     o = n % GROUP
     if BITS == 3:
         row0 = (n // GROUP) * (GROUP // 4 + GROUP // 8)
         low_rows = (row0 + o // 4 + tl.arange(0, N // 4)).to(tl.int64) * stride_r
         high_rows = (row0 + GROUP // 4 + o // 8 + tl.arange(0, N // 8)).to(tl.int64) * stride_r
+        low = C + tl.multiple_of(base + col[:, None] + low_rows[None, :], [8, 1])
+        high = C + tl.multiple_of(base + col[:, None] + high_rows[None, :], [8, 1])
         if MASK:
-            low = tl.load(C + base + col[:, None] + low_rows[None, :], mask=col_ok[:, None], other=0)
-            high = tl.load(C + base + col[:, None] + high_rows[None, :], mask=col_ok[:, None], other=0)
+            low = tl.load(low, mask=col_ok[:, None], other=0)
+            high = tl.load(high, mask=col_ok[:, None], other=0)
         else:
-            low = tl.load(C + base + col[:, None] + low_rows[None, :])
-            high = tl.load(C + base + col[:, None] + high_rows[None, :])
+            low = tl.load(low)
+            high = tl.load(high)
         return _spread(low, 2) | (_spread(high, 1) << 2)
     else:
         rows = ((n // GROUP) * (GROUP * BITS // 8) + o * BITS // 8 + tl.arange(0, N * BITS // 8)).to(tl.int64)
-        ptrs = C + base + col[:, None] + rows[None, :] * stride_r
+        ptrs = C + tl.multiple_of(base + col[:, None] + rows[None, :] * stride_r, [8, 1])
         if MASK:
             return _spread(tl.load(ptrs, mask=col_ok[:, None], other=0), BITS)
         else:
@@ -192,12 +195,12 @@ def _channel_codes(C, base, stride_r, n, col, col_ok, BITS: tl.constexpr, GROUP:
 def _token_codes(C, rows, offset, aligned, BITS: tl.constexpr, W: tl.constexpr, MASK: tl.constexpr):
     # (N, W) codes of features [offset, offset + W) of tokens whose packed rows start at `rows` (N, 1):
     # each row packs `aligned` features along features (3 bits: a 2-bit plane, then a 1-bit plane). Rows hold
-    # a multiple of 16 features and chunks start at one, so runs of 2 * BITS bytes are aligned (vector loads).
+    # a multiple of 8 features and chunks start at a multiple of 16, so runs of BITS bytes are aligned.
     if BITS == 3:
         j4 = tl.arange(0, W // 4)
         j8 = tl.arange(0, W // 8)
         low = tl.multiple_of(rows + offset // 4 + j4[None, :], [1, 2])
-        high = tl.multiple_of(rows + aligned // 4 + offset // 8 + j8[None, :], [1, 2])
+        high = rows + aligned // 4 + offset // 8 + j8[None, :]
         if MASK:
             low = tl.load(C + low, mask=(offset + 4 * j4 < aligned)[None, :], other=0)
             high = tl.load(C + high, mask=(offset + 8 * j8 < aligned)[None, :], other=0)
@@ -207,7 +210,7 @@ def _token_codes(C, rows, offset, aligned, BITS: tl.constexpr, W: tl.constexpr, 
         return _spread(low, 2) | (_spread(high, 1) << 2)
     else:
         j = tl.arange(0, W * BITS // 8)
-        idx = tl.multiple_of(rows + offset * BITS // 8 + j[None, :], [1, 2 * BITS])
+        idx = tl.multiple_of(rows + offset * BITS // 8 + j[None, :], [1, BITS])
         if MASK:
             return _spread(tl.load(C + idx, mask=(offset + j * (8 // BITS) < aligned)[None, :], other=0), BITS)
         else:
@@ -227,8 +230,8 @@ def _offset(S, Z, ptrs, ok, scale, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
 def _channel_params(S, Z, base, stride_r, n, col, aligned, BITS: tl.constexpr, GROUP: tl.constexpr,
                     SYMMETRIC: tl.constexpr, MASK: tl.constexpr):  # fmt: skip
     # (W,) scale and offset of columns `col` for the group holding token n: one row of the group's parameters,
-    # stored for the aligned features (vector loads; the padding features' are zero)
-    ptrs = base + (n // GROUP).to(tl.int64) * stride_r + col
+    # stored for the aligned features (16-byte vector loads; the padding features' are zero)
+    ptrs = tl.multiple_of(base + (n // GROUP).to(tl.int64) * stride_r + col, 8)
     if MASK:
         ok = col < aligned
         scale = tl.load(S + ptrs, mask=ok, other=0.0)
@@ -443,8 +446,8 @@ def _decode_kernel(
             cos_step = tl.cos(BLOCK_N * inv_freq)[:, None]
             sin_step = tl.sin(BLOCK_N * inv_freq)[:, None]
             offset_angle = tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * inv_freq[None, :]
-            cos_i = tl.cos(offset_angle).to(dtype).to(tl.float32)
-            sin_i = tl.sin(offset_angle).to(dtype).to(tl.float32)
+            cos_i = tl.cos(offset_angle).to(dtype)
+            sin_i = tl.sin(offset_angle).to(dtype)
         for n in range(lo, tl.minimum(hi, main_tokens), BLOCK_N):
             n = tl.multiple_of(n, BLOCK_N)
             tok = n + tl.arange(0, BLOCK_N)
@@ -483,10 +486,16 @@ def _decode_kernel(
                     a2 += dot(k, d2b, DOT_FP32)
                 # key t = n + i turns by (n + i) * inv_freq: the tile's base turn moves to the query (once per
                 # tile), each key's offset turn comes from a table (once per program): no sin/cos in the loop
-                a1 = a1.to(dtype).to(tl.float32)  # rounded as the model rounds them
-                a2 = a2.to(dtype).to(tl.float32)
-                k1 = (a1 * cos_i - a2 * sin_i).to(dtype)
-                k2 = (a2 * cos_i + a1 * sin_i).to(dtype)
+                if DOT_FP32:  # the interpreter's bf16 arithmetic is wrong: round, then compute in fp32
+                    a1 = a1.to(dtype).to(tl.float32)
+                    a2 = a2.to(dtype).to(tl.float32)
+                    k1 = (a1 * cos_i.to(tl.float32) - a2 * sin_i.to(tl.float32)).to(dtype)
+                    k2 = (a2 * cos_i.to(tl.float32) + a1 * sin_i.to(tl.float32)).to(dtype)
+                else:  # in the model dtype, as the model rotates them (two elements per instruction)
+                    a1 = a1.to(dtype)
+                    a2 = a2.to(dtype)
+                    k1 = a1 * cos_i - a2 * sin_i
+                    k2 = a2 * cos_i + a1 * sin_i
                 qr1 = (q1f * cos_n + q2f * sin_n).to(dtype)
                 qr2 = (q2f * cos_n - q1f * sin_n).to(dtype)
                 scores = dot(k1, qr1, DOT_FP32) + dot(k2, qr2, DOT_FP32)
@@ -689,19 +698,20 @@ class Chunk:
 def feature_chunks(widths: list[int]) -> list[Chunk]:
     """The tiles covering a stream of segments of ``widths`` features (stored ``aligned_width`` each).
 
-    One segment: the largest power of two within its aligned width, then the rest rounded up to a
-    power of two (77 features: 64 + 16, stored 80); two segments: one tile each."""
+    One segment: the largest power of two within its aligned width (at least 16), then the rest rounded up
+    to a power of two (77 features: 64 + 16, stored 80; 38: 32 + 16, stored 40, the second tile masked past
+    feature 40); two segments: one tile each."""
     if len(widths) == 1:
         stored = aligned_width(widths[0])
-        first = 1 << (stored.bit_length() - 1)
-        chunks = [Chunk(0, 0, 0, first, False)]
+        first = max(16, 1 << (stored.bit_length() - 1))  # tiles of at least 16 features (tensor-core K)
+        chunks = [Chunk(0, 0, 0, first, first > stored)]
         if stored > first:
-            rest = triton.next_power_of_2(stored - first)
+            rest = pad_width(stored - first)
             chunks.append(Chunk(0, first, first, rest, rest > stored - first))
         return chunks
     if len(widths) != 2:
         raise ValueError(f"the kernel reads at most two precision segments; got {len(widths)}")
-    w1, w2 = (triton.next_power_of_2(aligned_width(w)) for w in widths)
+    w1, w2 = (pad_width(aligned_width(w)) for w in widths)
     return [
         Chunk(0, 0, 0, w1, w1 > aligned_width(widths[0])),
         Chunk(1, 0, widths[0], w2, w2 > aligned_width(widths[1])),
@@ -926,7 +936,7 @@ def decode_spec(
         constexprs |= {f"{prefix}_TOKEN": axis == "token", f"{prefix}B": len(chunks) > 1}
         for c, chunk in zip("AB", chunks + chunks[:1] * (2 - len(chunks)), strict=True):
             constexprs |= {f"{prefix}{c}_BITS": b, f"{prefix}{c}_W": chunk.width, f"{prefix}{c}_MASK": chunk.masked}
-            if axis == "channel":  # rows of a multiple of 16 features (per-token rows: hinted in the kernel)
+            if axis == "channel" and aligned_width(width) % 16 == 0:  # a launch specializes these strides
                 aligned += [f"{(prefix + c).lower()}{t}_{a}" for t in ("c", "s") for a in ("b", "h", "r")]
     constexprs |= {"G_PAD": pad_width(heads // kv_heads), "RV_PAD": pad_width(value_rank)}
     constexprs |= {"HALF_PAD": pad_width(head_dim // 2) if mode == "pre" else 16, "DOT_FP32": False}

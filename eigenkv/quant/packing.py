@@ -17,8 +17,10 @@ is completed with zero codes; ``unpack`` takes ``n`` to drop them.
 
 Feature alignment (what a cache stores): rows of features are stored as if they
 had ``aligned_width(n)`` features (``n`` rounded up to a multiple of
-``FEATURE_ALIGN = 16``), the padding codes zero, so that a kernel reads every
-row with 16-byte vector loads and without masks. ``pack_aligned`` /
+``FEATURE_ALIGN = 8``), the padding codes zero, so that a kernel reads every
+row with vector loads and asynchronous copies (8 bytes per channel-grouped
+row, ``bits`` bytes per token-grouped row at 2/4/8 bits). Eight, not sixteen:
+a rank of 38 is stored as 40 features, not 48; the padding is real memory. ``pack_aligned`` /
 ``unpack_aligned`` go between ``n`` codes and that padded form, ``pad_packed``
 from a dense packed row to it. For 3 bits each plane is padded: the low plane
 has ``aligned_width(n) / 4`` bytes, then the high plane ``aligned_width(n) / 8``.
@@ -33,7 +35,7 @@ import torch
 from eigenkv.quant.config import SUPPORTED_BITS
 from eigenkv.quant.reference import QuantizedGroups, dequantize
 
-FEATURE_ALIGN = 16
+FEATURE_ALIGN = 8
 
 
 def aligned_width(n: int) -> int:
@@ -149,7 +151,7 @@ class Segment:
             ``pack_aligned``), per channel ``(B, H, T_q / G * packed_length(G, bits), aligned_width(width))``
             (each block of ``G`` tokens packed along tokens).
         scale, zero: ``(B, H, T_q, ceil(width / G))`` per token, ``(B, H, T_q / G, aligned_width(width))`` per
-            channel (the padding features' zero, so a row of them loads as 16-byte vectors too);
+            channel (the padding features' zero, so a row of them loads as vectors too);
             ``zero`` None when symmetric.
         bits: code width; width: features in this segment (without the padding).
     """

@@ -6,19 +6,27 @@ their unquantized *twins* (a multi-token forward, see ``eigenkv.quant.cache``).
 This module owns those tags; the attention functions (``eigenkv.quant.cache``,
 ``eigenkv.compress.attention``) read them through the functions below.
 
-The kernel switch is :func:`eigenkv.kernels.utils.backend` (``EIGENKV_BACKEND``):
+The kernel switch is :func:`eigenkv.kernels.backend.backend` (``EIGENKV_BACKEND``):
 with ``auto`` an fp16/bf16 forward on CUDA runs
-:func:`~eigenkv.kernels.lowrank_decode.lowrank_decode` for one new token and
-:func:`~eigenkv.kernels.lowrank_prefill.lowrank_prefill` for several; CPU
-tensors, float32 models, masks other than causal attention to one range of
-keys per sequence, dropout and returned attention weights take the PyTorch path.
+:func:`~eigenkv.kernels.lowrank_decode.lowrank_decode` for one new token; for
+several (a prompt) it runs :func:`~eigenkv.kernels.sdpa_prefill.sdpa_prefill`
+(torch's fused SDPA on zero-padded rank-space tensors) when every query reads the
+same keys and values, and :func:`~eigenkv.kernels.lowrank_prefill.lowrank_prefill`
+only where that is not so or SDPA has no cheap form of it: the causal quantized view
+of a ``QuantizedKVCache`` (held keys or values tagged with twins) and ALiBi
+(:func:`prefill_through_sdpa`). ``triton`` runs the Triton kernels for every
+prompt (tests under the interpreter, kernel benchmarks). CPU tensors, float32
+models, masks other than causal attention to one range of keys per sequence,
+dropout and returned attention weights take the PyTorch path.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from eigenkv.kernels.backend import use_triton
+from eigenkv.kernels.backend import backend, use_triton
 from eigenkv.quant.packing import PackedStream
 
 # Set on the (B, H_kv, 0, D) tensors a QuantizedKVCache returns instead of its dequantized contents.
@@ -81,39 +89,61 @@ def kernel_attention(query, key, value, attention_mask, scoring, masked_is_true:
             return None
         out = lowrank_decode(query[:, :, 0], keys, values, scoring, starts=bounds[0], ends=bounds[1])
         return out.unsqueeze(1)
+    rows = causal_starts(attention_mask, batch, length, key.shape[-2], masked_is_true, query.device)
+    if rows is None:
+        return None
+    if prefill_through_sdpa(key, value, scoring):
+        from eigenkv.kernels.sdpa_prefill import sdpa_prefill
+
+        return sdpa_prefill(query, key, value, scoring, starts=rows.starts if rows.padded else None)
     from eigenkv.kernels.lowrank_prefill import lowrank_prefill
 
-    starts = causal_starts(attention_mask, batch, length, key.shape[-2], masked_is_true, query.device)
-    if starts is None:
-        return None
     views = []
     for held in (key, value):
         twin = twin_of(held)
         views.append((held, None) if twin is None else (twin[0], (held, twin[1].to(torch.int32))))
     (keys, quantized_keys), (values, quantized_values) = views
-    return lowrank_prefill(
-        query, keys, values, scoring, starts=starts, quantized_keys=quantized_keys, quantized_values=quantized_values
-    )
+    quantized = {"quantized_keys": quantized_keys, "quantized_values": quantized_values}
+    return lowrank_prefill(query, keys, values, scoring, starts=rows.starts, **quantized)
+
+
+def prefill_through_sdpa(key: torch.Tensor, value: torch.Tensor, scoring) -> bool:
+    """Whether a prompt takes :func:`~eigenkv.kernels.sdpa_prefill.sdpa_prefill` rather than the prefill kernel.
+
+    SDPA when every query reads the same keys and values (neither ``key`` nor ``value`` is tagged with
+    a twin: a ``DynamicCache``, no cache, or a quantized cache where no query reads a twin) and there
+    is no ALiBi (SDPA would need an ``(H, T, S)`` bias in memory and lose flash; the kernel adds it in
+    registers). ``EIGENKV_BACKEND=triton`` keeps every prompt on the kernel.
+    """
+    return backend() != "triton" and twin_of(key) is None and twin_of(value) is None and scoring.alibi_slopes is None
+
+
+class CausalRows(NamedTuple):
+    """A causal mask of one key range per sequence: its first valid keys, and whether any is past 0."""
+
+    starts: torch.Tensor  # (B,) int32
+    padded: bool  # some sequence is left-padded (known from the check's one sync: no layer syncs again)
 
 
 def causal_starts(attention_mask, batch: int, length: int, seq: int, masked_is_true: bool, device):
-    """First valid key per sequence (int32 ``(B,)``) when the mask of ``length`` queries over ``seq`` keys is
-    causal attention to ``[start, ...)``, else None. Rows of padding queries (no valid key) are not compared.
+    """:class:`CausalRows` when the mask of ``length`` queries over ``seq`` keys is causal attention to
+    ``[start, ...)`` per sequence, else None. Rows of padding queries (no valid key) are not compared.
 
-    The check costs one device sync; the result is kept on the mask, which every layer shares.
+    The check costs one device sync, which also tells whether any sequence is padded; the result is
+    kept on the mask, which every layer shares. No mask: causal from 0, no sync.
     """
     if attention_mask is None:
-        return torch.zeros(batch, dtype=torch.int32, device=device)
+        return CausalRows(torch.zeros(batch, dtype=torch.int32, device=device), False)
     cached = getattr(attention_mask, _BOUNDS_ATTR, None)
     if cached is not None:
-        return cached if isinstance(cached, torch.Tensor) else None
+        return cached or None
     rows = attention_mask[:, 0, -length:, :seq]
     if rows.dtype == torch.bool:
         visible = ~rows if masked_is_true else rows
     else:
         visible = rows > torch.finfo(rows.dtype).min / 2
     if visible.shape != (batch, length, seq):
-        attention_mask._eigenkv_key_bounds = ()
+        setattr(attention_mask, _BOUNDS_ATTR, ())
         return None
     positions = torch.arange(seq, device=device)
     query_positions = seq - length + torch.arange(length, device=device)
@@ -122,9 +152,11 @@ def causal_starts(attention_mask, batch: int, length: int, seq: int, masked_is_t
         positions[None, None, :] >= starts[:, None, None]
     )
     compared = (query_positions[None, :] >= starts[:, None])[..., None]  # (B, T, 1): queries with a valid key
-    ok = bool(torch.equal(visible & compared, expected & compared))
-    attention_mask._eigenkv_key_bounds = starts if ok else ()
-    return starts if ok else None
+    same = ((visible & compared) == (expected & compared)).all()
+    ok, padded = torch.stack([same, (starts > 0).any()]).tolist()  # the one sync
+    result = CausalRows(starts, bool(padded)) if ok else ()
+    setattr(attention_mask, _BOUNDS_ATTR, result)
+    return result or None
 
 
 def stream_handle(stream, like: torch.Tensor) -> torch.Tensor:

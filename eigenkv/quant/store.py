@@ -15,7 +15,7 @@ following this rule (``R`` = ``residual``, ``G`` = group size, ``m`` tokens held
   complete and older than the window; the rest stays in full precision.
 
 Storage layouts, per stream (``B`` batch, ``H`` KV heads, ``D`` head size, ``b`` bits,
-``D' = aligned_width(D)``: ``D`` rounded up to a multiple of 16):
+``D' = aligned_width(D)``: ``D`` rounded up to a multiple of 8):
 
 - per token:   codes ``(B, H, T_q, packed_length(D', b))`` uint8 packed along features,
   scales / zeros ``(B, H, T_q, ceil(D / G))``;
@@ -25,7 +25,7 @@ Storage layouts, per stream (``B`` batch, ``H`` KV heads, ``D`` head size, ``b``
 - window:      ``(B, H, m - T_q, D)`` in the model's dtype.
 
 Codes (and per-channel scales and zeros) cover ``D'`` features so that a kernel
-reads whole rows with 16-byte vector loads, without masks; the ``D' - D`` padding
+reads whole rows with vector loads and asynchronous copies; the ``D' - D`` padding
 codes and parameters are zero (per token at 3 bits each plane is padded: ``D' / 4``
 bytes of the low plane, then ``D' / 8`` of the high plane; see
 :mod:`eigenkv.quant.packing`). The ``D`` real features are quantized as they are;

@@ -96,10 +96,12 @@ def test_matches_reference_over_odd_shapes(case):
     "widths, expected",
     [
         ([77], [(0, 0, 0, 64, False), (0, 64, 64, 16, False)]),  # stored 80: 64 + 16
-        ([13], [(0, 0, 0, 16, False)]),
-        ([100], [(0, 0, 0, 64, False), (0, 64, 64, 64, True)]),  # stored 112: the second tile reaches past it
+        ([38], [(0, 0, 0, 32, False), (0, 32, 32, 16, True)]),  # stored 40: the second tile reaches past it
+        ([13], [(0, 0, 0, 16, False)]),  # stored 16
+        ([5], [(0, 0, 0, 16, True)]),  # stored 8: a tile is at least 16 features wide
+        ([100], [(0, 0, 0, 64, False), (0, 64, 64, 64, True)]),  # stored 104
         ([128], [(0, 0, 0, 128, False)]),
-        ([19, 58], [(0, 0, 0, 32, False), (1, 0, 19, 64, False)]),  # two precisions: one tile each
+        ([19, 58], [(0, 0, 0, 32, True), (1, 0, 19, 64, False)]),  # two precisions: one tile each (24, 64)
     ],
 )
 def test_feature_chunks_cover_the_stored_features(widths, expected):

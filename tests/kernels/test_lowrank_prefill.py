@@ -1,13 +1,19 @@
-"""The prefill kernel against its PyTorch reference over odd shapes, with and without the causal
-quantized view; the mask check that decides when the models use it."""
+"""The prefill kernel and its SDPA path against their PyTorch reference over odd shapes, with and
+without the causal quantized view; the mask check and the routing that decide which one the models use."""
 
 import pytest
 import torch
+from torch.nn.attention.bias import CausalBias
 
+from eigenkv.compress import EigenConfig, compress_model
+from eigenkv.kernels import lowrank_prefill as prefill_module
+from eigenkv.kernels import sdpa_prefill as sdpa_module
+from eigenkv.kernels.backend import backend
 from eigenkv.kernels.lowrank_prefill import lowrank_prefill, lowrank_prefill_reference
 from eigenkv.kernels.scoring import Scoring
-from eigenkv.quant import routing
-from tests.helpers import DEVICE
+from eigenkv.kernels.sdpa_prefill import sdpa_prefill
+from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache, routing
+from tests.helpers import DEVICE, random_tokens, random_windows, tiny_llama, tiny_mpt, tiny_opt
 from tests.kernels.test_lowrank_decode import ATOL, pre_rope
 
 
@@ -96,9 +102,234 @@ def test_causal_starts_accepts_only_causal_attention_to_one_range():
     causal = positions[None, :] <= (seq - length + torch.arange(length))[:, None]
     padded = causal & (positions >= 3)[None, :]  # second row left-padded by 3: its first query sees nothing
     mask = torch.stack([causal, padded])[:, None]  # (B, 1, T, S) bool, True = attend
-    assert routing.causal_starts(mask, 2, length, seq, False, "cpu").tolist() == [0, 3]
+    rows = routing.causal_starts(mask, 2, length, seq, False, "cpu")
+    assert rows.starts.tolist() == [0, 3] and rows.padded is True
+    assert routing.causal_starts(mask, 2, length, seq, False, "cpu") is rows  # kept on the mask: no second sync
     additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    assert routing.causal_starts(additive, 2, length, seq, False, "cpu").tolist() == [0, 3]
-    assert routing.causal_starts(~mask, 2, length, seq, True, "cpu").tolist() == [0, 3]  # MPT's convention
+    assert routing.causal_starts(additive, 2, length, seq, False, "cpu").starts.tolist() == [0, 3]
+    assert routing.causal_starts(~mask, 2, length, seq, True, "cpu").starts.tolist() == [0, 3]  # MPT's convention
+    unpadded = routing.causal_starts(torch.stack([causal, causal])[:, None], 2, length, seq, False, "cpu")
+    assert unpadded.starts.tolist() == [0, 0] and unpadded.padded is False
+    assert routing.causal_starts(None, 2, length, seq, False, "cpu").padded is False  # no mask: causal, no sync
     full = torch.ones_like(mask)  # bidirectional: not causal
     assert routing.causal_starts(full, 2, length, seq, False, "cpu") is None
+    assert routing.causal_starts(full, 2, length, seq, False, "cpu") is None  # the verdict is kept too
+
+
+# --- the SDPA path ----------------------------------------------------------------------------------
+
+
+def check_sdpa_against_reference(query, keys, values, scoring, starts=None):
+    """``sdpa_prefill`` against the float64 reference: within twice the same-dtype reference's error (fp16,
+    bf16), or 1e-5 (float32, float64: the reference's softmax is float32)."""
+    out = sdpa_prefill(query, keys, values, scoring, starts=starts)
+    exact = lowrank_prefill_reference(query.double(), keys.double(), values.double(), scoring.exact(), starts=starts)
+    assert out.shape == exact.shape == (query.shape[0], query.shape[2], query.shape[1], values.shape[-1])
+    assert out.dtype == query.dtype and out.is_contiguous()
+    error = (out.double() - exact).abs().max().item()
+    if query.dtype in ATOL:
+        same_dtype = lowrank_prefill_reference(query, keys, values, scoring, starts=starts)
+        bound = 2 * (same_dtype.double() - exact).abs().max().item() + ATOL[query.dtype]
+    else:
+        bound = 1e-5
+    assert error <= bound, f"sdpa_prefill error {error:.3g} > {bound:.3g}"
+    return out
+
+
+SDPA_CASES = [
+    # mode, head size d, groups, key rank, value rank, new tokens T, cached S, left padding, dtype
+    ("rank", 64, 1, 13, 38, 40, 40, False, torch.float16),  # T == S: is_causal, no mask
+    ("rank", 64, 3, 38, 13, 25, 60, False, torch.float32),  # a cache prefix: bottom-right causal bias
+    ("rank", 128, 4, 77, 77, 33, 33, True, torch.float16),  # left padding: the additive mask
+    ("rank", 64, 4, 13, 77, 20, 45, True, torch.float64),
+    ("rank", 64, 3, 38, 38, 30, 50, True, torch.bfloat16),
+    ("pre", 64, 3, 38, 38, 30, 30, False, torch.float16),
+    ("pre", 64, 1, 13, 77, 20, 50, True, torch.float32),
+    ("pre", 128, 4, 77, 13, 40, 40, True, torch.float64),
+    ("pre", 64, 4, 38, 13, 17, 41, False, torch.float16),
+]
+
+
+@pytest.mark.parametrize(
+    "case", SDPA_CASES, ids=[f"{c[0]}-d{c[1]}-g{c[2]}-r{c[3]}x{c[4]}-T{c[5]}-S{c[6]}-{c[8]}" for c in SDPA_CASES]
+)
+def test_sdpa_prefill_matches_reference_over_odd_shapes(case):
+    mode, d, groups, key_rank, value_rank, length, seq, padded, dtype = case
+    batch, kv_heads = 2, 2
+    keys = torch.randn(batch, kv_heads, seq, key_rank, device=DEVICE, dtype=dtype)
+    values = torch.randn(batch, kv_heads, seq, value_rank, device=DEVICE, dtype=dtype)
+    width = d if mode == "pre" else key_rank
+    query = torch.randn(batch, length, kv_heads * groups, width, device=DEVICE, dtype=dtype).transpose(1, 2)
+    scoring = pre_rope(d**-0.5, d, kv_heads, key_rank, dtype, groups == 1) if mode == "pre" else Scoring(d**-0.5)
+    # the second row left-padded so that its first 5 queries see no key
+    starts = torch.tensor([0, seq - length + 5], dtype=torch.int32, device=DEVICE) if padded else None
+    out = check_sdpa_against_reference(query, keys, values, scoring, starts)
+    if padded:
+        assert torch.count_nonzero(out[1, :5]) == 0  # queries without a valid key give zeros, as the reference
+        assert torch.count_nonzero(out[1, 5:]) == out[1, 5:].numel()
+
+
+def test_sdpa_prefill_with_alibi():
+    batch, heads, length, seq = 2, 4, 30, 44
+    keys = torch.randn(batch, heads, seq, 13, device=DEVICE, dtype=torch.float16)
+    values = torch.randn(batch, heads, seq, 21, device=DEVICE, dtype=torch.float16)
+    query = torch.randn(batch, heads, length, 13, device=DEVICE, dtype=torch.float16)
+    slopes = 2.0 ** -torch.arange(1, heads + 1, dtype=torch.float32, device=DEVICE)
+    for starts in (None, torch.tensor([0, 20], dtype=torch.int32, device=DEVICE)):
+        out = check_sdpa_against_reference(query, keys, values, Scoring(0.3, alibi_slopes=slopes), starts)
+        plain = sdpa_prefill(query, keys, values, Scoring(0.3), starts=starts)
+        assert (out - plain).abs().max() > 1e-2
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """Record every ``scaled_dot_product_attention`` call of ``sdpa_prefill``: ``(q, k, v, kwargs)``."""
+    calls = []
+    original = sdpa_module.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        calls.append((q, k, v, kwargs))
+        return original(q, k, v, **kwargs)
+
+    monkeypatch.setattr(sdpa_module, "scaled_dot_product_attention", recording)
+    return calls
+
+
+def test_sdpa_prefill_pads_to_eight_and_masks_only_when_needed(sdpa_calls, monkeypatch):
+    batch, kv_heads, groups, length, seq = 2, 2, 3, 12, 20
+    keys = torch.randn(batch, kv_heads, seq, 13, device=DEVICE, dtype=torch.float16)
+    values = torch.randn(batch, kv_heads, seq, 38, device=DEVICE, dtype=torch.float16)
+    query = torch.randn(batch, kv_heads * groups, length, 13, device=DEVICE, dtype=torch.float16)
+    scoring = Scoring(0.25)
+    sdpa_prefill(query, keys[:, :, :length], values[:, :, :length], scoring)  # T == S, no padding
+    q, k, v, kwargs = sdpa_calls[-1]
+    assert kwargs["attn_mask"] is None and kwargs["is_causal"] is True  # the flash path: no mask
+    assert q.shape[-1] == k.shape[-1] == v.shape[-1] == 40  # one width, a multiple of 8, for flash
+    assert kwargs["scale"] == 0.25 and kwargs["enable_gqa"] is True and k.shape[1] == kv_heads
+    sdpa_prefill(query, keys, values, scoring)  # T < S: torch's bottom-right causal bias, still no dense mask
+    q, k, v, kwargs = sdpa_calls[-1]
+    assert isinstance(kwargs["attn_mask"], CausalBias) and kwargs["is_causal"] is False
+    starts = torch.tensor([0, 9], dtype=torch.int32, device=DEVICE)
+    first = sdpa_prefill(query, keys, values, scoring, starts=starts)  # left padding: an additive mask
+    q, k, v, kwargs = sdpa_calls[-1]
+    mask = kwargs["attn_mask"]
+    assert mask.dtype == torch.float16 and mask.shape == (batch, 1, length, seq)
+    assert mask.stride(-2) % 16 == 0  # aligned rows: the memory-efficient backend uses the mask as it is
+    assert (q.shape[-1], k.shape[-1], v.shape[-1]) == (16, 16, 40)  # no flash: each width padded on its own
+    second = sdpa_prefill(query, keys, values, scoring, starts=starts)  # the next layer: the same mask, kept
+    assert sdpa_calls[-1][3]["attn_mask"] is mask
+    assert torch.equal(first, second)
+    monkeypatch.setattr(sdpa_module, "HAS_ENABLE_GQA", False)  # torch < 2.5: keys and values repeated per head
+    repeated = sdpa_prefill(query, keys, values, scoring, starts=starts)
+    q, k, v, kwargs = sdpa_calls[-1]
+    assert "enable_gqa" not in kwargs and k.shape[1] == v.shape[1] == kv_heads * groups
+    torch.testing.assert_close(repeated, first, atol=1e-3, rtol=0)
+
+
+def test_sdpa_prefill_refuses_bad_input():
+    keys = torch.randn(1, 2, 20, 16, device=DEVICE, dtype=torch.float16)
+    query = torch.randn(1, 4, 20, 16, device=DEVICE, dtype=torch.float16)
+    one = Scoring(1.0)
+    with pytest.raises(ValueError, match="at least as many keys"):
+        sdpa_prefill(torch.cat([query, query], dim=2), keys, keys, one)
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        sdpa_prefill(query[:, :3], keys, keys, one)
+    with pytest.raises(ValueError, match="values must be torch.float16"):
+        sdpa_prefill(query, keys, keys.bfloat16(), one)
+    with pytest.raises(ValueError, match="starts must be int32"):
+        sdpa_prefill(query, keys, keys, one, starts=torch.zeros(1, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="rank mode"):
+        sdpa_prefill(query[..., :8], keys, keys, one)
+    with pytest.raises(TypeError, match="Scoring"):
+        sdpa_prefill(query, keys, keys, 1.0)
+
+
+# --- routing: which prompts take SDPA, which the kernel ------------------------------------------------
+
+
+def test_prefill_through_sdpa_only_without_a_quantized_view_or_alibi(monkeypatch):
+    held = torch.zeros(1, 2, 5, 8)
+    plain = torch.zeros(1, 2, 5, 8)
+    tagged = torch.zeros(1, 2, 5, 8)
+    routing.tag_twin(tagged, held, torch.arange(5, dtype=torch.int32))
+    slopes = torch.ones(4)
+    monkeypatch.setenv("EIGENKV_BACKEND", "auto")
+    assert routing.prefill_through_sdpa(plain, plain, Scoring(1.0))
+    assert not routing.prefill_through_sdpa(tagged, plain, Scoring(1.0))  # keys read in two versions
+    assert not routing.prefill_through_sdpa(plain, tagged, Scoring(1.0))  # values read in two versions
+    assert not routing.prefill_through_sdpa(plain, plain, Scoring(1.0, alibi_slopes=slopes))  # ALiBi: the kernel
+    monkeypatch.setenv("EIGENKV_BACKEND", "triton")  # the kernels forced: every prompt too
+    assert not routing.prefill_through_sdpa(plain, plain, Scoring(1.0))
+
+
+@pytest.fixture
+def counted_prefill(monkeypatch):
+    """Attention routed as on CUDA under ``auto`` (``torch`` still the PyTorch path), prompts counted:
+    ``[("sdpa" | "kernel", mode)]``."""
+    calls = []
+    paths = (("kernel", prefill_module, "lowrank_prefill"), ("sdpa", sdpa_module, "sdpa_prefill"))
+    for name, module, function in paths:
+        original = getattr(module, function)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            calls.append((_name, args[3].mode))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, function, counting)
+    monkeypatch.setattr(routing, "use_triton", lambda x: backend() != "torch")
+    return calls
+
+
+def prompt_logits(model, ids, attention, cache, split=None):
+    """Logits of a left-padded prompt ``ids`` (B, T): one forward, or two (``split`` tokens, then the rest over
+    the cached prefix)."""
+    parts = [(0, ids.shape[1])] if split is None else [(0, split), (split, ids.shape[1])]
+    with torch.no_grad():
+        out = [
+            model(ids[:, a:e], attention_mask=attention[:, :e], past_key_values=cache, use_cache=True).logits
+            for a, e in parts
+        ]
+    return torch.cat(out, dim=1).float()
+
+
+MODELS = [(tiny_llama, "pre"), (tiny_llama, "post"), (tiny_opt, "pre"), (tiny_mpt, "pre")]
+
+
+@pytest.mark.parametrize(("make", "mode"), MODELS, ids=["llama-pre", "llama-post", "opt", "mpt"])
+def test_prompts_take_sdpa_unless_the_quantized_view_or_alibi_needs_it(make, mode, counted_prefill, monkeypatch):
+    from transformers import DynamicCache
+
+    model = make()
+    compress_model(model, random_windows(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
+    model = model.to(DEVICE, torch.float16)
+    ids = random_tokens(model, batch=2, length=21)
+    attention = torch.ones_like(ids)
+    attention[1, :4] = 0  # left padding
+    quant = KVQuantConfig(bits=4, group_size=16, residual=3)
+    layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layers
+    expected_mode = "pre" if (make is tiny_llama and mode == "pre") else "rank"
+    plain_tool = "kernel" if make is tiny_mpt else "sdpa"  # ALiBi stays on the kernel
+    results = {}
+    for backend_name in ("torch", "auto"):
+        monkeypatch.setenv("EIGENKV_BACKEND", backend_name)
+        counted_prefill.clear()
+        # a DynamicCache: a padded prompt (T == S), then more tokens over the cached prefix (T < S)
+        results[backend_name, "plain"] = prompt_logits(model, ids, attention, DynamicCache(config=model.config), 13)
+        plain_calls = list(counted_prefill)
+        counted_prefill.clear()
+        # a quantized cache whose held keys and values are read quantized by later queries: the causal view
+        if make is tiny_mpt:  # MPT attends itself: no QuantizedKV context, a cache that reads packed
+            cache = QuantizedKVCache(quant, model.config, read_packed=True)
+            results[backend_name, "quantized"] = prompt_logits(model, ids, attention, cache)
+        else:
+            with QuantizedKV(model, quant) as kv:
+                results[backend_name, "quantized"] = prompt_logits(model, ids, attention, kv.new_cache())
+        quantized_calls = list(counted_prefill)
+        if backend_name == "torch":
+            assert plain_calls == quantized_calls == []
+    assert plain_calls == [(plain_tool, expected_mode)] * 2 * layers
+    assert quantized_calls == [("kernel", expected_mode)] * layers  # the prefill kernel still launched
+    real = attention.bool()  # padding queries see no key: zeros here, what the model's own path gives them there
+    for cache in ("plain", "quantized"):
+        got, want = results["auto", cache][real], results["torch", cache][real]
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

@@ -229,10 +229,10 @@ def test_sass_dump_is_the_hot_loop(decode_case, decode_report):
 
 # The default decode config (Llama-3-8B shapes at 0.6x, 4-bit, group 64, keys per channel, values per token):
 # what its hot loop issues per stored byte, read from the sm_90 SASS. The bounds are where the kernel stands
-# (0.56 rank, 0.89 pre; the old kernel issued 6.3) with a little room: a change that makes the loop heavier
+# (0.56 rank, 0.78 pre; the old kernel issued 6.3 and 10.5) with a little room: a change that makes the loop heavier
 # fails here. The issue rate of an H100 over its bandwidth is about 0.3 per byte: below that the loop is
 # memory-bound.
-DECODE_TARGETS = {"lowrank_decode[llama3-8b,rank,4bit,g64]": 0.6, "lowrank_decode[llama3-8b,pre,4bit,g64]": 0.95}
+DECODE_TARGETS = {"lowrank_decode[llama3-8b,rank,4bit,g64]": 0.6, "lowrank_decode[llama3-8b,pre,4bit,g64]": 0.85}
 
 
 def test_default_decode_config_stays_under_its_target(tmp_path):

@@ -43,9 +43,9 @@ def test_exact_bits_per_code():
     assert [packed_length(64, b) * 8 / 64 for b in (2, 3, 4, 8)] == [2, 3, 4, 8]
 
 
-def test_aligned_width_rounds_up_to_16_features():
-    assert FEATURE_ALIGN == 16
-    assert [aligned_width(n) for n in (0, 1, 15, 16, 17, 38, 64, 77)] == [0, 16, 16, 16, 32, 48, 64, 80]
+def test_aligned_width_rounds_up_to_8_features():
+    assert FEATURE_ALIGN == 8
+    assert [aligned_width(n) for n in (0, 1, 7, 8, 9, 38, 64, 77)] == [0, 8, 8, 8, 16, 40, 64, 80]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -65,14 +65,14 @@ def test_aligned_packing_pads_with_zero_codes(bits, n, dim):
 
 
 def test_three_bit_padding_pads_each_plane():
-    codes = torch.full((38,), 7, dtype=torch.uint8)
+    codes = torch.full((33,), 7, dtype=torch.uint8)
     padded = pack_aligned(codes, 3)
-    # low plane of 48 codes (12 bytes), then the high plane of 48 codes (6 bytes): not the dense row + zeros
-    assert padded.shape == (18,)
-    assert padded[:12].tolist() == [0xFF] * 9 + [0b1111, 0, 0]  # codes 36, 37 real in byte 9
-    assert padded[12:].tolist() == [0xFF] * 4 + [0b111111, 0]  # codes 32..37 real in byte 4
-    dense = pack(codes, 3)  # 10 + 5 bytes
-    assert not torch.equal(padded, torch.nn.functional.pad(dense, (0, 3)))
+    # low plane of 40 codes (10 bytes), then the high plane of 40 codes (5 bytes): not the dense row + zeros
+    assert padded.shape == (15,)
+    assert padded[:10].tolist() == [0xFF] * 8 + [0b11, 0]  # code 32 real in byte 8
+    assert padded[10:].tolist() == [0xFF] * 4 + [0b1]  # code 32 real in byte 4
+    dense = pack(codes, 3)  # 9 + 5 bytes
+    assert not torch.equal(padded, torch.nn.functional.pad(dense, (0, 1)))
 
 
 def test_bad_input():

@@ -293,7 +293,7 @@ def _fma(codes, scale, shift, DTYPE: tl.constexpr, FP32: tl.constexpr):
 
 
 @triton.jit
-def _key_chunk_scores(qt, C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, width, aligned, groups,
+def _key_chunk_scores(qt, C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups,
                       DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
                       SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
                       DOT_FP32: tl.constexpr):  # fmt: skip
@@ -307,7 +307,7 @@ def _key_chunk_scores(qt, C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, wid
 
 
 @triton.jit
-def _key_chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, width, aligned, groups,
+def _key_chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups,
                       DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
                       SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
                       DOT_FP32: tl.constexpr):  # fmt: skip
@@ -321,7 +321,7 @@ def _key_chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, width, 
 
 
 @triton.jit
-def _value_chunk(pt, C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, width, aligned, groups,
+def _value_chunk(pt, C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups,
                  DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
                  SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
                  DOT_FP32: tl.constexpr):  # fmt: skip
@@ -452,34 +452,13 @@ def _decode_kernel(
             n = tl.multiple_of(n, BLOCK_N)
             tok = n + tl.arange(0, BLOCK_N)
             if PRE:
-                k = _key_chunk_states(
-                    KAC,
-                    KAS,
-                    KAZ,
-                    ka_c,
-                    ka_s,
-                    kac_r,
-                    kas_r,
-                    n,
-                    tok,
-                    ka_off,
-                    ka_width,
-                    ka_aligned,
-                    ka_groups,
-                    dtype,
-                    KA_BITS,
-                    K_TOKEN,
-                    GROUP,
-                    SYMMETRIC,
-                    KA_W,
-                    BLOCK_N,
-                    KA_MASK,
-                    DOT_FP32,
-                )
+                k = _key_chunk_states(KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off, ka_aligned, ka_groups,
+                                      dtype, KA_BITS, K_TOKEN, GROUP, SYMMETRIC, KA_W, BLOCK_N, KA_MASK,
+                                      DOT_FP32)  # fmt: skip
                 a1 = dot(k, d1a, DOT_FP32)
                 a2 = dot(k, d2a, DOT_FP32)
                 if KB:
-                    k = _key_chunk_states(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off, kb_width,
+                    k = _key_chunk_states(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off,
                                           kb_aligned, kb_groups, dtype, KB_BITS, K_TOKEN, GROUP, SYMMETRIC, KB_W,
                                           BLOCK_N, KB_MASK, DOT_FP32)  # fmt: skip
                     a1 += dot(k, d1b, DOT_FP32)
@@ -501,11 +480,11 @@ def _decode_kernel(
                 scores = dot(k1, qr1, DOT_FP32) + dot(k2, qr2, DOT_FP32)
                 cos_n, sin_n = cos_n * cos_step - sin_n * sin_step, sin_n * cos_step + cos_n * sin_step
             else:
-                scores = _key_chunk_scores(qa, KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off, ka_width,
+                scores = _key_chunk_scores(qa, KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off,
                                            ka_aligned, ka_groups, dtype, KA_BITS, K_TOKEN, GROUP, SYMMETRIC, KA_W,
                                            BLOCK_N, KA_MASK, DOT_FP32)  # fmt: skip
                 if KB:
-                    scores += _key_chunk_scores(qb, KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off, kb_width,
+                    scores += _key_chunk_scores(qb, KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off,
                                                 kb_aligned, kb_groups, dtype, KB_BITS, K_TOKEN, GROUP, SYMMETRIC,
                                                 KB_W, BLOCK_N, KB_MASK, DOT_FP32)  # fmt: skip
             scores = scores * qk_scale
@@ -518,12 +497,12 @@ def _decode_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=0)
             p = p.to(dtype)
             acc_a = acc_a * alpha[None, :] + _value_chunk(
-                p, VAC, VAS, VAZ, va_c, va_s, vac_r, vas_r, n, tok, va_off, va_width, va_aligned, va_groups, dtype,
+                p, VAC, VAS, VAZ, va_c, va_s, vac_r, vas_r, n, tok, va_off, va_aligned, va_groups, dtype,
                 VA_BITS, V_TOKEN, GROUP, SYMMETRIC, VA_W, BLOCK_N, VA_MASK, DOT_FP32,
             )  # fmt: skip
             if VB:
                 acc_b = acc_b * alpha[None, :] + _value_chunk(
-                    p, VBC, VBS, VBZ, vb_c, vb_s, vbc_r, vbs_r, n, tok, vb_off, vb_width, vb_aligned, vb_groups,
+                    p, VBC, VBS, VBZ, vb_c, vb_s, vbc_r, vbs_r, n, tok, vb_off, vb_aligned, vb_groups,
                     dtype, VB_BITS, V_TOKEN, GROUP, SYMMETRIC, VB_W, BLOCK_N, VB_MASK, DOT_FP32,
                 )  # fmt: skip
             m_i = m_new

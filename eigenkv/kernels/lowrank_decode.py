@@ -13,19 +13,33 @@ Shapes (``B`` batch, ``H`` query heads, ``H_kv`` KV heads, ``g = H / H_kv``,
 - output (B, H, r_v) in the query's dtype: attention in value rank space (the
   folded output projection finishes the job).
 
-Pre mode (pre-RoPE caches) rebuilds key ``t`` inside the kernel as
-``rope(c_t D^T, t)``: with ``D = [D_1 D_2]`` split at ``d / 2``, ``a_i = c_t D_i^T``
-on tensor cores, and the rotated halves are ``a_1 cos - a_2 sin`` and
-``a_2 cos + a_1 sin`` (Hugging Face's ``rotate_half`` convention), with
-``cos``/``sin`` of ``t * inv_freq`` computed in registers: no table is read.
-
 Grid ``(B * H_kv, splits)``: a program reads one contiguous range of tokens for
 all ``g`` query heads of its KV head (each cached byte is read once per step),
-unpacks and dequantizes codes in registers, keeps an online softmax in base 2,
-and writes its partial output, running max and sum; ``_merge_kernel`` combines
-the splits. Valid keys of sequence ``b`` are ``[starts[b], ends[b])`` (left
-padding, unequal lengths). ALiBi adds ``slope_h * t`` (softmax is invariant to
-the per-query shift ``- slope_h * (S - 1)`` MPT also adds).
+keeps an online softmax in base 2 and writes its partial output, running max
+and sum; ``_merge_kernel`` combines the splits. Valid keys of sequence ``b`` are
+``[starts[b], ends[b])`` (left padding, unequal lengths). ALiBi adds
+``slope_h * t`` (softmax is invariant to the per-query shift
+``- slope_h * (S - 1)`` MPT also adds).
+
+Inside a program (what it issues per stored byte is read from the compiled
+code by ``python -m eigenkv.kernels.roofline``):
+
+- tiles are token-major: scores ``(BLOCK_N tokens, query heads)``, so the
+  tokens are the MMA's M dimension and one warpgroup MMA serves all warps;
+- a stream's features are read as at most two power-of-two chunks
+  (:func:`feature_chunks`), their packed rows as aligned vectors copied
+  asynchronously (rows cover ``aligned_width`` features, see
+  :mod:`eigenkv.quant.packing`), unpacked whole and dequantized in the model
+  dtype with one fused multiply-add per element, the group's scales loaded
+  once per tile (a tile never straddles a group of per-channel keys);
+- a main loop reads the tiles where every key and value is quantized, a tail
+  loop the full-precision window and partly quantized tiles element by element;
+- pre mode (pre-RoPE caches) rebuilds key ``t`` as ``rope(c_t D^T, t)``: with
+  ``D = [D_1 D_2]`` split at ``d / 2``, ``a_i = c_t D_i^T`` on tensor cores,
+  rotated as Hugging Face's ``rotate_half`` does. In the main loop the tile's
+  base angle turns the query once per tile (advanced by angle addition) and
+  each key turns by its offset in the tile, from a table computed once per
+  program: no sin/cos per element.
 """
 
 from __future__ import annotations
@@ -90,8 +104,8 @@ def lowrank_decode_reference(
 
 # --- kernel ----------------------------------------------------------------------------------
 
-# The tail loop (window, partly quantized tiles) reads codes one element at a time; the main loop reads whole
-# 16-byte runs of packed codes (_channel_codes, _token_codes).
+# The tail loop (window, partly quantized tiles) reads codes one element at a time (_codes, _segment); the
+# main loop reads whole aligned runs of packed codes (_channel_codes, _token_codes).
 
 
 @triton.jit

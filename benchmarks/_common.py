@@ -273,3 +273,10 @@ def try_sdpa_backend(backend, fn) -> str | None:
         except Exception as exc:  # RuntimeError("No available kernel"), or whatever the backend raises
             reasons = " | ".join(" ".join(str(w.message).split())[:160] for w in caught[:3])
             return short_error(exc) + (f" ({reasons})" if reasons else "")
+
+
+def add_gpu_step_arguments(parser, smoke_help: str = "no CUDA: run the kernels in the interpreter") -> None:
+    """``--cpu-smoke``, ``--append``, ``--out``: the options every step of ``run_gpu_checks.sh`` takes."""
+    parser.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--append", action="store_true", help="append to the CSV instead of starting it over")
+    parser.add_argument("--out", default=None, help="folder (default benchmarks/results) or a .csv path")

@@ -50,6 +50,7 @@ import torch
 
 from benchmarks._common import (
     RowLog,
+    add_gpu_step_arguments,
     copy_bandwidth_gbs,
     measure_ms,
     plot_latency_panels,
@@ -328,9 +329,7 @@ def main() -> None:
     parser.add_argument("--residual", type=int, default=0, help="tokens kept in full precision (KVQuantConfig)")
     parser.add_argument("--graph", action="store_true", help="also time each method replayed from a CUDA graph")
     parser.add_argument("--sdpa-backends", default="flash,efficient,cudnn,math")
-    parser.add_argument("--cpu-smoke", action="store_true", help="no CUDA: run the kernels in the interpreter")
-    parser.add_argument("--append", action="store_true", help="append to the CSV instead of starting it over")
-    parser.add_argument("--out", default=None, help="folder (default benchmarks/results) or a .csv path")
+    add_gpu_step_arguments(parser)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     kernel = cuda or args.cpu_smoke

@@ -51,6 +51,7 @@ import torch
 
 from benchmarks._common import (
     RowLog,
+    add_gpu_step_arguments,
     measure_ms,
     plot_latency_panels,
     results_path,
@@ -213,9 +214,7 @@ def main() -> None:
     parser.add_argument("--modes", default="rank,pre,rank_quantized_view", help="eigenkv modes")
     parser.add_argument("--ratio", type=float, default=0.6)
     parser.add_argument("--sdpa-backends", default="flash,efficient,cudnn,math", help="tried in this order")
-    parser.add_argument("--cpu-smoke", action="store_true", help="no CUDA: run the kernel in the interpreter")
-    parser.add_argument("--append", action="store_true", help="append to the CSV instead of starting it over")
-    parser.add_argument("--out", default=None, help="folder (default benchmarks/results) or a .csv path")
+    add_gpu_step_arguments(parser, "no CUDA: run the kernel in the interpreter")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     kernel = cuda or args.cpu_smoke

@@ -32,7 +32,7 @@ import traceback
 
 import torch
 
-from benchmarks._common import RowLog, results_path, short_error
+from benchmarks._common import RowLog, add_gpu_step_arguments, results_path, short_error
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel import: the interpreter runs them on CPU
@@ -75,27 +75,37 @@ def log_check(log: RowLog, common: dict, result: dict, seconds: float) -> bool:
     return result["pass"]
 
 
+def run_check(log: RowLog, common: dict, outputs) -> bool:
+    """Run ``outputs() -> (kernel, same-dtype reference, float64 reference)``, log and print the verdict; a launch
+    or shape error is recorded as a failed check, so the other checks still run."""
+    began = time.perf_counter()
+    try:
+        return log_check(log, common, compare(*outputs()), time.perf_counter() - began)
+    except Exception as exc:
+        traceback.print_exc()
+        log.add(**common, metric="error", value=short_error(exc))
+        print(f"ERROR {common['method']} {common['mode']} {common['dtype']}: {short_error(exc)}", flush=True)
+        return False
+
+
 def check_decode(log: RowLog, dtype_name: str, modes: list[str], batch: int, tokens: int, args, device) -> bool:
     """Decode kernel vs reference in each mode, on one cache (stored once per dtype)."""
     dtype = DTYPES[dtype_name]
     config = KVQuantConfig(bits=4, group_size=64, axis_k="channel", axis_v="token", residual=args.residual)
     case = decode_case(SHAPE, batch, tokens, RATIO, config, dtype, device, query_scale=args.query_scale)
+
+    def outputs(mode):
+        query, scoring = case.queries[mode]
+        return (
+            lowrank_decode(query, case.keys, case.values, scoring),
+            lowrank_decode_reference(query, case.keys, case.values, scoring),
+            lowrank_decode_reference(query.double(), case.keys, case.values, scoring.exact()),
+        )
+
     ok = True
     for mode in modes:
         common = {"step": "correct", "shape": SHAPE, "dtype": dtype_name, "method": "lowrank_decode", "mode": mode}
-        common |= {"batch": batch, "context": tokens}
-        began = time.perf_counter()
-        try:
-            query, scoring = case.queries[mode]
-            out = lowrank_decode(query, case.keys, case.values, scoring)
-            same = lowrank_decode_reference(query, case.keys, case.values, scoring)
-            exact = lowrank_decode_reference(query.double(), case.keys, case.values, scoring.exact())
-            ok &= log_check(log, common, compare(out, same, exact), time.perf_counter() - began)
-        except Exception as exc:  # a launch or shape error: record it, run the other checks
-            traceback.print_exc()
-            log.add(**common, metric="error", value=short_error(exc))
-            print(f"ERROR {common['method']} {mode} {dtype_name}: {short_error(exc)}", flush=True)
-            ok = False
+        ok &= run_check(log, common | {"batch": batch, "context": tokens}, lambda m=mode: outputs(m))
     return ok
 
 
@@ -124,22 +134,19 @@ def check_prefill(log: RowLog, dtype_name: str, modes: list[str], batch: int, le
     dtype = DTYPES[dtype_name]
     inputs = prefill_inputs(batch, length, dtype, device, args.query_scale)
     keys, values = inputs["keys"], inputs["values"]
+
+    def outputs(mode):
+        query, scoring = inputs[mode]
+        return (
+            lowrank_prefill(query, keys, values, scoring),
+            lowrank_prefill_reference(query, keys, values, scoring),
+            lowrank_prefill_reference(query.double(), keys.double(), values.double(), scoring.exact()),
+        )
+
     ok = True
     for mode in modes:
         common = {"step": "correct", "shape": SHAPE, "dtype": dtype_name, "method": "lowrank_prefill", "mode": mode}
-        common |= {"batch": batch, "context": length}
-        began = time.perf_counter()
-        try:
-            query, scoring = inputs[mode]
-            out = lowrank_prefill(query, keys, values, scoring)
-            same = lowrank_prefill_reference(query, keys, values, scoring)
-            exact = lowrank_prefill_reference(query.double(), keys.double(), values.double(), scoring.exact())
-            ok &= log_check(log, common, compare(out, same, exact), time.perf_counter() - began)
-        except Exception as exc:
-            traceback.print_exc()
-            log.add(**common, metric="error", value=short_error(exc))
-            print(f"ERROR {common['method']} {mode} {dtype_name}: {short_error(exc)}", flush=True)
-            ok = False
+        ok &= run_check(log, common | {"batch": batch, "context": length}, lambda m=mode: outputs(m))
     return ok
 
 
@@ -154,9 +161,7 @@ def main() -> int:
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--query-scale", type=float, default=4.0)
     parser.add_argument("--skip", default="", help="comma-separated: decode, prefill")
-    parser.add_argument("--cpu-smoke", action="store_true", help="no CUDA: tiny sizes in the Triton interpreter")
-    parser.add_argument("--append", action="store_true", help="append to the CSV instead of starting it over")
-    parser.add_argument("--out", default=None, help="folder (default benchmarks/results) or a .csv path")
+    add_gpu_step_arguments(parser, "no CUDA: tiny sizes in the Triton interpreter")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.cpu_smoke:

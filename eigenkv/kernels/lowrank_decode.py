@@ -307,45 +307,18 @@ def _fma(codes, scale, shift, DTYPE: tl.constexpr, FP32: tl.constexpr):
 
 
 @triton.jit
-def _key_chunk_scores(qt, C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups,
-                      DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
-                      SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
-                      DOT_FP32: tl.constexpr):  # fmt: skip
-    # (N, M) raw scores of a key chunk against the query chunk qt (W, M) in the model dtype
-    k = _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, DTYPE, BITS,
-                      AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, DOT_FP32)  # fmt: skip
+def _tile_rows(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups,
+               DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
+               SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
+               FP32: tl.constexpr):  # fmt: skip
+    # (N, W) token-major chunk of a full tile in the model dtype: keys score as dot(rows, q), values weigh as
+    # dot(rows^T, p), pre mode rebuilds keys from them
+    x = _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, DTYPE, BITS,
+                      AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, FP32)  # fmt: skip
     if AXIS_TOKEN:
-        return dot(k, qt, DOT_FP32)
+        return x
     else:
-        return dot(tl.trans(k), qt, DOT_FP32)
-
-
-@triton.jit
-def _key_chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups,
-                      DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
-                      SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
-                      DOT_FP32: tl.constexpr):  # fmt: skip
-    # (N, W) keys of a full tile in the model dtype (pre mode rebuilds keys from these coefficients)
-    k = _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, DTYPE, BITS,
-                      AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, DOT_FP32)  # fmt: skip
-    if AXIS_TOKEN:
-        return k
-    else:
-        return tl.trans(k)
-
-
-@triton.jit
-def _value_chunk(pt, C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups,
-                 DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
-                 SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
-                 DOT_FP32: tl.constexpr):  # fmt: skip
-    # (W, M): a value chunk weighted by pt (N, M) in the model dtype
-    v = _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, DTYPE, BITS,
-                      AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, DOT_FP32)  # fmt: skip
-    if AXIS_TOKEN:
-        return dot(tl.trans(v), pt, DOT_FP32)
-    else:
-        return dot(v, pt, DOT_FP32)
+        return tl.trans(x)
 
 
 @triton.jit
@@ -465,18 +438,18 @@ def _decode_kernel(
         for n in range(lo, tl.minimum(hi, main_tokens), BLOCK_N):
             n = tl.multiple_of(n, BLOCK_N)
             tok = n + tl.arange(0, BLOCK_N)
+            ka = _tile_rows(KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off, ka_aligned, ka_groups, dtype,
+                            KA_BITS, K_TOKEN, GROUP, SYMMETRIC, KA_W, BLOCK_N, KA_MASK, DOT_FP32)  # fmt: skip
+            if KB:
+                kb = _tile_rows(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off, kb_aligned, kb_groups,
+                                dtype, KB_BITS, K_TOKEN, GROUP, SYMMETRIC, KB_W, BLOCK_N, KB_MASK,
+                                DOT_FP32)  # fmt: skip
             if PRE:
-                k = _key_chunk_states(KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off, ka_aligned, ka_groups,
-                                      dtype, KA_BITS, K_TOKEN, GROUP, SYMMETRIC, KA_W, BLOCK_N, KA_MASK,
-                                      DOT_FP32)  # fmt: skip
-                a1 = dot(k, d1a, DOT_FP32)
-                a2 = dot(k, d2a, DOT_FP32)
+                a1 = dot(ka, d1a, DOT_FP32)
+                a2 = dot(ka, d2a, DOT_FP32)
                 if KB:
-                    k = _key_chunk_states(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off,
-                                          kb_aligned, kb_groups, dtype, KB_BITS, K_TOKEN, GROUP, SYMMETRIC, KB_W,
-                                          BLOCK_N, KB_MASK, DOT_FP32)  # fmt: skip
-                    a1 += dot(k, d1b, DOT_FP32)
-                    a2 += dot(k, d2b, DOT_FP32)
+                    a1 += dot(kb, d1b, DOT_FP32)
+                    a2 += dot(kb, d2b, DOT_FP32)
                 # key t = n + i turns by (n + i) * inv_freq: the tile's base turn moves to the query (once per
                 # tile), each key's offset turn comes from a table (once per program): no sin/cos in the loop
                 if DOT_FP32:  # the interpreter's bf16 arithmetic is wrong: round, then compute in fp32
@@ -494,13 +467,9 @@ def _decode_kernel(
                 scores = dot(k1, qr1, DOT_FP32) + dot(k2, qr2, DOT_FP32)
                 cos_n, sin_n = cos_n * cos_step - sin_n * sin_step, sin_n * cos_step + cos_n * sin_step
             else:
-                scores = _key_chunk_scores(qa, KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off,
-                                           ka_aligned, ka_groups, dtype, KA_BITS, K_TOKEN, GROUP, SYMMETRIC, KA_W,
-                                           BLOCK_N, KA_MASK, DOT_FP32)  # fmt: skip
+                scores = dot(ka, qa, DOT_FP32)
                 if KB:
-                    scores += _key_chunk_scores(qb, KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off,
-                                                kb_aligned, kb_groups, dtype, KB_BITS, K_TOKEN, GROUP, SYMMETRIC,
-                                                KB_W, BLOCK_N, KB_MASK, DOT_FP32)  # fmt: skip
+                    scores += dot(kb, qb, DOT_FP32)
             scores = scores * qk_scale
             if ALIBI:
                 scores += tok.to(tl.float32)[:, None] * slopes[None, :]
@@ -510,15 +479,14 @@ def _decode_kernel(
             p = tl.exp2(scores - m_new[None, :])
             l_i = l_i * alpha + tl.sum(p, axis=0)
             p = p.to(dtype)
-            acc_a = acc_a * alpha[None, :] + _value_chunk(
-                p, VAC, VAS, VAZ, va_c, va_s, vac_r, vas_r, n, tok, va_off, va_aligned, va_groups, dtype,
-                VA_BITS, V_TOKEN, GROUP, SYMMETRIC, VA_W, BLOCK_N, VA_MASK, DOT_FP32,
-            )  # fmt: skip
+            v = _tile_rows(VAC, VAS, VAZ, va_c, va_s, vac_r, vas_r, n, tok, va_off, va_aligned, va_groups, dtype,
+                           VA_BITS, V_TOKEN, GROUP, SYMMETRIC, VA_W, BLOCK_N, VA_MASK, DOT_FP32)  # fmt: skip
+            acc_a = acc_a * alpha[None, :] + dot(tl.trans(v), p, DOT_FP32)
             if VB:
-                acc_b = acc_b * alpha[None, :] + _value_chunk(
-                    p, VBC, VBS, VBZ, vb_c, vb_s, vbc_r, vbs_r, n, tok, vb_off, vb_aligned, vb_groups,
-                    dtype, VB_BITS, V_TOKEN, GROUP, SYMMETRIC, VB_W, BLOCK_N, VB_MASK, DOT_FP32,
-                )  # fmt: skip
+                v = _tile_rows(VBC, VBS, VBZ, vb_c, vb_s, vbc_r, vbs_r, n, tok, vb_off, vb_aligned, vb_groups,
+                               dtype, VB_BITS, V_TOKEN, GROUP, SYMMETRIC, VB_W, BLOCK_N, VB_MASK,
+                               DOT_FP32)  # fmt: skip
+                acc_b = acc_b * alpha[None, :] + dot(tl.trans(v), p, DOT_FP32)
             m_i = m_new
 
     # tail: the full-precision window and partly quantized tiles, element by element

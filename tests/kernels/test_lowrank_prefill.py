@@ -41,16 +41,22 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-d{c[1]}-g{c[2]}-r{c[3]}x{c[4]}-T{c[5]}-S{c[6]}" for c in CASES])
-def test_matches_reference_over_odd_shapes(case):
-    mode, d, groups, key_rank, value_rank, length, seq, quantized, dtype = case
+def random_prompt(mode, d, groups, key_rank, value_rank, length, seq, dtype):
+    """``(query, keys, values, scoring)`` of 2 sequences over 2 KV heads: rank-space keys and values of ``seq``
+    tokens, ``length`` queries strided as the models hand them ((B, T, H, e) transposed)."""
     batch, kv_heads = 2, 2
     keys = torch.randn(batch, kv_heads, seq, key_rank, device=DEVICE, dtype=dtype)
     values = torch.randn(batch, kv_heads, seq, value_rank, device=DEVICE, dtype=dtype)
     width = d if mode == "pre" else key_rank
-    # a strided query, as the models hand it: (B, T, H, e) transposed
     query = torch.randn(batch, length, kv_heads * groups, width, device=DEVICE, dtype=dtype).transpose(1, 2)
     scoring = pre_rope(d**-0.5, d, kv_heads, key_rank, dtype, groups == 1) if mode == "pre" else Scoring(d**-0.5)
+    return query, keys, values, scoring
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-d{c[1]}-g{c[2]}-r{c[3]}x{c[4]}-T{c[5]}-S{c[6]}" for c in CASES])
+def test_matches_reference_over_odd_shapes(case):
+    mode, d, groups, key_rank, value_rank, length, seq, quantized, dtype = case
+    query, keys, values, scoring = random_prompt(mode, d, groups, key_rank, value_rank, length, seq, dtype)
     kwargs = {"starts": torch.tensor([0, 6], dtype=torch.int32, device=DEVICE)}  # the second row left-padded
     if quantized:  # query i reads a perturbed ("dequantized") version of the older keys and values
         first = seq - length
@@ -155,12 +161,7 @@ SDPA_CASES = [
 )
 def test_sdpa_prefill_matches_reference_over_odd_shapes(case):
     mode, d, groups, key_rank, value_rank, length, seq, padded, dtype = case
-    batch, kv_heads = 2, 2
-    keys = torch.randn(batch, kv_heads, seq, key_rank, device=DEVICE, dtype=dtype)
-    values = torch.randn(batch, kv_heads, seq, value_rank, device=DEVICE, dtype=dtype)
-    width = d if mode == "pre" else key_rank
-    query = torch.randn(batch, length, kv_heads * groups, width, device=DEVICE, dtype=dtype).transpose(1, 2)
-    scoring = pre_rope(d**-0.5, d, kv_heads, key_rank, dtype, groups == 1) if mode == "pre" else Scoring(d**-0.5)
+    query, keys, values, scoring = random_prompt(mode, d, groups, key_rank, value_rank, length, seq, dtype)
     # the second row left-padded so that its first 5 queries see no key
     starts = torch.tensor([0, seq - length + 5], dtype=torch.int32, device=DEVICE) if padded else None
     out = check_sdpa_against_reference(query, keys, values, scoring, starts)

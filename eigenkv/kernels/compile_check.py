@@ -84,7 +84,7 @@ def compile_kernel(spec: KernelSpec, capability: int) -> CompiledSpec:
     compiled = compile(
         src,
         target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages, "maxnreg": spec.maxnreg},
     )
     usage = cuobjdump(compiled.asm["cubin"], "--dump-resource-usage")
     registers = re.search(r"REG:(\d+)", usage)

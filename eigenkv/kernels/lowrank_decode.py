@@ -30,8 +30,9 @@ code by ``python -m eigenkv.kernels.roofline``):
   (:func:`feature_chunks`), their packed rows as aligned vectors copied
   asynchronously (rows cover ``aligned_width`` features, see
   :mod:`eigenkv.quant.packing`), unpacked whole and dequantized in the model
-  dtype with one fused multiply-add per element, the group's scales loaded
-  once per tile (a tile never straddles a group of per-channel keys);
+  dtype with one fused multiply-add per element, the scales of a block of
+  per-channel codes loaded once per tile (a tile of 64 tokens holds one
+  block, part of one, or several whole ones);
 - a main loop reads the tiles where every key and value is quantized, a tail
   loop the full-precision window and partly quantized tiles element by element;
 - pre mode (pre-RoPE caches) rebuilds key ``t`` as ``rope(c_t D^T, t)``: with
@@ -179,16 +180,17 @@ def _spread(x, BITS: tl.constexpr):
 @triton.jit
 def _channel_codes(C, base, stride_r, n, col, col_ok, BITS: tl.constexpr, GROUP: tl.constexpr, N: tl.constexpr,
                    MASK: tl.constexpr):  # fmt: skip
-    # (W, N) codes of columns `col` (features) for tokens [n, n + N) of one block of GROUP tokens packed
-    # along tokens: rows of the block, each a run of features (rows of a multiple of 8 features and chunks
-    # starting at a multiple of 16, see eigenkv.quant.packing: 8-byte vectors, told to the compiler)
-    o = n % GROUP
-    if BITS == 3:
-        row0 = (n // GROUP) * (GROUP // 4 + GROUP // 8)
-        low_rows = (row0 + o // 4 + tl.arange(0, N // 4)).to(tl.int64) * stride_r
-        high_rows = (row0 + GROUP // 4 + o // 8 + tl.arange(0, N // 8)).to(tl.int64) * stride_r
-        low = C + tl.multiple_of(base + col[:, None] + low_rows[None, :], [8, 1])
-        high = C + tl.multiple_of(base + col[:, None] + high_rows[None, :], [8, 1])
+    # (W, N) codes of columns `col` (features) for tokens [n, n + N) packed along tokens in blocks of GROUP
+    # (one block or several whole ones): rows of a block, each a run of features (rows of a multiple of 8
+    # features and chunks starting at a multiple of 16, see eigenkv.quant.packing: 8-byte vectors, told to
+    # the compiler). A byte holds 8 // BITS tokens of one block; the row of the byte starting at token t:
+    if BITS == 3:  # each block: a 2-bit plane of GROUP // 4 rows, then a 1-bit plane of GROUP // 8
+        t4 = n + 4 * tl.arange(0, N // 4)
+        t8 = n + 8 * tl.arange(0, N // 8)
+        low_rows = ((t4 // GROUP) * (GROUP // 4 + GROUP // 8) + (t4 % GROUP) // 4).to(tl.int64)
+        high_rows = ((t8 // GROUP) * (GROUP // 4 + GROUP // 8) + GROUP // 4 + (t8 % GROUP) // 8).to(tl.int64)
+        low = C + tl.multiple_of(base + col[:, None] + low_rows[None, :] * stride_r, [8, 1])
+        high = C + tl.multiple_of(base + col[:, None] + high_rows[None, :] * stride_r, [8, 1])
         if MASK:
             low = tl.load(low, mask=col_ok[:, None], other=0)
             high = tl.load(high, mask=col_ok[:, None], other=0)
@@ -196,8 +198,8 @@ def _channel_codes(C, base, stride_r, n, col, col_ok, BITS: tl.constexpr, GROUP:
             low = tl.load(low)
             high = tl.load(high)
         return _spread(low, 2) | (_spread(high, 1) << 2)
-    else:
-        rows = ((n // GROUP) * (GROUP * BITS // 8) + o * BITS // 8 + tl.arange(0, N * BITS // 8)).to(tl.int64)
+    else:  # blocks of whole bytes lie back to back: token t is in row t * BITS // 8
+        rows = (n * BITS // 8 + tl.arange(0, N * BITS // 8)).to(tl.int64)
         ptrs = C + tl.multiple_of(base + col[:, None] + rows[None, :] * stride_r, [8, 1])
         if MASK:
             return _spread(tl.load(ptrs, mask=col_ok[:, None], other=0), BITS)
@@ -209,11 +211,13 @@ def _channel_codes(C, base, stride_r, n, col, col_ok, BITS: tl.constexpr, GROUP:
 def _token_codes(C, rows, offset, aligned, BITS: tl.constexpr, W: tl.constexpr, MASK: tl.constexpr):
     # (N, W) codes of features [offset, offset + W) of tokens whose packed rows start at `rows` (N, 1):
     # each row packs `aligned` features along features (3 bits: a 2-bit plane, then a 1-bit plane). Rows hold
-    # a multiple of 8 features and chunks start at a multiple of 16, so runs of BITS bytes are aligned.
+    # a multiple of 8 features and chunks start at a multiple of 16, so runs of BITS bytes are aligned for
+    # 2, 4 and 8 bits; a 3-bit row is 3 * aligned / 8 bytes, odd when aligned / 8 is: no claim there (a false
+    # one faults on the GPU with a misaligned address)
     if BITS == 3:
         j4 = tl.arange(0, W // 4)
         j8 = tl.arange(0, W // 8)
-        low = tl.multiple_of(rows + offset // 4 + j4[None, :], [1, 2])
+        low = rows + offset // 4 + j4[None, :]
         high = rows + aligned // 4 + offset // 8 + j8[None, :]
         if MASK:
             low = tl.load(C + low, mask=(offset + 4 * j4 < aligned)[None, :], other=0)
@@ -242,12 +246,18 @@ def _offset(S, Z, ptrs, ok, scale, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
 
 @triton.jit
 def _channel_params(S, Z, base, stride_r, n, col, aligned, BITS: tl.constexpr, GROUP: tl.constexpr,
-                    SYMMETRIC: tl.constexpr, MASK: tl.constexpr):  # fmt: skip
-    # (W,) scale and offset of columns `col` for the group holding token n: one row of the group's parameters,
-    # stored for the aligned features (16-byte vector loads; the padding features' are zero)
-    ptrs = tl.multiple_of(base + (n // GROUP).to(tl.int64) * stride_r + col, 8)
-    if MASK:
+                    SYMMETRIC: tl.constexpr, MASK: tl.constexpr, NG: tl.constexpr):  # fmt: skip
+    # scale and offset of columns `col` for the NG blocks of GROUP tokens from token n: (W,) when NG == 1 (one
+    # row of parameters), else (W, NG); rows are stored for the aligned features (16-byte vector loads; the
+    # padding features' are zero)
+    if NG == 1:
+        ptrs = tl.multiple_of(base + (n // GROUP).to(tl.int64) * stride_r + col, 8)
         ok = col < aligned
+    else:
+        block = (n // GROUP + tl.arange(0, NG)).to(tl.int64)
+        ptrs = tl.multiple_of(base + block[None, :] * stride_r + col[:, None], [8, 1])
+        ok = (col < aligned)[:, None]
+    if MASK:
         scale = tl.load(S + ptrs, mask=ok, other=0.0)
         if SYMMETRIC:
             return scale, -scale * (1 << (BITS - 1))
@@ -279,7 +289,7 @@ def _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, gr
     # features [offset, offset + W) of a segment for the tokens [n, n + N) of a full tile, dequantized in the
     # model dtype (one fused multiply-add per element, two elements per instruction; fp32 under the
     # interpreter, whose bf16 arithmetic is wrong): (N, W) grouped per token, (W, N) grouped per channel
-    # (the layout they are packed in; the tile lies in one group)
+    # (the layout they are packed in; the tile holds one block of GROUP tokens, part of one, or several)
     if AXIS_TOKEN:
         codes = _token_codes(C, c_base + tok[:, None].to(tl.int64) * c_r, offset, aligned, BITS, W, MASK)
         rows = s_base + tok[:, None].to(tl.int64) * s_r
@@ -293,8 +303,14 @@ def _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, gr
     else:
         col = offset + tl.arange(0, W)
         codes = _channel_codes(C, c_base, c_r, n, col, col < aligned, BITS, GROUP, N, MASK)
-        scale, shift = _channel_params(S, Z, s_base, s_r, n, col, aligned, BITS, GROUP, SYMMETRIC, MASK)
-        return _fma(codes, scale[:, None], shift[:, None], DTYPE, FP32)
+        if N > GROUP:  # several blocks in the tile: each block's parameters broadcast over its tokens
+            scale, shift = _channel_params(S, Z, s_base, s_r, n, col, aligned, BITS, GROUP, SYMMETRIC, MASK,
+                                           N // GROUP)  # fmt: skip
+            x = _fma(codes.reshape(W, N // GROUP, GROUP), scale[:, :, None], shift[:, :, None], DTYPE, FP32)
+            return x.reshape(W, N)
+        else:
+            scale, shift = _channel_params(S, Z, s_base, s_r, n, col, aligned, BITS, GROUP, SYMMETRIC, MASK, 1)
+            return _fma(codes, scale[:, None], shift[:, None], DTYPE, FP32)
 
 
 @triton.jit
@@ -628,14 +644,25 @@ def _merge_kernel(ACC, STATS, OUT, n_splits, value_rank, SPLITS_PAD: tl.constexp
 
 
 def launch_config(mode: str, group: int) -> KernelConfig:
-    """Tokens per tile, warps and pipeline stages.
+    """Tokens per tile, warps, pipeline stages and register cap (``group`` does not change them).
 
-    A tile never straddles a quantization group (keys grouped per channel fold one
-    group's scales into the query), so it holds ``min(group, 64)`` tokens; four
-    warps and three stages keep two tiles of loads in flight while one is used.
-    Chosen from the sm_90 compile (``python -m eigenkv.kernels.compile_check --roofline``).
+    Tiles of 64 tokens: the M of one warpgroup MMA (smaller tiles leave the tensor cores' rows idle, and
+    64-token tiles are what the GPU correctness check runs); four warps and three stages keep two tiles of
+    loads in flight while one is used. The kernel is latency-bound at two programs per SM (255 registers a
+    thread), so rank mode caps registers at 128: four programs per SM, no spills (measured on an H200 at
+    Llama-3-8B B=8 x 32k, 4 bits: 0.31 -> 0.25 ms). Pre mode keeps the compiler's choice: capped, its rotation
+    ran twice as slow. ``python -m eigenkv.kernels.roofline`` reports both compiles.
     """
-    return KernelConfig(constexprs={"BLOCK_N": min(group, 64)}, num_warps=4, num_stages=3)
+    if mode == "rank":
+        return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=128)
+    return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3)
+
+
+def programs_per_sm(cfg: KernelConfig) -> int:
+    """Programs one SM holds at once by the register file (65536 per SM; the compiler takes 255 a thread when
+    uncapped, as these kernels do): what the split count fills. The roofline test checks it on the compile."""
+    registers = cfg.maxnreg or 255
+    return max(1, 65536 // (-(-registers // 8) * 8 * 32 * cfg.num_warps))
 
 
 @dataclass(frozen=True)
@@ -685,10 +712,13 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def num_splits(tokens: int, programs: int, block_n: int, units: int) -> int:
-    """Splits of the sequence so that ``programs * splits`` fills ``units`` SMs about twice over."""
+def num_splits(tokens: int, programs: int, block_n: int, slots: int) -> int:
+    """Splits of each sequence so that ``programs * splits`` fills the ``slots`` (SMs x programs per SM) once.
+
+    Rounded down, not up: a launch of one wave and a bit takes two waves (on an H200, 320 programs for 264
+    slots ran 1.6x slower than 256); a program then reads a long range, which the kernel does at full speed."""
     tiles = max(1, triton.cdiv(tokens, block_n))
-    return int(min(tiles, MAX_SPLITS, max(1, triton.cdiv(2 * units, programs))))
+    return int(min(tiles, MAX_SPLITS, max(1, slots // programs)))
 
 
 def _check_stream(name: str, stream: PackedStream, batch: int, kv_heads: int, query: torch.Tensor) -> None:
@@ -820,7 +850,8 @@ def lowrank_decode(
     group = (keys if keys.segments else values).group_size
     cfg = launch_config(mode, group)
     block_n = cfg.constexprs["BLOCK_N"]
-    n_splits = splits or num_splits(tokens, batch * kv_heads, block_n, multiprocessors(query.device))
+    slots = multiprocessors(query.device) * programs_per_sm(cfg)
+    n_splits = splits or num_splits(tokens, batch * kv_heads, block_n, slots)
     if not 1 <= n_splits <= MAX_SPLITS:
         raise ValueError(f"splits must be in [1, {MAX_SPLITS}]; got {n_splits}")
     tokens_per_split = block_n * triton.cdiv(triton.cdiv(max(tokens, 1), block_n), n_splits)
@@ -853,7 +884,7 @@ def lowrank_decode(
         **key_constexprs, **value_constexprs,
         G_PAD=pad_width(groups), RV_PAD=rv_pad, HALF_PAD=pad_width(half) if mode == "pre" else 16,
         DOT_FP32=interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **cfg.constexprs,
     )  # fmt: skip
     _merge_kernel[(batch * q_heads,)](
         acc, stats, out, n_splits, value_rank, SPLITS_PAD=triton.next_power_of_2(n_splits), RV_PAD=rv_pad
@@ -911,6 +942,7 @@ def decode_spec(
         constexprs=constexprs | cfg.constexprs,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg,
         aligned=tuple(aligned),
     )
 
@@ -925,7 +957,8 @@ def compile_specs():
     """The configurations the launcher uses, for the sm_80/sm_90 compile test: every shape at 4 bits (keys per
     channel, values per token, group 64) in fp16 (ALiBi at one of them), rank 77 in bf16 (both modes: bf16
     arithmetic differs), and at rank 77 each
-    other bit width, the groupings swapped, groups of 16 and 128, and an unquantized cache. Each compile
+    other bit width, the groupings swapped, groups of 16 (per token, and per channel: tiles of several
+    blocks) and 128, and an unquantized cache. Each compile
     takes seconds: these are the variants that change the code, not every product; the 4-bit fp16 ones are
     the static roofline's cases (tests/kernels/test_roofline.py finds them compiled)."""
     for dtype in ("fp16", "bf16"):
@@ -936,6 +969,7 @@ def compile_specs():
             if dtype == "fp16" and key_rank == 77 and mode == "rank":
                 variants += [((b, b), 64, "channel", "token") for b in (2, 3, 8)]
                 variants += [((3, 3), 16, "token", "token"), ((2, 2), 128, "channel", "channel")]
+                variants += [((3, 3), 16, "channel", "channel")]  # 64-token tiles of four blocks
                 variants += [((0, 0), 64, "channel", "token")]
             if dtype == "fp16" and key_rank == 77 and mode == "pre":
                 variants += [((3, 3), 64, "token", "channel")]
@@ -991,7 +1025,8 @@ def roofline_cases():
                 per_token = stream_bytes_per_token(key_rank, bits, group, "channel") + stream_bytes_per_token(
                     value_rank, bits, group, "token"
                 )
-                programs = batch * kv_heads * num_splits(context, batch * kv_heads, block_n, H100_SMS)
+                slots = H100_SMS * programs_per_sm(launch_config(mode, group))
+                programs = batch * kv_heads * num_splits(context, batch * kv_heads, block_n, slots)
                 decoders = kv_heads * head_dim * key_rank * 2 if mode == "pre" else 0
                 yield RooflineCase(
                     name=name,

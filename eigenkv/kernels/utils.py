@@ -15,11 +15,14 @@ KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Compile-time block sizes and warps of one launch."""
+    """Compile-time block sizes, warps and register cap of one launch (``maxnreg``: registers per thread the
+    compiler may use, None for its choice; a cap lets more programs share an SM when latency, not issue,
+    bounds the kernel)."""
 
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: int | None = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class KernelSpec:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: int | None = None
     aligned: tuple[str, ...] = ()  # arguments a launch passes as multiples of 16 (Triton specializes them)
 
     def attrs(self) -> dict:

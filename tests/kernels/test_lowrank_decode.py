@@ -5,12 +5,14 @@ float64 reference is at most twice the error of the same-dtype reference, plus
 a small atol.
 """
 
+import numpy as np
 import pytest
 import torch
 
 from eigenkv.compress import EigenConfig, compress_model
 from eigenkv.kernels import lowrank_decode as decode_module
 from eigenkv.kernels import lowrank_prefill as prefill_module
+from eigenkv.kernels.backend import interpreting
 from eigenkv.kernels.lowrank_decode import lowrank_decode, lowrank_decode_reference
 from eigenkv.kernels.scoring import Scoring
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache, routing
@@ -56,7 +58,7 @@ CASES = [
     # mode, head size d, groups g, key rank, value rank, tokens, bits, group, axes (k, v), residual, high, dtype
     ("rank", 64, 1, 20, 13, 77, 4, 16, ("channel", "token"), 5, 0, torch.float16),
     ("rank", 64, 3, 37, 24, 77, 2, 32, ("channel", "token"), 0, 0, torch.float16),
-    ("rank", 64, 4, 16, 40, 45, 3, 16, ("token", "token"), 3, 0, torch.bfloat16),
+    ("rank", 64, 4, 16, 40, 100, 3, 16, ("token", "token"), 3, 0, torch.bfloat16),
     ("rank", 128, 8, 77, 64, 130, 8, 64, ("channel", "channel"), 7, 0, torch.float16),
     ("rank", 64, 3, 38, 38, 100, 2, 16, ("channel", "token"), 4, 9, torch.float16),
     ("pre", 64, 3, 38, 38, 77, 4, 16, ("channel", "token"), 5, 0, torch.float16),
@@ -69,11 +71,40 @@ CASES = [
     ("pre", 96, 2, 57, 96, 64, 8, 32, ("channel", "token"), 0, 0, torch.bfloat16),
     ("rank", 256, 2, 112, 100, 40, 4, 16, ("token", "channel"), 1, 0, torch.float16),
     ("pre", 256, 4, 150, 130, 40, 3, 16, ("channel", "token"), 5, 0, torch.float16),
+    # 64-token tiles holding several blocks of per-channel codes (groups of 16 and 32; 3 bits: two planes a block)
+    ("rank", 64, 2, 24, 20, 150, 3, 16, ("channel", "channel"), 4, 0, torch.float16),
+    ("pre", 64, 4, 40, 33, 140, 2, 32, ("channel", "channel"), 3, 0, torch.bfloat16),
 ]
 
 
+@pytest.fixture
+def checked_alignment(monkeypatch):
+    """Under the interpreter, each ``tl.multiple_of`` claim checked on the values it is made about (the
+    compiler trusts it: on the GPU a false claim is a misaligned-address fault, or wrong loads). A claim of
+    ``v`` along axis ``a`` holds when the first element of every run along ``a`` is a multiple of ``v``; the
+    kernel's runs start at index 0. Returns the claims seen (None on a GPU, where nothing is checked)."""
+    if not interpreting():
+        return None
+    from triton.runtime.interpreter import TensorHandle
+
+    claims = []
+    set_attr = TensorHandle.set_attr
+
+    def checking_set_attr(self, key, values):
+        if key == "tt.divisibility":
+            data = np.asarray(self.data)
+            for axis, v in enumerate(values):
+                first = data if data.ndim == 0 else np.take(data, 0, axis=axis)
+                assert np.all(first % v == 0), f"multiple_of claims {v} along axis {axis}: {first.ravel()[:8]}"
+            claims.append(tuple(values))
+        return set_attr(self, key, values)
+
+    monkeypatch.setattr(TensorHandle, "set_attr", checking_set_attr)
+    return claims
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-d{c[1]}-g{c[2]}-r{c[3]}x{c[4]}-b{c[6]}-{c[-1]}" for c in CASES])
-def test_matches_reference_over_odd_shapes(case):
+def test_matches_reference_over_odd_shapes(case, checked_alignment):
     mode, d, groups, key_rank, value_rank, tokens, bits, group, (axis_k, axis_v), residual, high, dtype = case
     batch, kv_heads = 2, 2
     config = KVQuantConfig(bits=bits, group_size=group, axis_k=axis_k, axis_v=axis_v, residual=residual)
@@ -90,6 +121,9 @@ def test_matches_reference_over_odd_shapes(case):
     ends = torch.tensor([tokens, tokens - 3], dtype=torch.int32, device=DEVICE)
     for splits in (1, 3):
         check_against_reference(query, keys, values, scoring, starts=starts, ends=ends, splits=splits)
+    claims_made = "channel" in (axis_k, axis_v) or bits != 3  # 3-bit rows per token claim nothing
+    if checked_alignment is not None and claims_made and min(keys.quantized_tokens, values.quantized_tokens) >= 64:
+        assert checked_alignment, "the main loop ran without its alignment claims being checked"
 
 
 @pytest.mark.parametrize(

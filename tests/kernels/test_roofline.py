@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from eigenkv.kernels import roofline
+from eigenkv.kernels.lowrank_decode import launch_config, programs_per_sm
 from eigenkv.kernels.roofline import H100_SXM, DeviceSpec
 
 # A toy kernel as `cuobjdump -sass` prints it: a forward branch around an outer loop (0x30-0xf0) that holds
@@ -229,10 +230,10 @@ def test_sass_dump_is_the_hot_loop(decode_case, decode_report):
 
 # The default decode config (Llama-3-8B shapes at 0.6x, 4-bit, group 64, keys per channel, values per token):
 # what its hot loop issues per stored byte, read from the sm_90 SASS. The bounds are where the kernel stands
-# (0.56 rank, 0.78 pre; the old kernel issued 6.3 and 10.5) with a little room: a change that makes the loop heavier
-# fails here. The issue rate of an H100 over its bandwidth is about 0.3 per byte: below that the loop is
-# memory-bound.
-DECODE_TARGETS = {"lowrank_decode[llama3-8b,rank,4bit,g64]": 0.6, "lowrank_decode[llama3-8b,pre,4bit,g64]": 0.85}
+# (0.60 rank, capped at 128 registers, which costs 44 moves a tile and doubles the programs per SM; 0.78 pre; the
+# old kernel issued 6.3 and 10.5) with a little room: a change that makes the loop heavier fails here. The issue
+# rate of an H100 over its bandwidth is about 0.3 per byte: below that the loop is memory-bound.
+DECODE_TARGETS = {"lowrank_decode[llama3-8b,rank,4bit,g64]": 0.65, "lowrank_decode[llama3-8b,pre,4bit,g64]": 0.85}
 
 
 def test_default_decode_config_stays_under_its_target(tmp_path):
@@ -244,5 +245,6 @@ def test_default_decode_config_stays_under_its_target(tmp_path):
         row = rows[name]
         assert float(row["warp_instr_per_byte"]) <= target, (name, row["warp_instr_per_byte"])
         assert int(row["spill_bytes"]) == 0 and row["async_copies"] == "True", row
-        assert int(row["ctas_per_sm"]) >= 2, row
+        mode = "rank" if ",rank," in name else "pre"
+        assert int(row["ctas_per_sm"]) == programs_per_sm(launch_config(mode, 64)), row  # what splits assume
         assert int(row["ldgsts"]) > 0 and int(row["ldg_u8"]) == 0, row  # whole rows copied asynchronously

@@ -94,7 +94,7 @@ FIELDS = ("device", "step", "shape", "dtype", "method", "mode", "timing", "batch
 
 
 class RowLog:
-    """Long-format CSV (:data:`FIELDS`) that gets each row as soon as it is measured.
+    """Long-format CSV (:data:`FIELDS`, or a script's own ``fields``) that gets each row as soon as it is measured.
 
     Every row is written and flushed at once, so a step killed by its timeout keeps
     the points it finished. ``fresh`` starts the file over; otherwise rows are
@@ -102,18 +102,19 @@ class RowLog:
     leaves out are ``-``; ``device`` is filled in.
     """
 
-    def __init__(self, path: Path, fresh: bool = True):
+    def __init__(self, path: Path, fresh: bool = True, fields: tuple[str, ...] = FIELDS):
         self.path = path
+        self.fields = fields
         self.rows: list[dict] = []
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "w" if fresh else "a", newline="")  # noqa: SIM115 (lives as long as the log)
-        self._writer = csv.DictWriter(self._file, fieldnames=FIELDS)
+        self._writer = csv.DictWriter(self._file, fieldnames=fields)
         if self._file.tell() == 0:
             self._writer.writeheader()
         self._device = device_name()
 
     def add(self, **fields) -> dict:
-        row = {name: "-" for name in FIELDS} | {"device": self._device} | fields
+        row = {name: "-" for name in self.fields} | {"device": self._device} | fields
         self._writer.writerow(row)  # raises on a field outside FIELDS: a typo would otherwise vanish
         self._file.flush()
         self.rows.append(row)

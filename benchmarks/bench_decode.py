@@ -146,7 +146,7 @@ def decode_case(
     values = packed_random_stream(batch, kv_heads, context, rank, config, config.axis_v, dtype, device, seed + 1)
     generator = torch.Generator().manual_seed(seed + 2)  # small tensors: made on CPU, moved
     decoder = torch.linalg.qr(torch.randn(kv_heads, d, d, generator=generator))[0][..., :rank]
-    decoder = decoder.to(device, dtype)
+    decoder = decoder.to(device, dtype).contiguous()  # as a model holds its bases: no copy per launch
     inv_freq = (1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))).to(device)  # Llama-3 theta
     q_rank = query_scale * torch.randn(batch, q_heads, rank, generator=generator)
     q_full = query_scale * torch.randn(batch, q_heads, d, generator=generator)

@@ -8,7 +8,12 @@
 #   c. decode timing: B=8 x 32k, B=1 x 32k, B=8 x 4k; eigenkv rank/pre vs SDPA fp16 (each backend that runs)
 #      and the copy bandwidth; plain and CUDA-graph timing   -> decode_<gpu>.csv
 #   d. prefill timing at 8k and 32k vs SDPA fp16             -> prefill_<gpu>.csv
-#   e. if time is left: pytest tests/kernels (90 s)          -> pytest_kernels_<gpu>.txt
+#   e. end-to-end generate, B=8 x 4k and 32k prompts, 64 new tokens, on a 4-layer Llama-3-8B-shaped random
+#      model: decode tokens/s, prefill s, peak memory and KV bytes of transformers' dynamic / static /
+#      quantized caches vs eigenkv's quantized and low-rank + quantized caches (60 s)
+#      -> generate_<gpu>.csv (its own long format: device, model, method, batch, prompt_tokens, new_tokens,
+#      metric, value)
+#   f. if time is left: pytest tests/kernels (90 s)          -> pytest_kernels_<gpu>.txt
 # Every Python step appends its CSV rows (long format: device, step, shape, dtype, method, mode, timing,
 # batch, context, metric, value) as each point is measured, so a step killed by its timeout keeps what
 # it finished. Results go to $OUT when set, else benchmarks/results/; the whole log to gpu_checks_<gpu>.log.
@@ -30,9 +35,12 @@ if [[ ${GPU_CHECKS_SMOKE:-0} == 1 ]]; then
 	export TRITON_INTERPRET=1
 	smoke=(--cpu-smoke)
 	decode_points=1x256 prefill_lengths=64 graph=() kernel_tests=tests/kernels/test_lowrank_decode.py::test_key_bounds_accept_one_range_per_row_only
+	# a tiny random Llama; 192 tokens pass the 128-token full-precision window, so the caches quantize
+	generate=(--model llama-tiny --layers 2 --batches 2 --prompt-lengths 64,192 --new-tokens 4)
 else
 	smoke=()
 	decode_points=8x32768,1x32768,8x4096 prefill_lengths=8192,32768 graph=(--graph) kernel_tests=tests/kernels
+	generate=(--batches 8 --prompt-lengths 4096,32768 --new-tokens 64)
 fi
 
 # (${a[@]+"${a[@]}"}: an empty array expands to nothing under `set -u` in bash < 4.4 too)
@@ -72,6 +80,7 @@ if torch.cuda.is_available():
 		--points "$decode_points" --out "$out"
 	step prefill 60 "$PY" benchmarks/bench_prefill.py ${smoke[@]+"${smoke[@]}"} --shapes llama3-8b --batches 1 \
 		--lengths "$prefill_lengths" --out "$out"
+	step generate 60 "$PY" benchmarks/bench_generate.py "${generate[@]}" --out "$out"
 	if ((BUDGET - SECONDS >= 60)); then
 		# -p no:cacheprovider: nothing written into the checkout; the output goes to a file as it runs
 		step pytest-kernels 90 bash -c '"$0" -m pytest -q -rs -p no:cacheprovider $2 >"$1" 2>&1; rc=$?

@@ -1,8 +1,8 @@
-"""Command line: ``eigenkv ppl | compress | curve | plan`` (also ``python -m eigenkv``).
+"""Command line: ``eigenkv ppl | compress | generate | curve | plan`` (also ``python -m eigenkv``).
 
 Every subcommand takes the same model and environment options (``--model
---device --dtype --data-dir --cache-dir --bos --threads --quiet``); ``ppl``
-and ``compress`` take a recipe (``--recipe FILE`` or the flags that build one,
+--device --dtype --data-dir --cache-dir --bos --threads --quiet``); ``ppl``,
+``compress`` and ``generate`` take a recipe (``--recipe FILE`` or the flags that build one,
 mirroring :class:`eigenkv.Recipe`). A user's mistake exits with status 2 and a
 one-line message naming the fix, before any long work starts.
 """
@@ -282,13 +282,19 @@ def already_computed(out: Path, config: dict, overwrite: bool) -> bool:
 
 
 def compressed_for(args: argparse.Namespace, recipe, model, tokenizer, windows):
-    """``model`` with ``recipe`` applied (calibrated on windows disjoint from ``windows``) or ``--compressed``."""
+    """``model`` with ``recipe`` applied (calibrated on windows disjoint from ``windows``) or ``--compressed``.
+
+    ``windows`` None (generation: no evaluated text) skips the overlap checks."""
     from eigenkv.data import windows_overlap
     from eigenkv.pipeline import apply_recipe, load_compressed
 
     if args.compressed:
         compressed = load_compressed(model, args.compressed)
-        if compressed.plan is not None and windows_overlap(compressed.plan.calibration, windows.describe()):
+        if (
+            windows is not None
+            and compressed.plan is not None
+            and windows_overlap(compressed.plan.calibration, windows.describe())
+        ):
             raise UserError(
                 f"the plan in {args.compressed} was calibrated on windows that overlap the evaluated ones; "
                 "evaluate other windows (--start)"
@@ -297,7 +303,7 @@ def compressed_for(args: argparse.Namespace, recipe, model, tokenizer, windows):
     calibration = None
     if recipe.lowrank is not None:
         calibration = calibration_windows(args, tokenizer)
-        if not calibration.disjoint_from(windows):
+        if windows is not None and not calibration.disjoint_from(windows):
             raise UserError("the calibration windows overlap the evaluated ones: use --calib-start or --start")
     return apply_recipe(model, recipe, calibration, progress=not args.quiet)
 
@@ -327,6 +333,100 @@ def run_compress(args: argparse.Namespace) -> int:
     kv = compressed.kv_bytes(seq_len=2048)
     print(f"recipe {recipe.label()}: KV cache {kv.gb:.5f} GB at n = 2048")
     print(f"saved {out} (eigenkv.json, plan/, model.safetensors): eigenkv.from_pretrained({str(out)!r})")
+    return 0
+
+
+def prompt_text(args: argparse.Namespace) -> str:
+    """The prompt of ``--prompt``, or of ``--prompt-file`` (its trailing line breaks dropped); never empty."""
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UserError(f"--prompt-file {path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise UserError(f"--prompt-file {path} is not UTF-8 text") from None
+    else:
+        text = args.prompt
+    if not text.strip():
+        raise UserError("the prompt is empty; give some text with --prompt or --prompt-file")
+    return text
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """``model.generate`` keywords of the decoding strategy: greedy unless ``--do-sample``."""
+    if not args.do_sample:
+        flags = (("--temperature", args.temperature), ("--top-p", args.top_p))
+        given = [flag for flag, value in flags if value is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} only apply when sampling; add --do-sample")
+        return {"do_sample": False}
+    temperature = 1.0 if args.temperature is None else args.temperature
+    top_p = 1.0 if args.top_p is None else args.top_p
+    if not temperature > 0:
+        raise UserError(f"--temperature must be positive; got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1]; got {top_p}")
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Prompt in, text out: generate through the recipe's cache, then print the new text and one stats line.
+
+    The stats line counts prompt tokens ``P`` and new tokens ``N`` (per sequence), the wall time of the
+    whole ``generate`` call (prefill and decode), new tokens per second over all ``B`` sequences
+    (``B * N / wall``), the bytes the cache holds at the end (``nbytes()`` of a quantized cache, the key
+    and value tensors of a plain one), and the bytes an fp16 cache of the original model would take for
+    the same tokens.
+    """
+    import time
+
+    import torch
+
+    from eigenkv.memory import cache_held_bytes, kv_cache_bytes
+
+    prompt = prompt_text(args)
+    options = sampling_options(args)
+    if args.compressed and (args.recipe is not None or args.kv_bits is not None or args.ratio is not None):
+        raise UserError("--compressed already holds a recipe; drop the recipe flags")
+    recipe = None if args.compressed else recipe_from(args)
+    model, tokenizer = load(args)
+    compressed = compressed_for(args, recipe, model, tokenizer, None)
+
+    inputs = tokenizer([prompt] * args.batch_size, return_tensors="pt").to(model.device)
+    prompt_tokens = inputs["input_ids"].shape[1]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(args.seed)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    # the pipeline's own generate (its quantized cache, or the model's own without one); the returned dict
+    # hands back the cache object, whose bytes are counted below
+    out = compressed.generate(
+        inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams, pad_token_id=pad, return_dict_in_generate=True, **options,
+    )  # fmt: skip
+    sync()
+    wall = time.perf_counter() - start
+    cache = out.past_key_values
+
+    texts = tokenizer.batch_decode(out.sequences[:, prompt_tokens:], skip_special_tokens=True)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sequence {i + 1} of {len(texts)} ---")
+        print(text)
+    new_tokens = out.sequences.shape[1] - prompt_tokens
+    held = cache.nbytes() if callable(getattr(cache, "nbytes", None)) else {"keys+values": cache_held_bytes(cache)}
+    total = sum(held.values())
+    rows = args.batch_size * args.num_beams
+    fp16 = kv_cache_bytes(model.config, seq_len=cache.get_seq_length(), batch_size=rows).total  # the config: dense
+    parts = " ".join(f"{name}={n}" for name, n in held.items())
+    print(
+        f"prompt_tokens={prompt_tokens} new_tokens={new_tokens} batch={args.batch_size} "
+        f"time={wall:.3f}s (prefill+decode) tokens/s={args.batch_size * new_tokens / wall:.1f} "
+        f"kv_cache_bytes={total} ({parts}) fp16_bytes={fp16} ({total / fp16:.3f} of fp16) "
+        f"recipe={compressed.recipe.label()}"
+    )
     return 0
 
 
@@ -440,6 +540,20 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", required=True, help="folder for the compressed model (save_pretrained)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     comp.set_defaults(func=run_compress)
+
+    gen = sub.add_parser("generate", parents=[common, recipe], help="generate text from a prompt (with a recipe)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", default=None, help="the prompt text")
+    source.add_argument("--prompt-file", default=None, help="a UTF-8 file holding the prompt")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens generated per sequence")
+    gen.add_argument("--batch-size", type=positive_int, default=1, help="sequences (the prompt repeated)")
+    gen.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
+    gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 1.0)")
+    gen.add_argument("--seed", type=int, default=0, help="torch seed, for sampling")
+    gen.add_argument("--num-beams", type=positive_int, default=1, help="beam search (1: none)")
+    gen.add_argument("--compressed", default=None, help="a folder saved by `eigenkv compress` (instead of a recipe)")
+    gen.set_defaults(func=run_generate)
 
     curve = sub.add_parser("curve", parents=[common], help="perplexity vs KV GB: quantization alone vs low rank + it")
     curve.add_argument("--dataset", default="wikitext2")

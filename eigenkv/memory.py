@@ -336,6 +336,13 @@ def compressed_layout(model: torch.nn.Module, dtype: torch.dtype = torch.float16
     return KVLayout(layers=tuple(layers), fixed=fixed)
 
 
+def cache_held_bytes(cache) -> int:
+    """Bytes a cache holds: every tensor reachable from it (:func:`cache_tensor_bytes`) less the room it says
+    it reserved (``cache.reserved_bytes()``, for caches that grow in place; 0 for others)."""
+    reserved = getattr(cache, "reserved_bytes", None)
+    return cache_tensor_bytes(cache) - (reserved() if callable(reserved) else 0)
+
+
 def cache_tensor_bytes(cache) -> int:
     """Bytes of every distinct tensor reachable from a transformers ``Cache`` (or a tuple cache).
 
@@ -351,7 +358,11 @@ def cache_tensor_bytes(cache) -> int:
             continue
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
-            total += obj.numel() * obj.element_size()
+            if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+                # a wrapper subclass (a quantized or packed tensor): counted by the tensors it stores
+                stack.extend(getattr(obj, name) for name in obj.__tensor_flatten__()[0])
+            else:
+                total += obj.numel() * obj.element_size()
         elif isinstance(obj, (list, tuple)):
             stack.extend(obj)
         elif isinstance(obj, dict):

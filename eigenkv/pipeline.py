@@ -62,11 +62,12 @@ class CompressedModel:
     plan: EigenPlan | None = None
     cache_config: AnyKVQuantConfig | None = None
 
-    def new_cache(self) -> QuantizedKVCache | None:
-        """A fresh quantized cache for this model (None without KV quantization: the model's own cache)."""
+    def new_cache(self, max_tokens: int = 0) -> QuantizedKVCache | None:
+        """A fresh quantized cache for this model (None without KV quantization: the model's own cache);
+        ``max_tokens``: room reserved up front (prompt + new tokens; 0: grow as needed)."""
         if self.cache_config is None:
             return None
-        return QuantizedKV(self.model, self.cache_config).new_cache()
+        return QuantizedKV(self.model, self.cache_config).new_cache(max_tokens)
 
     def attention(self):
         """Context in which the model's attention reads the quantized cache causally (or a no-op)."""
@@ -87,9 +88,15 @@ class CompressedModel:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """``model.generate`` through the compressed, quantized cache (``(B, T)`` int64 ids in, ids out)."""
+        """``model.generate`` through the compressed, quantized cache (``(B, T)`` int64 ids in, ids out); room
+        for the prompt and ``max_new_tokens`` is reserved up front, and the cache's flags checked at the end."""
+        new_tokens = kwargs.get("max_new_tokens") or 0
+        cache = self.new_cache(max_tokens=input_ids.shape[-1] + new_tokens if new_tokens else 0)
         with self:
-            return self.model.generate(input_ids, past_key_values=self.new_cache(), **kwargs)
+            out = self.model.generate(input_ids, past_key_values=cache, **kwargs)
+        if cache is not None:
+            cache.check()
+        return out
 
     def save_pretrained(self, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
         """Save the recipe, plan, cache config and folded weights to ``path`` (see the module doc).

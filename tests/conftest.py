@@ -65,3 +65,23 @@ def smollm2(smollm2_cache):
     from eigenkv.models import load_model
 
     return load_model("smollm2-135m", cache=smollm2_cache)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny Llama with a character tokenizer (the CLI tests load it like any model folder)."""
+    from tests.helpers import char_tokenizer, tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny")
+    tok = char_tokenizer()
+    tiny_llama(vocab_size=len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A small text file (calibration and evaluation text of the CLI tests)."""
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text("It was the best of times, it was the worst of times.\n" * 20)
+    return path

@@ -10,22 +10,6 @@ from eigenkv.cli import main
 from tests.helpers import char_tokenizer, tiny_llama
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tok = char_tokenizer()
-    tiny_llama(vocab_size=len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text("It was the best of times, it was the worst of times.\n" * 20)
-    return path
-
-
 def ppl_args(model_dir, text_file, out, windows="3"):
     return ["ppl", "--model", str(model_dir), "--dataset", str(text_file), "--windows", windows, "--seq-len", "64",
             "--json", str(out), "--quiet"]  # fmt: skip

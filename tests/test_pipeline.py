@@ -10,7 +10,7 @@ import torch
 
 import eigenkv
 from eigenkv import ComponentQuantConfig, EigenConfig, KVQuantConfig, Recipe
-from eigenkv.memory import cache_tensor_bytes
+from eigenkv.memory import cache_held_bytes
 from tests.helpers import random_tokens, random_windows, tiny_llama, tiny_opt
 
 RECIPE = Recipe(
@@ -30,7 +30,7 @@ def test_apply_recipe_composes_every_step_and_counts_its_bytes():
     cache = compressed.new_cache()
     with compressed, torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
-    held = cache_tensor_bytes(cache) - 0  # the cache holds exactly what the accounting counts
+    held = cache_held_bytes(cache)  # the cache holds exactly what the accounting counts
     counted = compressed.kv_bytes(seq_len=32, dtype=torch.float32)
     assert held == counted.total - counted.components.get("bases", 0)
 

@@ -358,7 +358,9 @@ def _chunk_tail(C, S, Z, c_base, s_base, c_r, s_r, X, x_base, x_r, quantized, to
     return x
 
 
-@triton.jit
+# Integers that change from one decode step to the next are not specialized (no recompiles as a cache grows,
+# one compile for a captured CUDA graph): token counts, and the split count (which follows the length early on).
+@triton.jit(do_not_specialize=["tokens_per_split", "n_splits", "main_tokens", "k_quantized", "v_quantized"])
 def _decode_kernel(
     Q, q_b, q_h,
     ACC, STATS,  # (B * H, SPLITS, RV_PAD), (B * H, SPLITS, 2) fp32 partials
@@ -383,6 +385,8 @@ def _decode_kernel(
     G_PAD: tl.constexpr, RV_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):  # fmt: skip
+    tokens_per_split = tl.multiple_of(tokens_per_split, BLOCK_N)  # whole tiles, by construction
+    main_tokens = tl.multiple_of(main_tokens, BLOCK_N)
     ka_off = ka_off16 * 16
     kb_off = kb_off16 * 16
     va_off = va_off16 * 16
@@ -919,11 +923,11 @@ def decode_spec(
 ) -> KernelSpec:  # fmt: skip
     """The compile a launch makes for uniform streams (``bits``: keys, values; 0 = unquantized) of these ranks.
 
-    Arguments the launcher always passes as multiples of 16 (pointers, the row strides of per-channel codes,
-    token ranges) are declared so, as Triton specializes them at a real launch."""
+    Arguments the launcher always passes as multiples of 16 (pointers, the row strides of per-channel codes)
+    are declared so, as Triton specializes them at a real launch (token counts are never specialized)."""
     cfg = launch_config(mode, group)
     constexprs = {"PRE": mode == "pre", "ALIBI": alibi, "GROUP": group, "SYMMETRIC": False}
-    aligned = ["tokens_per_split", "main_tokens"]
+    aligned = []  # the token counts are not specialized (the kernel states their alignment itself)
     for prefix, width, b, axis in (("K", key_rank, bits[0], key_axis), ("V", value_rank, bits[1], value_axis)):
         chunks = feature_chunks([width])
         constexprs |= {f"{prefix}_TOKEN": axis == "token", f"{prefix}B": len(chunks) > 1}

@@ -203,12 +203,19 @@ def _check_kernel_group(n_cols: int, group_size: int, scale_dtype: torch.dtype) 
 
 
 def quantize_pack(
-    x: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = False, scale_dtype: torch.dtype = torch.float16
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    symmetric: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
+    check_finite: bool = True,
 ):
     """Triton: ``x`` (R, C) fp16/bf16/fp32 -> ``(packed, scale, zero)``.
 
     ``packed`` is uint8 (R, packed_length(C, bits)); ``scale`` and ``zero`` are
-    float16 (R, C / G), ``zero`` None when symmetric.
+    float16 (R, C / G), ``zero`` None when symmetric. NaN/Inf raise (one 4-byte
+    device-to-host read) unless ``check_finite=False`` (callers that flag them on the device).
 
     ``x`` needs a unit stride along its last axis; CUDA, or CPU under ``TRITON_INTERPRET=1``.
     """
@@ -237,7 +244,7 @@ def quantize_pack(
             packed.stride(0),
         )
         _launch(_quantize_pack_kernel, args, n_rows, n_cols, bits, group_size, symmetric)
-        if non_finite.item():  # one 4-byte read
+        if check_finite and non_finite.item():  # one 4-byte read
             raise ValueError(NON_FINITE_MESSAGE)
     return packed, scale, zero
 

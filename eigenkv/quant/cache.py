@@ -34,7 +34,7 @@ from eigenkv.quant.config import (
     layer_segments,
     quantized_prefix,
 )
-from eigenkv.quant.reference import hadamard
+from eigenkv.quant.reference import NON_FINITE_MESSAGE, hadamard
 from eigenkv.quant.routing import stream_handle, tag_twin
 from eigenkv.quant.store import QuantizedStream, SegmentedStream
 
@@ -69,12 +69,30 @@ class QuantizedKVLayer(DynamicLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.key_stream = self._stream("key", key_states.shape[-1], key_states.device)
         self.value_stream = self._stream("value", value_states.shape[-1], value_states.device)
+        if self._cache.max_tokens:
+            for stream in self.streams():
+                stream.reserve(self._cache.max_tokens)
         self.is_initialized = True
+
+    def check(self) -> None:
+        """Raise if NaN/Inf was appended to this layer, or a decode mask was not one range of keys per row
+        (the flags a decode step sets on the device; a device-to-host read each)."""
+        for name, stream in zip(("keys", "values"), self.streams(), strict=False):
+            flag = stream.non_finite
+            if flag is not None and bool(flag):
+                raise ValueError(f"layer {self.index} {name}: {NON_FINITE_MESSAGE}")
+            if getattr(stream, "mask_ok", None) is not None and not bool(stream.mask_ok):
+                raise ValueError(
+                    f"layer {self.index}: a decode step's attention mask was not one range of keys per sequence "
+                    "after the first step passed that check; masks in a generation may only grow by visible keys"
+                )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``(B, H_kv, s, D)`` keys and values; return all held keys and values ``(B, H_kv, m, D)``."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if key_states.shape[-2] == 1:  # a decode step: NaN/Inf flagged on the device, read every few steps
+            self._cache.step_checked(self.index)
         if self.read_packed and key_states.shape[-2] == 1 and self._kernels_read(key_states):
             self.key_stream.push(key_states)
             self.value_stream.push(value_states)
@@ -84,6 +102,7 @@ class QuantizedKVLayer(DynamicLayer):
         values, values_fp = self.value_stream.append(value_states)
         new = key_states.shape[-2]
         if new > 1:
+            self.check()  # a prompt: this forward syncs anyway (the tags below)
             cfg = self.config
             positions = torch.arange(start + 1, start + new + 1)
             for held, twin, axis in ((keys, keys_fp, cfg.axis_k), (values, values_fp, cfg.axis_v)):
@@ -119,16 +138,29 @@ class QuantizedKVLayer(DynamicLayer):
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a quantized KV cache cannot drop tokens (its groups span several tokens)")
+        """Drop the last ``-tokens_to_remove`` tokens (a negative count, as transformers passes it; a positive
+        value is the older form, the length to keep; 0 does nothing). Tokens that leave a quantized block come
+        back to the window dequantized (``QuantizedStream.crop``)."""
+        if self.key_stream is None or tokens_to_remove == 0:
+            return
+        tokens = self.key_stream.tokens
+        keep = tokens + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, tokens)
+        for stream in self.streams():
+            stream.crop(max(keep, 0))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported by QuantizedKVCache; use greedy or sampling")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("QuantizedKVCache does not support batch expansion (num_return_sequences > 1)")
+        """Reorder the batch for beam search (sequence ``i`` becomes sequence ``beam_idx[i]``)."""
+        self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("QuantizedKVCache does not support batch selection")
+        for stream in self.streams():
+            stream.select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.key_stream is not None:
+            batch = self.key_stream.window.shape[0]
+            index = torch.arange(batch, device=self.key_stream.window.device).repeat_interleave(repeats)
+            self.batch_select_indices(index)
 
     def streams(self) -> tuple[QuantizedStream | SegmentedStream, ...]:
         return () if self.key_stream is None else (self.key_stream, self.value_stream)
@@ -144,16 +176,38 @@ class QuantizedKVCache(Cache):
             return empty handles to the packed store instead of its dequantized contents, for the
             attention kernels to read; only eigenkv's attention (``QuantizedKV``, compressed models)
             understands them. ``QuantizedKV.new_cache`` sets it.
+        max_tokens: tokens to reserve room for up front (prompt + new tokens), so that no buffer grows
+            during generation; 0 grows them as needed (doubling).
+        check_every: decode steps between reads of the NaN/Inf flags (a step itself reads nothing back from
+            the device); a prompt is checked at once.
+
+    Beam search, batch selection and repetition, and ``crop`` (assisted decoding) work as in
+    ``DynamicCache``: they act on every sequence's codes, scales, zeros and window.
     """
 
-    def __init__(self, config: AnyKVQuantConfig, model_config, read_packed: bool = False):
+    def __init__(
+        self,
+        config: AnyKVQuantConfig,
+        model_config,
+        read_packed: bool = False,
+        *,
+        max_tokens: int = 0,
+        check_every: int = 256,
+    ):
         text_config = getattr(model_config, "get_text_config", lambda **_: model_config)(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise ValueError(f"QuantizedKVCache supports full-attention layers only; this model has {set(layer_types)}")
         layers = text_config.num_hidden_layers
         check_layers(config, layers)
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be an int >= 0 (0: grow as needed); got {max_tokens!r}")
+        if not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be a positive int (decode steps); got {check_every!r}")
         self.config = config
+        self.max_tokens = max_tokens
+        self.check_every = check_every
+        self._steps = 0
         self._rotation: torch.Tensor | None = None
         super().__init__(layers=[QuantizedKVLayer(config, self, i, read_packed) for i in range(layers)])
 
@@ -162,6 +216,20 @@ class QuantizedKVCache(Cache):
         if self._rotation is None:
             self._rotation = hadamard(head_dim, torch.float32, device)
         return self._rotation
+
+    def step_checked(self, layer: int) -> None:
+        """Count decode steps (at layer 0); every ``check_every`` steps, read the device flags (:meth:`check`)."""
+        if layer == 0:
+            self._steps += 1
+            if self._steps % self.check_every == 0:
+                self.check()
+
+    def check(self) -> None:
+        """Raise ValueError naming the layer if NaN/Inf was appended anywhere, or a decode step's mask was not
+        one range of keys per sequence (flags set on the device; one device-to-host read a stream). Decode
+        steps check every ``check_every`` steps; call it after a generation to check the last steps."""
+        for layer in self.layers:
+            layer.check()
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held right now, by component: codes, scales, zeros, window (and the rotation matrix)."""
@@ -173,6 +241,10 @@ class QuantizedKVCache(Cache):
         if self._rotation is not None:
             total["rotation"] = self._rotation.numel() * self._rotation.element_size()
         return total
+
+    def reserved_bytes(self) -> int:
+        """Bytes allocated beyond :meth:`nbytes`: room reserved for the tokens to come (module doc)."""
+        return sum(stream.reserved_bytes() for layer in self.layers for stream in layer.streams())
 
 
 class QuantizedKV:
@@ -195,9 +267,10 @@ class QuantizedKV:
         self.config = config
         self._previous: str | None = None
 
-    def new_cache(self) -> QuantizedKVCache:
-        """A cache for this model; decode steps read it with the attention kernels when they apply."""
-        return QuantizedKVCache(self.config, self.model.config, read_packed=True)
+    def new_cache(self, max_tokens: int = 0) -> QuantizedKVCache:
+        """A cache for this model; decode steps read it with the attention kernels when they apply.
+        ``max_tokens``: room reserved up front (prompt + new tokens; 0: grow as needed)."""
+        return QuantizedKVCache(self.config, self.model.config, read_packed=True, max_tokens=max_tokens)
 
     def __enter__(self) -> QuantizedKV:
         if not getattr(self.model, "_supports_attention_backend", False):

@@ -72,13 +72,15 @@ def _unpack_plane(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.flatten(-2)[..., :n].to(torch.uint8)
 
 
-def pack(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
-    """Pack uint8 ``codes`` (values < 2^bits) along ``dim``; returns uint8 with that axis ``packed_length(n, bits)``."""
+def pack(codes: torch.Tensor, bits: int, dim: int = -1, *, check: bool = True) -> torch.Tensor:
+    """Pack uint8 ``codes`` (values < 2^bits) along ``dim``; returns uint8 with that axis ``packed_length(n, bits)``.
+
+    ``check=False`` skips the range check, a device-to-host read, for codes a quantizer just made."""
     if codes.dtype != torch.uint8:
         raise TypeError(f"codes must be uint8; got {codes.dtype}")
     n = codes.shape[dim]
     packed_length(n, bits)  # validates bits
-    if codes.numel() and int(codes.max()) >= 1 << bits:
+    if check and codes.numel() and int(codes.max()) >= 1 << bits:
         raise ValueError(f"a code ({int(codes.max())}) does not fit in {bits} bits")
     c = codes.movedim(dim, -1)
     if bits == 8:
@@ -119,20 +121,22 @@ def _pad_codes(codes: torch.Tensor, n_to: int, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(codes.movedim(dim, -1), (0, n_to - n)).movedim(-1, dim)
 
 
-def pad_packed(packed: torch.Tensor, bits: int, n: int, n_to: int, dim: int = -1) -> torch.Tensor:
+def pad_packed(
+    packed: torch.Tensor, bits: int, n: int, n_to: int, dim: int = -1, *, check: bool = True
+) -> torch.Tensor:
     """Dense packed ``n`` codes along ``dim`` -> the packing of the same codes followed by ``n_to - n`` zero codes.
 
     Equal to ``pack(codes zero-padded to n_to, bits, dim)`` (for 3 bits each plane is padded on its own).
     """
     if n_to == n:
         return packed
-    return pack(_pad_codes(unpack(packed, bits, n, dim=dim), n_to, dim), bits, dim=dim)
+    return pack(_pad_codes(unpack(packed, bits, n, dim=dim), n_to, dim), bits, dim=dim, check=check)
 
 
-def pack_aligned(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+def pack_aligned(codes: torch.Tensor, bits: int, dim: int = -1, *, check: bool = True) -> torch.Tensor:
     """Pack ``n`` codes along ``dim`` padded with zero codes to ``aligned_width(n)``:
     that axis becomes ``packed_length(aligned_width(n), bits)`` bytes."""
-    return pack(_pad_codes(codes, aligned_width(codes.shape[dim]), dim), bits, dim=dim)
+    return pack(_pad_codes(codes, aligned_width(codes.shape[dim]), dim), bits, dim=dim, check=check)
 
 
 def unpack_aligned(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:

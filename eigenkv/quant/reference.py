@@ -106,12 +106,14 @@ def quantize(
     *,
     symmetric: bool = False,
     scale_dtype: torch.dtype = torch.float16,
+    check_finite: bool = True,
 ) -> QuantizedGroups:
     """Quantize ``x`` (any shape, floating) in groups of ``group_size`` along ``dim`` (formulas in the module doc).
 
     Returns ``QuantizedGroups`` (codes uint8 of ``x``'s shape; scale and zero with ``dim`` of size ``ceil(n / G)``).
+    ``check_finite=False`` skips the NaN/Inf check (a device-to-host read) for callers that flag them themselves.
     """
-    check_quant_args(x, bits, group_size, scale_dtype)
+    check_quant_args(x, bits, group_size, scale_dtype, check_finite=check_finite)
     dim = dim % x.dim()
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     xt = x.movedim(dim, -1).to(compute)

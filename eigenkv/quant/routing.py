@@ -84,9 +84,13 @@ def kernel_attention(query, key, value, attention_mask, scoring, masked_is_true:
         from eigenkv.kernels.lowrank_decode import lowrank_decode
 
         keys, values = packed(key), packed(value)
-        bounds = key_bounds(visible_keys(attention_mask, masked_is_true), batch, keys.tokens, query.device)
+        owner = getattr(key, STREAM_ATTR, None)  # a cache's stream: it holds the flag of later masks
+        trusted = getattr(owner, "mask_ok", None)
+        bounds = key_bounds(visible_keys(attention_mask, masked_is_true), batch, keys.tokens, query.device, trusted)
         if bounds is None:
             return None
+        if owner is not None and trusted is None:  # checked once (one sync); later steps flag on the device
+            owner.mask_ok = torch.ones((), dtype=torch.bool, device=query.device)
         out = lowrank_decode(query[:, :, 0], keys, values, scoring, starts=bounds[0], ends=bounds[1])
         return out.unsqueeze(1)
     rows = causal_starts(attention_mask, batch, length, key.shape[-2], masked_is_true, query.device)
@@ -178,11 +182,16 @@ def resolve(x: torch.Tensor) -> torch.Tensor:
     return x if stream is None else stream.packed().dequantize(x.dtype)
 
 
-def key_bounds(visible: torch.Tensor | None, batch: int, tokens: int, device) -> tuple | None:
+def key_bounds(
+    visible: torch.Tensor | None, batch: int, tokens: int, device, trusted: torch.Tensor | None = None
+) -> tuple | None:
     """Valid keys per sequence as int32 ``(starts, ends)`` from a ``(B, S)`` bool mask (True = attend);
     None when some row is not one contiguous range (then the PyTorch path handles it).
 
     The check costs one device sync; the result is kept on the mask, which every layer of a step shares.
+    With ``trusted`` (a () bool on the device, kept by a cache whose first decode step passed the check),
+    nothing is read back: whether the rows are one range is ANDed into it, for the cache to read with its
+    NaN/Inf flags (``QuantizedKVCache.check``): a generation's masks only grow by visible keys.
     """
     if visible is None:
         return (
@@ -196,6 +205,10 @@ def key_bounds(visible: torch.Tensor | None, batch: int, tokens: int, device) ->
     starts = rows.argmax(-1).to(torch.int32)
     any_visible = rows.any(-1)
     ends = torch.where(any_visible, tokens - rows.flip(-1).argmax(-1), starts).to(torch.int32)  # none: empty range
+    if trusted is not None:
+        trusted &= (rows.sum(-1).to(torch.int32) == ends - starts).all()
+        setattr(visible, _BOUNDS_ATTR, (starts, ends))
+        return starts, ends
     contiguous = bool(torch.equal(rows.sum(-1).to(torch.int32), ends - starts))
     bounds = (starts, ends) if contiguous else ()
     setattr(visible, _BOUNDS_ATTR, bounds)

@@ -34,6 +34,18 @@ the window is not padded; the padding is counted in ``nbytes`` (and in
 
 With ``rotate``, what is stored is ``x @ Hd`` (``Hd`` the normalised Hadamard
 matrix of size ``D``) and reads return ``x^ @ Hd^T``.
+
+Growth in place. The tensors above are views of preallocated buffers: codes,
+scales and zeros grow along their row axis into reserved capacity (doubled when
+full, or reserved up front with :meth:`QuantizedStream.reserve`), and the window
+is a sliding buffer (new tokens written after the live ones, flushed tokens
+dropped from the front, the live ones moved back to the front only when the end
+is reached). A decode step writes its new token, and the rows of the tokens it
+quantizes: what it writes does not grow with the context (``traffic`` counts
+it). ``nbytes`` counts the bytes held (the views); ``reserved_bytes`` the slack.
+Nothing in a push reads a device value back on the host: NaN/Inf in the
+appended states set a device flag (``non_finite``) that the owner checks when
+it chooses (``QuantizedKVCache`` every few hundred steps and on demand).
 """
 
 from __future__ import annotations
@@ -55,6 +67,121 @@ from eigenkv.quant.packing import (
 from eigenkv.quant.reference import QuantizedGroups, dequantize, quantize
 
 
+class GrowingRows:
+    """A tensor ``(B, H, n, C)`` that grows along its row axis in place: rows are written into reserved
+    capacity (doubled when full), so an append copies only what it adds, and ``view()`` is the ``n``
+    rows held (a view: no copy)."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None  # (B, H, capacity, C)
+        self.rows = 0
+        self.written = 0  # bytes written by appends
+        self.grown = 0  # bytes moved by growth
+
+    def view(self) -> torch.Tensor | None:
+        return None if self.buffer is None else self.buffer[:, :, : self.rows]
+
+    def reserve(self, rows: int) -> None:
+        """Make room for ``rows`` rows in all (a no-op before the first append, which sets the shape)."""
+        if self.buffer is not None and rows > self.buffer.shape[2]:
+            grown = self.buffer.new_empty((*self.buffer.shape[:2], rows, self.buffer.shape[-1]))
+            grown[:, :, : self.rows] = self.buffer[:, :, : self.rows]
+            self.grown += self.rows_bytes(self.rows)
+            self.buffer = grown
+
+    def append(self, x: torch.Tensor, capacity_hint: int = 0) -> None:
+        """Write ``x`` (B, H, k, C) after the rows held."""
+        k = x.shape[2]
+        if self.buffer is None:
+            self.buffer = x.new_empty((*x.shape[:2], max(k, capacity_hint), x.shape[-1]))
+        elif self.rows + k > self.buffer.shape[2]:
+            self.reserve(max(self.rows + k, 2 * self.buffer.shape[2]))
+        self.buffer[:, :, self.rows : self.rows + k] = x
+        self.rows += k
+        self.written += x.numel() * x.element_size()
+
+    def truncate(self, rows: int) -> None:
+        self.rows = min(self.rows, rows)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (a new buffer of ``len(index)`` sequences)."""
+        if self.buffer is not None:
+            self.buffer = self.buffer.index_select(0, index.to(self.buffer.device))
+
+    def rows_bytes(self, rows: int) -> int:
+        b = self.buffer
+        return 0 if b is None else b.shape[0] * b.shape[1] * rows * b.shape[-1] * b.element_size()
+
+    def held_bytes(self) -> int:
+        return self.rows_bytes(self.rows)
+
+    def reserved_bytes(self) -> int:
+        return 0 if self.buffer is None else self.rows_bytes(self.buffer.shape[2] - self.rows)
+
+
+class SlidingWindow:
+    """The full-precision window ``(B, H, W, D)``: tokens written after the live ones in a buffer, flushed
+    tokens dropped from the front by moving the start; the live tokens move back to the front only when
+    the end of the buffer is reached (at most the window's length, once per buffer's worth of tokens)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity  # initial tokens of room (the window's usual length, doubled)
+        self.buffer: torch.Tensor | None = None
+        self.start = self.end = 0
+        self.written = 0  # bytes written by appends
+        self.moved = 0  # bytes moved to the front, or by growth
+
+    def view(self) -> torch.Tensor | None:
+        return None if self.buffer is None else self.buffer[:, :, self.start : self.end]
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def append(self, x: torch.Tensor) -> None:
+        """Write ``x`` (B, H, k, D) after the live tokens (in the buffer's dtype, set by the first append)."""
+        k = x.shape[2]
+        if self.buffer is None:
+            self.buffer = x.new_empty((*x.shape[:2], max(k, self.capacity), x.shape[-1]))
+        if self.end + k > self.buffer.shape[2]:
+            live = self.buffer[:, :, self.start : self.end]
+            size = self.buffer.shape[2]
+            if self.length + k > size:  # a long push: room for it and as much again
+                size = 2 * (self.length + k)
+            target = (
+                self.buffer
+                if size == self.buffer.shape[2]
+                else self.buffer.new_empty((*x.shape[:2], size, x.shape[-1]))
+            )
+            target[:, :, : self.length] = live.clone() if target is self.buffer else live  # the ranges may overlap
+            self.moved += live.numel() * live.element_size()
+            self.buffer, self.start, self.end = target, 0, self.length
+        self.buffer[:, :, self.end : self.end + k] = x
+        self.end += k
+        self.written += x.numel() * x.element_size()
+
+    def drop_front(self, k: int) -> None:
+        self.start += k
+
+    def truncate(self, length: int) -> None:
+        self.end = self.start + min(self.length, length)
+
+    def select(self, index: torch.Tensor) -> None:
+        if self.buffer is not None:
+            live = self.buffer[:, :, self.start : self.end].index_select(0, index.to(self.buffer.device))
+            self.buffer = self.buffer.new_empty((live.shape[0], *self.buffer.shape[1:]))
+            self.buffer[:, :, : live.shape[2]] = live
+            self.start, self.end = 0, live.shape[2]
+
+    def held_bytes(self) -> int:
+        v = self.view()
+        return 0 if v is None else v.numel() * v.element_size()
+
+    def reserved_bytes(self) -> int:
+        b = self.buffer
+        return 0 if b is None else b.numel() * b.element_size() - self.held_bytes()
+
+
 def _pad_features(codes: torch.Tensor, width: int) -> torch.Tensor:
     """Per-channel codes, scales or zeros ``(..., D)`` -> contiguous ``(..., width)``, the added features zero."""
     pad = width - codes.shape[-1]
@@ -62,22 +189,67 @@ def _pad_features(codes: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class QuantizedStream:
-    """Keys or values of one layer: packed quantized blocks plus a full-precision window."""
+    """Keys or values of one layer: packed quantized blocks plus a full-precision window (module doc)."""
 
     def __init__(self, config: KVQuantConfig, axis: str, rotation: torch.Tensor | None):
         self.config = config
         self.axis = axis
         self.rotation = rotation  # (D, D) or None; shared by all streams of a cache
-        self.codes: torch.Tensor | None = None
-        self.scale: torch.Tensor | None = None
-        self.zero: torch.Tensor | None = None
-        self.window: torch.Tensor | None = None  # (B, H, m - T_q, D)
+        self._codes, self._scale, self._zero = GrowingRows(), GrowingRows(), GrowingRows()
+        # the window holds at most `residual` tokens (per token) or `residual + G - 1` (per channel) between pushes
+        self._window = SlidingWindow(2 * (config.residual + config.group_size))
         self.quantized_tokens = 0
         self.head_dim = 0
+        self.non_finite: torch.Tensor | None = None  # () bool on the states' device: NaN/Inf was appended
+        self.mask_ok: torch.Tensor | None = None  # () bool: decode masks were one range per row (routing)
+        self._reserved_tokens = 0
+
+    @property
+    def codes(self) -> torch.Tensor | None:
+        return self._codes.view() if self.quantized_tokens else None
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        return self._scale.view() if self.quantized_tokens else None
+
+    @property
+    def zero(self) -> torch.Tensor | None:
+        return self._zero.view() if self.quantized_tokens and self._zero.rows else None
+
+    @property
+    def window(self) -> torch.Tensor | None:
+        return self._window.view()
 
     @property
     def tokens(self) -> int:
-        return self.quantized_tokens + (0 if self.window is None else self.window.shape[-2])
+        return self.quantized_tokens + self._window.length
+
+    def _rows(self, tokens: int) -> tuple[int, int]:
+        """Rows of codes and of scales/zeros that ``tokens`` quantized tokens take."""
+        if self.axis == "token":
+            return tokens, tokens
+        g = self.config.group_size
+        return tokens // g * packed_length(g, self.config.bits), tokens // g
+
+    def reserve(self, tokens: int) -> None:
+        """Reserve room for ``tokens`` tokens (codes, scales, zeros), so that appends up to that length
+        never grow a buffer; takes effect at the first push if none happened yet."""
+        self._reserved_tokens = max(self._reserved_tokens, tokens)
+        code_rows, param_rows = self._rows(quantized_prefix(tokens, self.axis, self.config.group_size, 0))
+        self._codes.reserve(code_rows)
+        self._scale.reserve(param_rows)
+        self._zero.reserve(param_rows)
+
+    @property
+    def traffic(self) -> dict[str, int]:
+        """Bytes this stream wrote since it was created: ``written`` by appends (new window tokens, new
+        codes, scales and zeros), ``moved`` (window tokens moved back to the front of their buffer, and
+        what buffer growth copied)."""
+        parts = (self._codes, self._scale, self._zero)
+        return {
+            "written": self._window.written + sum(p.written for p in parts),
+            "moved": self._window.moved + sum(p.grown for p in parts),
+        }
 
     # --- quantize / dequantize one block of tokens ------------------------------------------
 
@@ -115,14 +287,18 @@ class QuantizedStream:
             from eigenkv.kernels.quant_pack import quantize_pack
 
             if self.axis == "token":  # rows = tokens
-                codes, scale, zero = quantize_pack(x.reshape(-1, d), cfg.bits, cfg.group_size, symmetric=cfg.symmetric)
+                codes, scale, zero = quantize_pack(
+                    x.reshape(-1, d), cfg.bits, cfg.group_size, symmetric=cfg.symmetric, check_finite=False
+                )
                 # the kernels take d a multiple of G >= 16, so this is already aligned (kept for any other case)
-                codes = pad_packed(codes, cfg.bits, d, padded)
+                codes = pad_packed(codes, cfg.bits, d, padded, check=False)
                 shape = (b, h, t, -1)
                 return codes.view(shape), scale.view(shape), None if zero is None else zero.view(shape)
             # rows = (block, feature): G tokens of one feature, packed along tokens
             blocks = x.view(b, h, t // cfg.group_size, cfg.group_size, d).transpose(-1, -2).reshape(-1, cfg.group_size)
-            codes, scale, zero = quantize_pack(blocks, cfg.bits, cfg.group_size, symmetric=cfg.symmetric)
+            codes, scale, zero = quantize_pack(
+                blocks, cfg.bits, cfg.group_size, symmetric=cfg.symmetric, check_finite=False
+            )
             codes = codes.view(b, h, t // cfg.group_size, d, -1).transpose(-1, -2).reshape(b, h, -1, d)
             codes = _pad_features(codes, padded)
             scale = _pad_features(scale.view(b, h, t // cfg.group_size, d), padded)
@@ -132,12 +308,16 @@ class QuantizedStream:
                 None if zero is None else _pad_features(zero.view(b, h, t // cfg.group_size, d), padded),
             )
         dim = -1 if self.axis == "token" else -2
-        q = quantize(x, cfg.bits, cfg.group_size, dim, symmetric=cfg.symmetric, scale_dtype=cfg.torch_scale_dtype)
+        # NaN/Inf are flagged by the caller on the device, and codes come in range: nothing checked on the host
+        q = quantize(
+            x, cfg.bits, cfg.group_size, dim, symmetric=cfg.symmetric, scale_dtype=cfg.torch_scale_dtype,
+            check_finite=False,
+        )  # fmt: skip
         if self.axis == "token":
-            return pack_aligned(q.codes, cfg.bits, dim=-1), q.scale, q.zero
+            return pack_aligned(q.codes, cfg.bits, dim=-1, check=False), q.scale, q.zero
         # per channel: t is a multiple of G; pack each block of G tokens along tokens
         blocks = q.codes.view(b, h, t // cfg.group_size, cfg.group_size, d)
-        codes = _pad_features(pack(blocks, cfg.bits, dim=-2).flatten(2, 3), padded)
+        codes = _pad_features(pack(blocks, cfg.bits, dim=-2, check=False).flatten(2, 3), padded)
         return codes, _pad_features(q.scale, padded), None if q.zero is None else _pad_features(q.zero, padded)
 
     def _decode(self, codes, scale, zero, tokens: int, dtype: torch.dtype) -> torch.Tensor:
@@ -191,30 +371,40 @@ class QuantizedStream:
 
     # --- public -------------------------------------------------------------------------------
 
-    def _push(self, x: torch.Tensor) -> tuple[torch.Tensor, int, tuple | None]:
-        """Store ``x`` (B, H, s, D); return ``(pending, flush, encoded)``: the window before the call
-        followed by ``x``, how many of those tokens this call quantized, and their packed blocks."""
-        if self.window is None:
-            self.window = x[..., :0, :]
+    def _push(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int, tuple | None]:
+        """Store ``x`` (B, H, s, D); return ``(flushed, flush, encoded)``: the states this call quantized
+        (B, H, flush, D) (the oldest of the window before the call, then of ``x``), how many, and their packed
+        blocks (None, 0, None when it quantized none)."""
+        window = self._window.view()
+        if window is None:
             self.head_dim = x.shape[-1]
-        elif x.shape[:2] != self.window.shape[:2] or x.shape[-1] != self.head_dim:
-            raise ValueError(
-                f"appending states of shape {tuple(x.shape)} to a stream of shape {tuple(self.window.shape)}"
-            )
-        before = self.quantized_tokens
-        pending = torch.cat([self.window.to(x.dtype), x], dim=-2)
-        target = quantized_prefix(before + pending.shape[-2], self.axis, self.config.group_size, self.config.residual)
+            self.non_finite = torch.zeros((), dtype=torch.bool, device=x.device)
+        elif x.shape[:2] != window.shape[:2] or x.shape[-1] != self.head_dim:
+            raise ValueError(f"appending states of shape {tuple(x.shape)} to a stream of shape {tuple(window.shape)}")
+        # flagged on the device, read by the owner when it chooses: no host sync in a step
+        self.non_finite |= ~torch.isfinite(x).all()
+        before, held = self.quantized_tokens, self._window.length
+        target = quantized_prefix(before + held + x.shape[-2], self.axis, self.config.group_size, self.config.residual)
         flush = target - before
-        encoded = None
-        if flush > 0:
-            encoded = codes, scale, zero = self._encode(pending[..., :flush, :])
-            self.codes = codes if self.codes is None else torch.cat([self.codes, codes], dim=2)
-            self.scale = scale if self.scale is None else torch.cat([self.scale, scale], dim=2)
-            if zero is not None:
-                self.zero = zero if self.zero is None else torch.cat([self.zero, zero], dim=2)
-            self.quantized_tokens = target
-        self.window = pending[..., flush:, :].contiguous()
-        return pending, flush, encoded
+        if flush <= 0:
+            self._window.append(x)
+            return None, 0, None
+        from_window = min(flush, held)
+        if from_window == 0:
+            flushed = x[:, :, :flush]
+        else:
+            old = window[:, :, :from_window].to(x.dtype)
+            flushed = old if flush == from_window else torch.cat([old, x[:, :, : flush - from_window]], dim=2)
+        encoded = codes, scale, zero = self._encode(flushed)
+        capacity = self._rows(quantized_prefix(self._reserved_tokens, self.axis, self.config.group_size, 0))
+        self._codes.append(codes, capacity[0])
+        self._scale.append(scale, capacity[1])
+        if zero is not None:
+            self._zero.append(zero, capacity[1])
+        self.quantized_tokens = target
+        self._window.drop_front(from_window)
+        self._window.append(x[:, :, flush - from_window :])
+        return flushed, flush, encoded
 
     def push(self, x: torch.Tensor) -> None:
         """Store ``x`` (B, H, s, D) without reading anything back (the attention kernels read the packed store)."""
@@ -228,11 +418,13 @@ class QuantizedStream:
         in full precision, for the causal mixed view of a multi-token update.
         """
         old = x[..., :0, :] if self.window is None else self.read_quantized(x.dtype)
-        pending, flush, encoded = self._push(x)
-        new = pending[..., :0, :] if encoded is None else self._decode(*encoded, flush, x.dtype)
-        held = torch.cat([old, new, self.window], dim=-2)
-        unquantized = torch.cat([old, pending], dim=-2)
-        return held, unquantized
+        flushed, flush, encoded = self._push(x)
+        window = self.window.to(x.dtype)
+        if encoded is None:
+            held = torch.cat([old, window], dim=-2)
+            return held, held
+        new = self._decode(*encoded, flush, x.dtype)
+        return torch.cat([old, new, window], dim=-2), torch.cat([old, flushed, window], dim=-2)
 
     def packed(self) -> PackedStream:
         """What the stream holds, as the attention kernels read it (no copy)."""
@@ -252,14 +444,49 @@ class QuantizedStream:
         return self._decode(self.codes, self.scale, self.zero, self.quantized_tokens, dtype)
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held, by component."""
-        size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
+        """Bytes held, by component (the views the attention reads; the reserved slack apart)."""
         return {
-            "codes": size(self.codes),
-            "scales": size(self.scale),
-            "zeros": size(self.zero),
-            "window": size(self.window),
+            "codes": self._codes.held_bytes(),
+            "scales": self._scale.held_bytes(),
+            "zeros": self._zero.held_bytes(),
+            "window": self._window.held_bytes(),
         }
+
+    def reserved_bytes(self) -> int:
+        """Bytes allocated but not held: room reserved for the tokens to come (and the 1-byte device flags)."""
+        flags = sum(f.element_size() for f in (self.non_finite, self.mask_ok) if f is not None)
+        return flags + sum(p.reserved_bytes() for p in (self._codes, self._scale, self._zero, self._window))
+
+    # --- what a Hugging Face cache asks of its layers ------------------------------------------------
+
+    def crop(self, tokens: int) -> None:
+        """Keep the first ``tokens`` tokens. Tokens that stay but must return to the window (the rule puts
+        fewer tokens in quantized blocks at the shorter length) come back dequantized: the stream then holds
+        exactly the first ``tokens`` of what it held (later pushes quantize them again from those values)."""
+        if not 0 <= tokens <= self.tokens:
+            raise ValueError(f"cannot crop a stream of {self.tokens} tokens to {tokens}")
+        if tokens >= self.quantized_tokens:
+            self._window.truncate(tokens - self.quantized_tokens)
+            return
+        keep = quantized_prefix(tokens, self.axis, self.config.group_size, self.config.residual)
+        code_rows, param_rows = self._rows(keep)
+        zero = None if self.zero is None else self.zero[:, :, param_rows:]
+        tail = self._decode(
+            self.codes[:, :, code_rows:], self.scale[:, :, param_rows:], zero, self.quantized_tokens - keep,
+            self._window.buffer.dtype,
+        )  # fmt: skip
+        returning = tail[:, :, : tokens - keep]  # (B, H, tokens - keep, D)
+        self._codes.truncate(code_rows)
+        self._scale.truncate(param_rows)
+        self._zero.truncate(param_rows)
+        self.quantized_tokens = keep
+        self._window.truncate(0)
+        self._window.append(returning)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) the sequences ``index`` (int64, on any device) of the batch."""
+        for part in (self._codes, self._scale, self._zero, self._window):
+            part.select(index)
 
 
 class SegmentedStream:
@@ -274,6 +501,7 @@ class SegmentedStream:
     def __init__(self, segments: list[tuple[int, KVQuantConfig]], axis: str):
         self.widths = [width for width, _ in segments]
         self.parts = [QuantizedStream(config, axis, None) for _, config in segments]
+        self.mask_ok: torch.Tensor | None = None  # as QuantizedStream.mask_ok
 
     @property
     def tokens(self) -> int:
@@ -312,8 +540,37 @@ class SegmentedStream:
         )
 
     def nbytes(self) -> dict[str, int]:
-        total: dict[str, int] = {}
+        return _sum_dicts(part.nbytes() for part in self.parts)
+
+    def reserved_bytes(self) -> int:
+        flag = 0 if self.mask_ok is None else self.mask_ok.element_size()
+        return flag + sum(part.reserved_bytes() for part in self.parts)
+
+    @property
+    def traffic(self) -> dict[str, int]:
+        return _sum_dicts(part.traffic for part in self.parts)
+
+    @property
+    def non_finite(self) -> torch.Tensor | None:
+        flags = [part.non_finite for part in self.parts if part.non_finite is not None]
+        return torch.stack(flags).any() if flags else None
+
+    def reserve(self, tokens: int) -> None:
         for part in self.parts:
-            for name, n in part.nbytes().items():
-                total[name] = total.get(name, 0) + n
-        return total
+            part.reserve(tokens)
+
+    def crop(self, tokens: int) -> None:
+        for part in self.parts:
+            part.crop(tokens)
+
+    def select(self, index: torch.Tensor) -> None:
+        for part in self.parts:
+            part.select(index)
+
+
+def _sum_dicts(dicts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for name, n in d.items():
+            total[name] = total.get(name, 0) + n
+    return total

@@ -9,7 +9,7 @@ from eigenkv.compress import EigenConfig, EigenPlan, apply_plan, compress_model
 from eigenkv.compress.basis import coefficient_variance
 from eigenkv.compress.calibrate import calibrate
 from eigenkv.compress.components import ComponentQuantConfig, high_components, prepare_components
-from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
+from eigenkv.memory import cache_held_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV, fake_quantize
 from eigenkv.quant.config import MixedKVQuantConfig
 from tests.helpers import parallel_and_stepwise, random_tokens, random_windows, tiny_llama, tiny_opt
@@ -87,7 +87,7 @@ def test_mixed_cache_reads_causally_and_its_bytes_match_the_accounting():
         parallel, stepwise, cache = parallel_and_stepwise(model, kv.new_cache, ids)
     torch.testing.assert_close(parallel, stepwise, atol=1e-9, rtol=0)
     counted = kv_cache_bytes(model, seq_len=29, batch_size=2, dtype=torch.float64, quant=config)
-    assert cache_tensor_bytes(cache) == counted.total - counted.components.get("bases", 0)
+    assert cache_held_bytes(cache) == counted.total - counted.components.get("bases", 0)
     plain = kv_cache_bytes(model, seq_len=29, batch_size=2, dtype=torch.float64, quant=QUANT)
     assert counted.components["keys.codes"] > plain.components["keys.codes"]  # the leading half at 8 bits
 
@@ -107,7 +107,7 @@ def test_high_precision_segment_has_the_smaller_error():
     high, low = (held - exact)[..., :8].abs().mean(), (held - exact)[..., 8:].abs().mean()
     assert high < 0.05 * low
     counted = kv_cache_bytes(model, seq_len=24, batch_size=1, dtype=torch.float64, quant=config)
-    assert cache_tensor_bytes(cache) == counted.total
+    assert cache_held_bytes(cache) == counted.total
 
 
 def test_spectrum_rule_gives_high_bits_to_components_that_dominate():

@@ -12,7 +12,7 @@ from eigenkv.compress import EigenConfig, EigenPlan, apply_plan, compress_model,
 from eigenkv.compress.attention import EigenAttention
 from eigenkv.compress.families import attention_sites
 from eigenkv.data import TokenWindows
-from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
+from eigenkv.memory import cache_held_bytes, kv_cache_bytes
 from tests.helpers import random_tokens, random_windows, tiny_llama, tiny_mpt, tiny_opt
 
 # (family, model factory, RoPE mode); OPT/MPT have no RoPE, their mode argument is ignored.
@@ -172,7 +172,7 @@ def test_target_ratio_is_met_and_cache_bytes_match_accounting(ratio, allot, basi
     with torch.no_grad():
         model(x, past_key_values=cache, use_cache=True)
     counted = kv_cache_bytes(model, seq_len=37, batch_size=3, dtype=torch.float32)
-    assert cache_tensor_bytes(cache) == counted.total - counted.components["bases"]
+    assert cache_held_bytes(cache) == counted.total - counted.components["bases"]
     modules = [m for m in model.modules() if isinstance(m, EigenAttention)]
     kept = [m.key_basis for m in modules] + [m.query_basis for m in modules if m.query_basis is not None]
     assert counted.components["bases"] == sum(b.numel() * 4 for b in kept)

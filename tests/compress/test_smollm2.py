@@ -9,7 +9,7 @@ from eigenkv.compress import EigenConfig, apply_plan, compress_model
 from eigenkv.compress.components import ComponentQuantConfig, prepare_components
 from eigenkv.data import load_windows
 from eigenkv.eval.perplexity import perplexity
-from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
+from eigenkv.memory import cache_held_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 
 
@@ -47,7 +47,7 @@ def test_smollm2_compress_perplexity_and_decoding(smollm2, monkeypatch):
         mixed = perplexity(twin, evaluated, progress=False, make_cache=new_cache).ppl
     assert compressed < mixed < 3 * compressed
     counted = kv_cache_bytes(twin, seq_len=128, batch_size=1, dtype=torch.float32, quant=kv_config)
-    assert cache_tensor_bytes(caches[-1]) == counted.total - counted.components["bases"]
+    assert cache_held_bytes(caches[-1]) == counted.total - counted.components["bases"]
 
     # fp16 generation through the attention kernels (interpreted on CPU) gives the tokens of the PyTorch path;
     # the 40-token prompt (prefill kernel, reading the causal quantized view) leaves quantized blocks of both

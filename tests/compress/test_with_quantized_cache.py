@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from eigenkv.compress import EigenConfig, compress_model
-from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
+from eigenkv.memory import cache_held_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 from tests.helpers import parallel_and_stepwise, random_tokens, random_windows, tiny_llama, tiny_opt
 
@@ -27,6 +27,6 @@ def test_parallel_forward_equals_decoding_and_bytes_match(make, mode):
     torch.testing.assert_close(parallel, stepwise, atol=1e-9, rtol=0)
     assert (parallel - dense).abs().max() > 1e-4
     counted = kv_cache_bytes(model, seq_len=29, batch_size=2, dtype=torch.float64, quant=QUANT)
-    assert cache_tensor_bytes(cache) == counted.total - counted.components.get("bases", 0)
+    assert cache_held_bytes(cache) == counted.total - counted.components.get("bases", 0)
     with pytest.raises(ValueError, match="ranks, not heads"):
         kv_cache_bytes(model, quant=KVQuantConfig(rotate=True))

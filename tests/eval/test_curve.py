@@ -10,7 +10,7 @@ from eigenkv.compress import EigenPlan, apply_plan
 from eigenkv.compress.components import ComponentQuantConfig, prepare_components
 from eigenkv.data import load_windows
 from eigenkv.eval.curve import CurveConfig, pareto_table, run_curve
-from eigenkv.memory import cache_tensor_bytes
+from eigenkv.memory import cache_held_bytes
 from eigenkv.models import load_model
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 from eigenkv.recipe import Recipe
@@ -84,7 +84,7 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
                 with QuantizedKV(model, KVQuantConfig.from_dict(row["recipe"]["kv"])) as kv:
                     cache = kv.new_cache()
                     model(window, past_key_values=cache, use_cache=True)
-        assert cache_tensor_bytes(cache) + bases == row["kv_bytes_eval_seq_len"], row["label"]
+        assert cache_held_bytes(cache) + bases == row["kv_bytes_eval_seq_len"], row["label"]
 
     files = (out / "points.jsonl", out / "plans" / PLANS["eigenkv-eigen0.5"] / "plan.json")
     stamps = [p.stat().st_mtime_ns for p in files]
@@ -110,7 +110,7 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
             cache = kv.new_cache()
             model(window, past_key_values=cache, use_cache=True)
         bases = sum(b.numel() * 2 for n, b in model.named_buffers() if n.endswith(("key_basis", "query_basis")))
-        assert cache_tensor_bytes(cache) + bases == row["kv_bytes_eval_seq_len"], row["label"]
+        assert cache_held_bytes(cache) + bases == row["kv_bytes_eval_seq_len"], row["label"]
         assert row["high_bits"] == 8 and Recipe.from_dict(row["recipe"]).components.high_fraction == 0.5
         same_plain = next(r for r in rows if r["label"] == row["label"].replace("+scale+hi8x0.5", ""))
         assert row["kv_bytes_eval_seq_len"] > same_plain["kv_bytes_eval_seq_len"]  # half the components at 8 bits

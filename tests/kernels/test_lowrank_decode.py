@@ -5,6 +5,9 @@ float64 reference is at most twice the error of the same-dtype reference, plus
 a small atol.
 """
 
+import os
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -299,3 +302,62 @@ def test_plain_model_with_quantized_cache_decodes_through_the_kernel(counted_ker
     clear = (top[..., 0] - top[..., 1]) > 4e-3
     chosen = results["triton"].sequences[:, ids.shape[1] :].T, results["torch"].sequences[:, ids.shape[1] :].T
     assert clear.sum() >= 5 and torch.equal(chosen[0][clear], chosen[1][clear])
+
+
+EIGENKV_DIR = os.path.dirname(os.path.dirname(decode_module.__file__))
+
+
+def eigenkv_reads(monkeypatch) -> list[str]:
+    """Record each read of a tensor's value on the host made from eigenkv's own code (on CPU, where a
+    device-to-host read is such a call: ``item``, ``bool``, ``int``, ``tolist``...)."""
+    import inspect
+
+    reads = []
+
+    def counted(original, name):
+        def counting(*args, **kwargs):
+            caller = inspect.currentframe().f_back
+            if caller.f_code.co_filename.startswith(EIGENKV_DIR):
+                reads.append(f"{name} at {caller.f_code.co_filename}:{caller.f_lineno}")
+            return original(*args, **kwargs)
+
+        return counting
+
+    for name in ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name), name))
+    monkeypatch.setattr(torch, "equal", counted(torch.equal, "equal"))
+    return reads
+
+
+def test_a_decode_step_reads_nothing_back_from_the_device(monkeypatch):
+    """After the first decode step (which checks the mask once), a step through the quantized cache and the
+    decode kernel issues no host sync from eigenkv: store, routing, launcher."""
+    monkeypatch.setenv("EIGENKV_BACKEND", "triton")
+    model = tiny_llama().to(DEVICE, torch.float16)
+    ids = random_tokens(model, batch=2, length=21)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with QuantizedKV(model, KVQuantConfig(bits=4, group_size=16, residual=2)) as kv, torch.no_grad():
+        cache = kv.new_cache(max_tokens=40)
+        logits = model(ids.to(DEVICE), attention_mask=mask.to(DEVICE), past_key_values=cache).logits
+        for step in range(3):
+            token = logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if step == 0:
+                reads = []
+            elif step == 1:
+                reads = eigenkv_reads(monkeypatch)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if DEVICE == "cuda" and step == 2:
+                    torch.cuda.set_sync_debug_mode("warn")  # every synchronizing CUDA call warns, from its line
+                try:
+                    logits = model(token, attention_mask=mask.to(DEVICE), past_key_values=cache).logits
+                finally:
+                    if DEVICE == "cuda":
+                        torch.cuda.set_sync_debug_mode("default")
+            if step == 2:  # on CUDA: the synchronizing calls made from eigenkv's code
+                synced = [w for w in caught if "synchroniz" in str(w.message) and w.filename.startswith(EIGENKV_DIR)]
+                reads += [f"{w.filename}:{w.lineno}" for w in synced]
+        assert reads == [], reads
+        cache.check()  # the flags the steps set: finite states, one range of keys per row

@@ -3,7 +3,7 @@ import torch
 
 from eigenkv.data import load_windows
 from eigenkv.eval.perplexity import perplexity
-from eigenkv.memory import cache_tensor_bytes, kv_cache_bytes
+from eigenkv.memory import cache_held_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
 from tests.helpers import DEVICE, tiny_llama, tiny_opt
 
@@ -62,7 +62,7 @@ def test_nbytes_equals_held_tensors_and_accounting(config, tokens):
         cache = kv.new_cache()
         model(ids, past_key_values=cache, use_cache=True)
     held = cache.nbytes()
-    assert sum(held.values()) == cache_tensor_bytes(cache)
+    assert sum(held.values()) == cache_held_bytes(cache)
     counted = kv_cache_bytes(model, seq_len=tokens, batch_size=3, dtype=torch.float32, quant=config)
     assert counted.total == sum(held.values())
     for part in ("codes", "scales", "zeros", "window"):
@@ -134,10 +134,88 @@ def test_models_without_the_attention_interface_are_refused():
         pass
 
 
-def test_unsupported_cache_operations_are_refused():
-    cache = QuantizedKVCache(KVQuantConfig(), tiny_llama().config)
-    with pytest.raises(NotImplementedError, match="beam search"):
-        cache.layers[0].reorder_cache(torch.tensor([0]))
+def manual_beam_search(model, cache, ids: torch.Tensor, beams: int, steps: int) -> torch.Tensor:
+    """Beam search written out (no EOS): keep the ``beams`` best (beam, token) continuations by summed log
+    probability, reorder the cache to them, go on; return the best sequence ``(1, T + steps)``."""
+    seqs = ids.repeat_interleave(beams, 0)
+    logits = model(seqs, past_key_values=cache, use_cache=True).logits[:, -1]
+    scores = torch.full((beams,), -1e9)
+    scores[0] = 0.0  # all beams start equal: only the first may expand at the first step
+    for step in range(steps):
+        total = (scores[:, None] + torch.log_softmax(logits.float(), -1)).view(-1)
+        scores, flat = total.topk(beams)
+        beam, token = flat // logits.shape[-1], flat % logits.shape[-1]
+        cache.reorder_cache(beam)
+        seqs = torch.cat([seqs[beam], token[:, None]], dim=1)
+        if step < steps - 1:
+            logits = model(token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+    return seqs[:1]
+
+
+def test_beam_search_through_generate_equals_a_manual_beam_search():
+    model = tiny_llama()
+    ids = torch.randint(4, 96, (1, 11))
+    config = KVQuantConfig(bits=3, group_size=8, axis_k="channel", residual=2)  # most tokens quantized
+    with QuantizedKV(model, config) as kv, torch.no_grad():
+        out = model.generate(
+            ids, past_key_values=kv.new_cache(), max_new_tokens=7, num_beams=3, do_sample=False,
+            eos_token_id=None, pad_token_id=3, length_penalty=0.0,
+        )  # fmt: skip
+        manual = manual_beam_search(model, kv.new_cache(), ids, beams=3, steps=7)
+    assert torch.equal(out, manual)
+
+
+def test_reorder_and_repeat_equal_storing_the_selected_sequences():
+    model = tiny_llama()
+    ids = torch.randint(4, 96, (3, 21))
+    index = torch.tensor([1, 1, 0, 2, 2, 2])
+    config = KVQuantConfig(bits=4, group_size=8, axis_k="channel", axis_v="token", residual=3)
+    with QuantizedKV(model, config) as kv, torch.no_grad():
+        reordered, expected, repeated = kv.new_cache(), kv.new_cache(), kv.new_cache()
+        model(ids, past_key_values=reordered, use_cache=True)
+        model(ids[index], past_key_values=expected, use_cache=True)
+        model(ids, past_key_values=repeated, use_cache=True)
+        reordered.reorder_cache(index)
+        repeated.batch_repeat_interleave(2)
+        twice = kv.new_cache()
+        model(ids.repeat_interleave(2, 0), past_key_values=twice, use_cache=True)
+    for got, want in ((reordered, expected), (repeated, twice)):
+        for a, b in zip(got.layers, want.layers, strict=True):
+            for sa, sb in zip(a.streams(), b.streams(), strict=True):
+                assert torch.equal(sa.packed().dequantize(torch.float32), sb.packed().dequantize(torch.float32))
+
+
+def test_assisted_decoding_crops_the_cache_and_matches_greedy():
+    model = tiny_llama()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]])  # repeated n-grams: prompt lookup proposes
+    config = KVQuantConfig(bits=4, group_size=8, axis_k="token", axis_v="token", residual=8)
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 3}
+    with QuantizedKV(model, config) as kv, torch.no_grad():
+        greedy = model.generate(ids, past_key_values=kv.new_cache(), **kwargs)
+        cache = kv.new_cache()
+        crops = []
+        original = type(cache.layers[0]).crop
+        for layer in cache.layers:
+            layer.crop = lambda n, _layer=layer: (crops.append(n), original(_layer, n))[-1]
+        assisted = model.generate(ids, past_key_values=cache, prompt_lookup_num_tokens=3, **kwargs)
+    assert crops, "prompt lookup decoding never cropped the cache"
+    assert torch.equal(assisted, greedy)
+
+
+def test_non_finite_states_raise_within_check_every_steps():
+    model = tiny_llama()
+    config = KVQuantConfig(bits=4, group_size=8, residual=2)
+    cache = QuantizedKVCache(config, model.config, check_every=3)
+    k = torch.randn(1, 2, 5, 16)
+    layer = cache.layers[0]
+    layer.update(k, k)
+    bad = torch.full((1, 2, 1, 16), float("nan"))
+    layer.update(bad, bad)  # step 1: flagged, not read
+    layer.update(k[:, :, :1], k[:, :, :1])  # step 2
+    with pytest.raises(ValueError, match="layer 0 keys: .*NaN or Inf"):  # noqa: PT012
+        layer.update(k[:, :, :1], k[:, :, :1])  # step 3 reads the flags
+    with pytest.raises(ValueError, match="check_every"):
+        QuantizedKVCache(config, model.config, check_every=0)
 
 
 def test_real_model_smoke(smollm2):

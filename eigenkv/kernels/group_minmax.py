@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from eigenkv.kernels.backend import check_kernel_device
-from eigenkv.kernels.utils import KernelConfig
+from eigenkv.kernels.utils import KernelConfig, cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GROUP = 1024
@@ -61,7 +61,7 @@ def _group_minmax_kernel(
 
 def launch_config(group_size: int) -> KernelConfig:
     """Block sizes the launcher uses for a group size (also what the compile test checks)."""
-    block_g = max(16, triton.next_power_of_2(group_size))
+    block_g = max(16, next_power_of_2(group_size))
     return KernelConfig(constexprs={"BLOCK_G": block_g, "BLOCK_ROWS": max(1, _TILE_ELEMENTS // block_g)}, num_warps=4)
 
 
@@ -80,7 +80,7 @@ def group_minmax(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
     maxs = torch.empty_like(mins)
     if n_rows:
         cfg = launch_config(group_size)
-        grid = (triton.cdiv(n_rows, cfg.constexprs["BLOCK_ROWS"]) * n_groups,)
+        grid = (cdiv(n_rows, cfg.constexprs["BLOCK_ROWS"]) * n_groups,)
         _group_minmax_kernel[grid](
             x2, mins, maxs, n_rows, n_groups, GROUP=group_size, num_warps=cfg.num_warps, **cfg.constexprs
         )

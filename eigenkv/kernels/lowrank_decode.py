@@ -45,6 +45,7 @@ code by ``python -m eigenkv.kernels.roofline``):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -59,7 +60,9 @@ from eigenkv.kernels.utils import (
     KernelConfig,
     KernelSpec,
     RooflineCase,
+    cdiv,
     dot,
+    next_power_of_2,
     pad_width,
     rotate_keys,
 )
@@ -687,6 +690,11 @@ class Chunk:
     masked: bool
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of the widths, called for every stream of every launch
+def _chunks(widths: tuple[int, ...]) -> tuple[Chunk, ...]:
+    return tuple(feature_chunks(list(widths)))
+
+
 def feature_chunks(widths: list[int]) -> list[Chunk]:
     """The tiles covering a stream of segments of ``widths`` features (stored ``aligned_width`` each).
 
@@ -721,7 +729,7 @@ def num_splits(tokens: int, programs: int, block_n: int, slots: int) -> int:
 
     Rounded down, not up: a launch of one wave and a bit takes two waves (on an H200, 320 programs for 264
     slots ran 1.6x slower than 256); a program then reads a long range, which the kernel does at full speed."""
-    tiles = max(1, triton.cdiv(tokens, block_n))
+    tiles = max(1, cdiv(tokens, block_n))
     return int(min(tiles, MAX_SPLITS, max(1, slots // programs)))
 
 
@@ -776,7 +784,7 @@ def _stream_args(stream: PackedStream, prefix: str) -> tuple[tuple, dict]:
     """Kernel arguments of a stream's two chunks and window, and their constexprs (``prefix`` K or V)."""
     segments = list(stream.segments)
     widths = [seg.width for seg in segments] or [stream.width]
-    chunks = feature_chunks(widths)
+    chunks = list(_chunks(tuple(widths)))
     args, constexprs = [], {f"{prefix}_TOKEN": stream.axis == "token", f"{prefix}B": len(chunks) > 1}
     # a stream of one chunk repeats it as chunk B (never read)
     for name, chunk in zip("AB", chunks + chunks[:1] * (2 - len(chunks)), strict=True):
@@ -858,7 +866,7 @@ def lowrank_decode(
     n_splits = splits or num_splits(tokens, batch * kv_heads, block_n, slots)
     if not 1 <= n_splits <= MAX_SPLITS:
         raise ValueError(f"splits must be in [1, {MAX_SPLITS}]; got {n_splits}")
-    tokens_per_split = block_n * triton.cdiv(triton.cdiv(max(tokens, 1), block_n), n_splits)
+    tokens_per_split = block_n * cdiv(cdiv(max(tokens, 1), block_n), n_splits)
     # tokens read by the main loop: whole tiles where keys and values are both quantized
     main_tokens = min(keys.quantized_tokens, values.quantized_tokens) // block_n * block_n
     if not (keys.segments and values.segments):
@@ -891,7 +899,7 @@ def lowrank_decode(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **cfg.constexprs,
     )  # fmt: skip
     _merge_kernel[(batch * q_heads,)](
-        acc, stats, out, n_splits, value_rank, SPLITS_PAD=triton.next_power_of_2(n_splits), RV_PAD=rv_pad
+        acc, stats, out, n_splits, value_rank, SPLITS_PAD=next_power_of_2(n_splits), RV_PAD=rv_pad
     )
     return out
 

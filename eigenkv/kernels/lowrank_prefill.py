@@ -40,6 +40,7 @@ from eigenkv.kernels.utils import (
     KernelConfig,
     KernelSpec,
     RooflineCase,
+    cdiv,
     dot,
     pad_width,
     qk_scores,
@@ -272,7 +273,7 @@ def lowrank_prefill(
         return out
     decoder, decoder_stride, inv_freq, slopes = scoring.kernel_tensors(query)
     dummy = starts
-    grid = (triton.cdiv(length, cfg.constexprs["BLOCK_M"]), batch * q_heads)
+    grid = (cdiv(length, cfg.constexprs["BLOCK_M"]), batch * q_heads)
     _prefill_kernel[grid](
         query, query.stride(0), query.stride(1), query.stride(2),
         keys, keys if key_held is None else key_held, values, values if value_held is None else value_held,
@@ -351,7 +352,7 @@ def roofline_cases(batch: int = 1, length: int = 8192):
             name = f"lowrank_prefill[{shape},{mode},T{length}]"
             spec = KernelSpec(name, _prefill_kernel, _signature("fp16"), constexprs, cfg.num_warps, cfg.num_stages)
             per_token = (key_rank + value_rank) * 2
-            query_blocks = triton.cdiv(length, block_m)
+            query_blocks = cdiv(length, block_m)
             yield RooflineCase(
                 name=name,
                 spec=spec,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from eigenkv.kernels.backend import check_kernel_device
-from eigenkv.kernels.utils import KernelConfig, KernelSpec
+from eigenkv.kernels.utils import KernelConfig, KernelSpec, cdiv
 from eigenkv.quant.packing import pack, packed_length, unpack
 from eigenkv.quant.reference import NON_FINITE_MESSAGE, QuantizedGroups, check_quant_args, dequantize, quantize
 
@@ -178,7 +178,7 @@ def launch_config(group_size: int) -> KernelConfig:
 def _launch(kernel, args: tuple, n_rows: int, n_cols: int, bits: int, group_size: int, symmetric: bool) -> None:
     """Launch a row kernel: one program per (BLOCK_R rows, group of the row)."""
     cfg = launch_config(group_size)
-    grid = (triton.cdiv(n_rows, cfg.constexprs["BLOCK_R"]), n_cols // group_size)
+    grid = (cdiv(n_rows, cfg.constexprs["BLOCK_R"]), n_cols // group_size)
     kernel[grid](*args, BITS=bits, GROUP=group_size, SYMMETRIC=symmetric, num_warps=cfg.num_warps, **cfg.constexprs)
 
 

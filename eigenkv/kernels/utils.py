@@ -71,9 +71,19 @@ class RooflineCase:
     loop: int | None = None
 
 
+# Host arithmetic of the launchers in plain Python: triton.cdiv and triton.next_power_of_2 are constexpr
+# functions, whose calls cost microseconds each on the host (a decode step launches every layer).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def pad_width(n: int) -> int:
     """Tile width of ``n`` features: a power of two, at least 16 (``tl.dot`` needs K >= 16 on NVIDIA GPUs)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 @triton.jit

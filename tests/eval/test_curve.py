@@ -14,7 +14,6 @@ from eigenkv.memory import cache_held_bytes
 from eigenkv.models import load_model
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 from eigenkv.recipe import Recipe
-from tests.test_cli import model_dir  # noqa: F401  (fixture)
 
 PLANS = {"paper-eigen0.5": "eigen0.5-pre-uniform", "eigenkv-eigen0.5": "eigen0.5-pre-output-fisher"}
 

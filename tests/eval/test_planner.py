@@ -9,7 +9,6 @@ from eigenkv.eval.planner import PlannerConfig, PlannerExperiment, candidates, p
 from eigenkv.eval.runs import RunFolder
 from eigenkv.memory import GB
 from eigenkv.recipe import Recipe
-from tests.test_cli import model_dir  # noqa: F401  (fixture)
 
 
 @pytest.fixture

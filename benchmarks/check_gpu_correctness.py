@@ -2,7 +2,7 @@
 ``--cpu-smoke``, at tiny sizes in the Triton interpreter).
 
 - decode: :func:`lowrank_decode` over a cache of ``--tokens`` tokens (32 query
-  heads, 8 KV heads, head size 128, ranks 77 / 77, 4-bit codes, group 64, keys
+  heads, 8 KV heads, head size 128, ranks 77 / 77, 4-bit codes, groups 64 and 16, keys
   per channel, values per token, a full-precision window of ``--residual``
   tokens), stored through the library's ``QuantizedStream``; rank and pre modes,
   fp16 and bf16;
@@ -67,9 +67,10 @@ def log_check(log: RowLog, common: dict, result: dict, seconds: float) -> bool:
     log.add(**common, metric="pass", value=int(result["pass"]))
     verdict = "PASS" if result["pass"] else "FAIL"
     print(
-        f"{verdict} {common['method']:14s} {common['mode']:4s} {common['dtype']:8s} B={common['batch']} "
-        f"S={common['context']}: max abs err {result['max_abs_err']:.3g} (bound {result['bound']:.3g}, "
-        f"same-dtype reference {result['ref_err']:.3g}, relative {result['rel_err']:.2g}) [{seconds:.1f} s]",
+        f"{verdict} {common['method']:14s} {common['shape']:13s} {common['mode']:4s} {common['dtype']:8s} "
+        f"B={common['batch']} S={common['context']}: max abs err {result['max_abs_err']:.3g} "
+        f"(bound {result['bound']:.3g}, same-dtype reference {result['ref_err']:.3g}, "
+        f"relative {result['rel_err']:.2g}) [{seconds:.1f} s]",
         flush=True,
     )
     return result["pass"]
@@ -88,10 +89,12 @@ def run_check(log: RowLog, common: dict, outputs) -> bool:
         return False
 
 
-def check_decode(log: RowLog, dtype_name: str, modes: list[str], batch: int, tokens: int, args, device) -> bool:
-    """Decode kernel vs reference in each mode, on one cache (stored once per dtype)."""
+def check_decode(
+    log: RowLog, dtype_name: str, modes: list[str], batch: int, tokens: int, group: int, args, device
+) -> bool:
+    """Decode kernel vs reference in each mode, on one cache (stored once per dtype and group)."""
     dtype = DTYPES[dtype_name]
-    config = KVQuantConfig(bits=4, group_size=64, axis_k="channel", axis_v="token", residual=args.residual)
+    config = KVQuantConfig(bits=4, group_size=group, axis_k="channel", axis_v="token", residual=args.residual)
     case = decode_case(SHAPE, batch, tokens, RATIO, config, dtype, device, query_scale=args.query_scale)
 
     def outputs(mode):
@@ -104,7 +107,8 @@ def check_decode(log: RowLog, dtype_name: str, modes: list[str], batch: int, tok
 
     ok = True
     for mode in modes:
-        common = {"step": "correct", "shape": SHAPE, "dtype": dtype_name, "method": "lowrank_decode", "mode": mode}
+        common = {"step": "correct", "shape": f"{SHAPE},g{group}", "dtype": dtype_name, "method": "lowrank_decode"}
+        common["mode"] = mode
         ok &= run_check(log, common | {"batch": batch, "context": tokens}, lambda m=mode: outputs(m))
     return ok
 
@@ -157,6 +161,9 @@ def main() -> int:
     parser.add_argument("--residual", type=int, default=32, help="decode: full-precision window (KVQuantConfig)")
     parser.add_argument("--prefill-tokens", type=int, default=1024)
     parser.add_argument("--prefill-batch", type=int, default=1)
+    parser.add_argument(
+        "--groups", default="64,16", help="decode: group sizes (16: 64-token tiles holding four blocks of keys)"
+    )
     parser.add_argument("--modes", default="rank,pre")
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--query-scale", type=float, default=4.0)
@@ -176,8 +183,10 @@ def main() -> int:
     ok = True
     dtypes = args.dtypes.split(",")
     # decode first (the step the GPU run is for), fp16 before bf16: a timeout keeps the most useful checks
+    groups = [int(g) for g in args.groups.split(",")]
     for dtype_name in dtypes if "decode" not in skip else []:
-        ok &= check_decode(log, dtype_name, modes, batch, tokens, args, device)
+        for group in groups:
+            ok &= check_decode(log, dtype_name, modes, batch, tokens, group, args, device)
     for dtype_name in dtypes if "prefill" not in skip else []:
         ok &= check_prefill(log, dtype_name, modes, args.prefill_batch, length, args, device)
     print(f"correctness: {'all PASS' if ok else 'FAILURES above'}; rows in {log.path}")

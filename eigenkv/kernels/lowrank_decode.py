@@ -542,24 +542,22 @@ def _decode_kernel(
             SYMMETRIC,
             KA_W,
         ).to(dtype)
+        if KB:
+            kb = _chunk_tail(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, KW, kw, kw_r, k_quantized, tok, tok_ok, kb_off,
+                             kb_feat, kb_width, kb_aligned, KB_BITS, K_TOKEN, GROUP, SYMMETRIC, KB_W)  # fmt: skip
+            kb = kb.to(dtype)
         if PRE:
             a1 = dot(k, d1a, DOT_FP32)
             a2 = dot(k, d2a, DOT_FP32)
             if KB:
-                k = _chunk_tail(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, KW, kw, kw_r, k_quantized, tok, tok_ok,
-                                kb_off, kb_feat, kb_width, kb_aligned, KB_BITS, K_TOKEN, GROUP, SYMMETRIC,
-                                KB_W).to(dtype)  # fmt: skip
-                a1 += dot(k, d1b, DOT_FP32)
-                a2 += dot(k, d2b, DOT_FP32)
+                a1 += dot(kb, d1b, DOT_FP32)
+                a2 += dot(kb, d2b, DOT_FP32)
             k1, k2 = rotate_keys(a1, a2, tok, inv_freq, rope_scale, dtype)
             scores = dot(k1, q1, DOT_FP32) + dot(k2, q2, DOT_FP32)
         else:
             scores = dot(k, qa, DOT_FP32)
             if KB:
-                k = _chunk_tail(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, KW, kw, kw_r, k_quantized, tok, tok_ok,
-                                kb_off, kb_feat, kb_width, kb_aligned, KB_BITS, K_TOKEN, GROUP, SYMMETRIC,
-                                KB_W).to(dtype)  # fmt: skip
-                scores += dot(k, qb, DOT_FP32)
+                scores += dot(kb, qb, DOT_FP32)
         scores = scores * qk_scale
         if ALIBI:
             scores += tok.to(tl.float32)[:, None] * slopes[None, :]

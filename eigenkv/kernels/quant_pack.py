@@ -21,7 +21,7 @@ import triton.language as tl
 
 from eigenkv.kernels.backend import check_kernel_device
 from eigenkv.kernels.utils import KernelConfig, KernelSpec, cdiv
-from eigenkv.quant.packing import pack, packed_length, unpack
+from eigenkv.quant.packing import aligned_width, pack_aligned, packed_length, unpack_aligned
 from eigenkv.quant.reference import NON_FINITE_MESSAGE, QuantizedGroups, check_quant_args, dequantize, quantize
 
 KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -35,12 +35,12 @@ _TILE_ELEMENTS = 2048
 def quantize_pack_reference(x, bits, group_size, *, symmetric=False, scale_dtype=torch.float16):
     """Reference of :func:`quantize_pack` (any group size, remainder groups included)."""
     q = quantize(x, bits, group_size, -1, symmetric=symmetric, scale_dtype=scale_dtype)
-    return pack(q.codes, bits, dim=-1), q.scale, q.zero
+    return pack_aligned(q.codes, bits, dim=-1), q.scale, q.zero
 
 
 def unpack_dequantize_reference(packed, scale, zero, bits, group_size, n, dtype=torch.float16):
     """Reference of :func:`unpack_dequantize`."""
-    codes = unpack(packed, bits, n, dim=-1)
+    codes = unpack_aligned(packed, bits, n, dim=-1)
     q = QuantizedGroups(codes, scale, zero, bits, group_size, codes.dim() - 1, zero is None)
     return dequantize(q, dtype)
 
@@ -54,14 +54,17 @@ def _round_half_even(y):
 
 
 @triton.jit
-def _pack_store(codes, P, rows, row_ok, col0, stride_p, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr):
-    # codes: (BLOCK_R, WIDTH) int32 < 2^BITS -> bytes at columns col0 .. col0 + WIDTH * BITS / 8 of P
+def _pack_store(codes, P, rows, row_ok, col0, limit, stride_p, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr,
+                BITS: tl.constexpr):  # fmt: skip
+    # codes: (BLOCK_R, WIDTH) int32 < 2^BITS -> bytes at columns col0 .. col0 + WIDTH * BITS / 8 of P, those
+    # below `limit` (a remainder group's bytes past the aligned row are not stored)
     PER: tl.constexpr = 8 // BITS
     grouped = tl.reshape(codes, (BLOCK_R, WIDTH // PER, PER))
     shifts = tl.arange(0, PER) * BITS
     packed = tl.sum(grouped << shifts[None, None, :], axis=2)
     cols = col0 + tl.arange(0, WIDTH // PER)
-    tl.store(P + rows[:, None].to(tl.int64) * stride_p + cols[None, :], packed.to(tl.uint8), mask=row_ok[:, None])
+    ok = row_ok[:, None] & (cols < limit)[None, :]
+    tl.store(P + rows[:, None].to(tl.int64) * stride_p + cols[None, :], packed.to(tl.uint8), mask=ok)
 
 
 @triton.jit
@@ -73,6 +76,7 @@ def _quantize_pack_kernel(
     NON_FINITE,  # (1,) int32, set to 1 when x holds NaN or Inf
     n_rows,
     n_cols,
+    aligned,  # features a packed row covers: n_cols rounded up to a multiple of 8
     stride_x,
     stride_p,
     BITS: tl.constexpr,
@@ -82,11 +86,13 @@ def _quantize_pack_kernel(
 ):
     pid_r = tl.program_id(0)
     g = tl.program_id(1)
-    n_groups = n_cols // GROUP
+    n_groups = (n_cols + GROUP - 1) // GROUP  # the last group may be a remainder
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     cols = g * GROUP + tl.arange(0, GROUP)
-    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=row_ok[:, None], other=0.0)
+    col_ok = cols < n_cols
+    ok = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok, other=0.0)
     x = x.to(tl.float32)
     # Flag NaN/Inf here instead of a separate torch.isfinite pass, which costs the launcher 5x in bandwidth.
     non_finite = tl.max(tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1), axis=0)
@@ -101,8 +107,8 @@ def _quantize_pack_kernel(
         c = tl.minimum(tl.maximum(c, -QMAX), QMAX) + (1 << (BITS - 1))
     else:
         LEVELS: tl.constexpr = (1 << BITS) - 1
-        lo = tl.min(x, axis=1)
-        hi = tl.max(x, axis=1)
+        lo = tl.min(tl.where(col_ok[None, :], x, float("inf")), axis=1)  # over the group's real features
+        hi = tl.max(tl.where(col_ok[None, :], x, float("-inf")), axis=1)
         scale = ((hi - lo) / LEVELS).to(S.dtype.element_ty)
         zero = lo.to(Z.dtype.element_ty)
         s = scale.to(tl.float32)
@@ -111,21 +117,25 @@ def _quantize_pack_kernel(
         c = tl.minimum(tl.maximum(c, 0.0), LEVELS)
         tl.store(Z + out, zero, mask=row_ok)
     tl.store(S + out, scale, mask=row_ok)
-    codes = c.to(tl.int32)
+    codes = tl.where(col_ok[None, :], c.to(tl.int32), 0)  # the padding features' codes are zero
     if BITS == 3:
-        # low 2-bit plane of the row first, then the high-bit plane
-        _pack_store(codes & 3, P, rows, row_ok, g * (GROUP // 4), stride_p, BLOCK_R, GROUP, 2)
-        _pack_store(codes >> 2, P, rows, row_ok, n_cols // 4 + g * (GROUP // 8), stride_p, BLOCK_R, GROUP, 1)
+        # low 2-bit plane of the aligned row first, then the high-bit plane
+        _pack_store(codes & 3, P, rows, row_ok, g * (GROUP // 4), aligned // 4, stride_p, BLOCK_R, GROUP, 2)
+        _pack_store(codes >> 2, P, rows, row_ok, aligned // 4 + g * (GROUP // 8), aligned // 4 + aligned // 8,
+                    stride_p, BLOCK_R, GROUP, 1)  # fmt: skip
     else:
-        _pack_store(codes, P, rows, row_ok, g * (GROUP * BITS // 8), stride_p, BLOCK_R, GROUP, BITS)
+        limit = aligned * BITS // 8
+        _pack_store(codes, P, rows, row_ok, g * (GROUP * BITS // 8), limit, stride_p, BLOCK_R, GROUP, BITS)
 
 
 @triton.jit
-def _unpack_load(P, rows, row_ok, col0, stride_p, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr):
-    # inverse of _pack_store: (BLOCK_R, WIDTH) int32 codes
+def _unpack_load(P, rows, row_ok, col0, limit, stride_p, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr,
+                 BITS: tl.constexpr):  # fmt: skip
+    # inverse of _pack_store: (BLOCK_R, WIDTH) int32 codes (bytes from `limit` on read as zero)
     PER: tl.constexpr = 8 // BITS
     cols = col0 + tl.arange(0, WIDTH // PER)
-    packed = tl.load(P + rows[:, None].to(tl.int64) * stride_p + cols[None, :], mask=row_ok[:, None], other=0)
+    ok = row_ok[:, None] & (cols < limit)[None, :]
+    packed = tl.load(P + rows[:, None].to(tl.int64) * stride_p + cols[None, :], mask=ok, other=0)
     shifts = tl.arange(0, PER) * BITS
     codes = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(codes, (BLOCK_R, WIDTH))
@@ -139,6 +149,7 @@ def _unpack_dequantize_kernel(
     OUT,  # (R, C)
     n_rows,
     n_cols,
+    aligned,  # features a packed row covers: n_cols rounded up to a multiple of 8
     stride_p,
     stride_out,
     BITS: tl.constexpr,
@@ -148,15 +159,17 @@ def _unpack_dequantize_kernel(
 ):
     pid_r = tl.program_id(0)
     g = tl.program_id(1)
-    n_groups = n_cols // GROUP
+    n_groups = (n_cols + GROUP - 1) // GROUP  # the last group may be a remainder
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     if BITS == 3:
-        low = _unpack_load(P, rows, row_ok, g * (GROUP // 4), stride_p, BLOCK_R, GROUP, 2)
-        high = _unpack_load(P, rows, row_ok, n_cols // 4 + g * (GROUP // 8), stride_p, BLOCK_R, GROUP, 1)
+        low = _unpack_load(P, rows, row_ok, g * (GROUP // 4), aligned // 4, stride_p, BLOCK_R, GROUP, 2)
+        high = _unpack_load(P, rows, row_ok, aligned // 4 + g * (GROUP // 8), aligned // 4 + aligned // 8, stride_p,
+                            BLOCK_R, GROUP, 1)  # fmt: skip
         codes = low | (high << 2)
     else:
-        codes = _unpack_load(P, rows, row_ok, g * (GROUP * BITS // 8), stride_p, BLOCK_R, GROUP, BITS)
+        limit = aligned * BITS // 8
+        codes = _unpack_load(P, rows, row_ok, g * (GROUP * BITS // 8), limit, stride_p, BLOCK_R, GROUP, BITS)
     params = rows.to(tl.int64) * n_groups + g
     s = tl.load(S + params, mask=row_ok, other=0.0).to(tl.float32)
     if SYMMETRIC:
@@ -165,9 +178,8 @@ def _unpack_dequantize_kernel(
         z = tl.load(Z + params, mask=row_ok, other=0.0).to(tl.float32)
         x = s[:, None] * codes.to(tl.float32) + z[:, None]
     cols = g * GROUP + tl.arange(0, GROUP)
-    tl.store(
-        OUT + rows[:, None].to(tl.int64) * stride_out + cols[None, :], x.to(OUT.dtype.element_ty), mask=row_ok[:, None]
-    )
+    ok = row_ok[:, None] & (cols < n_cols)[None, :]
+    tl.store(OUT + rows[:, None].to(tl.int64) * stride_out + cols[None, :], x.to(OUT.dtype.element_ty), mask=ok)
 
 
 def launch_config(group_size: int) -> KernelConfig:
@@ -178,27 +190,22 @@ def launch_config(group_size: int) -> KernelConfig:
 def _launch(kernel, args: tuple, n_rows: int, n_cols: int, bits: int, group_size: int, symmetric: bool) -> None:
     """Launch a row kernel: one program per (BLOCK_R rows, group of the row)."""
     cfg = launch_config(group_size)
-    grid = (cdiv(n_rows, cfg.constexprs["BLOCK_R"]), n_cols // group_size)
+    grid = (cdiv(n_rows, cfg.constexprs["BLOCK_R"]), cdiv(n_cols, group_size))
     kernel[grid](*args, BITS=bits, GROUP=group_size, SYMMETRIC=symmetric, num_warps=cfg.num_warps, **cfg.constexprs)
 
 
 def kernel_supports(n_cols: int, group_size: int, scale_dtype: torch.dtype) -> bool:
     """Whether the kernels handle rows of ``n_cols`` (else use the references, which handle any case)."""
-    return group_size in GROUP_SIZES and n_cols % group_size == 0 and scale_dtype == SCALE_DTYPE
+    return group_size in GROUP_SIZES and scale_dtype == SCALE_DTYPE
 
 
-def _check_kernel_group(n_cols: int, group_size: int, scale_dtype: torch.dtype) -> None:
+def _check_kernel_group(group_size: int, scale_dtype: torch.dtype) -> None:
     if scale_dtype != SCALE_DTYPE:
         raise ValueError(f"the kernels store float16 scales; got {scale_dtype} (use the *_reference functions)")
     if group_size not in GROUP_SIZES:
         raise ValueError(
             f"the kernels need a power-of-two group size in {GROUP_SIZES}; got {group_size} "
             "(use the *_reference functions for other sizes)"
-        )
-    if n_cols % group_size:
-        raise ValueError(
-            f"group_size {group_size} does not divide the row length {n_cols}; "
-            "the kernels need whole groups (the reference functions handle a remainder group)"
         )
 
 
@@ -213,9 +220,11 @@ def quantize_pack(
 ):
     """Triton: ``x`` (R, C) fp16/bf16/fp32 -> ``(packed, scale, zero)``.
 
-    ``packed`` is uint8 (R, packed_length(C, bits)); ``scale`` and ``zero`` are
-    float16 (R, C / G), ``zero`` None when symmetric. NaN/Inf raise (one 4-byte
-    device-to-host read) unless ``check_finite=False`` (callers that flag them on the device).
+    ``packed`` is uint8 (R, packed_length(aligned_width(C), bits)): the row's codes followed by zero codes up to
+    a multiple of 8 features (the stored layout, ``eigenkv.quant.packing.pack_aligned``; the dense packing when
+    8 divides C). ``scale`` and ``zero`` are float16 (R, ceil(C / G)) (a remainder group has its own), ``zero``
+    None when symmetric. NaN/Inf raise (one 4-byte device-to-host read) unless ``check_finite=False``
+    (callers that flag them on the device).
 
     ``x`` needs a unit stride along its last axis; CUDA, or CPU under ``TRITON_INTERPRET=1``.
     """
@@ -226,9 +235,10 @@ def quantize_pack(
     if x.stride(-1) != 1:
         x = x.contiguous()
     n_rows, n_cols = x.shape
-    _check_kernel_group(n_cols, group_size, scale_dtype)
-    packed = torch.empty((n_rows, packed_length(n_cols, bits)), dtype=torch.uint8, device=x.device)
-    scale = torch.empty((n_rows, n_cols // group_size), dtype=scale_dtype, device=x.device)
+    _check_kernel_group(group_size, scale_dtype)
+    aligned = aligned_width(n_cols)
+    packed = torch.empty((n_rows, packed_length(aligned, bits)), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((n_rows, cdiv(n_cols, group_size)), dtype=scale_dtype, device=x.device)
     zero = None if symmetric else torch.empty_like(scale)
     non_finite = torch.zeros(1, dtype=torch.int32, device=x.device)
     if n_rows:
@@ -240,6 +250,7 @@ def quantize_pack(
             non_finite,
             n_rows,
             n_cols,
+            aligned,
             x.stride(0),
             packed.stride(0),
         )
@@ -262,28 +273,39 @@ def unpack_dequantize(
     check_kernel_device(packed, "unpack_dequantize", "unpack_dequantize_reference")
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"output dtype must be fp16, bf16 or fp32; got {dtype}")
-    _check_kernel_group(n, group_size, scale.dtype)
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != packed_length(n, bits):
+    _check_kernel_group(group_size, scale.dtype)
+    aligned = aligned_width(n)
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != packed_length(aligned, bits):
         raise ValueError(
-            f"packed must be uint8 (R, {packed_length(n, bits)}) for {n} codes of {bits} bits; "
-            f"got {packed.dtype} {tuple(packed.shape)}"
+            f"packed must be uint8 (R, {packed_length(aligned, bits)}) for {n} codes of {bits} bits "
+            f"(padded to {aligned}); got {packed.dtype} {tuple(packed.shape)}"
         )
     n_rows = packed.shape[0]
-    expected = (n_rows, n // group_size)
+    expected = (n_rows, cdiv(n, group_size))
     if tuple(scale.shape) != expected or (zero is not None and tuple(zero.shape) != expected):
         raise ValueError(f"scale and zero must have shape {expected}")
     packed, scale = packed.contiguous(), scale.contiguous()
     zero = None if zero is None else zero.contiguous()
     out = torch.empty((n_rows, n), dtype=dtype, device=packed.device)
     if n_rows:
-        args = (packed, scale, scale if zero is None else zero, out, n_rows, n, packed.stride(0), out.stride(0))
+        args = (
+            packed,
+            scale,
+            scale if zero is None else zero,
+            out,
+            n_rows,
+            n,
+            aligned,
+            packed.stride(0),
+            out.stride(0),
+        )
         _launch(_unpack_dequantize_kernel, args, n_rows, n, bits, group_size, zero is None)
     return out
 
 
 def _signatures(dtype: str) -> dict:
     """Argument types of each kernel for activations of ``dtype`` (fp16 scales, as the launchers require)."""
-    ints = {"n_rows": "i32", "n_cols": "i32"}
+    ints = {"n_rows": "i32", "n_cols": "i32", "aligned": "i32"}
     return {
         "quantize_pack": (
             _quantize_pack_kernel,

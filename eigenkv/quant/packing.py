@@ -21,8 +21,8 @@ had ``aligned_width(n)`` features (``n`` rounded up to a multiple of
 row with vector loads and asynchronous copies (8 bytes per channel-grouped
 row, ``bits`` bytes per token-grouped row at 2/4/8 bits). Eight, not sixteen:
 a rank of 38 is stored as 40 features, not 48; the padding is real memory. ``pack_aligned`` /
-``unpack_aligned`` go between ``n`` codes and that padded form, ``pad_packed``
-from a dense packed row to it. For 3 bits each plane is padded: the low plane
+``unpack_aligned`` go between ``n`` codes and that padded form (the fused
+kernel ``eigenkv.kernels.quant_pack`` writes it directly). For 3 bits each plane is padded: the low plane
 has ``aligned_width(n) / 4`` bytes, then the high plane ``aligned_width(n) / 8``.
 """
 
@@ -119,18 +119,6 @@ def _pad_codes(codes: torch.Tensor, n_to: int, dim: int) -> torch.Tensor:
     if n_to == n:
         return codes
     return torch.nn.functional.pad(codes.movedim(dim, -1), (0, n_to - n)).movedim(-1, dim)
-
-
-def pad_packed(
-    packed: torch.Tensor, bits: int, n: int, n_to: int, dim: int = -1, *, check: bool = True
-) -> torch.Tensor:
-    """Dense packed ``n`` codes along ``dim`` -> the packing of the same codes followed by ``n_to - n`` zero codes.
-
-    Equal to ``pack(codes zero-padded to n_to, bits, dim)`` (for 3 bits each plane is padded on its own).
-    """
-    if n_to == n:
-        return packed
-    return pack(_pad_codes(unpack(packed, bits, n, dim=dim), n_to, dim), bits, dim=dim, check=check)
 
 
 def pack_aligned(codes: torch.Tensor, bits: int, dim: int = -1, *, check: bool = True) -> torch.Tensor:

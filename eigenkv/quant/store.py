@@ -60,7 +60,6 @@ from eigenkv.quant.packing import (
     pack,
     pack_aligned,
     packed_length,
-    pad_packed,
     unpack,
     unpack_aligned,
 )
@@ -290,9 +289,7 @@ class QuantizedStream:
                 codes, scale, zero = quantize_pack(
                     x.reshape(-1, d), cfg.bits, cfg.group_size, symmetric=cfg.symmetric, check_finite=False
                 )
-                # the kernels take d a multiple of G >= 16, so this is already aligned (kept for any other case)
-                codes = pad_packed(codes, cfg.bits, d, padded, check=False)
-                shape = (b, h, t, -1)
+                shape = (b, h, t, -1)  # rows already cover aligned_width(d) features
                 return codes.view(shape), scale.view(shape), None if zero is None else zero.view(shape)
             # rows = (block, feature): G tokens of one feature, packed along tokens
             blocks = x.view(b, h, t // cfg.group_size, cfg.group_size, d).transpose(-1, -2).reshape(-1, cfg.group_size)
@@ -332,8 +329,7 @@ class QuantizedStream:
             from eigenkv.kernels.quant_pack import unpack_dequantize
 
             b, h = codes.shape[:2]
-            if self.axis == "token":
-                # the kernels take d a multiple of G >= 16: the padded row is the dense row
+            if self.axis == "token":  # the stored rows are what the kernel reads (aligned_width(d) features)
                 rows = unpack_dequantize(
                     codes.reshape(b * h * tokens, -1),
                     scale.reshape(b * h * tokens, -1),

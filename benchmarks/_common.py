@@ -51,8 +51,16 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 
 def plot_latency_panels(rows: list[dict], path: Path, x: str, xlabel: str, ylabel: str, title: str) -> None:
-    """One log-log panel of ``ms`` against ``x`` per (shape, batch), a line per method (rows in long format)."""
-    import matplotlib
+    """One log-log panel of ``ms`` against ``x`` per (shape, batch), a line per method (rows in long format).
+
+    No rows: no plot. No matplotlib (a GPU machine): a line says so, and the CSV holds everything."""
+    if not rows:
+        return
+    try:
+        import matplotlib
+    except ImportError as exc:
+        print(f"no plot: {exc}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -242,12 +242,8 @@ def main() -> None:
                     torch.cuda.empty_cache()
     print(f"prefill: {time.perf_counter() - began:.0f} s; rows in {log.path}")
     timed = [{**r, "method": f"{r['method']}[{r['mode']}]"} for r in log.rows if r["metric"] == "ms"]
-    if timed:
-        try:
-            path, ylabel = log.path.with_suffix(".png"), "ms per prompt (one layer)"
-            plot_latency_panels(timed, path, "context", "prompt length (tokens)", ylabel, "causal prefill attention")
-        except ImportError as exc:  # a GPU machine without matplotlib: the CSV holds everything
-            print(f"no plot: {exc}")
+    path, ylabel = log.path.with_suffix(".png"), "ms per prompt (one layer)"
+    plot_latency_panels(timed, path, "context", "prompt length (tokens)", ylabel, "causal prefill attention")
 
 
 if __name__ == "__main__":

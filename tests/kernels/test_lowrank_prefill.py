@@ -82,24 +82,31 @@ def test_alibi_and_rows_without_valid_keys():
     assert (out - plain).abs().max() > 1e-2
 
 
-def test_bad_input_is_refused_with_the_fix():
+@pytest.mark.parametrize("attend", [lowrank_prefill, sdpa_prefill], ids=["kernel", "sdpa"])
+def test_both_prefills_refuse_bad_shapes_and_scorings(attend):
+    keys = torch.randn(1, 2, 20, 16, device=DEVICE, dtype=torch.float16)
+    query = torch.randn(1, 4, 20, 16, device=DEVICE, dtype=torch.float16)
+    one = Scoring(1.0)
+    with pytest.raises(ValueError, match="at least as many keys"):
+        attend(torch.cat([query, query], dim=2), keys, keys, one)
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        attend(query[:, :3], keys, keys, one)
+    with pytest.raises(ValueError, match="values must be torch.float16"):
+        attend(query, keys, keys.bfloat16(), one)
+    with pytest.raises(TypeError, match="Scoring"):
+        attend(query, keys, keys, 1.0)
+
+
+def test_kernel_prefill_refuses_bad_dtypes_and_quantized_views():
     keys = torch.randn(1, 2, 20, 16, device=DEVICE, dtype=torch.float16)
     query = torch.randn(1, 4, 20, 16, device=DEVICE, dtype=torch.float16)
     one = Scoring(1.0)
     with pytest.raises(ValueError, match="lowrank_prefill_reference"):
         lowrank_prefill(query.float(), keys, keys, one)
-    with pytest.raises(ValueError, match="at least as many keys"):
-        lowrank_prefill(torch.cat([query, query], dim=2), keys, keys, one)
-    with pytest.raises(ValueError, match="multiple of the KV heads"):
-        lowrank_prefill(query[:, :3], keys, keys, one)
-    with pytest.raises(ValueError, match="values must be torch.float16"):
-        lowrank_prefill(query, keys, keys.bfloat16(), one)
     with pytest.raises(ValueError, match="bounds must be int32"):
         lowrank_prefill(query, keys, keys, one, quantized_keys=(keys, torch.zeros(20, dtype=torch.int64)))
     with pytest.raises(ValueError, match="quantized version must match"):
         lowrank_prefill(query, keys, keys, one, quantized_values=(keys[..., :8], torch.zeros(20, dtype=torch.int32)))
-    with pytest.raises(TypeError, match="Scoring"):
-        lowrank_prefill(query, keys, keys, 1.0)
 
 
 def test_causal_starts_accepts_only_causal_attention_to_one_range():
@@ -227,22 +234,14 @@ def test_sdpa_prefill_pads_to_eight_and_masks_only_when_needed(sdpa_calls, monke
     torch.testing.assert_close(repeated, first, atol=1e-3, rtol=0)
 
 
-def test_sdpa_prefill_refuses_bad_input():
+def test_sdpa_prefill_refuses_bad_starts_and_widths():
     keys = torch.randn(1, 2, 20, 16, device=DEVICE, dtype=torch.float16)
     query = torch.randn(1, 4, 20, 16, device=DEVICE, dtype=torch.float16)
     one = Scoring(1.0)
-    with pytest.raises(ValueError, match="at least as many keys"):
-        sdpa_prefill(torch.cat([query, query], dim=2), keys, keys, one)
-    with pytest.raises(ValueError, match="multiple of the KV heads"):
-        sdpa_prefill(query[:, :3], keys, keys, one)
-    with pytest.raises(ValueError, match="values must be torch.float16"):
-        sdpa_prefill(query, keys, keys.bfloat16(), one)
     with pytest.raises(ValueError, match="starts must be int32"):
         sdpa_prefill(query, keys, keys, one, starts=torch.zeros(1, dtype=torch.int64, device=DEVICE))
     with pytest.raises(ValueError, match="rank mode"):
         sdpa_prefill(query[..., :8], keys, keys, one)
-    with pytest.raises(TypeError, match="Scoring"):
-        sdpa_prefill(query, keys, keys, 1.0)
 
 
 # --- routing: which prompts take SDPA, which the kernel ------------------------------------------------

@@ -2,7 +2,8 @@
 
 For each (batch, prompt length) every method runs one greedy ``model.generate`` call on random
 prompt ids, producing exactly ``--new-tokens`` tokens (EOS suppressed by ``min_new_tokens``),
-eager (``disable_compile``: a static cache would otherwise trigger ``torch.compile`` on CUDA):
+eager (``disable_compile``: a static cache would otherwise trigger ``torch.compile`` on CUDA),
+except the ``_graph`` methods, which run ``eigenkv.graphs.generate_static`` (below):
 
 - ``dynamic_fp16``: transformers' ``DynamicCache`` in the model's dtype;
 - ``static_fp16``: transformers' ``StaticCache`` sized for prompt + new tokens;
@@ -14,7 +15,11 @@ eager (``disable_compile``: a static cache would otherwise trigger ``torch.compi
 - ``eigenkv_lowrank_quant``: Eigen Attention at 0.6 of the KV size plus the same 4-bit cache, on a
   copy of the model: ``apply_recipe`` with PCA bases and uniform ranks (the cheapest calibration;
   the speed depends on the ranks, not on how the bases were chosen), calibrated on 2 windows of
-  512 tokens: offline Brown text for a real model, random token ids for a random-weight one.
+  512 tokens: offline Brown text for a real model, random token ids for a random-weight one;
+- ``eigenkv_quant_graph`` and ``eigenkv_lowrank_quant_graph``: the same models as ``eigenkv_quant`` and
+  ``eigenkv_lowrank_quant`` (the same objects: calibrated once), greedy through ``generate_static``
+  with a capturable cache sized for prompt + new tokens: the decode step captured once as a CUDA
+  graph and replayed (on CPU, or when the capture fails, the same step runs eagerly).
 
 Metrics (long format, one row per method x batch x prompt length x metric):
 ``prefill_s`` (from generate's start to the first new token: the prompt's forward and one
@@ -25,6 +30,13 @@ so the timestamps are synchronous), ``kv_bytes`` (the bytes the cache object hol
 to their storage) and, on CUDA only, ``peak_memory_bytes`` (``torch.cuda.max_memory_allocated``
 over the call, after a reset: weights, activations and cache). On CPU no peak is measured:
 ``kv_bytes`` is the memory figure there. A ``skipped`` or ``error`` row holds the reason instead.
+The ``_graph`` methods time on their own (``generate_static``'s ``seconds``, the device synchronized at
+the boundaries only): ``prefill_s`` (the prompt's forward and first token), ``capture_s`` (the second
+token's step, eager, and the capture; 0 without a graph) and ``decode_tokens_per_s``: ``batch *
+(new_tokens - 2)`` over ``seconds["decode"]`` when graphed (the replays: the tokens after the first two),
+``batch * (new_tokens - 1)`` when not (then ``decode`` spans every step after the prefill, a failed
+capture attempt included); ``kv_bytes`` and ``peak_memory_bytes`` as above; ``graphed`` (1 or 0) and,
+when 0, ``graph_reason`` (text: why no graph, e.g. "no CUDA graphs on cpu").
 
 Models: on CPU ``smollm2-135m`` (float32: the CPU's fast dtype, so its "fp16" caches hold float32;
 the ``model`` column says the dtype); on CUDA ``llama3-8b`` by default: a Llama-3-8B-shaped model
@@ -55,7 +67,16 @@ from benchmarks._common import RowLog, plot_latency_panels, results_path, short_
 from eigenkv.memory import cache_held_bytes
 
 FIELDS = ("device", "model", "method", "batch", "prompt_tokens", "new_tokens", "metric", "value")
-METHODS = ("dynamic_fp16", "static_fp16", "hf_quantized", "eigenkv_quant", "eigenkv_lowrank_quant")
+METHODS = (
+    "dynamic_fp16",
+    "static_fp16",
+    "hf_quantized",
+    "eigenkv_quant",
+    "eigenkv_lowrank_quant",
+    "eigenkv_quant_graph",
+    "eigenkv_lowrank_quant_graph",
+)
+GRAPHED = {"eigenkv_quant_graph": "eigenkv_quant", "eigenkv_lowrank_quant_graph": "eigenkv_lowrank_quant"}
 BITS, GROUP, RESIDUAL, RATIO = 4, 64, 128, 0.6
 CALIB_WINDOWS, CALIB_TOKENS = 2, 512
 WARMUP_PROMPT, WARMUP_NEW = 64, 3
@@ -130,6 +151,19 @@ def through(compressed) -> Generate:
     return lambda ids, **kwargs: compressed.generate(ids, return_dict_in_generate=True, **kwargs).past_key_values
 
 
+class Static:
+    """A method that generates through ``CompressedModel.generate_static`` (``eigenkv.graphs``): a capturable
+    cache sized for prompt + new tokens, the decode step captured once in a CUDA graph."""
+
+    def __init__(self, compressed):
+        self.compressed = compressed
+
+    def __call__(self, ids: torch.Tensor, new_tokens: int):
+        """``(StaticGeneration, the cache it filled)``."""
+        out = self.compressed.generate_static(ids, new_tokens)
+        return out, out.cache
+
+
 def hf_backend() -> str | None:
     """The first importable backend of transformers' QuantizedCache (quanto, hqq), or None."""
     if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):
@@ -137,13 +171,37 @@ def hf_backend() -> str | None:
     return "hqq" if importlib.util.find_spec("hqq") else None
 
 
-def build(name: str, model, tokenizer) -> Generate | str:
-    """How the method called ``name`` generates, or why it cannot run here (a ``skipped`` row)."""
-    from transformers import DynamicCache, QuantizedCache, StaticCache
-
+def eigenkv_model(name: str, model, tokenizer, built: dict):
+    """The ``CompressedModel`` of ``eigenkv_quant`` or ``eigenkv_lowrank_quant``, made once in ``built`` (its
+    ``_graph`` method shares it; a failed build is kept too, and raised again, not calibrated twice)."""
     from eigenkv import EigenConfig, KVQuantConfig, Recipe, apply_recipe
 
-    kv = KVQuantConfig(bits=BITS, group_size=GROUP, residual=RESIDUAL)
+    if name not in built:
+        kv = KVQuantConfig(bits=BITS, group_size=GROUP, residual=RESIDUAL)
+        try:
+            if name == "eigenkv_quant":  # quantization alone leaves the model as it is: no copy
+                built[name] = apply_recipe(model, Recipe(kv=kv), progress=False)
+            else:
+                lowrank = EigenConfig(target_ratio=RATIO, basis="pca", allot="uniform")
+                began = time.perf_counter()
+                built[name] = apply_recipe(
+                    copy.deepcopy(model), Recipe(lowrank=lowrank, kv=kv), calibration(model, tokenizer), progress=False
+                )
+                elapsed = time.perf_counter() - began
+                print(f"  {built[name].recipe.label()}: calibrated in {elapsed:.1f} s", flush=True)
+        except Exception as exc:
+            built[name] = exc
+            raise
+    if isinstance(built[name], Exception):
+        raise built[name]
+    return built[name]
+
+
+def build(name: str, model, tokenizer, built: dict) -> Generate | Static | str:
+    """How the method called ``name`` generates, or why it cannot run here (a ``skipped`` row); ``built``
+    holds the eigenkv models made so far (shared by a method and its ``_graph`` twin)."""
+    from transformers import DynamicCache, QuantizedCache, StaticCache
+
     if name == "dynamic_fp16":
         return with_cache(model, lambda tokens: DynamicCache(config=model.config))
     if name == "static_fp16":
@@ -158,16 +216,10 @@ def build(name: str, model, tokenizer) -> Generate | str:
                 backend, model.config, nbits=BITS, q_group_size=GROUP, residual_length=RESIDUAL
             ),
         )
-    if name == "eigenkv_quant":  # quantization alone leaves the model as it is: no copy
-        return through(apply_recipe(model, Recipe(kv=kv), progress=False))
-    if name == "eigenkv_lowrank_quant":
-        lowrank = EigenConfig(target_ratio=RATIO, basis="pca", allot="uniform")
-        began = time.perf_counter()
-        compressed = apply_recipe(
-            copy.deepcopy(model), Recipe(lowrank=lowrank, kv=kv), calibration(model, tokenizer), progress=False
-        )
-        print(f"  {compressed.recipe.label()}: calibrated in {time.perf_counter() - began:.1f} s", flush=True)
-        return through(compressed)
+    if name in ("eigenkv_quant", "eigenkv_lowrank_quant"):
+        return through(eigenkv_model(name, model, tokenizer, built))
+    if name in GRAPHED:
+        return Static(eigenkv_model(GRAPHED[name], model, tokenizer, built))
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
@@ -208,6 +260,32 @@ def run(generate: Generate, ids: torch.Tensor, new_tokens: int, pad: int | None)
     }
     if cuda:
         metrics["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    return metrics
+
+
+@torch.no_grad()
+def run_static(method: Static, ids: torch.Tensor, new_tokens: int, pad: int | None = None) -> dict[str, float | str]:
+    """One ``generate_static`` of ``new_tokens`` tokens after ``ids (B, P)``: the ``_graph`` metrics of the module
+    doc (``pad`` unused: every sequence runs every step, no EOS stops it)."""
+    cuda = ids.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    out, cache = method(ids, new_tokens)
+    assert out.sequences.shape == (ids.shape[0], ids.shape[1] + new_tokens), tuple(out.sequences.shape)
+    steps = out.decode_steps  # graphed: the replays (the prefill gave the first token, the eager step the second)
+    seconds = out.seconds
+    metrics: dict[str, float | str] = {
+        "prefill_s": seconds["prefill"],
+        "capture_s": seconds["capture"],
+        "decode_tokens_per_s": ids.shape[0] * steps / seconds["decode"] if steps else float("nan"),
+        "kv_bytes": cache_held_bytes(cache),
+    }
+    if cuda:
+        metrics["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    metrics["graphed"] = int(out.graphed)
+    if not out.graphed:
+        metrics["graph_reason"] = out.reason or "unknown"
     return metrics
 
 
@@ -260,10 +338,11 @@ def main() -> None:
     began = time.perf_counter()
     model, tokenizer, label = load(args, device, dtype)
     print(f"{label} on {device}: methods {', '.join(names)}; {new_tokens} new tokens", flush=True)
-    methods: dict[str, Generate | str] = {}
+    methods: dict[str, Generate | Static | str] = {}
+    built: dict = {}  # the eigenkv models, each made once
     for name in names:
         try:
-            methods[name] = build(name, model, tokenizer)
+            methods[name] = build(name, model, tokenizer, built)
         except Exception as exc:  # a failed calibration must not cost the other methods
             traceback.print_exc()
             methods[name] = f"build failed: {short_error(exc)}"
@@ -279,30 +358,36 @@ def main() -> None:
             for name, method in methods.items():
                 if isinstance(method, str):
                     log.add(**point, method=name, metric="skipped", value=method)
-                    print(f"  {name:22s} skipped: {method}", flush=True)
+                    print(f"  {name:27s} skipped: {method}", flush=True)
                     continue
+                measure = run_static if isinstance(method, Static) else run
                 try:
                     if (name, batch) not in warm:
-                        run(method, ids[:, : min(length, WARMUP_PROMPT)], WARMUP_NEW, pad)
+                        measure(method, ids[:, : min(length, WARMUP_PROMPT)], WARMUP_NEW, pad)
                         warm.add((name, batch))
-                    metrics = run(method, ids, new_tokens, pad)
+                    metrics = measure(method, ids, new_tokens, pad)
                 except Exception as exc:  # out of memory, a backend error: keep the other methods and points
                     traceback.print_exc()
                     log.add(**point, method=name, metric="error", value=short_error(exc))
-                    print(f"  {name:22s} error: {short_error(exc)}", flush=True)
+                    print(f"  {name:27s} error: {short_error(exc)}", flush=True)
                     metrics = None
                 if cuda:
                     torch.cuda.empty_cache()
                 if metrics is None:
                     continue
                 for metric, value in metrics.items():
-                    log.add(**point, method=name, metric=metric, value=round(value, 4))
+                    value = value if isinstance(value, str) else round(value, 4)  # graph_reason: text
+                    log.add(**point, method=name, metric=metric, value=value)
                 line = (
-                    f"  {name:22s} prefill {metrics['prefill_s']:8.3f} s  decode {metrics['decode_tokens_per_s']:9.1f}"
+                    f"  {name:27s} prefill {metrics['prefill_s']:8.3f} s  decode {metrics['decode_tokens_per_s']:9.1f}"
                     f" tok/s  kv {metrics['kv_bytes'] / 2**20:9.2f} MiB"
                 )
                 if "peak_memory_bytes" in metrics:
                     line += f"  peak {metrics['peak_memory_bytes'] / 2**30:7.2f} GiB"
+                if "capture_s" in metrics:
+                    line += f"  capture {metrics['capture_s']:.3f} s"
+                if "graphed" in metrics:
+                    line += "  graphed" if metrics["graphed"] else f"  not graphed: {metrics['graph_reason']}"
                 print(line, flush=True)
     print(f"generate: {time.perf_counter() - began:.0f} s; rows in {log.path}")
     plot(log.rows, log.path.with_suffix(".png"))

@@ -10,16 +10,19 @@
 #   d. prefill timing at 8k and 32k vs SDPA fp16             -> prefill_<gpu>.csv
 #   e. end-to-end generate, B=8 x 4k and 32k prompts, 64 new tokens, on a 4-layer Llama-3-8B-shaped random
 #      model: decode tokens/s, prefill s, peak memory and KV bytes of transformers' dynamic / static /
-#      quantized caches vs eigenkv's quantized and low-rank + quantized caches (60 s)
+#      quantized caches vs eigenkv's quantized and low-rank + quantized caches, the latter two also through
+#      eigenkv.graphs.generate_static (decode step captured as a CUDA graph: capture s, graphed 1/0) (90 s)
 #      -> generate_<gpu>.csv (its own long format: device, model, method, batch, prompt_tokens, new_tokens,
 #      metric, value)
-#   f. if time is left: pytest of the attention kernels (90 s) -> pytest_kernels_<gpu>.txt
+#   f. if time is left: pytest of the captured generation (tests/test_graphs.py, a real CUDA graph) and the
+#      attention kernels (90 s) -> pytest_kernels_<gpu>.txt
 # Every Python step appends its CSV rows (long format: device, step, shape, dtype, method, mode, timing,
 # batch, context, metric, value) as each point is measured, so a step killed by its timeout keeps what
 # it finished. Results go to $OUT when set, else benchmarks/results/; the whole log to gpu_checks_<gpu>.log.
 #   PYTHONPATH=. bash benchmarks/run_gpu_checks.sh
 # GPU_CHECKS_SECONDS (default 330) is the wall-time budget of the whole script. GPU_CHECKS_SMOKE=1 is a
-# CPU dry run of the script itself: tiny sizes, kernels in the Triton interpreter, one kernel test.
+# CPU dry run of the script itself: tiny sizes, kernels in the Triton interpreter, one kernel test (and the
+# CUDA graph test, skipped on CPU: its name checked).
 set -uo pipefail # no -e: a failed or timed-out step must not stop the next one
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -34,15 +37,16 @@ slug=$(printf '%s' "${gpu:-no-gpu}" | tr '[:upper:]' '[:lower:]' | sed 's/[^a-z0
 if [[ ${GPU_CHECKS_SMOKE:-0} == 1 ]]; then
 	export TRITON_INTERPRET=1
 	smoke=(--cpu-smoke)
-	decode_points=1x256 prefill_lengths=64 graph=() kernel_tests=tests/kernels/test_lowrank_decode.py::test_key_bounds_accept_one_range_per_row_only
+	decode_points=1x256 prefill_lengths=64 graph=() kernel_tests="tests/test_graphs.py::test_a_captured_step_replays_as_eager_steps tests/kernels/test_lowrank_decode.py::test_key_bounds_accept_one_range_per_row_only"
 	# a tiny random Llama; 192 tokens pass the 128-token full-precision window, so the caches quantize
 	generate=(--model llama-tiny --layers 2 --batches 2 --prompt-lengths 64,192 --new-tokens 4)
 else
 	smoke=()
-	# the attention kernels' tests (odd shapes against the references): what the interpreter cannot prove about
-	# a GPU (alignment claims, layouts); the other kernel tests compile for GPUs on CPU already
+	# the captured generation's tests (short; one captures a real CUDA graph), then the attention kernels' tests
+	# (odd shapes against the references): what the interpreter cannot prove about a GPU (alignment claims,
+	# layouts); the other kernel tests compile for GPUs on CPU already
 	decode_points=8x32768,1x32768,8x4096 prefill_lengths=8192,32768 graph=(--graph)
-	kernel_tests="tests/kernels/test_lowrank_decode.py tests/kernels/test_lowrank_prefill.py"
+	kernel_tests="tests/test_graphs.py tests/kernels/test_lowrank_decode.py tests/kernels/test_lowrank_prefill.py"
 	generate=(--batches 8 --prompt-lengths 4096,32768 --new-tokens 64)
 fi
 
@@ -83,7 +87,7 @@ if torch.cuda.is_available():
 		--points "$decode_points" --out "$out"
 	step prefill 60 "$PY" benchmarks/bench_prefill.py ${smoke[@]+"${smoke[@]}"} --shapes llama3-8b --batches 1 \
 		--lengths "$prefill_lengths" --out "$out"
-	step generate 60 "$PY" benchmarks/bench_generate.py "${generate[@]}" --out "$out"
+	step generate 90 "$PY" benchmarks/bench_generate.py "${generate[@]}" --out "$out"
 	if ((BUDGET - SECONDS >= 60)); then
 		# -p no:cacheprovider: nothing written into the checkout; the output goes to a file as it runs
 		step pytest-kernels 90 bash -c '"$0" -m pytest -q -rs --tb=short -p no:cacheprovider $2 >"$1" 2>&1; rc=$?

@@ -378,6 +378,9 @@ def run_generate(args: argparse.Namespace) -> int:
     (``B * N / wall``), the bytes the cache holds at the end (``nbytes()`` of a quantized cache, the key
     and value tensors of a plain one), and the bytes an fp16 cache of the original model would take for
     the same tokens.
+
+    ``--cuda-graph``: greedy decoding through :meth:`~eigenkv.pipeline.CompressedModel.generate_static`, the
+    decode step captured once in a CUDA graph and replayed (eager steps on CPU; stderr says which).
     """
     import time
 
@@ -387,6 +390,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     prompt = prompt_text(args)
     options = sampling_options(args)
+    if args.cuda_graph and (args.do_sample or args.num_beams > 1):
+        raise UserError("--cuda-graph decodes greedily; drop --do-sample and --num-beams")
     if args.compressed and (args.recipe is not None or args.kv_bits is not None or args.ratio is not None):
         raise UserError("--compressed already holds a recipe; drop the recipe flags")
     recipe = None if args.compressed else recipe_from(args)
@@ -400,15 +405,26 @@ def run_generate(args: argparse.Namespace) -> int:
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    # the pipeline's own generate (its quantized cache, or the model's own without one); the returned dict
-    # hands back the cache object, whose bytes are counted below
-    out = compressed.generate(
-        inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams, pad_token_id=pad, return_dict_in_generate=True, **options,
-    )  # fmt: skip
+    if args.cuda_graph:
+        if compressed.cache_config is None:
+            raise UserError("--cuda-graph decodes through a quantized cache; add --kv-bits (or a recipe with it)")
+        out = compressed.generate_static(
+            inputs["input_ids"], args.max_new_tokens, attention_mask=inputs["attention_mask"],
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+        )  # fmt: skip
+        cache = out.cache
+        how = "replays of one captured CUDA graph" if out.graphed else f"eager ({out.reason})"
+        print(f"decode steps: {how}", file=sys.stderr)
+    else:
+        # the pipeline's own generate (its quantized cache, or the model's own without one); the returned dict
+        # hands back the cache object, whose bytes are counted below
+        out = compressed.generate(
+            inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams, pad_token_id=pad, return_dict_in_generate=True, **options,
+        )  # fmt: skip
+        cache = out.past_key_values
     sync()
     wall = time.perf_counter() - start
-    cache = out.past_key_values
 
     texts = tokenizer.batch_decode(out.sequences[:, prompt_tokens:], skip_special_tokens=True)
     for i, text in enumerate(texts):
@@ -553,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="torch seed, for sampling")
     gen.add_argument("--num-beams", type=positive_int, default=1, help="beam search (1: none)")
     gen.add_argument("--compressed", default=None, help="a folder saved by `eigenkv compress` (instead of a recipe)")
+    gen.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="greedy; the decode step captured once as a CUDA graph (needs --kv-bits)",
+    )
     gen.set_defaults(func=run_generate)
 
     curve = sub.add_parser("curve", parents=[common], help="perplexity vs KV GB: quantization alone vs low rank + it")

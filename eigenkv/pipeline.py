@@ -30,6 +30,7 @@ from eigenkv.compress.calibrate import Calibration
 from eigenkv.compress.components import prepare_components
 from eigenkv.compress.plan import EigenPlan
 from eigenkv.data import TokenWindows
+from eigenkv.graphs import StaticGeneration, generate_static
 from eigenkv.io import atomic_directory, atomic_write_json, check_seal, seal, sha256_file
 from eigenkv.memory import KVBytes, kv_cache_bytes
 from eigenkv.models import resolve_dtype
@@ -62,12 +63,13 @@ class CompressedModel:
     plan: EigenPlan | None = None
     cache_config: AnyKVQuantConfig | None = None
 
-    def new_cache(self, max_tokens: int = 0) -> QuantizedKVCache | None:
+    def new_cache(self, max_tokens: int = 0, capturable: bool = False) -> QuantizedKVCache | None:
         """A fresh quantized cache for this model (None without KV quantization: the model's own cache);
-        ``max_tokens``: room reserved up front (prompt + new tokens; 0: grow as needed)."""
+        ``max_tokens``: room reserved up front (prompt + new tokens; 0: grow as needed); ``capturable``: decode
+        steps can be captured in a CUDA graph (``eigenkv.graphs``)."""
         if self.cache_config is None:
             return None
-        return QuantizedKV(self.model, self.cache_config).new_cache(max_tokens)
+        return QuantizedKV(self.model, self.cache_config).new_cache(max_tokens, capturable)
 
     def attention(self):
         """Context in which the model's attention reads the quantized cache causally (or a no-op)."""
@@ -97,6 +99,20 @@ class CompressedModel:
         if cache is not None:
             cache.check()
         return out
+
+    def generate_static(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> StaticGeneration:
+        """Greedy decoding with the decode step captured once in a CUDA graph and replayed
+        (:func:`eigenkv.graphs.generate_static`; eager steps on CPU): a capturable quantized cache sized for
+        the prompt and ``max_new_tokens``. ``kwargs``: ``attention_mask``, ``cuda_graph``, ``eos_token_id``,
+        ``pad_token_id``."""
+        if self.cache_config is None:
+            raise ValueError(
+                "generate_static decodes through a capturable quantized cache; this recipe quantizes no KV cache "
+                "(give it kv_bits)"
+            )
+        cache = self.new_cache(max_tokens=input_ids.shape[-1] + max_new_tokens, capturable=True)
+        with self:
+            return generate_static(self.model, input_ids, cache, max_new_tokens, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
         """Save the recipe, plan, cache config and folded weights to ``path`` (see the module doc).

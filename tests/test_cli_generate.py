@@ -155,3 +155,21 @@ def test_smollm2_answers(smollm2, smollm2_cache, capsys):
         "--max-new-tokens", "3", "--kv-bits", "4", "--kv-group", "32",
     )  # fmt: skip
     assert "Paris" in text[0] and stats["new"] == "3" and stats["prompt"] == "5"
+
+
+def test_cuda_graph_decoding_gives_the_greedy_text(model_dir, capsys):
+    """``--cuda-graph``: the same greedy text as generate through the same recipe (eager steps on CPU, said on
+    stderr); sampling and beams are refused with it, and so is a recipe without a quantized cache."""
+    recipe = eigenkv.Recipe(kv=eigenkv.KVQuantConfig(bits=4, group_size=16))
+    argv = ["generate", "--model", str(model_dir), "--quiet", "--prompt", PROMPT, "--kv-bits", "4", "--kv-group", "16"]
+    assert main([*argv, "--max-new-tokens", "6", "--cuda-graph"]) == 0
+    captured = capsys.readouterr()
+    *text, stats = captured.out.rstrip("\n").split("\n")
+    assert STATS.match(stats) and text == reference(model_dir, 6, recipe=recipe)
+    expected = "replays of one captured CUDA graph" if torch.cuda.is_available() else "eager (no CUDA graphs on cpu)"
+    assert f"decode steps: {expected}" in captured.err
+    for extra in (["--do-sample"], ["--num-beams", "2"]):
+        assert main([*argv, "--cuda-graph", *extra]) == 2
+        assert "--cuda-graph decodes greedily" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--quiet", "--prompt", PROMPT, "--cuda-graph"]) == 2
+    assert "add --kv-bits" in capsys.readouterr().err

@@ -119,6 +119,7 @@ def attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs
     CPU), so the narrower side is zero-padded: zero key columns add nothing to
     the scores, zero value columns are sliced off the output.
     """
+    attention_mask = routing.fit_mask(attention_mask, key.shape[-2])
     width = max(query.shape[-1], value.shape[-1])
     query, key, value_padded = (_pad_last(x, width) for x in (query, key, value))
     out, weights = _attention_function(module.config)(
@@ -260,8 +261,7 @@ class EigenLlamaAttention(EigenAttention):
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
             if kernel:  # keys rebuilt and rotated inside the kernels; only the new queries are rotated here
-                positions = torch.arange(past, past + length, device=hidden_states.device)[None]
-                cos, sin = self._rotary(hidden_states, positions)
+                cos, sin = self._rotary(hidden_states, routing.new_positions(key, past, length))
                 rotated = apply_rope(query, cos, sin)
                 out = routing.kernel_attention(rotated, key, value, attention_mask, self._scoring())
                 if out is not None:

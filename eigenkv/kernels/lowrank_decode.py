@@ -341,15 +341,16 @@ def _tile_rows(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, group
 
 
 @triton.jit
-def _chunk_tail(C, S, Z, c_base, s_base, c_r, s_r, X, x_base, x_r, quantized, tok, tok_ok, offset, feat0, width,
-                aligned, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-                W: tl.constexpr):  # fmt: skip
+def _chunk_tail(C, S, Z, c_base, s_base, c_r, s_r, X, x_base, x_r, quantized, ring, tok, tok_ok, offset, feat0,
+                width, aligned, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
+                SYMMETRIC: tl.constexpr, W: tl.constexpr, RING: tl.constexpr):  # fmt: skip
     # (N, W) fp32 of features [offset, offset + W) of a segment (stream features feat0 + j) for any tokens:
-    # dequantized codes for tok < quantized, the full-precision window after (per element: the few last tiles)
+    # dequantized codes for tok < quantized, the full-precision window after (per element: the few last tiles);
+    # the window is a ring of `ring` slots (token j in slot j % ring) when RING, else starts at token `quantized`
     j = tl.arange(0, W)
     f_ok = offset + j < width
     in_window = tok_ok & (tok >= quantized)
-    row = tl.where(in_window, tok - quantized, 0)
+    row = tl.where(in_window, tok % ring if RING else tok - quantized, 0)
     x = tl.load(
         X + x_base + row[:, None].to(tl.int64) * x_r + (feat0 + j)[None, :],
         mask=in_window[:, None] & f_ok[None, :],
@@ -375,10 +376,11 @@ def _decode_kernel(
     # loads), first stream feature, the segment's width, aligned width and groups per token
     KAC, KAS, KAZ, kac_b, kac_h, kac_r, kas_b, kas_h, kas_r, ka_off16, ka_feat, ka_width, ka_aligned, ka_groups,
     KBC, KBS, KBZ, kbc_b, kbc_h, kbc_r, kbs_b, kbs_h, kbs_r, kb_off16, kb_feat, kb_width, kb_aligned, kb_groups,
-    KW, kw_b, kw_h, kw_r, k_quantized,
+    KW, kw_b, kw_h, kw_r, k_quantized, kw_ring,
     VAC, VAS, VAZ, vac_b, vac_h, vac_r, vas_b, vas_h, vas_r, va_off16, va_feat, va_width, va_aligned, va_groups,
     VBC, VBS, VBZ, vbc_b, vbc_h, vbc_r, vbs_b, vbs_h, vbs_r, vb_off16, vb_feat, vb_width, vb_aligned, vb_groups,
-    VW, vw_b, vw_h, vw_r, v_quantized,
+    VW, vw_b, vw_h, vw_r, v_quantized, vw_ring,
+    KCNT, VCNT,  # device form (COUNTS): int32 (2,) [quantized tokens, tokens held] of the keys / values
     kv_heads, groups, key_rank, half, qk_scale, tokens_per_split, n_splits, main_tokens,
     PRE: tl.constexpr, ALIBI: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     K_TOKEN: tl.constexpr, KA_BITS: tl.constexpr, KA_W: tl.constexpr, KA_MASK: tl.constexpr,
@@ -386,9 +388,15 @@ def _decode_kernel(
     V_TOKEN: tl.constexpr, VA_BITS: tl.constexpr, VA_W: tl.constexpr, VA_MASK: tl.constexpr,
     VB: tl.constexpr, VB_BITS: tl.constexpr, VB_W: tl.constexpr, VB_MASK: tl.constexpr,
     G_PAD: tl.constexpr, RV_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, COUNTS: tl.constexpr,
 ):  # fmt: skip
     tokens_per_split = tl.multiple_of(tokens_per_split, BLOCK_N)  # whole tiles, by construction
+    if COUNTS:  # a capturable cache: what is held is read on the device (one launch serves every step)
+        k_quantized = tl.load(KCNT)
+        v_quantized = tl.load(VCNT)
+        held = tl.load(KCNT + 1)
+        both = KA_BITS > 0 and VA_BITS > 0  # else the main loop is not compiled
+        main_tokens = tl.minimum(k_quantized, v_quantized) // BLOCK_N * BLOCK_N if both else 0
     main_tokens = tl.multiple_of(main_tokens, BLOCK_N)
     ka_off = ka_off16 * 16
     kb_off = kb_off16 * 16
@@ -400,6 +408,8 @@ def _decode_kernel(
     h = (pid % kv_heads).to(tl.int64)
     start = tl.load(STARTS + b)
     end = tl.load(ENDS + b)
+    if COUNTS:
+        end = tl.minimum(end, held)
     lo = tl.maximum(split * tokens_per_split, (start // BLOCK_N) * BLOCK_N)
     hi = tl.minimum((split + 1) * tokens_per_split, end)
     dtype = Q.dtype.element_ty
@@ -530,6 +540,7 @@ def _decode_kernel(
             kw,
             kw_r,
             k_quantized,
+            kw_ring,
             tok,
             tok_ok,
             ka_off,
@@ -541,10 +552,12 @@ def _decode_kernel(
             GROUP,
             SYMMETRIC,
             KA_W,
+            COUNTS,
         ).to(dtype)
         if KB:
-            kb = _chunk_tail(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, KW, kw, kw_r, k_quantized, tok, tok_ok, kb_off,
-                             kb_feat, kb_width, kb_aligned, KB_BITS, K_TOKEN, GROUP, SYMMETRIC, KB_W)  # fmt: skip
+            kb = _chunk_tail(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, KW, kw, kw_r, k_quantized, kw_ring, tok, tok_ok,
+                             kb_off, kb_feat, kb_width, kb_aligned, KB_BITS, K_TOKEN, GROUP, SYMMETRIC, KB_W,
+                             COUNTS)  # fmt: skip
             kb = kb.to(dtype)
         if PRE:
             a1 = dot(k, d1a, DOT_FP32)
@@ -578,6 +591,7 @@ def _decode_kernel(
             vw,
             vw_r,
             v_quantized,
+            vw_ring,
             tok,
             tok_ok,
             va_off,
@@ -589,6 +603,7 @@ def _decode_kernel(
             GROUP,
             SYMMETRIC,
             VA_W,
+            COUNTS,
         )
         acc_a = acc_a * alpha[None, :] + dot(tl.trans(v.to(dtype)), p.to(dtype), DOT_FP32)
         if VB:
@@ -604,6 +619,7 @@ def _decode_kernel(
                 vw,
                 vw_r,
                 v_quantized,
+                vw_ring,
                 tok,
                 tok_ok,
                 vb_off,
@@ -615,6 +631,7 @@ def _decode_kernel(
                 GROUP,
                 SYMMETRIC,
                 VB_W,
+                COUNTS,
             )
             acc_b = acc_b * alpha[None, :] + dot(tl.trans(v.to(dtype)), p.to(dtype), DOT_FP32)
         m_i = m_new
@@ -737,6 +754,15 @@ def _check_stream(name: str, stream: PackedStream, batch: int, kv_heads: int, qu
     w = stream.window
     if w.dim() != 4 or w.shape[0] != batch or w.shape[1] != kv_heads:
         raise ValueError(f"{name} window must be (B={batch}, H_kv={kv_heads}, W, r); got {tuple(w.shape)}")
+    if stream.counts is not None:
+        c = stream.counts
+        if c.dtype != torch.int32 or tuple(c.shape) != (2,) or c.device != query.device or not c.is_contiguous():
+            raise ValueError(f"{name} counts must be int32 (2,) on {query.device}; got {c.dtype} {tuple(c.shape)}")
+        if not stream.segments or stream.ring < 1 or w.shape[2] != stream.ring:
+            raise ValueError(
+                f"{name}: a device-form stream has quantized segments and a ring window of `ring` slots; "
+                f"got {len(stream.segments)} segments, ring {stream.ring}, window {tuple(w.shape)}"
+            )
     if w.dtype != query.dtype or w.device != query.device or (w.numel() and w.shape[-1] > 1 and w.stride(-1) != 1):
         raise ValueError(
             f"{name} window must be {query.dtype} on {query.device} with unit feature stride; "
@@ -748,7 +774,8 @@ def _check_stream(name: str, stream: PackedStream, batch: int, kv_heads: int, qu
         raise ValueError(f"{name}: segment widths {[s.width for s in stream.segments]} do not add up to {stream.width}")
     if stream.segments and stream.group_size not in GROUP_SIZES:
         raise ValueError(f"{name}: the kernel reads groups of {GROUP_SIZES}; got {stream.group_size}")
-    tq, g = stream.quantized_tokens, stream.group_size
+    # the rows the segments hold: the quantized tokens, or a device-form stream's whole capacity
+    tq, g = (stream.capacity if stream.counts is not None else stream.quantized_tokens), stream.group_size
     if stream.axis == "channel" and tq % g:
         raise ValueError(f"{name}: per-channel groups hold whole blocks of {g} tokens; got {tq} quantized tokens")
     for segment in stream.segments:
@@ -799,7 +826,7 @@ def _stream_args(stream: PackedStream, prefix: str) -> tuple[tuple, dict]:
         constexprs |= {f"{prefix}{name}_BITS": bits, f"{prefix}{name}_W": chunk.width}
         constexprs |= {f"{prefix}{name}_MASK": chunk.masked}
     w = stream.window
-    args += [w, *w.stride()[:3], stream.quantized_tokens]
+    args += [w, *w.stride()[:3], stream.quantized_tokens, stream.ring]
     return tuple(args), constexprs
 
 
@@ -821,6 +848,10 @@ def lowrank_decode(
         scoring: how queries score keys (:class:`~eigenkv.kernels.scoring.Scoring`).
         starts, ends: ``(B,)`` int32, valid keys ``[starts[b], ends[b])``; default all ``S``.
         splits: programs per sequence (default from the length and the GPU's SM count).
+
+    Streams in device form (``PackedStream.counts``, a capturable cache): the launch depends on the
+    capacity, not on what is held (read from ``counts`` on the device), so one CUDA graph serves every
+    step; keys past what is held are never read, whatever ``ends`` says.
     """
     check_kernel_device(query, "lowrank_decode", "lowrank_decode_reference")
     if not isinstance(scoring, Scoring):
@@ -836,6 +867,9 @@ def lowrank_decode(
         raise ValueError(f"query heads ({q_heads}) must be a multiple of the cache's KV heads ({kv_heads})")
     _check_stream("keys", keys, batch, kv_heads, query)
     _check_stream("values", values, batch, kv_heads, query)
+    device_counts = keys.counts is not None
+    if device_counts != (values.counts is not None):
+        raise ValueError("keys and values must both be in device form (counts) or neither")
     if keys.tokens != values.tokens:
         raise ValueError(f"keys hold {keys.tokens} tokens but values {values.tokens}")
     if keys.segments and values.segments and (keys.group_size, keys.symmetric) != (values.group_size, values.symmetric):
@@ -867,7 +901,7 @@ def lowrank_decode(
     tokens_per_split = block_n * cdiv(cdiv(max(tokens, 1), block_n), n_splits)
     # tokens read by the main loop: whole tiles where keys and values are both quantized
     main_tokens = min(keys.quantized_tokens, values.quantized_tokens) // block_n * block_n
-    if not (keys.segments and values.segments):
+    if not (keys.segments and values.segments) or device_counts:  # device form: the kernel reads the counts
         main_tokens = 0
 
     rv_pad = pad_width(value_rank)
@@ -887,13 +921,14 @@ def lowrank_decode(
         dummy if inv_freq is None else inv_freq, float(scoring.rope_scale),
         dummy if slopes is None else slopes,
         *key_args, *value_args,
+        keys.counts if device_counts else dummy, values.counts if device_counts else dummy,
         kv_heads, groups, key_rank, half, float(scoring.scaling) * math.log2(math.e),
         tokens_per_split, n_splits, main_tokens,
         PRE=mode == "pre", ALIBI=slopes is not None, GROUP=group,
         SYMMETRIC=(keys if keys.segments else values).symmetric,
         **key_constexprs, **value_constexprs,
         G_PAD=pad_width(groups), RV_PAD=rv_pad, HALF_PAD=pad_width(half) if mode == "pre" else 16,
-        DOT_FP32=interpreting(),
+        DOT_FP32=interpreting(), COUNTS=device_counts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **cfg.constexprs,
     )  # fmt: skip
     _merge_kernel[(batch * q_heads,)](
@@ -918,7 +953,8 @@ def _decode_signature(dtype: str) -> dict:
             sig |= {f"{y}{p}_{a}": "i32" for p in ("c", "s") for a in ("b", "h", "r")}
             sig |= {f"{y}_{n}": "i32" for n in ("off16", "feat", "width", "aligned", "groups")}
         sig |= {f"{s}W": f"*{dtype}", f"{low}w_b": "i32", f"{low}w_h": "i32", f"{low}w_r": "i32"}
-        sig |= {f"{low}_quantized": "i32"}
+        sig |= {f"{low}_quantized": "i32", f"{low}w_ring": "i32"}
+    sig |= {"KCNT": "*i32", "VCNT": "*i32"}
     sig |= {name: "i32" for name in ("kv_heads", "groups", "key_rank", "half")}
     return sig | {"qk_scale": "fp32", "tokens_per_split": "i32", "n_splits": "i32", "main_tokens": "i32"}
 
@@ -926,13 +962,15 @@ def _decode_signature(dtype: str) -> dict:
 def decode_spec(
     name: str, dtype: str, mode: str, heads: int, kv_heads: int, head_dim: int, key_rank: int, value_rank: int,
     bits: tuple[int, int], group: int, key_axis: str = "channel", value_axis: str = "token", alibi: bool = False,
+    counts: bool = False,
 ) -> KernelSpec:  # fmt: skip
-    """The compile a launch makes for uniform streams (``bits``: keys, values; 0 = unquantized) of these ranks.
+    """The compile a launch makes for uniform streams (``bits``: keys, values; 0 = unquantized) of these ranks
+    (``counts``: streams in device form, a capturable cache).
 
     Arguments the launcher always passes as multiples of 16 (pointers, the row strides of per-channel codes)
     are declared so, as Triton specializes them at a real launch (token counts are never specialized)."""
     cfg = launch_config(mode, group)
-    constexprs = {"PRE": mode == "pre", "ALIBI": alibi, "GROUP": group, "SYMMETRIC": False}
+    constexprs = {"PRE": mode == "pre", "ALIBI": alibi, "GROUP": group, "SYMMETRIC": False, "COUNTS": counts}
     aligned = []  # the token counts are not specialized (the kernel states their alignment itself)
     for prefix, width, b, axis in (("K", key_rank, bits[0], key_axis), ("V", value_rank, bits[1], value_axis)):
         chunks = feature_chunks([width])
@@ -975,22 +1013,24 @@ def compile_specs():
         for mode, head_dim, key_rank, value_rank in _SPEC_SHAPES:
             if dtype == "bf16" and key_rank != 77:
                 continue
-            variants = [((4, 4), 64, "channel", "token")]
+            variants = [((4, 4), 64, "channel", "token", False)]
             if dtype == "fp16" and key_rank == 77 and mode == "rank":
-                variants += [((b, b), 64, "channel", "token") for b in (2, 3, 8)]
-                variants += [((3, 3), 16, "token", "token"), ((2, 2), 128, "channel", "channel")]
-                variants += [((3, 3), 16, "channel", "channel")]  # 64-token tiles of four blocks
-                variants += [((0, 0), 64, "channel", "token")]
+                variants += [((b, b), 64, "channel", "token", False) for b in (2, 3, 8)]
+                variants += [((3, 3), 16, "token", "token", False), ((2, 2), 128, "channel", "channel", False)]
+                variants += [((3, 3), 16, "channel", "channel", False)]  # 64-token tiles of four blocks
+                variants += [((0, 0), 64, "channel", "token", False)]
+            if key_rank == 77:  # a capturable cache's streams (device counts, ring window)
+                variants += [((4, 4), 64, "channel", "token", True)]
             if dtype == "fp16" and key_rank == 77 and mode == "pre":
-                variants += [((3, 3), 64, "token", "channel")]
-            for bits, group, key_axis, value_axis in variants:
+                variants += [((3, 3), 64, "token", "channel", False)]
+            for bits, group, key_axis, value_axis, counts in variants:
                 name = (
                     f"lowrank_decode[{dtype},{mode},d{head_dim},r{key_rank}x{value_rank},b{bits[0]},g{group}"
-                    f",k{key_axis[0]},v{value_axis[0]}]"
+                    f",k{key_axis[0]},v{value_axis[0]}{',counts' if counts else ''}]"
                 )
                 yield decode_spec(
                     name, dtype, mode, 32, 8, head_dim, key_rank, value_rank, bits, group, key_axis, value_axis,
-                    alibi=key_rank == 128,
+                    alibi=key_rank == 128, counts=counts,
                 )  # fmt: skip
         for rv_pad in (16, 32, 64, 128):
             for splits_pad in (1, 8, MAX_SPLITS):

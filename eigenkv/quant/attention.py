@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from eigenkv.kernels.scoring import Scoring
-from eigenkv.quant.routing import kernel_attention, kernels_apply, resolve, twin_of
+from eigenkv.quant.routing import fit_mask, kernel_attention, kernels_apply, resolve, twin_of
 
 ATTN_NAME = "eigenkv_quant"
 QUERY_BLOCK = 64  # queries per SDPA call of banded_attention (a multiple of the usual group size)
@@ -42,6 +42,7 @@ def quantized_cache_attention(module, query, key, value, attention_mask, scaling
         if out is not None:
             return out, None
     key, value = resolve(key), resolve(value)
+    attention_mask = fit_mask(attention_mask, key.shape[-2])
     key_twin, value_twin = twin_of(key), twin_of(value)
     if key_twin is None and value_twin is None:  # decode step, or no query sees a full-precision twin
         return sdpa_attention_forward(

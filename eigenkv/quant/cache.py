@@ -36,7 +36,7 @@ from eigenkv.quant.config import (
 )
 from eigenkv.quant.reference import NON_FINITE_MESSAGE, hadamard
 from eigenkv.quant.routing import stream_handle, tag_twin
-from eigenkv.quant.store import QuantizedStream, SegmentedStream
+from eigenkv.quant.store import CapturableStream, QuantizedStream, SegmentedStream
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -63,6 +63,8 @@ class QuantizedKVLayer(DynamicLayer):
         if isinstance(self.quant, MixedKVQuantConfig):
             return SegmentedStream(layer_segments(self.quant, self.index, kind, width), axis)
         rotation = self._cache.rotation(width, device) if self.config.rotate else None
+        if self._cache.capturable:
+            return CapturableStream(self.config, axis, rotation, self._cache.max_tokens)
         return QuantizedStream(self.config, axis, rotation)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -180,6 +182,10 @@ class QuantizedKVCache(Cache):
             during generation; 0 grows them as needed (doubling).
         check_every: decode steps between reads of the NaN/Inf flags (a step itself reads nothing back from
             the device); a prompt is checked at once.
+        capturable: a decode step can be captured in a CUDA graph and replayed (``eigenkv.graphs``): buffers
+            for ``max_tokens`` tokens (required) are allocated at the first push, the window is a ring, and the
+            counts live on the device (:class:`~eigenkv.quant.store.CapturableStream`). The batch is then fixed
+            (beam reordering works in place; batch repetition does not) and ``crop`` stays within the window.
 
     Beam search, batch selection and repetition, and ``crop`` (assisted decoding) work as in
     ``DynamicCache``: they act on every sequence's codes, scales, zeros and window.
@@ -193,6 +199,7 @@ class QuantizedKVCache(Cache):
         *,
         max_tokens: int = 0,
         check_every: int = 256,
+        capturable: bool = False,
     ):
         text_config = getattr(model_config, "get_text_config", lambda **_: model_config)(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or []
@@ -204,7 +211,14 @@ class QuantizedKVCache(Cache):
             raise ValueError(f"max_tokens must be an int >= 0 (0: grow as needed); got {max_tokens!r}")
         if not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be a positive int (decode steps); got {check_every!r}")
+        if capturable and not max_tokens:
+            raise ValueError("a capturable cache has a fixed size: pass max_tokens (prompt + new tokens)")
+        if capturable and isinstance(config, MixedKVQuantConfig):
+            raise ValueError(
+                "a capturable cache stores one precision per stream; MixedKVQuantConfig needs capturable=False"
+            )
         self.config = config
+        self.capturable = capturable
         self.max_tokens = max_tokens
         self.check_every = check_every
         self._steps = 0
@@ -221,7 +235,9 @@ class QuantizedKVCache(Cache):
         """Count decode steps (at layer 0); every ``check_every`` steps, read the device flags (:meth:`check`)."""
         if layer == 0:
             self._steps += 1
-            if self._steps % self.check_every == 0:
+            # not while a CUDA graph is captured: the reads would fail (the caller checks between replays)
+            capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+            if self._steps % self.check_every == 0 and not capturing:
                 self.check()
 
     def check(self) -> None:
@@ -246,6 +262,15 @@ class QuantizedKVCache(Cache):
         """Bytes allocated beyond :meth:`nbytes`: room reserved for the tokens to come (module doc)."""
         return sum(stream.reserved_bytes() for layer in self.layers for stream in layer.streams())
 
+    def set_length(self, tokens: int) -> None:
+        """A capturable cache: set the host's token counts of every stream (after replaying a captured step,
+        which advances only the device's, or to undo the host's advance during a capture)."""
+        if not self.capturable:
+            raise ValueError("set_length applies to a capturable cache (QuantizedKVCache(capturable=True))")
+        for layer in self.layers:
+            for stream in layer.streams():
+                stream.set_length(tokens)
+
 
 class QuantizedKV:
     """Reversible switch of a model to quantized-KV attention, and a factory of caches.
@@ -267,10 +292,13 @@ class QuantizedKV:
         self.config = config
         self._previous: str | None = None
 
-    def new_cache(self, max_tokens: int = 0) -> QuantizedKVCache:
+    def new_cache(self, max_tokens: int = 0, capturable: bool = False) -> QuantizedKVCache:
         """A cache for this model; decode steps read it with the attention kernels when they apply.
-        ``max_tokens``: room reserved up front (prompt + new tokens; 0: grow as needed)."""
-        return QuantizedKVCache(self.config, self.model.config, read_packed=True, max_tokens=max_tokens)
+        ``max_tokens``: room reserved up front (prompt + new tokens; 0: grow as needed); ``capturable``: decode
+        steps can be captured in a CUDA graph (see :class:`QuantizedKVCache`)."""
+        return QuantizedKVCache(
+            self.config, self.model.config, read_packed=True, max_tokens=max_tokens, capturable=capturable
+        )
 
     def __enter__(self) -> QuantizedKV:
         if not getattr(self.model, "_supports_attention_backend", False):

@@ -163,6 +163,12 @@ class PackedStream:
     Each segment's codes are padded to ``aligned_width`` of its own width (see :class:`Segment`);
     ``D`` is the sum of the unpadded widths.
 
+    Device form (a capturable cache, ``counts`` set): the counts live on the device, so that one launch
+    serves every decode step (a CUDA graph replays it). ``counts`` is int32 ``(2,)``: ``[T_q, S]``, the
+    quantized tokens and all tokens held; the segments cover the buffers' whole capacity (rows past
+    ``T_q`` are not read), and ``window`` is a ring ``(B, H, ring, D)``: token ``j`` (``T_q <= j < S``) in
+    slot ``j % ring``. ``quantized_tokens`` is then unused (0).
+
     The attention kernels read this; :meth:`dequantize` is the reference reading.
     """
 
@@ -172,6 +178,8 @@ class PackedStream:
     axis: str = "token"
     group_size: int = 64
     symmetric: bool = False
+    counts: torch.Tensor | None = None
+    ring: int = 0
 
     @classmethod
     def full_precision(cls, x: torch.Tensor) -> PackedStream:
@@ -180,14 +188,41 @@ class PackedStream:
 
     @property
     def tokens(self) -> int:
-        return self.quantized_tokens + self.window.shape[-2]
+        """Tokens held (device form: the capacity, the span a launch covers; ``counts`` says how many are held)."""
+        return self.capacity if self.counts is not None else self.quantized_tokens + self.window.shape[-2]
+
+    @property
+    def capacity(self) -> int:
+        """Device form: tokens the segments' buffers hold room for."""
+        rows = self.segments[0].scale.shape[2]
+        return rows if self.axis == "token" else rows * self.group_size
 
     @property
     def width(self) -> int:
         return self.window.shape[-1]
 
+    def host_form(self) -> PackedStream:
+        """The same stream with host counts (device form: one device-to-host read of ``counts``)."""
+        if self.counts is None:
+            return self
+        quantized, tokens = (int(c) for c in self.counts.tolist())
+        g = self.group_size
+        segments = []
+        for s in self.segments:
+            if self.axis == "token":
+                code_rows, param_rows = quantized, quantized
+            else:
+                code_rows, param_rows = quantized // g * packed_length(g, s.bits), quantized // g
+            zero = None if s.zero is None else s.zero[:, :, :param_rows]
+            segments.append(Segment(s.codes[:, :, :code_rows], s.scale[:, :, :param_rows], zero, s.bits, s.width))
+        slots = torch.arange(quantized, tokens, device=self.window.device) % self.ring
+        window = self.window.index_select(2, slots)
+        return PackedStream(tuple(segments), window, quantized, self.axis, g, self.symmetric)
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """Everything held, in ``dtype``: ``(B, H, S, D)``."""
+        if self.counts is not None:
+            return self.host_form().dequantize(dtype)
         parts = []
         for segment in self.segments:
             n, g = self.quantized_tokens, self.group_size

@@ -163,6 +163,24 @@ def causal_starts(attention_mask, batch: int, length: int, seq: int, masked_is_t
     return result or None
 
 
+def fit_mask(attention_mask: torch.Tensor | None, keys: int) -> torch.Tensor | None:
+    """A 4-D mask cut to the ``keys`` keys attention reads: a capturable cache's masks span its capacity
+    (``eigenkv.graphs``), while the PyTorch paths read the keys held."""
+    if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] <= keys:
+        return attention_mask
+    return attention_mask[..., :keys]
+
+
+def new_positions(key: torch.Tensor, past: int, length: int) -> torch.Tensor:
+    """``(1, length)`` int64 cache positions of the ``length`` tokens an update just appended: ``past + i``,
+    read on the device when ``key`` is a handle to a capturable stream (its counts: no host integer that
+    changes per step)."""
+    counts = getattr(getattr(key, STREAM_ATTR, None), "counts", None)
+    if counts is None:
+        return torch.arange(past, past + length, device=key.device)[None]
+    return (counts[1:].long() - length + torch.arange(length, device=key.device))[None]
+
+
 def stream_handle(stream, like: torch.Tensor) -> torch.Tensor:
     """An empty ``(B, H_kv, 0, D)`` tensor standing for ``stream`` (a consumer that ignores the tag fails loudly)."""
     handle = like.new_empty((*like.shape[:2], 0, like.shape[-1]))
@@ -201,10 +219,10 @@ def key_bounds(
     cached = getattr(visible, _BOUNDS_ATTR, None)
     if cached is not None:
         return cached if cached != () else None
-    rows = visible[:, :tokens].to(torch.int32)
+    rows = visible[:, :tokens].to(torch.int32)  # a capturable cache: its capacity (the mask may be shorter)
     starts = rows.argmax(-1).to(torch.int32)
     any_visible = rows.any(-1)
-    ends = torch.where(any_visible, tokens - rows.flip(-1).argmax(-1), starts).to(torch.int32)  # none: empty range
+    ends = torch.where(any_visible, rows.shape[-1] - rows.flip(-1).argmax(-1), starts).to(torch.int32)  # none: empty
     if trusted is not None:
         trusted &= (rows.sum(-1).to(torch.int32) == ends - starts).all()
         setattr(visible, _BOUNDS_ATTR, (starts, ends))

@@ -485,6 +485,235 @@ class QuantizedStream:
             part.select(index)
 
 
+class RingWindow:
+    """The full-precision tokens of a :class:`CapturableStream`: token ``j`` in slot ``j % slots`` of a
+    ``(B, H, slots, D)`` buffer, the live window being tokens ``[first, end)`` (positions, on the host).
+    Slots before ``first`` still hold older tokens (the newest quantized unit, re-encoded each step)."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.buffer: torch.Tensor | None = None
+        self.first = self.end = 0
+        self.written = 0
+        self.moved = 0  # a ring never moves what it holds
+
+    @property
+    def length(self) -> int:
+        return self.end - self.first
+
+    def view(self) -> torch.Tensor | None:
+        """The live tokens in order, ``(B, H, length, D)`` (a copy: for the PyTorch paths)."""
+        if self.buffer is None:
+            return None
+        slots = torch.arange(self.first, self.end, device=self.buffer.device) % self.slots
+        return self.buffer.index_select(2, slots)
+
+    def write(self, x: torch.Tensor, first: int) -> None:
+        """Write ``x`` (B, H, k, D), the tokens at positions ``[first, first + k)`` (the last ``slots`` of them)."""
+        k = min(x.shape[2], self.slots)
+        slots = torch.arange(first + x.shape[2] - k, first + x.shape[2], device=x.device) % self.slots
+        self.buffer.index_copy_(2, slots, x[:, :, x.shape[2] - k :].to(self.buffer.dtype))
+        self.written += k * x[:, :, :1].numel() * self.buffer.element_size()
+
+    def row_bytes(self) -> int:
+        b = self.buffer
+        return 0 if b is None else b.shape[0] * b.shape[1] * b.shape[-1] * b.element_size()
+
+    def held_bytes(self) -> int:
+        return self.length * self.row_bytes()
+
+    def reserved_bytes(self) -> int:
+        return (self.slots - self.length) * self.row_bytes()
+
+
+class CapturableStream(QuantizedStream):
+    """A :class:`QuantizedStream` whose one-token appends can be captured in a CUDA graph and replayed.
+
+    Everything a step touches has a fixed shape and address: codes, scales and zeros are allocated for
+    ``capacity`` tokens at the first push, the window is a :class:`RingWindow`, and how many tokens are
+    held lives on the device in ``counts`` (int32 ``(2,)``: ``[T_q, S]``), which the decode kernel reads.
+    A one-token push reads its positions from ``counts``: it writes the token to its ring slot, encodes the
+    newest quantization unit (the token ``S - residual`` per token, the last complete block of ``G`` tokens
+    per channel) from the ring and writes its rows, then advances ``counts``. Encoding the newest unit on
+    every step, not only when one completes, keeps the step the same on every call; a unit encoded again
+    gives the same codes (the same states, the same function), and rows past ``T_q`` are never read.
+
+    The host keeps the same counts (no device read): :meth:`set_length` sets them alone, for a caller that
+    replays a captured step (the replay advances only the device's). Multi-token pushes (a prompt) and the
+    PyTorch paths work as in :class:`QuantizedStream`; ``crop`` works within the window, ``select`` in place.
+    """
+
+    def __init__(self, config: KVQuantConfig, axis: str, rotation: torch.Tensor | None, capacity: int):
+        super().__init__(config, axis, rotation)
+        self.unit = config.group_size if axis == "channel" else 1  # tokens quantized together
+        # whole groups of G tokens (both groupings: the keys and values of a layer hold the same room)
+        self.capacity = -(-capacity // config.group_size) * config.group_size
+        # the window (at most residual + unit - 1 tokens) and the newest quantized unit, re-encoded each step
+        self._window = RingWindow(config.residual + 2 * self.unit)
+        self.counts: torch.Tensor | None = None
+        self._units: torch.Tensor | None = None  # (unit,) int64: offsets of a unit's tokens
+        self._code_rows: torch.Tensor | None = None  # (rows of one unit's codes,) int64
+        self._pushing = False
+
+    def reserve(self, tokens: int) -> None:
+        if tokens > self.capacity:
+            raise ValueError(
+                f"a capturable stream has room for {self.capacity} tokens, fixed when the cache was made; "
+                f"make the cache with max_tokens >= {tokens}"
+            )
+
+    def _allocate(self, x: torch.Tensor) -> None:
+        """Buffers for ``capacity`` tokens, shaped by encoding one unit of zeros like ``x`` (B, H, s, D)."""
+        b, h, _, d = x.shape
+        self.head_dim = d
+        codes, scale, zero = self._encode(x.new_zeros((b, h, self.unit, d)))
+        code_rows, param_rows = self._rows(self.capacity)
+        for part, t, rows in ((self._codes, codes, code_rows), (self._scale, scale, param_rows),
+                              (self._zero, zero, param_rows)):  # fmt: skip
+            if t is not None:
+                part.buffer = t.new_zeros((b, h, rows, t.shape[-1]))
+        self._window.buffer = x.new_zeros((b, h, self._window.slots, d))
+        self.counts = torch.zeros(2, dtype=torch.int32, device=x.device)
+        self.non_finite = torch.zeros((), dtype=torch.bool, device=x.device)
+        self._units = torch.arange(self.unit, device=x.device)
+        self._code_rows = torch.arange(codes.shape[2], device=x.device)
+
+    def set_length(self, tokens: int) -> None:
+        """Set the host's counts to ``tokens`` held (the device's ``counts`` are not touched)."""
+        quantized = quantized_prefix(tokens, self.axis, self.config.group_size, self.config.residual)
+        code_rows, param_rows = self._rows(quantized)
+        self._codes.rows, self._scale.rows = code_rows, param_rows
+        self._zero.rows = param_rows if self._zero.buffer is not None else 0
+        self.quantized_tokens = quantized
+        self._window.first, self._window.end = quantized, tokens
+
+    def _push(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int, tuple | None]:
+        if self.counts is None:
+            self._allocate(x)
+        elif x.shape[:2] != self._window.buffer.shape[:2] or x.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"appending states of shape {tuple(x.shape)} to a stream of shape {tuple(self._window.buffer.shape)}"
+            )
+        held, new = self.tokens, x.shape[-2]
+        if held + new > self.capacity:
+            raise ValueError(
+                f"a capturable stream has room for {self.capacity} tokens and holds {held}; cannot append {new} "
+                "(make the cache with a larger max_tokens)"
+            )
+        self.non_finite |= ~torch.isfinite(x).all()
+        cfg = self.config
+        before = self.quantized_tokens
+        target = quantized_prefix(held + new, self.axis, cfg.group_size, cfg.residual)
+        if new == 1:
+            encoded = self._step(x)
+            self.set_length(held + 1)
+            if target == before or self._pushing:  # push() returns nothing: no host-positioned read
+                return None, 0, None
+            return self._window_tokens(before, target), target - before, encoded
+        # a prompt: positions from the host (this forward is not captured)
+        flushed, encoded = None, None
+        if target > before:
+            old = self._window_tokens(before, held)
+            flushed = torch.cat([old.to(x.dtype), x], dim=2)[:, :, : target - before]
+            encoded = self._encode(flushed)
+            (c0, p0), (c1, p1) = self._rows(before), self._rows(target)
+            for part, t, a, e in ((self._codes, encoded[0], c0, c1), (self._scale, encoded[1], p0, p1),
+                                  (self._zero, encoded[2], p0, p1)):  # fmt: skip
+                if t is not None:
+                    part.buffer[:, :, a:e] = t
+                    part.written += t.numel() * t.element_size()
+        self._window.write(x, held)
+        self.counts.copy_(torch.tensor([target, held + new], dtype=torch.int32))
+        self.set_length(held + new)
+        return flushed, target - before, encoded
+
+    def push(self, x: torch.Tensor) -> None:
+        """As :meth:`QuantizedStream.push`; a one-token push does only what a captured step replays."""
+        self._pushing = True
+        try:
+            self._push(x)
+        finally:
+            self._pushing = False
+
+    def _window_tokens(self, first: int, end: int) -> torch.Tensor:
+        """Tokens ``[first, end)`` from the ring (B, H, end - first, D) (host positions)."""
+        ring = self._window.buffer
+        return ring.index_select(2, torch.arange(first, end, device=ring.device) % self._window.slots)
+
+    def _step(self, x: torch.Tensor) -> tuple:
+        """Append one token at the positions ``counts`` holds (device indices only); return the newest unit's
+        packed codes, scales and zeros."""
+        cfg = self.config
+        ring = self._window.buffer
+        held = self.counts[1:].long()  # (1,): tokens held before this one
+        ring.index_copy_(2, held % self._window.slots, x.to(ring.dtype))
+        after = held + 1
+        if self.axis == "token":  # the token this step quantizes (clamped: before any, a row not yet held)
+            first = (after - 1 - cfg.residual).clamp(min=0)
+        else:  # the last complete block (clamped likewise)
+            first = ((after - cfg.residual).clamp(min=0) // cfg.group_size - 1).clamp(min=0) * cfg.group_size
+        states = ring.index_select(2, (first + self._units) % self._window.slots)
+        encoded = codes, scale, zero = self._encode(states)
+        param_row = first // self.unit
+        code_rows = param_row * codes.shape[2] + self._code_rows
+        self._codes.buffer.index_copy_(2, code_rows, codes)
+        self._scale.buffer.index_copy_(2, param_row, scale)
+        if zero is not None:
+            self._zero.buffer.index_copy_(2, param_row, zero)
+        old = (after - cfg.residual).clamp(min=0)
+        quantized = old if self.axis == "token" else old // cfg.group_size * cfg.group_size
+        self.counts.copy_(torch.cat([quantized, after]).to(torch.int32))
+        self._window.written += x.numel() * x.element_size()
+        for part, t in ((self._codes, codes), (self._scale, scale), (self._zero, zero)):
+            if t is not None:
+                part.written += t.numel() * t.element_size()
+        return encoded
+
+    def packed(self) -> PackedStream:
+        """The stream in device form (``PackedStream.counts``): whole buffers, the ring, the device counts."""
+        if self.rotation is not None:
+            raise ValueError("the attention kernels do not read Hadamard-rotated caches (KVQuantConfig.rotate)")
+        zero = self._zero.buffer
+        segment = Segment(self._codes.buffer, self._scale.buffer, zero, self.config.bits, self.head_dim)
+        return PackedStream(
+            (segment,), self._window.buffer, 0, self.axis, self.config.group_size, self.config.symmetric,
+            counts=self.counts, ring=self._window.slots,
+        )  # fmt: skip
+
+    def reserved_bytes(self) -> int:
+        """As :meth:`QuantizedStream.reserved_bytes`, with the ring's free slots, the device counts and the
+        step's index tensors."""
+        extra = (self.counts, self._units, self._code_rows)
+        return sum(t.numel() * t.element_size() for t in extra if t is not None) + super().reserved_bytes()
+
+    def crop(self, tokens: int) -> None:
+        """Keep the first ``tokens`` tokens, when the rule quantizes as many at that length as are quantized now
+        (only window tokens are dropped: the ring holds no older ones to bring back)."""
+        cfg = self.config
+        same = quantized_prefix(tokens, self.axis, cfg.group_size, cfg.residual) == self.quantized_tokens
+        if not (same and tokens <= self.tokens):
+            raise ValueError(
+                f"a capturable stream can crop only within its full-precision window, keeping its "
+                f"{self.quantized_tokens} quantized tokens; cannot crop {self.tokens} tokens to {tokens}. "
+                "Use a cache made without capturable=True for assisted decoding"
+            )
+        self.set_length(tokens)
+        self.counts.copy_(torch.tensor([self.quantized_tokens, tokens], dtype=torch.int32))
+
+    def select(self, index: torch.Tensor) -> None:
+        """Reorder the batch in place (the addresses a captured step uses stay): ``index`` keeps its length."""
+        if self.counts is None:
+            return
+        if index.numel() != self._window.buffer.shape[0]:
+            raise ValueError(
+                f"a capturable cache has a fixed batch of {self._window.buffer.shape[0]}; cannot select "
+                f"{index.numel()} sequences (batch repetition needs a cache made without capturable=True)"
+            )
+        for buffer in (self._codes.buffer, self._scale.buffer, self._zero.buffer, self._window.buffer):
+            if buffer is not None:
+                buffer.copy_(buffer.index_select(0, index.to(buffer.device)))
+
+
 class SegmentedStream:
     """A stream stored as consecutive feature segments, each a :class:`QuantizedStream` of its own precision.
 

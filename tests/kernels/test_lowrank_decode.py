@@ -21,7 +21,7 @@ from eigenkv.kernels.scoring import Scoring
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache, routing
 from eigenkv.quant.config import MixedKVQuantConfig
 from eigenkv.quant.packing import PackedStream, Segment
-from eigenkv.quant.store import QuantizedStream, SegmentedStream
+from eigenkv.quant.store import CapturableStream, QuantizedStream, SegmentedStream
 from tests.helpers import DEVICE, random_tokens, random_windows, tiny_llama, tiny_mpt, tiny_opt
 
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -130,6 +130,36 @@ def test_matches_reference_over_odd_shapes(case, checked_alignment):
 
 
 @pytest.mark.parametrize(
+    "case", CASES[:9:2], ids=[f"{c[0]}-d{c[1]}-r{c[3]}x{c[4]}-b{c[6]}-{c[-1]}" for c in CASES[:9:2]]
+)
+def test_device_form_streams_match_the_reference(case, checked_alignment):
+    """A capturable cache's streams (counts on the device, a ring window, buffers for the capacity): one
+    launch for any length, keys past what is held never read even when ``ends`` says so."""
+    mode, d, groups, key_rank, value_rank, tokens, bits, group, (axis_k, axis_v), residual, _, dtype = case
+    batch, kv_heads, capacity = 2, 2, tokens + 70
+    config = KVQuantConfig(bits=bits, group_size=group, axis_k=axis_k, axis_v=axis_v, residual=residual)
+    streams = []
+    for width, axis in ((key_rank, axis_k), (value_rank, axis_v)):
+        stream = CapturableStream(config, axis, None, capacity)
+        x = torch.randn(batch, kv_heads, tokens, width, device=DEVICE, dtype=dtype)
+        stream.push(x[:, :, : tokens - 5])
+        for t in range(tokens - 5, tokens):  # decode steps: the ring and the device counts advance
+            stream.push(x[:, :, t : t + 1])
+        streams.append(stream.packed())
+    keys, values = streams
+    assert keys.counts is not None and keys.tokens >= capacity and keys.window.shape[2] == keys.ring
+    query = torch.randn(batch, kv_heads * groups, d if mode == "pre" else key_rank, device=DEVICE, dtype=dtype)
+    scoring = pre_rope(d**-0.5, d, kv_heads, key_rank, dtype, groups == 1) if mode == "pre" else Scoring(d**-0.5)
+    starts = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+    ends = torch.tensor([keys.tokens, tokens - 3], dtype=torch.int32, device=DEVICE)  # past what is held
+    for splits in (1, 3):
+        check_against_reference(query, keys, values, scoring, starts=starts, ends=ends, splits=splits)
+    out = check_against_reference(query, keys, values, scoring)
+    held = lowrank_decode_reference(query, keys.host_form(), values.host_form(), scoring)
+    torch.testing.assert_close(out, held, atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize(
     "widths, expected",
     [
         ([77], [(0, 0, 0, 64, False), (0, 64, 64, 16, False)]),  # stored 80: 64 + 16
@@ -200,6 +230,22 @@ def test_bad_input_is_refused_with_the_fix():
     wrong = PackedStream(relabelled, packed.window, packed.quantized_tokens, "channel", 16)
     with pytest.raises(ValueError, match="codes must be uint8"):
         lowrank_decode(query, wrong, stream, one)
+    capturable = CapturableStream(KVQuantConfig(bits=4, group_size=16), "channel", None, 32)
+    capturable.push(x)
+    device_form = capturable.packed()
+    with pytest.raises(ValueError, match="both be in device form"):
+        lowrank_decode(query, device_form, make_stream(x, KVQuantConfig(bits=4, group_size=16), "token"), one)
+    bad_counts = PackedStream(
+        device_form.segments,
+        device_form.window,
+        0,
+        "channel",
+        16,
+        counts=device_form.counts.long(),
+        ring=device_form.ring,
+    )
+    with pytest.raises(ValueError, match="counts must be int32"):
+        lowrank_decode(query, bad_counts, bad_counts, one)
 
 
 def test_key_bounds_accept_one_range_per_row_only():

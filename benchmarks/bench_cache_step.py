@@ -4,7 +4,9 @@ One layer's keys and values (``QuantizedStream``, the Llama-3-8B attention shape
 0.6 x 128 = 77, 4-bit codes, group 64, keys per channel, values per token, a 128-token window) are filled
 to each context, then ``--steps`` single-token pushes are counted by the store's own counters
 (``stream.traffic``: bytes written by appends, bytes moved inside the window's buffer or by growth).
-The counts are deterministic (the same on any device). For comparison, ``concatenating`` is what a store
+The same for a ``CapturableStream`` (``_capturable`` rows: buffers for the whole context, a ring window, one
+fused launch a step). The counts are deterministic (the same on any device). For comparison, ``concatenating``
+is what a store
 that concatenates on every step would copy: the window each step, and every held code, scale and zero
 whenever a step quantizes (per-token values quantize every step).
 
@@ -21,16 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RowLog, results_path  # noqa: E402
 
 from eigenkv.quant import KVQuantConfig  # noqa: E402
-from eigenkv.quant.store import QuantizedStream  # noqa: E402
+from eigenkv.quant.store import CapturableStream, QuantizedStream  # noqa: E402
 
 FIELDS = ("device", "stream", "batch", "context", "steps", "metric", "value")
 
 
-def measure(axis: str, batch: int, context: int, steps: int, reserve: bool, log: RowLog) -> dict:
-    """Fill one stream to ``context`` tokens and count ``steps`` single-token pushes."""
+def measure(axis: str, batch: int, context: int, steps: int, kind: str, log: RowLog) -> dict:
+    """Fill one stream (``kind``: reserved, unreserved, capturable) to ``context`` tokens and count ``steps``
+    single-token pushes."""
     config = KVQuantConfig(bits=4, group_size=64, residual=128)
-    stream = QuantizedStream(config, axis, None)
-    if reserve:
+    if kind == "capturable":
+        stream = CapturableStream(config, axis, None, context + steps)
+    else:
+        stream = QuantizedStream(config, axis, None)
+    if kind == "reserved":
         stream.reserve(context + steps)
     generator = torch.Generator().manual_seed(0)
     states = torch.randn(batch, 8, context + steps, 77, generator=generator, dtype=torch.float32).half()
@@ -46,7 +52,7 @@ def measure(axis: str, batch: int, context: int, steps: int, reserve: bool, log:
             concatenating += held["codes"] + held["scales"] + held["zeros"]
     row = {k: (stream.traffic[k] - before[k]) / steps for k in before}
     row |= {"concatenating": concatenating / steps, "held": sum(stream.nbytes().values())}
-    name = f"{'keys' if axis == 'channel' else 'values'}_{axis}" + ("" if reserve else "_unreserved")
+    name = f"{'keys' if axis == 'channel' else 'values'}_{axis}" + ("" if kind == "reserved" else f"_{kind}")
     for metric, value in row.items():
         log.add(stream=name, batch=batch, context=context, steps=steps, metric=f"{metric}_bytes", value=value)
     return row
@@ -61,11 +67,11 @@ def main() -> None:
     args = parser.parse_args()
     log = RowLog(results_path(args.out, "cache_step"), fields=FIELDS)
     print(f"{'stream':24s} {'context':>8s} {'written/step':>13s} {'moved/step':>11s} {'concatenating':>14s}")
-    for reserve in (True, False):
+    for kind in ("reserved", "unreserved", "capturable"):
         for axis in ("channel", "token"):
             for context in (int(c) for c in args.contexts.split(",")):
-                row = measure(axis, args.batch, context, args.steps, reserve, log)
-                name = axis + ("" if reserve else " (no reserve)")
+                row = measure(axis, args.batch, context, args.steps, kind, log)
+                name = axis + ("" if kind == "reserved" else f" ({kind})")
                 print(
                     f"{name:24s} {context:8d} {row['written']:13.0f} {row['moved']:11.0f} {row['concatenating']:14.0f}"
                 )

@@ -11,6 +11,11 @@ from the stored, rounded scale and zero); the references are
 
 Per-channel grouping (G tokens of one feature) is the same operation on the
 transposed block; the cache transposes before calling.
+
+:func:`ring_append` is the one-token append of a capturable cache in one launch:
+the new states into their ring slot, and the newest quantization unit quantized
+and packed straight into the cache's buffers at positions read on the device
+(reference: :func:`ring_append_reference`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import triton.language as tl
 
 from eigenkv.kernels.backend import check_kernel_device
 from eigenkv.kernels.utils import KernelConfig, KernelSpec, cdiv
-from eigenkv.quant.packing import aligned_width, pack_aligned, packed_length, unpack_aligned
+from eigenkv.quant.packing import aligned_width, pack, pack_aligned, packed_length, unpack_aligned
 from eigenkv.quant.reference import NON_FINITE_MESSAGE, QuantizedGroups, check_quant_args, dequantize, quantize
 
 KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -51,6 +56,31 @@ def _round_half_even(y):
     tie = (r - y) == 0.5
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _quantize_tile(x, valid, S, Z, AXIS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    # fp32 x (2-D), groups reduced along AXIS over the `valid` elements -> int32 codes (0 where not valid), and
+    # the groups' scales and zero points in the dtypes of S and Z (the codes are computed from them, rounded)
+    if SYMMETRIC:
+        QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+        scale = (tl.max(tl.where(valid, tl.abs(x), 0.0), axis=AXIS) / QMAX).to(S.dtype.element_ty)
+        s = scale.to(tl.float32)
+        safe = tl.expand_dims(tl.where(s == 0.0, 1.0, s), AXIS)
+        c = _round_half_even(x / safe)
+        c = tl.minimum(tl.maximum(c, -QMAX), QMAX) + (1 << (BITS - 1))
+        zero = scale  # not stored
+    else:
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        lo = tl.min(tl.where(valid, x, float("inf")), axis=AXIS)
+        hi = tl.max(tl.where(valid, x, float("-inf")), axis=AXIS)
+        scale = ((hi - lo) / LEVELS).to(S.dtype.element_ty)
+        zero = lo.to(Z.dtype.element_ty)
+        s = scale.to(tl.float32)
+        safe = tl.expand_dims(tl.where(s == 0.0, 1.0, s), AXIS)
+        c = _round_half_even((x - tl.expand_dims(zero.to(tl.float32), AXIS)) / safe)
+        c = tl.minimum(tl.maximum(c, 0.0), LEVELS)
+    return tl.where(valid, c, 0.0).to(tl.int32), scale, zero  # (groups of padding only: NaN codes, not kept)
 
 
 @triton.jit
@@ -98,26 +128,11 @@ def _quantize_pack_kernel(
     non_finite = tl.max(tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1), axis=0)
     tl.atomic_max(NON_FINITE, non_finite, mask=non_finite > 0)
     out = rows.to(tl.int64) * n_groups + g
-    if SYMMETRIC:
-        QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-        scale = (tl.max(tl.abs(x), axis=1) / QMAX).to(S.dtype.element_ty)
-        s = scale.to(tl.float32)
-        safe = tl.where(s == 0.0, 1.0, s)
-        c = _round_half_even(x / safe[:, None])
-        c = tl.minimum(tl.maximum(c, -QMAX), QMAX) + (1 << (BITS - 1))
-    else:
-        LEVELS: tl.constexpr = (1 << BITS) - 1
-        lo = tl.min(tl.where(col_ok[None, :], x, float("inf")), axis=1)  # over the group's real features
-        hi = tl.max(tl.where(col_ok[None, :], x, float("-inf")), axis=1)
-        scale = ((hi - lo) / LEVELS).to(S.dtype.element_ty)
-        zero = lo.to(Z.dtype.element_ty)
-        s = scale.to(tl.float32)
-        safe = tl.where(s == 0.0, 1.0, s)
-        c = _round_half_even((x - zero.to(tl.float32)[:, None]) / safe[:, None])
-        c = tl.minimum(tl.maximum(c, 0.0), LEVELS)
+    # over the group's real features (a remainder group's padding codes are zero)
+    codes, scale, zero = _quantize_tile(x, row_ok[:, None] & col_ok[None, :], S, Z, 1, BITS, SYMMETRIC)
+    if not SYMMETRIC:
         tl.store(Z + out, zero, mask=row_ok)
     tl.store(S + out, scale, mask=row_ok)
-    codes = tl.where(col_ok[None, :], c.to(tl.int32), 0)  # the padding features' codes are zero
     if BITS == 3:
         # low 2-bit plane of the aligned row first, then the high-bit plane
         _pack_store(codes & 3, P, rows, row_ok, g * (GROUP // 4), aligned // 4, stride_p, BLOCK_R, GROUP, 2)
@@ -180,6 +195,94 @@ def _unpack_dequantize_kernel(
     cols = g * GROUP + tl.arange(0, GROUP)
     ok = row_ok[:, None] & (cols < n_cols)[None, :]
     tl.store(OUT + rows[:, None].to(tl.int64) * stride_out + cols[None, :], x.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _ring_append_kernel(
+    X, x_b, x_h,  # (B, H, 1, D): the new token's states
+    RING, r_b, r_h, r_r,  # (B, H, slots, D): token j in slot j % slots
+    C, c_b, c_h, c_r,  # codes (B, H, rows, packed row) uint8
+    S, Z, s_b, s_h, s_r,  # scales, zero points (B, H, rows, groups or features)
+    COUNTS, NEXT,  # (2,) int32: [quantized tokens, tokens held] before / after this token
+    NON_FINITE,  # () bool, set when the new states hold NaN or Inf
+    heads, width, aligned, slots, residual,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, AXIS_TOKEN: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    # program (b * H + h, j): features group j (per token) or tile j of BLOCK_F features (per channel)
+    pid = tl.program_id(0)
+    j = tl.program_id(1)
+    b = (pid // heads).to(tl.int64)
+    h = (pid % heads).to(tl.int64)
+    held = tl.load(COUNTS + 1)
+    after = held + 1
+    feats = j * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = feats < width
+    x = tl.load(X + b * x_b + h * x_h + feats, mask=f_ok, other=0.0)
+    ring = RING + b * r_b + h * r_h
+    tl.store(ring + (held % slots).to(tl.int64) * r_r + feats, x, mask=f_ok)
+    xf = x.to(tl.float32)
+    bad = tl.max(((xf != xf) | (tl.abs(xf) == float("inf"))).to(tl.int32), axis=0)
+    tl.store(NON_FINITE, bad > 0, mask=bad > 0)
+    old = tl.maximum(after - residual, 0)
+    # a unit completes at this step (a predicate on the device: the launch is the same at every step)
+    if AXIS_TOKEN:  # the token this step quantizes, when there is one
+        write = held >= residual
+        first = tl.maximum(held - residual, 0)
+        # the unit is read from the ring, or from x when it is this token (its ring write may not be visible)
+        src = tl.load(ring + (first % slots).to(tl.int64) * r_r + feats, mask=f_ok & (first != held), other=0.0)
+        unit = tl.where(first == held, x, src).to(tl.float32)[None, :]  # (1, GROUP)
+        codes, scale, zero = _quantize_tile(unit, f_ok[None, :], S, Z, 1, BITS, SYMMETRIC)
+        params = b * s_b + h * s_h + first.to(tl.int64) * s_r + j
+        tl.store(S + params + tl.arange(0, 1), scale, mask=write)
+        if not SYMMETRIC:
+            tl.store(Z + params + tl.arange(0, 1), zero, mask=write)
+        row = C + b * c_b + h * c_h + first.to(tl.int64) * c_r
+        zeros = tl.zeros([1], tl.int32)
+        ones = (zeros == 0) & write
+        if BITS == 3:
+            _pack_store(codes & 3, row, zeros, ones, j * (GROUP // 4), aligned // 4, 0, 1, GROUP, 2)
+            _pack_store(codes >> 2, row, zeros, ones, aligned // 4 + j * (GROUP // 8), aligned // 4 + aligned // 8,
+                        0, 1, GROUP, 1)  # fmt: skip
+        else:
+            _pack_store(codes, row, zeros, ones, j * (GROUP * BITS // 8), aligned * BITS // 8, 0, 1, GROUP, BITS)
+        quantized = old
+    else:  # the block of GROUP tokens that this step completes, when it completes one
+        write = (old > 0) & (old % GROUP == 0)
+        block = tl.maximum(old // GROUP - 1, 0)
+        toks = block * GROUP + tl.arange(0, GROUP)
+        is_new = (toks == held)[:, None]
+        tile = tl.load(ring + (toks % slots).to(tl.int64)[:, None] * r_r + feats[None, :],
+                       mask=f_ok[None, :] & ~is_new, other=0.0)  # fmt: skip
+        tile = tl.where(is_new, x[None, :], tile).to(tl.float32)  # (GROUP, BLOCK_F)
+        codes, scale, zero = _quantize_tile(tile, f_ok[None, :] & (toks >= 0)[:, None], S, Z, 0, BITS, SYMMETRIC)
+        # padding features (width <= f < aligned): zero codes, scales and zero points, as the cache stores them
+        params = b * s_b + h * s_h + block.to(tl.int64) * s_r + feats
+        tl.store(S + params, tl.where(f_ok, scale, 0.0), mask=(feats < aligned) & write)
+        if not SYMMETRIC:
+            tl.store(Z + params, tl.where(f_ok, zero, 0.0), mask=(feats < aligned) & write)
+        # bytes along tokens: byte k of a block holds tokens k * PER .. (3 bits: the 2-bit plane, then the 1-bit)
+        rows = C + b * c_b + h * c_h + feats[None, :]
+        stored = (feats < aligned)[None, :] & write
+        if BITS == 3:
+            first_row = block.to(tl.int64) * (GROUP // 4 + GROUP // 8)
+            low = tl.sum(tl.reshape(codes & 3, (GROUP // 4, 4, BLOCK_F)) << (tl.arange(0, 4) * 2)[None, :, None], 1)
+            k = tl.arange(0, GROUP // 4)
+            tl.store(rows + (first_row + k)[:, None] * c_r, low.to(tl.uint8), mask=stored)
+            high = tl.sum(tl.reshape(codes >> 2, (GROUP // 8, 8, BLOCK_F)) << tl.arange(0, 8)[None, :, None], 1)
+            k = GROUP // 4 + tl.arange(0, GROUP // 8)
+            tl.store(rows + (first_row + k)[:, None] * c_r, high.to(tl.uint8), mask=stored)
+        else:
+            PER: tl.constexpr = 8 // BITS
+            packed = tl.sum(
+                tl.reshape(codes, (GROUP // PER, PER, BLOCK_F)) << (tl.arange(0, PER) * BITS)[None, :, None], 1
+            )
+            k = block.to(tl.int64) * (GROUP // PER) + tl.arange(0, GROUP // PER)
+            tl.store(rows + k[:, None] * c_r, packed.to(tl.uint8), mask=stored)
+        quantized = old // GROUP * GROUP
+    if (pid == 0) & (j == 0):
+        tl.store(NEXT, quantized)
+        tl.store(NEXT + 1, after)
 
 
 def launch_config(group_size: int) -> KernelConfig:
@@ -303,6 +406,112 @@ def unpack_dequantize(
     return out
 
 
+def ring_append_reference(
+    x: torch.Tensor,
+    ring: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    counts: torch.Tensor,
+    non_finite: torch.Tensor,
+    *,
+    axis: str,
+    bits: int,
+    group_size: int,
+    residual: int,
+    symmetric: bool = False,
+    next_counts: torch.Tensor | None = None,
+) -> None:
+    """Reference of :func:`ring_append` (any dtype, group size and scale dtype): the same writes with torch ops,
+    every position read from ``counts`` on the device (nothing read back: a CUDA graph can capture it; a step
+    that completes no unit writes its rows back unchanged); ``next_counts`` is not needed."""
+    b, h, _, d = x.shape
+    slots = ring.shape[2]
+    held = counts[1:].long()  # (1,)
+    non_finite |= ~torch.isfinite(x).all()
+    ring.index_copy_(2, held % slots, x.to(ring.dtype))
+    old = (held + 1 - residual).clamp(min=0)
+
+    def write(buffer, index, rows):  # rows at `index` along axis 2 where a unit completes, else unchanged
+        if buffer is not None:
+            buffer.index_copy_(2, index, torch.where(completes, rows, buffer.index_select(2, index)))
+
+    if axis == "token":  # the token this step quantizes, when there is one
+        completes = held >= residual
+        first = (held - residual).clamp(min=0)
+        unit = ring.index_select(2, first % slots).to(x.dtype)  # (B, H, 1, D)
+        q = quantize(unit, bits, group_size, -1, symmetric=symmetric, scale_dtype=scale.dtype, check_finite=False)
+        write(codes, first, pack_aligned(q.codes, bits, dim=-1, check=False))
+        write(scale, first, q.scale)
+        write(zero, first, q.zero)
+        quantized = old
+    else:  # the block of G tokens this step completes, when it completes one
+        completes = (old > 0) & (old % group_size == 0)
+        block = (old // group_size - 1).clamp(min=0)
+        tokens = block * group_size + torch.arange(group_size, device=x.device)
+        unit = ring.index_select(2, tokens % slots).to(x.dtype)  # (B, H, G, D)
+        q = quantize(unit, bits, group_size, -2, symmetric=symmetric, scale_dtype=scale.dtype, check_finite=False)
+        pad = (0, aligned_width(d) - d)  # padding features: zero codes, scales and zero points
+        packed = torch.nn.functional.pad(pack(q.codes, bits, dim=-2, check=False), pad)  # (B, H, plen, D')
+        write(codes, block * packed.shape[2] + torch.arange(packed.shape[2], device=x.device), packed)
+        write(scale, block, torch.nn.functional.pad(q.scale, pad))
+        write(zero, block, None if q.zero is None else torch.nn.functional.pad(q.zero, pad))
+        quantized = old // group_size * group_size
+    counts.copy_(torch.cat([quantized, held + 1]).to(torch.int32))
+
+
+def ring_append(
+    x: torch.Tensor,
+    ring: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    counts: torch.Tensor,
+    non_finite: torch.Tensor,
+    *,
+    axis: str,
+    bits: int,
+    group_size: int,
+    residual: int,
+    symmetric: bool = False,
+    next_counts: torch.Tensor | None = None,
+) -> None:
+    """Triton: append one token to a capturable cache stream in one launch (and a 8-byte copy of the counts).
+
+    Writes ``x`` (B, H, 1, D) fp16/bf16 into ``ring`` (B, H, slots, D) at slot ``S % slots``, then quantizes
+    the unit this token completes, if any (``axis="token"``: token ``S - residual``; ``"channel"``: the block
+    of ``group_size`` tokens that ends at ``S + 1 - residual``), from the ring (``x`` for the new token
+    itself), and writes its packed ``codes``, ``scale`` and ``zero`` rows (the layouts of
+    ``eigenkv.quant.store``: per token ``(B, H, T, bytes)`` and ``(B, H, T, groups)``, per channel
+    ``(B, H, T / G * bytes(G), D')`` and ``(B, H, T / G, D')``) in place; whether a unit completes is a
+    predicate on the device, so the launch is the same at every step. ``counts`` (int32 ``(2,)``:
+    ``[T_q, S]``) is read on the device and advanced (through ``next_counts``, a scratch ``(2,)``, as other
+    programs still read it). NaN/Inf in ``x`` set ``non_finite`` (a () bool). Nothing is read back on the host.
+    """
+    check_kernel_device(x, "ring_append", "ring_append_reference")
+    b, h, one, d = x.shape
+    if one != 1 or x.dtype not in (torch.float16, torch.bfloat16) or x.stride(-1) != 1 or ring.dtype != x.dtype:
+        raise ValueError(
+            f"ring_append appends one fp16/bf16 token (B, H, 1, D) with unit last stride to a ring of its dtype; "
+            f"got {x.dtype} {tuple(x.shape)}, ring {ring.dtype}"
+        )
+    _check_kernel_group(group_size, scale.dtype)
+    if next_counts is None or next_counts.shape != counts.shape or next_counts.dtype != torch.int32:
+        raise ValueError("ring_append needs next_counts: a scratch int32 (2,) tensor like counts")
+    if axis == "token":
+        block_f, tiles = group_size, cdiv(d, group_size)
+    else:
+        block_f = max(16, _TILE_ELEMENTS // group_size)
+        tiles = cdiv(aligned_width(d), block_f)
+    _ring_append_kernel[(b * h, tiles)](
+        x, x.stride(0), x.stride(1), ring, *ring.stride()[:3], codes, *codes.stride()[:3],
+        scale, scale if zero is None else zero, *scale.stride()[:3], counts, next_counts, non_finite,
+        h, d, aligned_width(d), ring.shape[2], residual,
+        BITS=bits, GROUP=group_size, SYMMETRIC=symmetric, AXIS_TOKEN=axis == "token", BLOCK_F=block_f, num_warps=4,
+    )  # fmt: skip
+    counts.copy_(next_counts)
+
+
 def _signatures(dtype: str) -> dict:
     """Argument types of each kernel for activations of ``dtype`` (fp16 scales, as the launchers require)."""
     ints = {"n_rows": "i32", "n_cols": "i32", "aligned": "i32"}
@@ -335,8 +544,39 @@ def _signatures(dtype: str) -> dict:
     }
 
 
+def _ring_append_signature(dtype: str) -> dict:
+    strides = {name: "i32" for name in ("x_b", "x_h", "r_b", "r_h", "r_r", "c_b", "c_h", "c_r", "s_b", "s_h", "s_r")}
+    pointers = {"X": f"*{dtype}", "RING": f"*{dtype}", "C": "*u8", "S": "*fp16", "Z": "*fp16", "COUNTS": "*i32"}
+    ints = {name: "i32" for name in ("heads", "width", "aligned", "slots", "residual")}
+    return pointers | {"NEXT": "*i32", "NON_FINITE": "*i1"} | strides | ints
+
+
+def ring_append_specs():
+    """The ring append at what changes its code: both groupings, every bit width (group 64, fp16 and bf16),
+    groups of 16 and 128, symmetric codes."""
+    variants = [(dtype, bits, 64, False) for dtype in ("fp16", "bf16") for bits in (2, 3, 4, 8)]
+    variants += [("fp16", 4, 16, False), ("fp16", 4, 128, False), ("fp16", 4, 64, True)]
+    for dtype, bits, group, symmetric in variants:
+        for axis in ("token", "channel"):
+            block_f = group if axis == "token" else max(16, _TILE_ELEMENTS // group)
+            yield KernelSpec(
+                name=f"ring_append[{dtype},{axis},b={bits},G={group},sym={int(symmetric)}]",
+                fn=_ring_append_kernel,
+                signature=_ring_append_signature(dtype),
+                constexprs={
+                    "BITS": bits,
+                    "GROUP": group,
+                    "SYMMETRIC": symmetric,
+                    "AXIS_TOKEN": axis == "token",
+                    "BLOCK_F": block_f,
+                },  # fmt: skip
+                num_warps=4,
+            )
+
+
 def compile_specs():
     """Every configuration the launchers can use, for the sm_80/sm_90 compile test."""
+    yield from ring_append_specs()
     for dtype in ("fp16", "bf16", "fp32"):
         for name, (kernel, signature) in _signatures(dtype).items():
             for bits in (2, 3, 4, 8):

@@ -217,6 +217,11 @@ class QuantizedKVCache(Cache):
             raise ValueError(
                 "a capturable cache stores one precision per stream; MixedKVQuantConfig needs capturable=False"
             )
+        if capturable and any(layer_config(config, i).rotate for i in range(layers)):
+            raise ValueError(
+                "a capturable cache is read by the decode kernel, which does not read Hadamard-rotated caches; "
+                "use rotate=False, or capturable=False"
+            )
         self.config = config
         self.capturable = capturable
         self.max_tokens = max_tokens

@@ -532,11 +532,11 @@ class CapturableStream(QuantizedStream):
     Everything a step touches has a fixed shape and address: codes, scales and zeros are allocated for
     ``capacity`` tokens at the first push, the window is a :class:`RingWindow`, and how many tokens are
     held lives on the device in ``counts`` (int32 ``(2,)``: ``[T_q, S]``), which the decode kernel reads.
-    A one-token push reads its positions from ``counts``: it writes the token to its ring slot, encodes the
-    newest quantization unit (the token ``S - residual`` per token, the last complete block of ``G`` tokens
-    per channel) from the ring and writes its rows, then advances ``counts``. Encoding the newest unit on
-    every step, not only when one completes, keeps the step the same on every call; a unit encoded again
-    gives the same codes (the same states, the same function), and rows past ``T_q`` are never read.
+    A one-token push is one launch (:func:`~eigenkv.kernels.quant_pack.ring_append`; its torch reference off
+    the kernels' path) that reads its positions from ``counts``: it writes the token to its ring slot and,
+    when the token completes a quantization unit (the token ``S - residual`` per token, a block of ``G``
+    tokens per channel; a predicate on the device, so that every step is the same launch), quantizes the
+    unit from the ring and writes its packed rows in place, then advances ``counts``.
 
     The host keeps the same counts (no device read): :meth:`set_length` sets them alone, for a caller that
     replays a captured step (the replay advances only the device's). Multi-token pushes (a prompt) and the
@@ -544,15 +544,19 @@ class CapturableStream(QuantizedStream):
     """
 
     def __init__(self, config: KVQuantConfig, axis: str, rotation: torch.Tensor | None, capacity: int):
+        if rotation is not None or config.rotate:
+            raise ValueError(
+                "a capturable stream is read by the decode kernel, which does not read Hadamard-rotated caches; "
+                "use rotate=False, or a cache made without capturable=True"
+            )
         super().__init__(config, axis, rotation)
         self.unit = config.group_size if axis == "channel" else 1  # tokens quantized together
         # whole groups of G tokens (both groupings: the keys and values of a layer hold the same room)
         self.capacity = -(-capacity // config.group_size) * config.group_size
-        # the window (at most residual + unit - 1 tokens) and the newest quantized unit, re-encoded each step
-        self._window = RingWindow(config.residual + 2 * self.unit)
+        # the window (at most residual + unit - 1 tokens) and the token that completes a unit
+        self._window = RingWindow(config.residual + self.unit)
         self.counts: torch.Tensor | None = None
-        self._units: torch.Tensor | None = None  # (unit,) int64: offsets of a unit's tokens
-        self._code_rows: torch.Tensor | None = None  # (rows of one unit's codes,) int64
+        self._next: torch.Tensor | None = None  # (2,) int32: the fused step's counts, copied into counts
         self._pushing = False
 
     def reserve(self, tokens: int) -> None:
@@ -574,9 +578,8 @@ class CapturableStream(QuantizedStream):
                 part.buffer = t.new_zeros((b, h, rows, t.shape[-1]))
         self._window.buffer = x.new_zeros((b, h, self._window.slots, d))
         self.counts = torch.zeros(2, dtype=torch.int32, device=x.device)
+        self._next = torch.zeros_like(self.counts)
         self.non_finite = torch.zeros((), dtype=torch.bool, device=x.device)
-        self._units = torch.arange(self.unit, device=x.device)
-        self._code_rows = torch.arange(codes.shape[2], device=x.device)
 
     def set_length(self, tokens: int) -> None:
         """Set the host's counts to ``tokens`` held (the device's ``counts`` are not touched)."""
@@ -600,17 +603,20 @@ class CapturableStream(QuantizedStream):
                 f"a capturable stream has room for {self.capacity} tokens and holds {held}; cannot append {new} "
                 "(make the cache with a larger max_tokens)"
             )
-        self.non_finite |= ~torch.isfinite(x).all()
         cfg = self.config
         before = self.quantized_tokens
         target = quantized_prefix(held + new, self.axis, cfg.group_size, cfg.residual)
         if new == 1:
-            encoded = self._step(x)
+            self._step(x, target > before)
             self.set_length(held + 1)
             if target == before or self._pushing:  # push() returns nothing: no host-positioned read
                 return None, 0, None
+            (c0, p0), (c1, p1) = self._rows(before), self._rows(target)
+            zero = None if self._zero.buffer is None else self._zero.buffer[:, :, p0:p1]
+            encoded = self._codes.buffer[:, :, c0:c1], self._scale.buffer[:, :, p0:p1], zero
             return self._window_tokens(before, target), target - before, encoded
         # a prompt: positions from the host (this forward is not captured)
+        self.non_finite |= ~torch.isfinite(x).all()
         flushed, encoded = None, None
         if target > before:
             old = self._window_tokens(before, held)
@@ -640,34 +646,27 @@ class CapturableStream(QuantizedStream):
         ring = self._window.buffer
         return ring.index_select(2, torch.arange(first, end, device=ring.device) % self._window.slots)
 
-    def _step(self, x: torch.Tensor) -> tuple:
-        """Append one token at the positions ``counts`` holds (device indices only); return the newest unit's
-        packed codes, scales and zeros."""
+    def _step(self, x: torch.Tensor, completes: bool) -> None:
+        """Append one token at the positions ``counts`` holds (device positions only): the fused kernel
+        (:func:`~eigenkv.kernels.quant_pack.ring_append`) where it applies, else its torch reference.
+        ``completes``: the host's count says this token completes a unit (for ``traffic`` only)."""
+        from eigenkv.kernels.quant_pack import ring_append, ring_append_reference
+
         cfg = self.config
-        ring = self._window.buffer
-        held = self.counts[1:].long()  # (1,): tokens held before this one
-        ring.index_copy_(2, held % self._window.slots, x.to(ring.dtype))
-        after = held + 1
-        if self.axis == "token":  # the token this step quantizes (clamped: before any, a row not yet held)
-            first = (after - 1 - cfg.residual).clamp(min=0)
-        else:  # the last complete block (clamped likewise)
-            first = ((after - cfg.residual).clamp(min=0) // cfg.group_size - 1).clamp(min=0) * cfg.group_size
-        states = ring.index_select(2, (first + self._units) % self._window.slots)
-        encoded = codes, scale, zero = self._encode(states)
-        param_row = first // self.unit
-        code_rows = param_row * codes.shape[2] + self._code_rows
-        self._codes.buffer.index_copy_(2, code_rows, codes)
-        self._scale.buffer.index_copy_(2, param_row, scale)
-        if zero is not None:
-            self._zero.buffer.index_copy_(2, param_row, zero)
-        old = (after - cfg.residual).clamp(min=0)
-        quantized = old if self.axis == "token" else old // cfg.group_size * cfg.group_size
-        self.counts.copy_(torch.cat([quantized, after]).to(torch.int32))
+        kernel = x.dtype in (torch.float16, torch.bfloat16) and self._kernels(
+            x, x.shape[-1] if self.axis == "token" else cfg.group_size, x.dtype
+        )
+        (ring_append if kernel else ring_append_reference)(
+            x, self._window.buffer, self._codes.buffer, self._scale.buffer, self._zero.buffer, self.counts,
+            self.non_finite, axis=self.axis, bits=cfg.bits, group_size=cfg.group_size, residual=cfg.residual,
+            symmetric=cfg.symmetric, next_counts=self._next,
+        )  # fmt: skip
         self._window.written += x.numel() * x.element_size()
-        for part, t in ((self._codes, codes), (self._scale, scale), (self._zero, zero)):
-            if t is not None:
-                part.written += t.numel() * t.element_size()
-        return encoded
+        if completes:
+            code_rows, param_rows = self._rows(self.unit)
+            self._codes.written += self._codes.rows_bytes(code_rows)
+            self._scale.written += self._scale.rows_bytes(param_rows)
+            self._zero.written += self._zero.rows_bytes(param_rows)
 
     def packed(self) -> PackedStream:
         """The stream in device form (``PackedStream.counts``): whole buffers, the ring, the device counts."""
@@ -681,9 +680,8 @@ class CapturableStream(QuantizedStream):
         )  # fmt: skip
 
     def reserved_bytes(self) -> int:
-        """As :meth:`QuantizedStream.reserved_bytes`, with the ring's free slots, the device counts and the
-        step's index tensors."""
-        extra = (self.counts, self._units, self._code_rows)
+        """As :meth:`QuantizedStream.reserved_bytes`, with the ring's free slots and the device counts."""
+        extra = (self.counts, self._next)
         return sum(t.numel() * t.element_size() for t in extra if t is not None) + super().reserved_bytes()
 
     def crop(self, tokens: int) -> None:

@@ -92,3 +92,60 @@ def test_a_single_non_finite_value_anywhere_is_refused(bad):
         quantize_pack(x, 4, 32)
     x[257, 40] = 0.0
     quantize_pack(x, 4, 32)  # the flag does not leak across calls
+
+
+# (axis, bits, group, residual, symmetric, width, held before the append): before any unit, completing a block
+# (a token), between two completions (nothing quantized: rows unchanged), rings that wrap
+RING_CASES = [
+    ("channel", 4, 16, 3, False, 77, 5),
+    ("channel", 3, 16, 3, False, 40, 18),
+    ("channel", 2, 32, 0, True, 38, 31),
+    ("channel", 8, 16, 2, False, 24, 70),
+    ("token", 4, 16, 0, False, 77, 9),
+    ("token", 3, 32, 5, True, 38, 40),
+    ("token", 2, 16, 2, False, 100, 1),
+]
+
+
+@pytest.mark.parametrize("case", RING_CASES, ids=[f"{c[0]}-b{c[1]}-g{c[2]}-r{c[3]}-S{c[6]}" for c in RING_CASES])
+def test_ring_append_matches_reference_bit_for_bit(case):
+    """Every buffer the append writes (ring, codes, scales, zeros, counts, the NaN flag) equals the reference's,
+    from random contents (what it must not touch stays as it was)."""
+    from eigenkv.kernels.quant_pack import ring_append, ring_append_reference
+    from eigenkv.quant.packing import aligned_width, packed_length
+
+    axis, bits, group, residual, symmetric, width, held = case
+    batch, heads, capacity = 2, 3, 96
+    unit = group if axis == "channel" else 1
+    slots = residual + unit  # what a capturable stream holds
+    stored = aligned_width(width)
+    if axis == "token":
+        code_shape, param_shape = (capacity, packed_length(stored, bits)), (capacity, -(-width // group))
+    else:
+        code_shape, param_shape = (capacity // group * packed_length(group, bits), stored), (capacity // group, stored)
+    x = torch.randn(batch, heads, 1, width, device=DEVICE, dtype=torch.float16)
+    buffers = {
+        "ring": torch.randn(batch, heads, slots, width, device=DEVICE, dtype=torch.float16),
+        "codes": torch.randint(0, 256, (batch, heads, *code_shape), device=DEVICE, dtype=torch.uint8),
+        "scale": torch.rand(batch, heads, *param_shape, device=DEVICE).half(),
+        "zero": None if symmetric else torch.rand(batch, heads, *param_shape, device=DEVICE).half(),
+        "counts": torch.tensor([0, held], dtype=torch.int32, device=DEVICE),
+        "non_finite": torch.zeros((), dtype=torch.bool, device=DEVICE),
+    }
+    copies = {k: None if v is None else v.clone() for k, v in buffers.items()}
+    settings = {"axis": axis, "bits": bits, "group_size": group, "residual": residual, "symmetric": symmetric}
+    scratch = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    ring_append(x, *buffers.values(), **settings, next_counts=scratch)
+    ring_append_reference(x, *copies.values(), **settings)
+    for name, got in buffers.items():
+        assert (got is None) == (copies[name] is None) and (got is None or torch.equal(got, copies[name])), name
+    after = held + 1
+    expected_quantized = max(0, after - residual) // unit * unit
+    assert buffers["counts"].tolist() == [expected_quantized, after]
+    x[0, 1, 0, 3] = float("nan")
+    ring_append(x, *buffers.values(), **settings, next_counts=scratch)
+    assert bool(buffers["non_finite"])
+    with pytest.raises(ValueError, match="next_counts"):
+        ring_append(x, *buffers.values(), **settings)
+    with pytest.raises(ValueError, match="one fp16/bf16 token"):
+        ring_append(x.float(), *buffers.values(), **settings, next_counts=scratch)

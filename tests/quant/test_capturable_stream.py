@@ -55,18 +55,32 @@ def test_stores_the_same_bits_as_the_growing_stream(case):
             assert torch.equal(got, expected)
 
 
-def test_the_fused_kernel_path_stores_the_same_bits(monkeypatch):
-    """fp16 states through the quantize+pack kernel (the interpreter on CPU), as a decode step on a GPU."""
+FUSED = [(3, 16, False, torch.float16), (4, 64, True, torch.bfloat16), (2, 32, False, torch.float16),
+         (8, 128, False, torch.float16)]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FUSED, ids=[f"b{c[0]}-g{c[1]}-sym{int(c[2])}-{c[3]}" for c in FUSED])
+def test_the_fused_kernel_path_stores_the_same_bits(case, monkeypatch):
+    """fp16/bf16 states through the one-launch append (the interpreter on CPU), as a decode step on a GPU."""
+    bits, group, symmetric, dtype = case
     monkeypatch.setenv("EIGENKV_BACKEND", "triton")
+    from eigenkv.kernels import quant_pack
+
+    launches = []
+    original = quant_pack.ring_append
+    monkeypatch.setattr(quant_pack, "ring_append", lambda *a, **k: launches.append(1) or original(*a, **k))
+    prompt, steps = group - 1, 8  # per channel (residual 3): block 0 completes at the fourth step
     for axis, residual in (("channel", 3), ("token", 0)):
-        config = KVQuantConfig(bits=3, group_size=16, residual=residual)
-        x = torch.randn(2, 2, 60, 40, dtype=torch.float16, device=DEVICE)
-        growing, fixed = QuantizedStream(config, axis, None), CapturableStream(config, axis, None, 64)
+        config = KVQuantConfig(bits=bits, group_size=group, residual=residual, symmetric=symmetric)
+        x = torch.randn(2, 2, prompt + steps, 40, dtype=dtype, device=DEVICE)
+        growing, fixed = QuantizedStream(config, axis, None), CapturableStream(config, axis, None, prompt + steps)
         for stream in (growing, fixed):
-            stream.push(x[:, :, :20])
-            for t in range(20, 60):
+            stream.push(x[:, :, :prompt])
+            for t in range(prompt, prompt + steps):
                 stream.push(x[:, :, t : t + 1])
+        assert fixed.quantized_tokens == (group if axis == "channel" else prompt + steps)
         assert_same(state(growing), host_state(fixed))
+    assert len(launches) == 2 * steps  # every step of both streams through the fused kernel
 
 
 def test_a_capturable_cache_counts_every_byte_it_allocates():
@@ -103,6 +117,8 @@ def test_fixed_shapes_refuse_what_they_cannot_hold():
     model = tiny_llama()
     with pytest.raises(ValueError, match="pass max_tokens"):
         QuantizedKV(model, config).new_cache(capturable=True)
+    with pytest.raises(ValueError, match="rotate=False"):
+        QuantizedKV(model, KVQuantConfig(bits=4, rotate=True)).new_cache(max_tokens=64, capturable=True)
 
 
 def test_crop_within_the_window_and_select_in_place():

@@ -61,6 +61,40 @@ def tiny_opt(vocab_size: int = 96, hidden_size: int = 64, seed: int = 0):
     return OPTForCausalLM(config).eval()
 
 
+def _random_norms(model):
+    """Query/key norm weights away from their initial ones, so that skipping a norm changes the outputs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(0.5 + torch.rand_like(p))
+    return model
+
+
+def tiny_qwen3(vocab_size: int = 96, seed: int = 0):
+    """A 2-layer Qwen3 (4 query / 2 KV heads of 16, a per-head RMSNorm of queries and keys), eval mode."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+        pad_token_id=3,
+    )  # fmt: skip
+    return _random_norms(Qwen3ForCausalLM(config)).eval()
+
+
+def tiny_olmo2(vocab_size: int = 96, seed: int = 0):
+    """A 2-layer OLMo-2 (4 query / 2 KV heads of 16, an RMSNorm of all heads' queries and keys), eval mode."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Olmo2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    return _random_norms(Olmo2ForCausalLM(config)).eval()
+
+
 def tiny_mpt(vocab_size: int = 64, seed: int = 0):
     """A 2-layer MPT (4 heads, ALiBi), random weights, eval mode."""
     from transformers import MptConfig, MptForCausalLM

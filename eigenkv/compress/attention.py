@@ -28,6 +28,12 @@ Folding (weights ``W`` are ``(out, in)``; head ``i`` owns rows ``i*d:(i+1)*d``):
   ``k E_k[i]`` and ``q D_k[kv(j)]`` (the same identity as without RoPE); RoPE
   sits between the weights and the basis, so nothing folds and both are kept
   (one matrix when ``E = D``), counted in the KV accounting.
+- query/key norms (Qwen3, OLMo-2: an RMSNorm of each head's, or of all heads',
+  projected queries and keys before RoPE): a basis cannot fold through the
+  norm, so pre-RoPE keys are projected after it at run time (``c = k E_k``, one
+  ``(d, r_k)`` matmul per head and token, the encoder kept and counted like the
+  post-RoPE bases); queries and post-RoPE keys are normalised as the model does
+  before anything else. Values have no norm and fold as above.
 
 Only the attention modules are replaced; the rest of the Hugging Face model
 (masks, caches, ``generate``) is untouched, and any transformers ``Cache``
@@ -46,6 +52,17 @@ from eigenkv.kernels.scoring import Scoring
 from eigenkv.quant import routing
 
 MODES = ("pre", "post", "none")
+
+
+def split_heads(x: torch.Tensor, heads: int, head_dim: int, norm: nn.Module | None) -> torch.Tensor:
+    """A projection ``(B, T, heads * d)`` as ``(B, T, heads, d)``, normalised as the model's own ``q_norm`` /
+    ``k_norm`` does: per head (Qwen3, Gemma-3: the norm's size is ``d``) or across all heads (OLMo-2)."""
+    shape = (*x.shape[:2], heads, head_dim)
+    if norm is None:
+        return x.view(shape)
+    if norm.weight.shape[-1] == head_dim:
+        return norm(x.view(shape))
+    return norm(x).view(shape)
 
 
 def fold_rows(linear: nn.Linear, basis: torch.Tensor, heads: int, rows: slice | None = None) -> nn.Linear:
@@ -93,8 +110,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE of the Llama family: ``x`` (B, H, T, d), ``cos``/``sin`` (B or 1, T, d)."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    """RoPE of the Llama family: ``x`` (B, H, T, d), ``cos``/``sin`` (B or 1, T, d); computed in the wider of the
+    two dtypes and returned in ``x``'s, as the models do (OLMo-2 keeps its angles in float32)."""
+    return (x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)).to(x.dtype)
 
 
 def _attention_function(config) -> Callable:
@@ -186,7 +204,7 @@ class EigenAttention(nn.Module):
 
     def runtime_basis_elements(self) -> int:
         """Elements of the bases attention reads at run time (counted in the KV accounting as fixed bytes)."""
-        kept = (getattr(self, name, None) for name in ("key_basis", "query_basis"))
+        kept = (getattr(self, name, None) for name in ("key_basis", "query_basis", "key_encoder"))
         return sum(basis.numel() for basis in kept if basis is not None)
 
     def extra_repr(self) -> str:
@@ -219,11 +237,19 @@ class EigenLlamaAttention(EigenAttention):
         object.__setattr__(self, "_rotary", rotary)  # the model's own; not a submodule of this one
         weight = original.k_proj.weight
         self.q_proj = original.q_proj
+        self.q_norm = getattr(original, "q_norm", None)  # Qwen3, OLMo-2: normalised queries and keys
+        self.k_norm = getattr(original, "k_norm", None)
 
         def kept(x):
             return x.to(weight.device, weight.dtype).contiguous()
 
-        if mode == "pre":
+        self.register_buffer("key_encoder", None)
+        if mode == "pre" and self.k_norm is not None:  # nothing folds through the norm: projected at run time
+            self.k_proj = original.k_proj
+            self.register_buffer("key_encoder", kept(bases.key))  # (1 or H_kv, d, r_k)
+            self.register_buffer("key_basis", kept(bases.key_decoder))
+            self.register_buffer("query_basis", None)
+        elif mode == "pre":
             self.k_proj = fold_rows(original.k_proj, bases.key, self.kv_heads)
             self.register_buffer("key_basis", kept(bases.key_decoder))  # (1 or H_kv, d, r_k): rebuilds keys
             self.register_buffer("query_basis", None)
@@ -249,14 +275,23 @@ class EigenLlamaAttention(EigenAttention):
         """Pre-RoPE keys ``(B, H_kv, S, r_k)`` -> rotated full keys ``(B, H_kv, S, d)``, key ``s`` at position ``s``."""
         return apply_rope(coefficients @ self.key_basis.transpose(-1, -2), cos, sin)
 
+    def _pre_rope_keys(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE key coefficients ``(B, H_kv, T, r_k)``: the folded projection, or (with a key norm) the
+        normalised keys projected on the encoder."""
+        if self.key_encoder is None:
+            return split_heads(self.k_proj(hidden_states), self.kv_heads, self.key_rank, None).transpose(1, 2)
+        keys = split_heads(self.k_proj(hidden_states), self.kv_heads, self.head_dim, self.k_norm)  # (B, T, H_kv, d)
+        encoder = self.key_encoder.expand(self.kv_heads, -1, -1)
+        return torch.einsum("bthd,hdr->bhtr", keys, encoder)
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         batch, length, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch, length, self.q_heads, self.head_dim).transpose(1, 2)
+        query = split_heads(self.q_proj(hidden_states), self.q_heads, self.head_dim, self.q_norm).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, self.kv_heads, self.value_rank).transpose(1, 2)
         training = self.training and self.attention_dropout > 0
         kernel = self.sliding_window is None and routing.kernels_apply(query, training, **kwargs)
         if self.mode == "pre":
-            key = self.k_proj(hidden_states).view(batch, length, self.kv_heads, self.key_rank).transpose(1, 2)
+            key = self._pre_rope_keys(hidden_states)
             past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
@@ -274,7 +309,7 @@ class EigenLlamaAttention(EigenAttention):
             query = apply_rope(query, cos[:, past : past + length], sin[:, past : past + length])
             keys = routing.map_twin(key, self.rebuild_keys(key, cos, sin), lambda k: self.rebuild_keys(k, cos, sin))
         else:
-            key = self.k_proj(hidden_states).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            key = split_heads(self.k_proj(hidden_states), self.kv_heads, self.head_dim, self.k_norm).transpose(1, 2)
             cos, sin = position_embeddings
             query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
             query_basis = self.key_basis if self.query_basis is None else self.query_basis

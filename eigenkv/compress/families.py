@@ -1,7 +1,8 @@
 """Which attention modules a model has, how to read their q/k/v, and how to replace them.
 
 Supported: the Llama family (``LlamaAttention``, ``MistralAttention``,
-``Qwen2Attention``: RoPE, GQA, optional qkv biases), ``OPTAttention`` and
+``Qwen2Attention``: RoPE, GQA, optional qkv biases; ``Qwen3Attention`` and
+``Olmo2Attention``: the same with query/key norms), ``OPTAttention`` and
 ``MptAttention`` (fused ``Wqkv``, ALiBi). Anything else is refused with the list.
 """
 
@@ -19,9 +20,10 @@ from eigenkv.compress.attention import (
     EigenOPTAttention,
     KeptBases,
     apply_rope,
+    split_heads,
 )
 
-LLAMA_LIKE = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+LLAMA_LIKE = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "Olmo2Attention")
 FAMILIES = {**dict.fromkeys(LLAMA_LIKE, "llama"), "OPTAttention": "opt", "MptAttention": "mpt"}
 
 
@@ -77,9 +79,6 @@ class HeadShape:
 def head_shape(module: nn.Module) -> HeadShape:
     name = type(module).__name__
     if name in LLAMA_LIKE:
-        for attr in ("q_norm", "k_norm"):
-            if getattr(module, attr, None) is not None:
-                raise ValueError(f"{name} normalises queries/keys per head ({attr}); a basis cannot fold through it")
         d = module.head_dim
         return HeadShape(module.q_proj.out_features // d, module.k_proj.out_features // d, d)
     if name == "OPTAttention":
@@ -100,10 +99,15 @@ def project_qkv(module: nn.Module, args: tuple, kwargs: dict, rotated: bool):
     if name == "MptAttention":
         q, k, v = module.Wqkv(hidden).chunk(3, dim=2)
         d = module.head_dim
+        q, k, v = (x.view(batch, length, -1, d).transpose(1, 2) for x in (q, k, v))
     else:
-        q, k, v = module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden)
         d = module.head_dim
-    q, k, v = (x.view(batch, length, -1, d).transpose(1, 2) for x in (q, k, v))
+        q, k, v = module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden)
+        q, k = (
+            split_heads(x, x.shape[-1] // d, d, getattr(module, norm, None)).transpose(1, 2)
+            for x, norm in ((q, "q_norm"), (k, "k_norm"))
+        )
+        v = v.view(batch, length, -1, d).transpose(1, 2)
     if rotated:
         cos, sin = kwargs["position_embeddings"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

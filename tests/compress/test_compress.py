@@ -13,7 +13,7 @@ from eigenkv.compress.attention import EigenAttention
 from eigenkv.compress.families import attention_sites
 from eigenkv.data import TokenWindows
 from eigenkv.memory import cache_held_bytes, kv_cache_bytes
-from tests.helpers import random_tokens, random_windows, tiny_llama, tiny_mpt, tiny_opt
+from tests.helpers import random_tokens, random_windows, tiny_llama, tiny_mpt, tiny_olmo2, tiny_opt, tiny_qwen3
 
 # (family, model factory, RoPE mode); OPT/MPT have no RoPE, their mode argument is ignored.
 CASES = [
@@ -22,6 +22,10 @@ CASES = [
     ("llama-mha", lambda: tiny_llama(kv_heads=4), "pre"),
     ("opt", tiny_opt, "pre"),
     ("mpt", tiny_mpt, "pre"),
+    # query/key norms: per head (Qwen3), across heads (OLMo-2)
+    ("qwen3", tiny_qwen3, "pre"),
+    ("qwen3", tiny_qwen3, "post"),
+    ("olmo2", tiny_olmo2, "pre"),
 ]
 IDS = [f"{name}-{mode}" for name, _, mode in CASES]
 # Every case with both basis kinds, plus the RoPE-averaged weighting where it applies (pre-RoPE Llama).
@@ -57,10 +61,11 @@ def projected_by_hooks(model, plan):
     """``model`` (uncompressed) with each KV head's keys and values replaced by ``x E D^T`` through hooks
     on its activations: the reference that folding the bases into the weights must reproduce.
 
-    Keys are projected where the plan's mode says (pre-RoPE: after ``k_proj``; post-RoPE: after the
-    rotation; no RoPE: after the key projection); queries are left alone (``(q D)(k E)^T = q (k E D^T)^T``).
+    Keys are projected where the plan's mode says (pre-RoPE: after ``k_proj``, or after ``k_norm`` when the
+    model normalises keys; post-RoPE: after the rotation; no RoPE: after the key projection); queries are left
+    alone (``(q D)(k E)^T = q (k E D^T)^T``).
     """
-    import transformers.models.llama.modeling_llama as llama
+    import sys
 
     def projector(encoder, decoder):
         p = (encoder.double() @ decoder.double().transpose(-1, -2)).float()  # (heads or 1, d, d)
@@ -73,7 +78,8 @@ def projected_by_hooks(model, plan):
         return hook
 
     handles, current = [], {}
-    rope = llama.apply_rotary_pos_emb
+    modeling = sys.modules[type(attention_sites(model)[0].module).__module__]  # where the model's RoPE lives
+    rope = getattr(modeling, "apply_rotary_pos_emb", None)  # (OPT, MPT: none)
     for site in attention_sites(model):
         kept, module = plan.kept(site.layer), site.module
         keys, values = projector(kept.key, kept.key_decoder), projector(kept.value, kept.value_decoder)
@@ -91,18 +97,19 @@ def projected_by_hooks(model, plan):
         if plan.mode == "post":
             handles.append(module.register_forward_pre_hook(lambda mod, args, keys=keys: current.update(keys=keys)))
         else:
-            handles.append(module.k_proj.register_forward_hook(on_heads(keys, d)))
+            key_output = getattr(module, "k_norm", None) or module.k_proj
+            handles.append(key_output.register_forward_hook(on_heads(keys, d)))
 
     def rotated_then_projected(q, k, cos, sin, *args, **kwargs):
         q, k = rope(q, k, cos, sin, *args, **kwargs)
         return q, current["keys"](k.transpose(1, 2)).transpose(1, 2)
 
     if plan.mode == "post":
-        llama.apply_rotary_pos_emb = rotated_then_projected
+        modeling.apply_rotary_pos_emb = rotated_then_projected
     try:
         yield model
     finally:
-        llama.apply_rotary_pos_emb = rope
+        modeling.apply_rotary_pos_emb = rope
         for handle in handles:
             handle.remove()
 

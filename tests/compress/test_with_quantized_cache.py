@@ -6,15 +6,23 @@ import torch
 from eigenkv.compress import EigenConfig, compress_model
 from eigenkv.memory import cache_held_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV
-from tests.helpers import parallel_and_stepwise, random_tokens, random_windows, tiny_llama, tiny_opt
+from tests.helpers import (
+    parallel_and_stepwise,
+    random_tokens,
+    random_windows,
+    tiny_llama,
+    tiny_olmo2,
+    tiny_opt,
+    tiny_qwen3,
+)
 
 QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", residual=4)
 
 
 @pytest.mark.parametrize(
     ("make", "mode"),
-    [(tiny_llama, "pre"), (tiny_llama, "post"), (tiny_opt, "pre")],
-    ids=["llama-pre", "llama-post", "opt"],
+    [(tiny_llama, "pre"), (tiny_llama, "post"), (tiny_opt, "pre"), (tiny_qwen3, "pre"), (tiny_olmo2, "post")],
+    ids=["llama-pre", "llama-post", "opt", "qwen3-pre", "olmo2-post"],
 )
 def test_parallel_forward_equals_decoding_and_bytes_match(make, mode):
     model = make().double()

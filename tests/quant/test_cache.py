@@ -5,7 +5,7 @@ from eigenkv.data import load_windows
 from eigenkv.eval.perplexity import perplexity
 from eigenkv.memory import cache_held_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
-from tests.helpers import DEVICE, tiny_llama, tiny_opt
+from tests.helpers import DEVICE, tiny_llama, tiny_olmo2, tiny_opt, tiny_qwen3
 
 CONFIGS = [
     KVQuantConfig(bits=2, group_size=8, axis_k="token", axis_v="token"),
@@ -17,7 +17,9 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label())
-@pytest.mark.parametrize("build", [tiny_llama, tiny_opt], ids=["llama-gqa", "opt"])
+@pytest.mark.parametrize(
+    "build", [tiny_llama, tiny_opt, tiny_qwen3, tiny_olmo2], ids=["llama-gqa", "opt", "qwen3", "olmo2"]
+)
 def test_parallel_forward_equals_token_by_token_decoding(config, build):
     """One multi-token forward must read the cache exactly as decoding one token at a time does.
 

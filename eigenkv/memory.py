@@ -33,6 +33,7 @@ from typing import Protocol
 
 import torch
 
+from eigenkv.quant.cache import layer_windows
 from eigenkv.quant.config import (
     AnyKVQuantConfig,
     KVQuantConfig,
@@ -41,6 +42,7 @@ from eigenkv.quant.config import (
     layer_config,
     layer_segments,
     quantized_prefix,
+    sliding_dropped,
 )
 from eigenkv.quant.packing import aligned_width, packed_length
 from eigenkv.quant.reference import num_groups
@@ -56,7 +58,7 @@ class AttentionShape:
     q_heads: int
     kv_heads: int
     head_dim: int
-    sliding_window: int | None = None  # tokens a sliding-window layer keeps, when the model uses one
+    windows: tuple[int | None, ...] = ()  # per layer: its sliding window (None: full attention); () all full
 
     @classmethod
     def from_config(cls, config) -> AttentionShape:
@@ -76,19 +78,17 @@ class AttentionShape:
             raise ValueError(f"{type(config).__name__} names neither head_dim nor hidden_size")
         if q_heads % kv_heads:
             raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
-        window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types:
-            sliding = any(t == "sliding_attention" for t in layer_types)
-        else:
-            sliding = bool(getattr(config, "use_sliding_window", True))
+        windows = tuple(layer_windows(config))
         return cls(
             layers=int(layers),
             q_heads=int(q_heads),
             kv_heads=int(kv_heads),
             head_dim=int(head_dim),
-            sliding_window=int(window) if (window and sliding) else None,
+            windows=windows if any(windows) else (),
         )
+
+    def window(self, layer: int) -> int | None:
+        return self.windows[layer] if self.windows else None
 
 
 class Storage(Protocol):
@@ -114,6 +114,23 @@ class DenseStorage:
 
     def nbytes(self, tokens: int) -> dict[str, int]:
         return {"data": tokens * self.width * self.dtype.itemsize}
+
+
+@dataclass(frozen=True)
+class SlidingStorage:
+    """A dense sliding-window layer's storage: after a forward it keeps the last ``window - 1`` tokens
+    (transformers' ``DynamicSlidingWindowLayer``)."""
+
+    inner: Storage
+    window: int
+
+    def nbytes(self, tokens: int) -> dict[str, int]:
+        return self.inner.nbytes(min(tokens, self.window - 1))
+
+
+def slide(storage: Storage, window: int | None) -> Storage:
+    """``storage`` as a layer of this sliding ``window`` keeps it (unchanged for full attention)."""
+    return storage if window is None else SlidingStorage(storage, window)
 
 
 @dataclass(frozen=True)
@@ -167,7 +184,8 @@ class KVLayout:
     def dense(cls, shape: AttentionShape, dtype: torch.dtype = torch.float16) -> KVLayout:
         """The uncompressed cache of transformers' DynamicCache: ``d_h`` elements per head and token."""
         storage = DenseStorage(shape.head_dim, dtype)
-        return cls(layers=tuple(LayerKV(shape.kv_heads, storage, storage) for _ in range(shape.layers)))
+        layers = (slide(storage, shape.window(i)) for i in range(shape.layers))
+        return cls(layers=tuple(LayerKV(shape.kv_heads, s, s) for s in layers))
 
     def nbytes(self, seq_len: int = 2048, batch_size: int = 1) -> KVBytes:
         """Bytes held for ``batch_size`` sequences of ``seq_len`` tokens each."""
@@ -215,11 +233,6 @@ def kv_cache_bytes(
         return compressed_layout(model_or_config, dtype or torch.float16, quant).nbytes(seq_len, batch_size)
     config = getattr(model_or_config, "config", model_or_config)
     shape = AttentionShape.from_config(config)
-    if shape.sliding_window is not None and seq_len > shape.sliding_window:
-        raise NotImplementedError(
-            f"{type(config).__name__} uses sliding-window attention (window {shape.sliding_window} < seq_len "
-            f"{seq_len}); its cache keeps fewer tokens than the sequence and this accounting does not model that"
-        )
     if quant is None:
         layout = KVLayout.dense(shape, dtype or torch.float16)
     else:
@@ -235,10 +248,12 @@ class QuantizedStorage:
     config: KVQuantConfig
     axis: str
     window_dtype: torch.dtype = torch.float16
+    sliding: int | None = None  # a sliding-window layer's window: its first tokens are dropped
 
     def nbytes(self, tokens: int) -> dict[str, int]:
         cfg = self.config
-        quantized = quantized_prefix(tokens, self.axis, cfg.group_size, cfg.residual)
+        total = quantized_prefix(tokens, self.axis, cfg.group_size, cfg.residual)
+        quantized = total - (0 if self.sliding is None else sliding_dropped(tokens, self.sliding, cfg))
         scale_size = cfg.torch_scale_dtype.itemsize
         if self.axis == "token":
             codes = quantized * packed_length(aligned_width(self.width), cfg.bits)  # the padding codes count
@@ -251,7 +266,7 @@ class QuantizedStorage:
             "codes": codes,
             "scales": params * scale_size,
             "zeros": 0 if cfg.symmetric else params * scale_size,
-            "window": (tokens - quantized) * self.width * self.window_dtype.itemsize,
+            "window": (tokens - total) * self.width * self.window_dtype.itemsize,
         }
 
 
@@ -275,14 +290,16 @@ def stream_storage(
     kind: str,
     layer: int,
     window_dtype: torch.dtype = torch.float16,
+    sliding: int | None = None,
 ) -> QuantizedStorage | SegmentedStorage:
-    """Storage of layer ``layer``'s ``kind`` (``"key"``/``"value"``) stream of ``width`` features."""
+    """Storage of layer ``layer``'s ``kind`` (``"key"``/``"value"``) stream of ``width`` features (``sliding``: the
+    layer's window when it slides)."""
     base = layer_config(config, layer)
     axis = base.axis_k if kind == "key" else base.axis_v
     if isinstance(config, MixedKVQuantConfig):
         segments = layer_segments(config, layer, kind, width)
-        return SegmentedStorage(tuple(QuantizedStorage(n, c, axis, window_dtype) for n, c in segments))
-    return QuantizedStorage(width, base, axis, window_dtype)
+        return SegmentedStorage(tuple(QuantizedStorage(n, c, axis, window_dtype, sliding) for n, c in segments))
+    return QuantizedStorage(width, base, axis, window_dtype, sliding)
 
 
 def quantized_layout(
@@ -293,8 +310,8 @@ def quantized_layout(
     layers = tuple(
         LayerKV(
             shape.kv_heads,
-            stream_storage(shape.head_dim, config, "key", i, window_dtype),
-            stream_storage(shape.head_dim, config, "value", i, window_dtype),
+            stream_storage(shape.head_dim, config, "key", i, window_dtype, shape.window(i)),
+            stream_storage(shape.head_dim, config, "value", i, window_dtype, shape.window(i)),
         )
         for i in range(shape.layers)
     )
@@ -323,13 +340,16 @@ def compressed_layout(model: torch.nn.Module, dtype: torch.dtype = torch.float16
         check_layers(quant, len(modules))
         if any(layer_config(quant, m.layer_idx).rotate for m in modules):
             raise ValueError("rotate=True rotates the head dimension; a compressed cache holds ranks, not heads")
+    windows = layer_windows(model.config)
     layers, basis_elements = [], 0
     for module in modules:
+        window = windows[module.layer_idx]
         if quant is None:
-            keys, values = DenseStorage(module.key_rank, dtype), DenseStorage(module.value_rank, dtype)
+            keys = slide(DenseStorage(module.key_rank, dtype), window)
+            values = slide(DenseStorage(module.value_rank, dtype), window)
         else:
-            keys = stream_storage(module.key_rank, quant, "key", module.layer_idx, dtype)
-            values = stream_storage(module.value_rank, quant, "value", module.layer_idx, dtype)
+            keys = stream_storage(module.key_rank, quant, "key", module.layer_idx, dtype, window)
+            values = stream_storage(module.value_rank, quant, "value", module.layer_idx, dtype, window)
         layers.append(LayerKV(module.kv_heads, keys, values))
         basis_elements += module.runtime_basis_elements()
     fixed = {"bases": basis_elements * dtype.itemsize} if basis_elements else {}

@@ -95,6 +95,33 @@ def tiny_olmo2(vocab_size: int = 96, seed: int = 0):
     return _random_norms(Olmo2ForCausalLM(config)).eval()
 
 
+def tiny_mistral(vocab_size: int = 96, seed: int = 0, sliding_window: int = 16):
+    """A 2-layer Mistral whose every layer attends a sliding window of ``sliding_window`` tokens, eval mode."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=sliding_window, max_position_embeddings=512, bos_token_id=1,
+        eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    return MistralForCausalLM(config).eval()
+
+
+def tiny_gemma3(vocab_size: int = 96, seed: int = 0):
+    """A 3-layer Gemma-3 text model: sliding (16 tokens), global, sliding; per-head query/key norms, eval mode."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=16, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], bos_token_id=1, eos_token_id=2,
+        pad_token_id=3,
+    )  # fmt: skip
+    return _random_norms(Gemma3ForCausalLM(config)).eval()
+
+
 def tiny_mpt(vocab_size: int = 64, seed: int = 0):
     """A 2-layer MPT (4 heads, ALiBi), random weights, eval mode."""
     from transformers import MptConfig, MptForCausalLM

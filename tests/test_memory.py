@@ -15,7 +15,7 @@ from eigenkv.memory import (
 )
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 from eigenkv.quant.store import QuantizedStream, SegmentedStream
-from tests.helpers import tiny_llama, tiny_mpt, tiny_opt
+from tests.helpers import tiny_gemma3, tiny_llama, tiny_mpt, tiny_opt
 
 
 def test_llama2_7b_fp16_at_2048_is_one_gb():
@@ -105,6 +105,7 @@ def test_attention_shape_reads_each_family():
     assert AttentionShape.from_config(tiny_llama(kv_heads=2).config) == AttentionShape(2, 4, 2, 16)
     assert AttentionShape.from_config(tiny_opt(64, 32).config) == AttentionShape(2, 4, 4, 8)
     assert AttentionShape.from_config(tiny_mpt().config) == AttentionShape(2, 4, 4, 8)
+    assert AttentionShape.from_config(tiny_gemma3().config) == AttentionShape(3, 4, 2, 16, (16, None, 16))
 
 
 def test_layout_sums_custom_storages_and_fixed_bytes():
@@ -128,6 +129,8 @@ def test_bad_input():
     with pytest.raises(ValueError, match="seq_len >= 0 and batch_size >= 1"):
         kv_cache_bytes(tiny_llama(), batch_size=0)
     windowed = LlamaConfig(num_hidden_layers=2, sliding_window=512, layer_types=["sliding_attention"] * 2)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        kv_cache_bytes(windowed, seq_len=2048)
-    assert kv_cache_bytes(windowed, seq_len=512).total > 0
+    # a sliding layer holds its last window - 1 tokens (transformers' DynamicSlidingWindowLayer)
+    assert kv_cache_bytes(windowed, seq_len=2048).total == kv_cache_bytes(windowed, seq_len=511).total
+    assert kv_cache_bytes(windowed, seq_len=300).total < kv_cache_bytes(windowed, seq_len=511).total
+    with pytest.raises(ValueError, match="not supported"):
+        kv_cache_bytes(LlamaConfig(num_hidden_layers=1, layer_types=["chunked_attention"]))

@@ -226,6 +226,11 @@ class EigenLlamaAttention(EigenAttention):
         self.is_causal = True
         # Qwen2 names its window on the module, Mistral only in its config.
         self.sliding_window = getattr(original, "sliding_window", getattr(original.config, "sliding_window", None))
+        if getattr(original, "attn_logit_softcapping", None) is not None or not getattr(original, "is_causal", True):
+            raise NotImplementedError(
+                f"{type(original).__name__} caps its attention logits or attends bidirectionally; eigenkv's "
+                "attention computes plain causal softmax attention"
+            )
         if mode == "pre" and self.sliding_window is not None:
             raise NotImplementedError(
                 f"{type(original).__name__} uses sliding-window attention: its cache drops old keys, so a key's "

@@ -1,8 +1,9 @@
 """Which attention modules a model has, how to read their q/k/v, and how to replace them.
 
 Supported: the Llama family (``LlamaAttention``, ``MistralAttention``,
-``Qwen2Attention``: RoPE, GQA, optional qkv biases; ``Qwen3Attention`` and
-``Olmo2Attention``: the same with query/key norms), ``OPTAttention`` and
+``Qwen2Attention``: RoPE, GQA, optional qkv biases; ``Qwen3Attention``,
+``Olmo2Attention`` and ``Gemma3Attention``: the same with query/key norms, and
+Gemma-3's sliding-window layers and query scaling), ``OPTAttention`` and
 ``MptAttention`` (fused ``Wqkv``, ALiBi). Anything else is refused with the list.
 """
 
@@ -23,7 +24,14 @@ from eigenkv.compress.attention import (
     split_heads,
 )
 
-LLAMA_LIKE = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "Olmo2Attention")
+LLAMA_LIKE = (
+    "LlamaAttention",
+    "MistralAttention",
+    "Qwen2Attention",
+    "Qwen3Attention",
+    "Olmo2Attention",
+    "Gemma3Attention",
+)
 FAMILIES = {**dict.fromkeys(LLAMA_LIKE, "llama"), "OPTAttention": "opt", "MptAttention": "mpt"}
 
 
@@ -153,7 +161,8 @@ def build_eigen_attention(model: nn.Module, module: nn.Module, bases: KeptBases,
     """The rank-space twin of ``module`` with the kept ``bases`` (see attention.py)."""
     family = FAMILIES[type(module).__name__]
     if family == "llama":
-        return EigenLlamaAttention(module, bases, mode, rotary_module(model))
+        # post-RoPE attention rotates with the angles the model passes each layer (Gemma-3: two kinds)
+        return EigenLlamaAttention(module, bases, mode, rotary_module(model) if mode == "pre" else None)
     if family == "opt":
         return EigenOPTAttention(module, bases)
     return EigenMptAttention(module, bases)

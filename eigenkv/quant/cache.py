@@ -33,10 +33,30 @@ from eigenkv.quant.config import (
     layer_config,
     layer_segments,
     quantized_prefix,
+    sliding_dropped,
 )
 from eigenkv.quant.reference import NON_FINITE_MESSAGE, hadamard
 from eigenkv.quant.routing import stream_handle, tag_twin
 from eigenkv.quant.store import CapturableStream, QuantizedStream, SegmentedStream
+
+
+def layer_windows(model_config) -> list[int | None]:
+    """Per decoder layer, the tokens its attention sees when it slides (``sliding_attention``), or None (full
+    attention): as transformers builds a model's caches (``layer_types``; without them, a config naming a
+    ``sliding_window`` slides every layer, unless ``use_sliding_window`` is False). Other layer types are refused."""
+    text = getattr(model_config, "get_text_config", lambda **_: model_config)(decoder=True)
+    layers = text.num_hidden_layers
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if types is None:
+        sliding = window is not None and getattr(text, "use_sliding_window", True)
+        types = ["sliding_attention" if sliding else "full_attention"] * layers
+    unknown = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
+    if unknown:
+        raise ValueError(f"layer types {unknown} are not supported; eigenkv caches full and sliding-window attention")
+    if "sliding_attention" in types and not window:
+        raise ValueError(f"{type(text).__name__} has sliding layers but no sliding_window")
+    return [int(window) if t == "sliding_attention" else None for t in types]
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -48,9 +68,12 @@ class QuantizedKVLayer(DynamicLayer):
         rotation_source: QuantizedKVCache,
         index: int,
         read_packed: bool = False,
+        window: int | None = None,
     ):
         super().__init__()
         self.read_packed = read_packed
+        self.window = window  # a sliding-window layer: the tokens its attention sees
+        self.is_sliding = window is not None
         self.quant = config
         self.config = layer_config(config, index)  # grouping, group size and window shared by every segment
         self.index = index
@@ -95,11 +118,11 @@ class QuantizedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[-2] == 1:  # a decode step: NaN/Inf flagged on the device, read every few steps
             self._cache.step_checked(self.index)
-        if self.read_packed and key_states.shape[-2] == 1 and self._kernels_read(key_states):
+        if self.read_packed and key_states.shape[-2] == 1 and self._kernels_read(key_states) and not self.is_sliding:
             self.key_stream.push(key_states)
             self.value_stream.push(value_states)
             return stream_handle(self.key_stream, key_states), stream_handle(self.value_stream, value_states)
-        start = self.key_stream.tokens
+        start, dropped = self.key_stream.tokens, self.key_stream.dropped
         keys, keys_fp = self.key_stream.append(key_states)
         values, values_fp = self.value_stream.append(value_states)
         new = key_states.shape[-2]
@@ -115,7 +138,11 @@ class QuantizedKVLayer(DynamicLayer):
                 # Query p (holding m = p + 1 tokens) reads the twin of token j in [bound, m) that this
                 # call quantized (j < bounds[-1]); tag only when that happens for some query.
                 if bool((bounds.clamp(min=flushed_from) < positions.clamp(max=int(bounds[-1]))).any()):
-                    tag_twin(held, twin, bounds.to(held.device))
+                    tag_twin(held, twin, (bounds - dropped).to(held.device))  # in the held tokens' indices
+        if self.is_sliding:  # the tokens before the next query's window go (whole quantized units)
+            gone = sliding_dropped(self.key_stream.tokens, self.window, self.config)
+            for stream in self.streams():
+                stream.drop_to(max(gone, stream.dropped))
         return keys, values
 
     def _kernels_read(self, key_states: torch.Tensor) -> bool:
@@ -133,7 +160,16 @@ class QuantizedKVLayer(DynamicLayer):
         )
 
     def get_seq_length(self) -> int:
+        """Tokens appended so far (a sliding layer's dropped ones included): the next token's position."""
         return 0 if self.key_stream is None else self.key_stream.tokens
+
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        """``(keys attention reads, position of the first)`` for ``query_length`` new tokens (or their
+        ``cache_position`` tensor, as older transformers pass): a sliding layer reads from its first held token."""
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
+        dropped = 0 if self.key_stream is None else self.key_stream.dropped
+        return self.get_seq_length() - dropped + query_length, dropped
 
     def reset(self) -> None:
         self.key_stream = self.value_stream = None
@@ -201,11 +237,8 @@ class QuantizedKVCache(Cache):
         check_every: int = 256,
         capturable: bool = False,
     ):
-        text_config = getattr(model_config, "get_text_config", lambda **_: model_config)(decoder=True)
-        layer_types = getattr(text_config, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"QuantizedKVCache supports full-attention layers only; this model has {set(layer_types)}")
-        layers = text_config.num_hidden_layers
+        windows = layer_windows(model_config)
+        layers = len(windows)
         check_layers(config, layers)
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an int >= 0 (0: grow as needed); got {max_tokens!r}")
@@ -222,13 +255,17 @@ class QuantizedKVCache(Cache):
                 "a capturable cache is read by the decode kernel, which does not read Hadamard-rotated caches; "
                 "use rotate=False, or capturable=False"
             )
+        if capturable and any(windows):
+            raise ValueError("a capturable cache has full-attention layers only; this model has sliding-window layers")
         self.config = config
         self.capturable = capturable
         self.max_tokens = max_tokens
         self.check_every = check_every
         self._steps = 0
         self._rotation: torch.Tensor | None = None
-        super().__init__(layers=[QuantizedKVLayer(config, self, i, read_packed) for i in range(layers)])
+        super().__init__(
+            layers=[QuantizedKVLayer(config, self, i, read_packed, window) for i, window in enumerate(windows)]
+        )
 
     def rotation(self, head_dim: int, device) -> torch.Tensor | None:
         """The Hadamard matrix shared by the layers that ``rotate`` (created on first use)."""

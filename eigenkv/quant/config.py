@@ -250,6 +250,17 @@ def quant_config_from_dict(data: dict) -> AnyKVQuantConfig:
     return MixedKVQuantConfig.from_dict(data) if "base" in data else KVQuantConfig.from_dict(data)
 
 
+def sliding_dropped(tokens: int, window: int, config: KVQuantConfig) -> int:
+    """First tokens a quantized sliding-window layer no longer holds once it holds ``tokens`` tokens: those
+    before the next query's window (``tokens + 1 - window``), as far as both its streams have quantized them
+    (the window's tokens stay), in whole units of both (``G`` tokens when either is grouped per channel), so
+    that keys and values keep the same tokens."""
+    g, r = config.group_size, config.residual
+    quantized = min(quantized_prefix(tokens, axis, g, r) for axis in (config.axis_k, config.axis_v))
+    unit = g if "channel" in (config.axis_k, config.axis_v) else 1
+    return min(max(0, tokens + 1 - window), quantized) // unit * unit
+
+
 def quantized_prefix(tokens: int, axis: str, group_size: int, residual: int) -> int:
     """``T_q``: how many of ``tokens`` held tokens are stored quantized (the rest is the full-precision window)."""
     # Per token: all but the last ``residual`` tokens. Per channel: only whole groups of G tokens

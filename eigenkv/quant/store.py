@@ -73,20 +73,27 @@ class GrowingRows:
 
     def __init__(self):
         self.buffer: torch.Tensor | None = None  # (B, H, capacity, C)
-        self.rows = 0
+        self.start = 0  # rows before it were dropped (a sliding layer's oldest tokens)
+        self.rows = 0  # the buffer's rows in use end here
         self.written = 0  # bytes written by appends
         self.grown = 0  # bytes moved by growth
 
     def view(self) -> torch.Tensor | None:
-        return None if self.buffer is None else self.buffer[:, :, : self.rows]
+        return None if self.buffer is None else self.buffer[:, :, self.start : self.rows]
 
     def reserve(self, rows: int) -> None:
-        """Make room for ``rows`` rows in all (a no-op before the first append, which sets the shape)."""
-        if self.buffer is not None and rows > self.buffer.shape[2]:
-            grown = self.buffer.new_empty((*self.buffer.shape[:2], rows, self.buffer.shape[-1]))
-            grown[:, :, : self.rows] = self.buffer[:, :, : self.rows]
-            self.grown += self.rows_bytes(self.rows)
-            self.buffer = grown
+        """Make room for ``rows`` rows held in all (a no-op before the first append, which sets the shape); the
+        rows held move to the front of the new buffer."""
+        if self.buffer is not None and self.start + rows > self.buffer.shape[2]:
+            held = self.rows - self.start
+            grown = self.buffer.new_empty((*self.buffer.shape[:2], max(rows, held), self.buffer.shape[-1]))
+            grown[:, :, :held] = self.buffer[:, :, self.start : self.rows]
+            self.grown += self.rows_bytes(held)
+            self.buffer, self.start, self.rows = grown, 0, held
+
+    def drop_front(self, rows: int) -> None:
+        """Stop holding the first ``rows`` rows held (their room is reused when the buffer is full)."""
+        self.start += rows
 
     def append(self, x: torch.Tensor, capacity_hint: int = 0) -> None:
         """Write ``x`` (B, H, k, C) after the rows held."""
@@ -94,13 +101,20 @@ class GrowingRows:
         if self.buffer is None:
             self.buffer = x.new_empty((*x.shape[:2], max(k, capacity_hint), x.shape[-1]))
         elif self.rows + k > self.buffer.shape[2]:
-            self.reserve(max(self.rows + k, 2 * self.buffer.shape[2]))
+            held = self.rows - self.start
+            if self.start >= held + k:  # most of the buffer was dropped: move the rows held to the front
+                self.buffer[:, :, :held] = self.buffer[:, :, self.start : self.rows].clone()
+                self.grown += self.rows_bytes(held)
+                self.start, self.rows = 0, held
+            else:
+                self.reserve(max(held + k, 2 * self.buffer.shape[2]))
         self.buffer[:, :, self.rows : self.rows + k] = x
         self.rows += k
         self.written += x.numel() * x.element_size()
 
     def truncate(self, rows: int) -> None:
-        self.rows = min(self.rows, rows)
+        """Keep the first ``rows`` rows held."""
+        self.rows = min(self.rows, self.start + rows)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (a new buffer of ``len(index)`` sequences)."""
@@ -112,10 +126,10 @@ class GrowingRows:
         return 0 if b is None else b.shape[0] * b.shape[1] * rows * b.shape[-1] * b.element_size()
 
     def held_bytes(self) -> int:
-        return self.rows_bytes(self.rows)
+        return self.rows_bytes(self.rows - self.start)
 
     def reserved_bytes(self) -> int:
-        return 0 if self.buffer is None else self.rows_bytes(self.buffer.shape[2] - self.rows)
+        return 0 if self.buffer is None else self.rows_bytes(self.buffer.shape[2] - self.rows + self.start)
 
 
 class SlidingWindow:
@@ -197,23 +211,29 @@ class QuantizedStream:
         self._codes, self._scale, self._zero = GrowingRows(), GrowingRows(), GrowingRows()
         # the window holds at most `residual` tokens (per token) or `residual + G - 1` (per channel) between pushes
         self._window = SlidingWindow(2 * (config.residual + config.group_size))
-        self.quantized_tokens = 0
+        self.quantized_tokens = 0  # tokens quantized so far (those dropped included)
+        self.dropped = 0  # the first tokens, no longer held (a sliding-window layer's; whole quantized units)
         self.head_dim = 0
         self.non_finite: torch.Tensor | None = None  # () bool on the states' device: NaN/Inf was appended
         self.mask_ok: torch.Tensor | None = None  # () bool: decode masks were one range per row (routing)
         self._reserved_tokens = 0
 
     @property
+    def held_quantized(self) -> int:
+        """Quantized tokens held (the quantized tokens not dropped)."""
+        return self.quantized_tokens - self.dropped
+
+    @property
     def codes(self) -> torch.Tensor | None:
-        return self._codes.view() if self.quantized_tokens else None
+        return self._codes.view() if self.held_quantized else None
 
     @property
     def scale(self) -> torch.Tensor | None:
-        return self._scale.view() if self.quantized_tokens else None
+        return self._scale.view() if self.held_quantized else None
 
     @property
     def zero(self) -> torch.Tensor | None:
-        return self._zero.view() if self.quantized_tokens and self._zero.rows else None
+        return self._zero.view() if self.held_quantized and self._zero.rows else None
 
     @property
     def window(self) -> torch.Tensor | None:
@@ -221,7 +241,21 @@ class QuantizedStream:
 
     @property
     def tokens(self) -> int:
+        """Tokens appended so far (those dropped included): the next token's position."""
         return self.quantized_tokens + self._window.length
+
+    def drop_to(self, dropped: int) -> None:
+        """Stop holding the first ``dropped`` tokens (a sliding-window layer's): quantized whole units
+        (:func:`~eigenkv.quant.config.sliding_dropped` says how many); their rows' room is reused."""
+        whole = self.axis == "token" or dropped % self.config.group_size == 0
+        if not (self.dropped <= dropped <= self.quantized_tokens and whole):
+            raise ValueError(f"cannot drop {dropped} tokens of a stream that dropped {self.dropped}")
+        (c0, p0), (c1, p1) = self._rows(self.dropped), self._rows(dropped)
+        self._codes.drop_front(c1 - c0)
+        self._scale.drop_front(p1 - p0)
+        if self._zero.buffer is not None:
+            self._zero.drop_front(p1 - p0)
+        self.dropped = dropped
 
     def _rows(self, tokens: int) -> tuple[int, int]:
         """Rows of codes and of scales/zeros that ``tokens`` quantized tokens take."""
@@ -427,17 +461,17 @@ class QuantizedStream:
         if self.rotation is not None:
             raise ValueError("the attention kernels do not read Hadamard-rotated caches (KVQuantConfig.rotate)")
         segments = ()
-        if self.quantized_tokens:
+        if self.held_quantized:
             segments = (Segment(self.codes, self.scale, self.zero, self.config.bits, self.head_dim),)
         return PackedStream(
-            segments, self.window, self.quantized_tokens, self.axis, self.config.group_size, self.config.symmetric
+            segments, self.window, self.held_quantized, self.axis, self.config.group_size, self.config.symmetric
         )
 
     def read_quantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The quantized tokens, dequantized: (B, H, T_q, D) (empty before any flush)."""
-        if not self.quantized_tokens:
+        """The quantized tokens held, dequantized: (B, H, T_q - dropped, D) (empty before any flush)."""
+        if not self.held_quantized:
             return self.window[..., :0, :].to(dtype)
-        return self._decode(self.codes, self.scale, self.zero, self.quantized_tokens, dtype)
+        return self._decode(self.codes, self.scale, self.zero, self.held_quantized, dtype)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held, by component (the views the attention reads; the reserved slack apart)."""
@@ -464,6 +498,11 @@ class QuantizedStream:
         if tokens >= self.quantized_tokens:
             self._window.truncate(tokens - self.quantized_tokens)
             return
+        if self.dropped:
+            raise ValueError(
+                f"cannot crop a sliding-window stream below its {self.quantized_tokens} quantized tokens: it no longer "
+                "holds its first tokens"
+            )
         keep = quantized_prefix(tokens, self.axis, self.config.group_size, self.config.residual)
         code_rows, param_rows = self._rows(keep)
         zero = None if self.zero is None else self.zero[:, :, param_rows:]
@@ -729,6 +768,14 @@ class SegmentedStream:
     @property
     def tokens(self) -> int:
         return self.parts[0].tokens
+
+    @property
+    def dropped(self) -> int:
+        return self.parts[0].dropped
+
+    def drop_to(self, dropped: int) -> None:
+        for part in self.parts:
+            part.drop_to(dropped)
 
     def append(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`QuantizedStream.append`; ``x`` (B, H, s, sum of the segment widths)."""

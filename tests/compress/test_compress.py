@@ -13,7 +13,17 @@ from eigenkv.compress.attention import EigenAttention
 from eigenkv.compress.families import attention_sites
 from eigenkv.data import TokenWindows
 from eigenkv.memory import cache_held_bytes, kv_cache_bytes
-from tests.helpers import random_tokens, random_windows, tiny_llama, tiny_mpt, tiny_olmo2, tiny_opt, tiny_qwen3
+from tests.helpers import (
+    random_tokens,
+    random_windows,
+    tiny_gemma3,
+    tiny_llama,
+    tiny_mistral,
+    tiny_mpt,
+    tiny_olmo2,
+    tiny_opt,
+    tiny_qwen3,
+)
 
 # (family, model factory, RoPE mode); OPT/MPT have no RoPE, their mode argument is ignored.
 CASES = [
@@ -26,6 +36,10 @@ CASES = [
     ("qwen3", tiny_qwen3, "pre"),
     ("qwen3", tiny_qwen3, "post"),
     ("olmo2", tiny_olmo2, "pre"),
+    # sliding-window layers (post-RoPE: a dropped key shifts the cache index off the position); Gemma-3 mixes them
+    # with global layers, each with its own RoPE
+    ("mistral-sliding", tiny_mistral, "post"),
+    ("gemma3", tiny_gemma3, "post"),
 ]
 IDS = [f"{name}-{mode}" for name, _, mode in CASES]
 # Every case with both basis kinds, plus the RoPE-averaged weighting where it applies (pre-RoPE Llama).

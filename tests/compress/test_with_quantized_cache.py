@@ -10,7 +10,9 @@ from tests.helpers import (
     parallel_and_stepwise,
     random_tokens,
     random_windows,
+    tiny_gemma3,
     tiny_llama,
+    tiny_mistral,
     tiny_olmo2,
     tiny_opt,
     tiny_qwen3,
@@ -21,8 +23,16 @@ QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", re
 
 @pytest.mark.parametrize(
     ("make", "mode"),
-    [(tiny_llama, "pre"), (tiny_llama, "post"), (tiny_opt, "pre"), (tiny_qwen3, "pre"), (tiny_olmo2, "post")],
-    ids=["llama-pre", "llama-post", "opt", "qwen3-pre", "olmo2-post"],
+    [
+        (tiny_llama, "pre"),
+        (tiny_llama, "post"),
+        (tiny_opt, "pre"),
+        (tiny_qwen3, "pre"),
+        (tiny_olmo2, "post"),
+        (tiny_mistral, "post"),
+        (tiny_gemma3, "post"),
+    ],
+    ids=["llama-pre", "llama-post", "opt", "qwen3-pre", "olmo2-post", "mistral-sliding-post", "gemma3-post"],
 )
 def test_parallel_forward_equals_decoding_and_bytes_match(make, mode):
     model = make().double()

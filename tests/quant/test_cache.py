@@ -5,7 +5,7 @@ from eigenkv.data import load_windows
 from eigenkv.eval.perplexity import perplexity
 from eigenkv.memory import cache_held_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
-from tests.helpers import DEVICE, tiny_llama, tiny_olmo2, tiny_opt, tiny_qwen3
+from tests.helpers import DEVICE, tiny_gemma3, tiny_llama, tiny_mistral, tiny_olmo2, tiny_opt, tiny_qwen3
 
 CONFIGS = [
     KVQuantConfig(bits=2, group_size=8, axis_k="token", axis_v="token"),
@@ -18,7 +18,9 @@ CONFIGS = [
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label())
 @pytest.mark.parametrize(
-    "build", [tiny_llama, tiny_opt, tiny_qwen3, tiny_olmo2], ids=["llama-gqa", "opt", "qwen3", "olmo2"]
+    "build",
+    [tiny_llama, tiny_opt, tiny_qwen3, tiny_olmo2, tiny_mistral, tiny_gemma3],
+    ids=["llama-gqa", "opt", "qwen3", "olmo2", "mistral-sliding", "gemma3-mixed"],
 )
 def test_parallel_forward_equals_token_by_token_decoding(config, build):
     """One multi-token forward must read the cache exactly as decoding one token at a time does.
@@ -69,6 +71,54 @@ def test_nbytes_equals_held_tensors_and_accounting(config, tokens):
     assert counted.total == sum(held.values())
     for part in ("codes", "scales", "zeros", "window"):
         assert held[part] == counted.components[f"keys.{part}"] + counted.components[f"values.{part}"]
+
+
+@pytest.mark.parametrize("build", [tiny_mistral, tiny_gemma3], ids=["mistral-sliding", "gemma3-mixed"])
+@pytest.mark.parametrize("config", CONFIGS[1:3] + CONFIGS[4:], ids=lambda c: c.label())
+def test_sliding_layers_hold_their_window_and_the_accounting_knows(build, config):
+    """A sliding layer drops the whole quantized units before the next query's window: what the cache holds
+    equals the accounting at every length (below, at and past the 16-token window), prompt or decode steps."""
+    model = build()
+    ids = torch.randint(4, 96, (2, 70))
+    config = KVQuantConfig(**{**config.to_dict(), "rotate": False})
+    with QuantizedKV(model, config) as kv, torch.no_grad():
+        cache = kv.new_cache()
+        model(ids[:, :9], past_key_values=cache)
+        for t in range(9, ids.shape[1]):
+            model(ids[:, t : t + 1], past_key_values=cache)
+            counted = kv_cache_bytes(model, seq_len=t + 1, batch_size=2, dtype=torch.float32, quant=config)
+            held = cache.nbytes()
+            assert sum(held.values()) == counted.total == cache_held_bytes(cache), t
+        prompt = kv.new_cache()
+        model(ids, past_key_values=prompt)
+    assert sum(prompt.nbytes().values()) == counted.total
+    windows = [layer.window for layer in cache.layers]
+    sliding = [i for i, w in enumerate(windows) if w]
+    assert sliding and all(cache.layers[i].key_stream.dropped > 0 for i in sliding)
+    assert all(cache.layers[i].key_stream.dropped == 0 for i, w in enumerate(windows) if w is None)
+
+
+def test_sliding_layers_drop_whole_quantized_units_before_the_next_window():
+    from eigenkv.quant.config import sliding_dropped
+
+    # 70 tokens, a 16-token window: the next query reads tokens 55..70
+    per_channel_keys = KVQuantConfig(bits=2, group_size=8, axis_k="channel", residual=4)  # keys quantize 64
+    assert sliding_dropped(70, 16, per_channel_keys) == 48  # whole blocks of 8 before token 55
+    assert sliding_dropped(70, 16, KVQuantConfig(bits=2, group_size=8, axis_k="token", residual=2)) == 55
+    assert sliding_dropped(70, 16, KVQuantConfig(bits=2, group_size=8, axis_k="token", residual=20)) == 50  # quantized
+    assert sliding_dropped(15, 16, per_channel_keys) == 0
+
+
+def test_layer_windows_are_those_transformers_caches_use():
+    from transformers import DynamicCache, Qwen2Config
+
+    from eigenkv.quant.cache import layer_windows
+
+    configs = [tiny_mistral().config, tiny_gemma3().config, tiny_llama().config, Qwen2Config(num_hidden_layers=3)]
+    for model_config in configs:
+        cache = DynamicCache(config=model_config)
+        expected = [getattr(layer, "sliding_window", None) if layer.is_sliding else None for layer in cache.layers]
+        assert layer_windows(model_config) == expected, type(model_config).__name__
 
 
 def test_quantized_fraction_at_2048_matches_bits_plus_scale_overhead():

@@ -122,6 +122,35 @@ def tiny_gemma3(vocab_size: int = 96, seed: int = 0):
     return _random_norms(Gemma3ForCausalLM(config)).eval()
 
 
+def tiny_phi3(vocab_size: int = 96, seed: int = 0, partial_rotary_factor: float = 1.0):
+    """A 2-layer Phi-3 (a fused ``qkv_proj``; 4 query / 2 KV heads of 16; RoPE on ``partial_rotary_factor`` of
+    each head), eval mode."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Phi3Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        partial_rotary_factor=partial_rotary_factor,
+    )  # fmt: skip
+    return Phi3ForCausalLM(config).eval()
+
+
+def tiny_llama3_scaled(vocab_size: int = 96, seed: int = 0):
+    """A 2-layer Llama with Llama-3.1's RoPE scaling (frequencies rescaled past 64 original positions), eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 10000.0}  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_parameters=scaling, bos_token_id=1, eos_token_id=2,
+        pad_token_id=3,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
 def tiny_mpt(vocab_size: int = 64, seed: int = 0):
     """A 2-layer MPT (4 heads, ALiBi), random weights, eval mode."""
     from transformers import MptConfig, MptForCausalLM

@@ -110,9 +110,51 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE of the Llama family: ``x`` (B, H, T, d), ``cos``/``sin`` (B or 1, T, d); computed in the wider of the
-    two dtypes and returned in ``x``'s, as the models do (OLMo-2 keeps its angles in float32)."""
-    return (x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)).to(x.dtype)
+    """RoPE of the Llama family: ``x`` (B, H, T, d), ``cos``/``sin`` (B or 1, T, d_rot); computed in the wider of
+    the two dtypes and returned in ``x``'s, as the models do (OLMo-2 keeps its angles in float32). Partial
+    rotary (``d_rot < d``, Phi-3 / GPT-NeoX style) rotates the first ``d_rot`` features and passes the rest."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        part, rest = x[..., :rotary], x[..., rotary:]
+        return torch.cat([(part * cos + rotate_half(part) * sin).to(x.dtype), rest], dim=-1)
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+def qkv_sizes(module: nn.Module) -> tuple[int, int, int]:
+    """Output features of a Llama-family module's query, key and value projections (fused or not)."""
+    if getattr(module, "qkv_proj", None) is None:
+        return module.q_proj.out_features, module.k_proj.out_features, module.v_proj.out_features
+    d, config = module.head_dim, module.config
+    return config.num_attention_heads * d, config.num_key_value_heads * d, config.num_key_value_heads * d
+
+
+def project(module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The module's projected queries, keys and values ``(B, T, heads * d)`` each (a fused ``qkv_proj`` split)."""
+    fused = getattr(module, "qkv_proj", None)
+    if fused is None:
+        return module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden)
+    return fused(hidden).split(qkv_sizes(module), dim=-1)
+
+
+def split_qkv(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """``(q_proj, k_proj, v_proj)`` of a Llama-family attention module; a fused ``qkv_proj`` (Phi-3: rows of all
+    queries, then keys, then values) is split into three linear layers holding copies of its rows."""
+    fused = getattr(module, "qkv_proj", None)
+    if fused is None:
+        return module.q_proj, module.k_proj, module.v_proj
+    parts, start = [], 0
+    sizes = qkv_sizes(module)
+    for size in sizes:
+        linear = nn.Linear(fused.in_features, size, bias=fused.bias is not None)
+        linear.to(fused.weight.device, fused.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(fused.weight[start : start + size])
+            if fused.bias is not None:
+                linear.bias.copy_(fused.bias[start : start + size])
+        parts.append(linear)
+        start += size
+    return tuple(parts)
 
 
 def _attention_function(config) -> Callable:
@@ -236,12 +278,20 @@ class EigenLlamaAttention(EigenAttention):
                 f"{type(original).__name__} uses sliding-window attention: its cache drops old keys, so a key's "
                 "index no longer gives its position for the pre-RoPE rebuild; use rope_mode='post'"
             )
-        self.q_heads = original.q_proj.out_features // self.head_dim
-        self.kv_heads = original.k_proj.out_features // self.head_dim
+        q_proj, k_proj, v_proj = split_qkv(original)
+        self.q_heads = q_proj.out_features // self.head_dim
+        self.kv_heads = k_proj.out_features // self.head_dim
         self.num_key_value_groups = self.q_heads // self.kv_heads
+        rope = getattr(original.config, "rope_parameters", None) or {}
+        partial = float(rope.get("partial_rotary_factor", getattr(original.config, "partial_rotary_factor", 1.0)))
+        if mode == "pre" and partial < 1.0:
+            raise NotImplementedError(
+                f"{type(original).__name__} rotates {partial:g} of each head (partial rotary); the pre-RoPE rebuild "
+                "rotates whole heads: use rope_mode='post'"
+            )
         object.__setattr__(self, "_rotary", rotary)  # the model's own; not a submodule of this one
-        weight = original.k_proj.weight
-        self.q_proj = original.q_proj
+        weight = k_proj.weight
+        self.q_proj = q_proj
         self.q_norm = getattr(original, "q_norm", None)  # Qwen3, OLMo-2: normalised queries and keys
         self.k_norm = getattr(original, "k_norm", None)
 
@@ -250,19 +300,19 @@ class EigenLlamaAttention(EigenAttention):
 
         self.register_buffer("key_encoder", None)
         if mode == "pre" and self.k_norm is not None:  # nothing folds through the norm: projected at run time
-            self.k_proj = original.k_proj
+            self.k_proj = k_proj
             self.register_buffer("key_encoder", kept(bases.key))  # (1 or H_kv, d, r_k)
             self.register_buffer("key_basis", kept(bases.key_decoder))
             self.register_buffer("query_basis", None)
         elif mode == "pre":
-            self.k_proj = fold_rows(original.k_proj, bases.key, self.kv_heads)
+            self.k_proj = fold_rows(k_proj, bases.key, self.kv_heads)
             self.register_buffer("key_basis", kept(bases.key_decoder))  # (1 or H_kv, d, r_k): rebuilds keys
             self.register_buffer("query_basis", None)
         else:
-            self.k_proj = original.k_proj
+            self.k_proj = k_proj
             self.register_buffer("key_basis", kept(bases.key))  # (H_kv, d, r_k)
             self.register_buffer("query_basis", None if bases.key_dual is None else kept(bases.key_dual))
-        self.v_proj = fold_rows(original.v_proj, bases.value, self.kv_heads)
+        self.v_proj = fold_rows(v_proj, bases.value, self.kv_heads)
         self.o_proj = fold_columns(original.o_proj, bases.value_decoder, self.q_heads)
 
     def _scoring(self) -> Scoring:

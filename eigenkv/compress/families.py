@@ -21,6 +21,8 @@ from eigenkv.compress.attention import (
     EigenOPTAttention,
     KeptBases,
     apply_rope,
+    project,
+    qkv_sizes,
     split_heads,
 )
 
@@ -31,6 +33,7 @@ LLAMA_LIKE = (
     "Qwen3Attention",
     "Olmo2Attention",
     "Gemma3Attention",
+    "Phi3Attention",
 )
 FAMILIES = {**dict.fromkeys(LLAMA_LIKE, "llama"), "OPTAttention": "opt", "MptAttention": "mpt"}
 
@@ -88,7 +91,8 @@ def head_shape(module: nn.Module) -> HeadShape:
     name = type(module).__name__
     if name in LLAMA_LIKE:
         d = module.head_dim
-        return HeadShape(module.q_proj.out_features // d, module.k_proj.out_features // d, d)
+        q_size, k_size, _ = qkv_sizes(module)
+        return HeadShape(q_size // d, k_size // d, d)
     if name == "OPTAttention":
         return HeadShape(module.num_heads, module.num_heads, module.head_dim)
     if name == "MptAttention":
@@ -110,7 +114,7 @@ def project_qkv(module: nn.Module, args: tuple, kwargs: dict, rotated: bool):
         q, k, v = (x.view(batch, length, -1, d).transpose(1, 2) for x in (q, k, v))
     else:
         d = module.head_dim
-        q, k, v = module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden)
+        q, k, v = project(module, hidden)
         q, k = (
             split_heads(x, x.shape[-1] // d, d, getattr(module, norm, None)).transpose(1, 2)
             for x, norm in ((q, "q_norm"), (k, "k_norm"))

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from eigenkv.compress import EigenConfig, EigenPlan, apply_plan, compress_model, is_compressed
-from eigenkv.compress.attention import EigenAttention
+from eigenkv.compress.attention import EigenAttention, qkv_sizes
 from eigenkv.compress.families import attention_sites
 from eigenkv.data import TokenWindows
 from eigenkv.memory import cache_held_bytes, kv_cache_bytes
@@ -18,10 +18,12 @@ from tests.helpers import (
     random_windows,
     tiny_gemma3,
     tiny_llama,
+    tiny_llama3_scaled,
     tiny_mistral,
     tiny_mpt,
     tiny_olmo2,
     tiny_opt,
+    tiny_phi3,
     tiny_qwen3,
 )
 
@@ -40,6 +42,11 @@ CASES = [
     # with global layers, each with its own RoPE
     ("mistral-sliding", tiny_mistral, "post"),
     ("gemma3", tiny_gemma3, "post"),
+    # a fused qkv_proj (Phi-3), with RoPE on half of each head (post-RoPE only)
+    ("phi3", tiny_phi3, "pre"),
+    ("phi3-partial-rope", lambda: tiny_phi3(partial_rotary_factor=0.5), "post"),
+    # RoPE scaling (Llama-3.1): the pre-RoPE rebuild takes the model's own rescaled frequencies
+    ("llama3-rope-scaling", tiny_llama3_scaled, "pre"),
 ]
 IDS = [f"{name}-{mode}" for name, _, mode in CASES]
 # Every case with both basis kinds, plus the RoPE-averaged weighting where it applies (pre-RoPE Llama).
@@ -98,14 +105,19 @@ def projected_by_hooks(model, plan):
         kept, module = plan.kept(site.layer), site.module
         keys, values = projector(kept.key, kept.key_decoder), projector(kept.value, kept.value_decoder)
         d = kept.key.shape[1]
-        if type(module).__name__ == "MptAttention":
+        fused_proj = getattr(module, "Wqkv", None) or getattr(module, "qkv_proj", None)  # MPT, Phi-3
+        if fused_proj is not None:
+            if plan.mode == "post":  # keys after the rotation, below
+                handles.append(module.register_forward_pre_hook(lambda mod, args, keys=keys: current.update(keys=keys)))
+            project_keys = keys if plan.mode != "post" else (lambda k: k)
+            sizes = qkv_sizes(module) if type(module).__name__ != "MptAttention" else None
 
-            def fused(mod, args, out, keys=keys, values=values, d=d):
-                q, k, v = out.chunk(3, dim=-1)
+            def fused(mod, args, out, keys=project_keys, values=values, d=d, sizes=sizes):
+                q, k, v = out.split(sizes, dim=-1) if sizes else out.chunk(3, dim=-1)
                 shape = (*out.shape[:2], -1, d)
                 return torch.cat((q, keys(k.reshape(shape)).flatten(2), values(v.reshape(shape)).flatten(2)), -1)
 
-            handles.append(module.Wqkv.register_forward_hook(fused))
+            handles.append(fused_proj.register_forward_hook(fused))
             continue
         handles.append(module.v_proj.register_forward_hook(on_heads(values, d)))
         if plan.mode == "post":

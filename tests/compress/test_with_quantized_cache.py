@@ -15,6 +15,7 @@ from tests.helpers import (
     tiny_mistral,
     tiny_olmo2,
     tiny_opt,
+    tiny_phi3,
     tiny_qwen3,
 )
 
@@ -31,8 +32,18 @@ QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", re
         (tiny_olmo2, "post"),
         (tiny_mistral, "post"),
         (tiny_gemma3, "post"),
+        (lambda: tiny_phi3(partial_rotary_factor=0.5), "post"),
     ],
-    ids=["llama-pre", "llama-post", "opt", "qwen3-pre", "olmo2-post", "mistral-sliding-post", "gemma3-post"],
+    ids=[
+        "llama-pre",
+        "llama-post",
+        "opt",
+        "qwen3-pre",
+        "olmo2-post",
+        "mistral-sliding-post",
+        "gemma3-post",
+        "phi3-partial-rope-post",
+    ],  # fmt: skip
 )
 def test_parallel_forward_equals_decoding_and_bytes_match(make, mode):
     model = make().double()

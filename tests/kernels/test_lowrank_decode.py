@@ -22,7 +22,18 @@ from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache, routing
 from eigenkv.quant.config import MixedKVQuantConfig
 from eigenkv.quant.packing import PackedStream, Segment
 from eigenkv.quant.store import CapturableStream, QuantizedStream, SegmentedStream
-from tests.helpers import DEVICE, random_tokens, random_windows, tiny_llama, tiny_mpt, tiny_olmo2, tiny_opt, tiny_qwen3
+from tests.helpers import (
+    DEVICE,
+    random_tokens,
+    random_windows,
+    tiny_llama,
+    tiny_llama3_scaled,
+    tiny_mpt,
+    tiny_olmo2,
+    tiny_opt,
+    tiny_phi3,
+    tiny_qwen3,
+)
 
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -290,12 +301,11 @@ def decode_logits(model, ids, new_cache, steps=3):
 
 
 MODELS = [(tiny_llama, "pre"), (tiny_llama, "post"), (tiny_opt, "pre"), (tiny_mpt, "pre"), (tiny_qwen3, "pre"),
-          (tiny_olmo2, "post")]  # fmt: skip
+          (tiny_olmo2, "post"), (tiny_phi3, "pre"), (tiny_llama3_scaled, "pre")]  # fmt: skip
+MODEL_IDS = ["llama-pre", "llama-post", "opt", "mpt", "qwen3-pre", "olmo2-post", "phi3-pre", "llama3-rope-scaling-pre"]
 
 
-@pytest.mark.parametrize(
-    ("make", "mode"), MODELS, ids=["llama-pre", "llama-post", "opt", "mpt", "qwen3-pre", "olmo2-post"]
-)
+@pytest.mark.parametrize(("make", "mode"), MODELS, ids=MODEL_IDS)
 @pytest.mark.parametrize("quantized", [False, True], ids=["plain-cache", "quantized-cache"])
 def test_compressed_models_decode_through_the_kernel(make, mode, quantized, counted_kernel, monkeypatch):
     model = make()
@@ -318,7 +328,9 @@ def test_compressed_models_decode_through_the_kernel(make, mode, quantized, coun
         else:
             results[backend] = decode_logits(model, ids, lambda: DynamicCache(config=model.config))
     layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layers
-    expected_mode = "pre" if (make in (tiny_llama, tiny_qwen3) and mode == "pre") else "rank"
+    expected_mode = (
+        "pre" if (make in (tiny_llama, tiny_qwen3, tiny_phi3, tiny_llama3_scaled) and mode == "pre") else "rank"
+    )
     # the prompt through the prefill kernel, every decode step of every layer through the decode kernel
     assert counted_kernel == [("prefill", expected_mode)] * layers + [("decode", expected_mode)] * 3 * layers
     torch.testing.assert_close(results["triton"], results["torch"], atol=2e-2, rtol=2e-2)

@@ -109,6 +109,17 @@ def test_sliding_layers_drop_whole_quantized_units_before_the_next_window():
     assert sliding_dropped(15, 16, per_channel_keys) == 0
 
 
+def test_models_that_cap_attention_logits_are_refused():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, attn_logit_softcapping=50.0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        QuantizedKV(Gemma2ForCausalLM(config), KVQuantConfig(bits=4)).__enter__()
+
+
 def test_layer_windows_are_those_transformers_caches_use():
     from transformers import DynamicCache, Qwen2Config
 

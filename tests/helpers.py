@@ -136,13 +136,15 @@ def tiny_phi3(vocab_size: int = 96, seed: int = 0, partial_rotary_factor: float 
     return Phi3ForCausalLM(config).eval()
 
 
-def tiny_llama3_scaled(vocab_size: int = 96, seed: int = 0):
-    """A 2-layer Llama with Llama-3.1's RoPE scaling (frequencies rescaled past 64 original positions), eval mode."""
+def tiny_llama3_scaled(vocab_size: int = 96, seed: int = 0, rope_type: str = "llama3"):
+    """A 2-layer Llama with scaled RoPE: Llama-3.1's (frequencies rescaled past 64 original positions) or YaRN's
+    (``rope_type="yarn"``: rescaled frequencies and an attention scale on the angles), eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64, "rope_theta": 10000.0}  # fmt: skip
+    scaling = {"rope_type": rope_type, "factor": 8.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    if rope_type == "llama3":
+        scaling |= {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, rope_parameters=scaling, bos_token_id=1, eos_token_id=2,

@@ -47,6 +47,7 @@ CASES = [
     ("phi3-partial-rope", lambda: tiny_phi3(partial_rotary_factor=0.5), "post"),
     # RoPE scaling (Llama-3.1): the pre-RoPE rebuild takes the model's own rescaled frequencies
     ("llama3-rope-scaling", tiny_llama3_scaled, "pre"),
+    ("yarn-rope-scaling", lambda: tiny_llama3_scaled(rope_type="yarn"), "pre"),
 ]
 IDS = [f"{name}-{mode}" for name, _, mode in CASES]
 # Every case with both basis kinds, plus the RoPE-averaged weighting where it applies (pre-RoPE Llama).

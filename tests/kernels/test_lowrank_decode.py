@@ -301,13 +301,18 @@ def decode_logits(model, ids, new_cache, steps=3):
 
 
 MODELS = [(tiny_llama, "pre"), (tiny_llama, "post"), (tiny_opt, "pre"), (tiny_mpt, "pre"), (tiny_qwen3, "pre"),
-          (tiny_olmo2, "post"), (tiny_phi3, "pre"), (tiny_llama3_scaled, "pre")]  # fmt: skip
-MODEL_IDS = ["llama-pre", "llama-post", "opt", "mpt", "qwen3-pre", "olmo2-post", "phi3-pre", "llama3-rope-scaling-pre"]
+          (tiny_olmo2, "post"), (tiny_phi3, "pre"), (tiny_llama3_scaled, "pre"),
+          (lambda: tiny_llama3_scaled(rope_type="yarn"), "pre")]  # fmt: skip
+MODEL_IDS = ["llama-pre", "llama-post", "opt", "mpt", "qwen3-pre", "olmo2-post", "phi3-pre", "llama3-rope-scaling-pre",
+             "yarn-rope-scaling-pre"]  # fmt: skip
+PRE_ROPE_KERNEL = {"llama-pre", "qwen3-pre", "phi3-pre", "llama3-rope-scaling-pre", "yarn-rope-scaling-pre"}
 
 
-@pytest.mark.parametrize(("make", "mode"), MODELS, ids=MODEL_IDS)
+@pytest.mark.parametrize(
+    ("make", "mode", "name"), [(*m, i) for m, i in zip(MODELS, MODEL_IDS, strict=True)], ids=MODEL_IDS
+)
 @pytest.mark.parametrize("quantized", [False, True], ids=["plain-cache", "quantized-cache"])
-def test_compressed_models_decode_through_the_kernel(make, mode, quantized, counted_kernel, monkeypatch):
+def test_compressed_models_decode_through_the_kernel(make, mode, name, quantized, counted_kernel, monkeypatch):
     model = make()
     compress_model(model, random_windows(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
     model = model.to(DEVICE, torch.float16)
@@ -328,9 +333,7 @@ def test_compressed_models_decode_through_the_kernel(make, mode, quantized, coun
         else:
             results[backend] = decode_logits(model, ids, lambda: DynamicCache(config=model.config))
     layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layers
-    expected_mode = (
-        "pre" if (make in (tiny_llama, tiny_qwen3, tiny_phi3, tiny_llama3_scaled) and mode == "pre") else "rank"
-    )
+    expected_mode = "pre" if name in PRE_ROPE_KERNEL else "rank"
     # the prompt through the prefill kernel, every decode step of every layer through the decode kernel
     assert counted_kernel == [("prefill", expected_mode)] * layers + [("decode", expected_mode)] * 3 * layers
     torch.testing.assert_close(results["triton"], results["torch"], atol=2e-2, rtol=2e-2)

@@ -98,6 +98,24 @@ def test_sliding_layers_hold_their_window_and_the_accounting_knows(build, config
     assert all(cache.layers[i].key_stream.dropped == 0 for i, w in enumerate(windows) if w is None)
 
 
+def test_a_long_generation_keeps_a_sliding_cache_bounded():
+    """400 decode steps through 16-token windows: the room of dropped rows is reused, so what the cache allocates
+    stops growing (all bytes at step 400 = at step 100)."""
+    from eigenkv.memory import cache_tensor_bytes
+
+    model = tiny_mistral()
+    ids = torch.randint(4, 96, (1, 400))
+    allocated = {}
+    with QuantizedKV(model, KVQuantConfig(bits=4, group_size=8, axis_k="channel", residual=2)) as kv, torch.no_grad():
+        cache = kv.new_cache()
+        for t in range(ids.shape[1]):
+            model(ids[:, t : t + 1], past_key_values=cache)
+            if t + 1 in (100, 400):
+                allocated[t + 1] = cache_tensor_bytes(cache)
+    assert allocated[400] == allocated[100]
+    assert cache.get_seq_length() == 400 and cache.layers[0].key_stream.dropped >= 400 - 16 - 8
+
+
 def test_sliding_layers_drop_whole_quantized_units_before_the_next_window():
     from eigenkv.quant.config import sliding_dropped
 

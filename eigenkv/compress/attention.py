@@ -344,7 +344,7 @@ class EigenLlamaAttention(EigenAttention):
         query = split_heads(self.q_proj(hidden_states), self.q_heads, self.head_dim, self.q_norm).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, self.kv_heads, self.value_rank).transpose(1, 2)
         training = self.training and self.attention_dropout > 0
-        kernel = self.sliding_window is None and routing.kernels_apply(query, training, **kwargs)
+        kernel = routing.kernels_apply(query, training, **kwargs)  # sliding layers: the mask gives the range
         if self.mode == "pre":
             key = self._pre_rope_keys(hidden_states)
             past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0

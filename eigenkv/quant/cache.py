@@ -118,10 +118,17 @@ class QuantizedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[-2] == 1:  # a decode step: NaN/Inf flagged on the device, read every few steps
             self._cache.step_checked(self.index)
-        if self.read_packed and key_states.shape[-2] == 1 and self._kernels_read(key_states) and not self.is_sliding:
+        if self.read_packed and key_states.shape[-2] == 1 and self._kernels_read(key_states):
             self.key_stream.push(key_states)
             self.value_stream.push(value_states)
-            return stream_handle(self.key_stream, key_states), stream_handle(self.value_stream, value_states)
+            if not self.is_sliding:
+                return stream_handle(self.key_stream, key_states), stream_handle(self.value_stream, value_states)
+            # attention reads what is held now; the oldest tokens go after (their rows stay until a later push)
+            handles = [
+                stream_handle(s, x, s.packed()) for s, x in zip(self.streams(), (key_states, value_states), strict=True)
+            ]
+            self._slide()
+            return tuple(handles)
         start, dropped = self.key_stream.tokens, self.key_stream.dropped
         keys, keys_fp = self.key_stream.append(key_states)
         values, values_fp = self.value_stream.append(value_states)
@@ -139,11 +146,15 @@ class QuantizedKVLayer(DynamicLayer):
                 # call quantized (j < bounds[-1]); tag only when that happens for some query.
                 if bool((bounds.clamp(min=flushed_from) < positions.clamp(max=int(bounds[-1]))).any()):
                     tag_twin(held, twin, (bounds - dropped).to(held.device))  # in the held tokens' indices
-        if self.is_sliding:  # the tokens before the next query's window go (whole quantized units)
+        self._slide()
+        return keys, values
+
+    def _slide(self) -> None:
+        """A sliding layer: stop holding the tokens before the next query's window (whole quantized units)."""
+        if self.is_sliding:
             gone = sliding_dropped(self.key_stream.tokens, self.window, self.config)
             for stream in self.streams():
                 stream.drop_to(max(gone, stream.dropped))
-        return keys, values
 
     def _kernels_read(self, key_states: torch.Tensor) -> bool:
         """Whether the decode kernel reads this layer's store for states like ``key_states``."""

@@ -31,6 +31,8 @@ from eigenkv.quant.packing import PackedStream
 
 # Set on the (B, H_kv, 0, D) tensors a QuantizedKVCache returns instead of its dequantized contents.
 STREAM_ATTR = "_eigenkv_stream"
+# Set on them too when the stream changes before attention reads it (a sliding layer drops its oldest tokens).
+PACKED_ATTR = "_eigenkv_packed"
 # Set on the key/value tensors a multi-token update returns: (unquantized twin, per-query boundaries).
 TWIN_ATTR = "_eigenkv_unquantized"
 _BOUNDS_ATTR = "_eigenkv_key_bounds"
@@ -62,7 +64,6 @@ def kernels_apply(query: torch.Tensor, training: bool = False, **kwargs) -> bool
     return (
         not training
         and not kwargs.get("output_attentions", False)
-        and not kwargs.get("sliding_window")
         and query.dtype in KERNEL_DTYPES
         and use_triton(query)
     )
@@ -181,23 +182,28 @@ def new_positions(key: torch.Tensor, past: int, length: int) -> torch.Tensor:
     return (counts[1:].long() - length + torch.arange(length, device=key.device))[None]
 
 
-def stream_handle(stream, like: torch.Tensor) -> torch.Tensor:
-    """An empty ``(B, H_kv, 0, D)`` tensor standing for ``stream`` (a consumer that ignores the tag fails loudly)."""
+def stream_handle(stream, like: torch.Tensor, snapshot: PackedStream | None = None) -> torch.Tensor:
+    """An empty ``(B, H_kv, 0, D)`` tensor standing for ``stream`` (a consumer that ignores the tag fails loudly);
+    ``snapshot``: what attention must read when the stream changes before it does (views, not copies)."""
     handle = like.new_empty((*like.shape[:2], 0, like.shape[-1]))
     setattr(handle, STREAM_ATTR, stream)
+    if snapshot is not None:
+        setattr(handle, PACKED_ATTR, snapshot)
     return handle
 
 
 def packed(x: torch.Tensor) -> PackedStream:
     """The packed stream behind a handle, or a full-precision ``(B, H_kv, S, r)`` tensor as an all-window stream."""
     stream = getattr(x, STREAM_ATTR, None)
-    return PackedStream.full_precision(x) if stream is None else stream.packed()
+    if stream is None:
+        return PackedStream.full_precision(x)
+    snapshot = getattr(x, PACKED_ATTR, None)
+    return stream.packed() if snapshot is None else snapshot
 
 
 def resolve(x: torch.Tensor) -> torch.Tensor:
     """A handle's contents, dequantized in its dtype (the PyTorch path); any other tensor unchanged."""
-    stream = getattr(x, STREAM_ATTR, None)
-    return x if stream is None else stream.packed().dequantize(x.dtype)
+    return x if getattr(x, STREAM_ATTR, None) is None else packed(x).dequantize(x.dtype)
 
 
 def key_bounds(

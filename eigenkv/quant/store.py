@@ -527,7 +527,7 @@ class QuantizedStream:
 class RingWindow:
     """The full-precision tokens of a :class:`CapturableStream`: token ``j`` in slot ``j % slots`` of a
     ``(B, H, slots, D)`` buffer, the live window being tokens ``[first, end)`` (positions, on the host).
-    Slots before ``first`` still hold older tokens (the newest quantized unit, re-encoded each step)."""
+    Slots before ``first`` still hold older tokens (those of a unit the next token may complete)."""
 
     def __init__(self, slots: int):
         self.slots = slots

@@ -26,8 +26,10 @@ from tests.helpers import (
     DEVICE,
     random_tokens,
     random_windows,
+    tiny_gemma3,
     tiny_llama,
     tiny_llama3_scaled,
+    tiny_mistral,
     tiny_mpt,
     tiny_olmo2,
     tiny_opt,
@@ -425,3 +427,21 @@ def test_a_decode_step_reads_nothing_back_from_the_device(monkeypatch):
                 reads += [f"{w.filename}:{w.lineno}" for w in synced]
         assert reads == [], reads
         cache.check()  # the flags the steps set: finite states, one range of keys per row
+
+
+@pytest.mark.parametrize("make", [tiny_mistral, tiny_gemma3], ids=["mistral-sliding", "gemma3-mixed"])
+def test_sliding_layers_decode_through_the_kernel(make, counted_kernel, monkeypatch):
+    """Past the 16-token window, a sliding layer's decode step reads its trimmed store through the kernel, the
+    range of keys from the sliding mask: the same logits as the PyTorch path."""
+    model = make()
+    compress_model(model, random_windows(model), EigenConfig(target_ratio=0.6, rope_mode="post"), progress=False)
+    model = model.to(DEVICE, torch.float16)
+    ids = random_tokens(model, batch=2, length=12)  # within the window: the prompt through the prefill kernel
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("EIGENKV_BACKEND", backend)
+        with QuantizedKV(model, KVQuantConfig(bits=4, group_size=16, residual=3)) as kv:
+            results[backend] = decode_logits(model, ids, kv.new_cache, steps=14)
+    layers = model.config.num_hidden_layers
+    assert counted_kernel == [("prefill", "rank")] * layers + [("decode", "rank")] * 14 * layers
+    torch.testing.assert_close(results["triton"], results["torch"], atol=2e-2, rtol=2e-2)

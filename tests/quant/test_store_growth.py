@@ -20,8 +20,8 @@ def make(config: KVQuantConfig, axis: str, width: int, high: int = 0):
 
 
 def state(stream) -> dict:
-    """Everything a stream holds, as plain tensors (segments flattened)."""
-    packed = stream.packed()
+    """Everything a stream holds, as plain tensors (segments flattened; a capturable stream's counts read back)."""
+    packed = stream.packed().host_form()
     held = {"window": packed.window.clone(), "tokens": torch.tensor(packed.quantized_tokens)}
     for i, s in enumerate(packed.segments):
         held |= {f"codes{i}": s.codes.clone(), f"scale{i}": s.scale.clone()}

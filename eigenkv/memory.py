@@ -17,6 +17,10 @@ bytes a real cache holds (:func:`cache_tensor_bytes`):
   model's dtype; plus, with ``rotate``, one ``D x D`` float32 Hadamard matrix.
   Two-precision streams (``MixedKVQuantConfig``) are the sum of their
   segments, each padded to its own aligned width.
+- sliding-window layers (per layer, as transformers builds caches): a dense one
+  keeps its last ``W - 1`` tokens (:class:`SlidingStorage`); a quantized one
+  stops holding the whole quantized units before the next query's window
+  (``sliding_dropped``), counted by :class:`QuantizedStorage`;
 - compressed models (any module exposing ``key_rank``, ``value_rank``,
   ``kv_heads``, ``layer_idx`` and ``runtime_basis_elements()``, as
   ``eigenkv.compress`` attention does): ``r_k``/``r_v`` elements per KV head and
@@ -33,7 +37,6 @@ from typing import Protocol
 
 import torch
 
-from eigenkv.quant.cache import layer_windows
 from eigenkv.quant.config import (
     AnyKVQuantConfig,
     KVQuantConfig,
@@ -41,6 +44,7 @@ from eigenkv.quant.config import (
     check_layers,
     layer_config,
     layer_segments,
+    layer_windows,
     quantized_prefix,
     sliding_dropped,
 )

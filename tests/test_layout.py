@@ -14,8 +14,8 @@ FLOORS = [
      "eigenkv.quant.config", "eigenkv.quant.reference", "eigenkv.quant.packing"),
     # text, models, byte accounting
     ("eigenkv.data", "eigenkv.models", "eigenkv.memory"),
-    # the quantized cache and the attention routing into Hugging Face models
-    ("eigenkv.quant",),
+    # the quantized cache, the attention routing into Hugging Face models, decoding with a captured step
+    ("eigenkv.quant", "eigenkv.graphs"),
     # the low-rank method
     ("eigenkv.compress",),
     # the recipe and its pipeline

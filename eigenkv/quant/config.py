@@ -250,6 +250,25 @@ def quant_config_from_dict(data: dict) -> AnyKVQuantConfig:
     return MixedKVQuantConfig.from_dict(data) if "base" in data else KVQuantConfig.from_dict(data)
 
 
+def layer_windows(model_config) -> list[int | None]:
+    """Per decoder layer, the tokens its attention sees when it slides (``sliding_attention``), or None (full
+    attention): as transformers builds a model's caches (``layer_types``; without them, a config naming a
+    ``sliding_window`` slides every layer, unless ``use_sliding_window`` is False). Other layer types are refused."""
+    text = getattr(model_config, "get_text_config", lambda **_: model_config)(decoder=True)
+    layers = text.num_hidden_layers
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if types is None:
+        sliding = window is not None and getattr(text, "use_sliding_window", True)
+        types = ["sliding_attention" if sliding else "full_attention"] * layers
+    unknown = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
+    if unknown:
+        raise ValueError(f"layer types {unknown} are not supported; eigenkv caches full and sliding-window attention")
+    if "sliding_attention" in types and not window:
+        raise ValueError(f"{type(text).__name__} has sliding layers but no sliding_window")
+    return [int(window) if t == "sliding_attention" else None for t in types]
+
+
 def sliding_dropped(tokens: int, window: int, config: KVQuantConfig) -> int:
     """First tokens a quantized sliding-window layer no longer holds once it holds ``tokens`` tokens: those
     before the next query's window (``tokens + 1 - window``), as far as both its streams have quantized them

@@ -141,7 +141,7 @@ def test_models_that_cap_attention_logits_are_refused():
 def test_layer_windows_are_those_transformers_caches_use():
     from transformers import DynamicCache, Qwen2Config
 
-    from eigenkv.quant.cache import layer_windows
+    from eigenkv.quant.config import layer_windows
 
     configs = [tiny_mistral().config, tiny_gemma3().config, tiny_llama().config, Qwen2Config(num_hidden_layers=3)]
     for model_config in configs:

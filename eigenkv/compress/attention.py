@@ -284,11 +284,9 @@ class EigenLlamaAttention(EigenAttention):
         self.num_key_value_groups = self.q_heads // self.kv_heads
         rope = getattr(original.config, "rope_parameters", None) or {}
         partial = float(rope.get("partial_rotary_factor", getattr(original.config, "partial_rotary_factor", 1.0)))
-        if mode == "pre" and partial < 1.0:
-            raise NotImplementedError(
-                f"{type(original).__name__} rotates {partial:g} of each head (partial rotary); the pre-RoPE rebuild "
-                "rotates whole heads: use rope_mode='post'"
-            )
+        # partial rotary (the first features rotated): the PyTorch path rebuilds and rotates such keys; the
+        # decode kernel's in-register rotation turns whole heads, so these layers do not take the kernels
+        self.whole_head_rope = partial >= 1.0
         object.__setattr__(self, "_rotary", rotary)  # the model's own; not a submodule of this one
         weight = k_proj.weight
         self.q_proj = q_proj
@@ -344,7 +342,8 @@ class EigenLlamaAttention(EigenAttention):
         query = split_heads(self.q_proj(hidden_states), self.q_heads, self.head_dim, self.q_norm).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, self.kv_heads, self.value_rank).transpose(1, 2)
         training = self.training and self.attention_dropout > 0
-        kernel = routing.kernels_apply(query, training, **kwargs)  # sliding layers: the mask gives the range
+        # sliding layers: the mask gives the range; pre-RoPE kernels rotate whole heads only
+        kernel = routing.kernels_apply(query, training, **kwargs) and (self.mode == "post" or self.whole_head_rope)
         if self.mode == "pre":
             key = self._pre_rope_keys(hidden_states)
             past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0

@@ -155,9 +155,11 @@ def rope_rotations(model: nn.Module, length: int, head_dim: int) -> tuple[torch.
     reference = next(model.parameters())
     positions = torch.arange(length, device=reference.device).unsqueeze(0)
     cos, sin = (t[0].to(torch.float64).cpu() for t in rotary(reference.new_zeros(1, dtype=torch.float32), positions))
-    eye = torch.eye(head_dim, dtype=torch.float64)
-    rows = torch.cat((-eye[:, head_dim // 2 :], eye[:, : head_dim // 2]), dim=-1)  # rotate_half of each basis row
-    rotations = eye * cos[:, None, :] + rows * sin[:, None, :]
+    rd = cos.shape[-1]  # rotated features (partial rotary: the first rd; the others pass unrotated)
+    eye = torch.eye(rd, dtype=torch.float64)
+    rows = torch.cat((-eye[:, rd // 2 :], eye[:, : rd // 2]), dim=-1)  # rotate_half of each basis row
+    rotations = torch.eye(head_dim, dtype=torch.float64).repeat(length, 1, 1)
+    rotations[:, :rd, :rd] = eye * cos[:, None, :] + rows * sin[:, None, :]
     return rotations, torch.arange(length, 0, -1, dtype=torch.float64)
 
 

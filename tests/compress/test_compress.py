@@ -45,14 +45,15 @@ CASES = [
     # a fused qkv_proj (Phi-3), with RoPE on half of each head (post-RoPE only)
     ("phi3", tiny_phi3, "pre"),
     ("phi3-partial-rope", lambda: tiny_phi3(partial_rotary_factor=0.5), "post"),
+    ("phi3-partial-rope", lambda: tiny_phi3(partial_rotary_factor=0.5), "pre"),
     # RoPE scaling (Llama-3.1): the pre-RoPE rebuild takes the model's own rescaled frequencies
     ("llama3-rope-scaling", tiny_llama3_scaled, "pre"),
     ("yarn-rope-scaling", lambda: tiny_llama3_scaled(rope_type="yarn"), "pre"),
 ]
 IDS = [f"{name}-{mode}" for name, _, mode in CASES]
-# Every case with both basis kinds, plus the RoPE-averaged weighting where it applies (pre-RoPE Llama).
+# Every case with both basis kinds, plus the RoPE-averaged weighting where it applies (every pre-RoPE family).
 BASIS_CASES = [(*case, basis) for case in CASES for basis in ("pca", "output")] + [
-    (name, make, mode, "output-rope") for name, make, mode in CASES if name.startswith("llama") and mode == "pre"
+    (name, make, mode, "output-rope") for name, make, mode in CASES if mode == "pre" and name not in ("opt", "mpt")
 ]
 BASIS_IDS = [f"{name}-{mode}-{basis}" for name, _, mode, basis in BASIS_CASES]
 

@@ -33,6 +33,7 @@ QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", re
         (tiny_mistral, "post"),
         (tiny_gemma3, "post"),
         (lambda: tiny_phi3(partial_rotary_factor=0.5), "post"),
+        (lambda: tiny_phi3(partial_rotary_factor=0.5), "pre"),
     ],
     ids=[
         "llama-pre",
@@ -43,6 +44,7 @@ QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", re
         "mistral-sliding-post",
         "gemma3-post",
         "phi3-partial-rope-post",
+        "phi3-partial-rope-pre",
     ],  # fmt: skip
 )
 def test_parallel_forward_equals_decoding_and_bytes_match(make, mode):

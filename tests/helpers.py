@@ -153,6 +153,19 @@ def tiny_llama3_scaled(vocab_size: int = 96, seed: int = 0, rope_type: str = "ll
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_gptneox(vocab_size: int = 96, seed: int = 0):
+    """A 2-layer GPT-NeoX (Pythia's architecture: a per-head interleaved ``query_key_value``, RoPE on a quarter
+    of each head, ``dense`` output, biases), eval mode."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        rotary_pct=0.25, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return GPTNeoXForCausalLM(config).eval()
+
+
 def tiny_mpt(vocab_size: int = 64, seed: int = 0):
     """A 2-layer MPT (4 heads, ALiBi), random weights, eval mode."""
     from transformers import MptConfig, MptForCausalLM

@@ -121,39 +121,66 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
+def head_size(module: nn.Module) -> int:
+    """``d`` of a Llama-family module (GPT-NeoX names it ``head_size``)."""
+    return module.head_dim if hasattr(module, "head_dim") else module.head_size
+
+
+def output_linear(module: nn.Module) -> nn.Linear:
+    """A Llama-family module's output projection (GPT-NeoX: ``dense``)."""
+    return module.o_proj if hasattr(module, "o_proj") else module.dense
+
+
+def fused_rows(module: nn.Module) -> tuple[nn.Linear, list[torch.Tensor]] | None:
+    """A fused projection and the row indices of its queries, keys and values, or None when not fused.
+
+    Phi-3's ``qkv_proj``: all queries, then all keys, then all values; GPT-NeoX's ``query_key_value``: per
+    head, its query, key and value rows (``3 d`` rows a head)."""
+    d = head_size(module)
+    if getattr(module, "qkv_proj", None) is not None:
+        config, fused = module.config, module.qkv_proj
+        sizes = (config.num_attention_heads * d, config.num_key_value_heads * d, config.num_key_value_heads * d)
+        return fused, list(torch.arange(sum(sizes)).split(sizes))
+    if getattr(module, "query_key_value", None) is not None:
+        fused = module.query_key_value
+        rows = torch.arange(fused.out_features).view(-1, 3, d)  # (heads, q/k/v, d)
+        return fused, [rows[:, i].reshape(-1) for i in range(3)]
+    return None
+
+
 def qkv_sizes(module: nn.Module) -> tuple[int, int, int]:
     """Output features of a Llama-family module's query, key and value projections (fused or not)."""
-    if getattr(module, "qkv_proj", None) is None:
+    fused = fused_rows(module)
+    if fused is None:
         return module.q_proj.out_features, module.k_proj.out_features, module.v_proj.out_features
-    d, config = module.head_dim, module.config
-    return config.num_attention_heads * d, config.num_key_value_heads * d, config.num_key_value_heads * d
+    return tuple(len(rows) for rows in fused[1])
 
 
 def project(module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The module's projected queries, keys and values ``(B, T, heads * d)`` each (a fused ``qkv_proj`` split)."""
-    fused = getattr(module, "qkv_proj", None)
+    """The module's projected queries, keys and values ``(B, T, heads * d)`` each (a fused projection split)."""
+    fused = fused_rows(module)
     if fused is None:
         return module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden)
-    return fused(hidden).split(qkv_sizes(module), dim=-1)
+    out = fused[0](hidden)
+    return tuple(out.index_select(-1, rows.to(out.device)) for rows in fused[1])
 
 
 def split_qkv(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    """``(q_proj, k_proj, v_proj)`` of a Llama-family attention module; a fused ``qkv_proj`` (Phi-3: rows of all
-    queries, then keys, then values) is split into three linear layers holding copies of its rows."""
-    fused = getattr(module, "qkv_proj", None)
+    """``(q_proj, k_proj, v_proj)`` of a Llama-family attention module; a fused projection (Phi-3, GPT-NeoX) is
+    split into three linear layers holding copies of its rows."""
+    fused = fused_rows(module)
     if fused is None:
         return module.q_proj, module.k_proj, module.v_proj
-    parts, start = [], 0
-    sizes = qkv_sizes(module)
-    for size in sizes:
-        linear = nn.Linear(fused.in_features, size, bias=fused.bias is not None)
-        linear.to(fused.weight.device, fused.weight.dtype)
+    linear, index = fused
+    parts = []
+    for rows in index:
+        part = nn.Linear(linear.in_features, len(rows), bias=linear.bias is not None)
+        part.to(linear.weight.device, linear.weight.dtype)
         with torch.no_grad():
-            linear.weight.copy_(fused.weight[start : start + size])
-            if fused.bias is not None:
-                linear.bias.copy_(fused.bias[start : start + size])
-        parts.append(linear)
-        start += size
+            part.weight.copy_(linear.weight[rows])
+            if linear.bias is not None:
+                part.bias.copy_(linear.bias[rows])
+        parts.append(part)
     return tuple(parts)
 
 
@@ -262,7 +289,7 @@ class EigenLlamaAttention(EigenAttention):
             raise ValueError(f"Llama-family attention compresses in RoPE mode 'pre' or 'post'; got {mode!r}")
         self.mode = mode
         self.config = original.config
-        self.head_dim = original.head_dim
+        self.head_dim = head_size(original)
         self.scaling = original.scaling
         self.attention_dropout = original.attention_dropout
         self.is_causal = True
@@ -311,7 +338,7 @@ class EigenLlamaAttention(EigenAttention):
             self.register_buffer("key_basis", kept(bases.key))  # (H_kv, d, r_k)
             self.register_buffer("query_basis", None if bases.key_dual is None else kept(bases.key_dual))
         self.v_proj = fold_rows(v_proj, bases.value, self.kv_heads)
-        self.o_proj = fold_columns(original.o_proj, bases.value_decoder, self.q_heads)
+        self.o_proj = fold_columns(output_linear(original), bases.value_decoder, self.q_heads)
 
     def _scoring(self) -> Scoring:
         """How queries score the cached keys, for the attention kernels."""
@@ -338,6 +365,7 @@ class EigenLlamaAttention(EigenAttention):
         return torch.einsum("bthd,hdr->bhtr", keys, encoder)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        past_key_values = kwargs.pop("layer_past", past_key_values)  # GPT-NeoX's name for the cache
         batch, length, _ = hidden_states.shape
         query = split_heads(self.q_proj(hidden_states), self.q_heads, self.head_dim, self.q_norm).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, self.kv_heads, self.value_rank).transpose(1, 2)

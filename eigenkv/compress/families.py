@@ -3,7 +3,9 @@
 Supported: the Llama family (``LlamaAttention``, ``MistralAttention``,
 ``Qwen2Attention``: RoPE, GQA, optional qkv biases; ``Qwen3Attention``,
 ``Olmo2Attention`` and ``Gemma3Attention``: the same with query/key norms, and
-Gemma-3's sliding-window layers and query scaling), ``OPTAttention`` and
+Gemma-3's sliding-window layers and query scaling; ``Phi3Attention`` and
+``GPTNeoXAttention``: fused query/key/value projections, partial RoPE),
+``OPTAttention`` and
 ``MptAttention`` (fused ``Wqkv``, ALiBi). Anything else is refused with the list.
 """
 
@@ -21,6 +23,8 @@ from eigenkv.compress.attention import (
     EigenOPTAttention,
     KeptBases,
     apply_rope,
+    head_size,
+    output_linear,
     project,
     qkv_sizes,
     split_heads,
@@ -34,6 +38,7 @@ LLAMA_LIKE = (
     "Olmo2Attention",
     "Gemma3Attention",
     "Phi3Attention",
+    "GPTNeoXAttention",
 )
 FAMILIES = {**dict.fromkeys(LLAMA_LIKE, "llama"), "OPTAttention": "opt", "MptAttention": "mpt"}
 
@@ -90,7 +95,7 @@ class HeadShape:
 def head_shape(module: nn.Module) -> HeadShape:
     name = type(module).__name__
     if name in LLAMA_LIKE:
-        d = module.head_dim
+        d = head_size(module)
         q_size, k_size, _ = qkv_sizes(module)
         return HeadShape(q_size // d, k_size // d, d)
     if name == "OPTAttention":
@@ -113,7 +118,7 @@ def project_qkv(module: nn.Module, args: tuple, kwargs: dict, rotated: bool):
         d = module.head_dim
         q, k, v = (x.view(batch, length, -1, d).transpose(1, 2) for x in (q, k, v))
     else:
-        d = module.head_dim
+        d = head_size(module)
         q, k, v = project(module, hidden)
         q, k = (
             split_heads(x, x.shape[-1] // d, d, getattr(module, norm, None)).transpose(1, 2)
@@ -136,7 +141,7 @@ def rotary_module(model: nn.Module) -> nn.Module:
 
 def output_projection(module: nn.Module) -> nn.Linear:
     """The linear layer that maps the heads' outputs back to the residual stream."""
-    return module.o_proj if type(module).__name__ in LLAMA_LIKE else module.out_proj
+    return output_linear(module) if type(module).__name__ in LLAMA_LIKE else module.out_proj
 
 
 def output_gram(module: nn.Module) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from eigenkv.compress import EigenConfig, EigenPlan, apply_plan, compress_model, is_compressed
-from eigenkv.compress.attention import EigenAttention, qkv_sizes
+from eigenkv.compress.attention import EigenAttention, fused_rows
 from eigenkv.compress.families import attention_sites
 from eigenkv.data import TokenWindows
 from eigenkv.memory import cache_held_bytes, kv_cache_bytes
@@ -17,6 +17,7 @@ from tests.helpers import (
     random_tokens,
     random_windows,
     tiny_gemma3,
+    tiny_gptneox,
     tiny_llama,
     tiny_llama3_scaled,
     tiny_mistral,
@@ -46,6 +47,9 @@ CASES = [
     ("phi3", tiny_phi3, "pre"),
     ("phi3-partial-rope", lambda: tiny_phi3(partial_rotary_factor=0.5), "post"),
     ("phi3-partial-rope", lambda: tiny_phi3(partial_rotary_factor=0.5), "pre"),
+    # Pythia's architecture: query, key and value rows interleaved per head, RoPE on a quarter of each head
+    ("gptneox", tiny_gptneox, "pre"),
+    ("gptneox", tiny_gptneox, "post"),
     # RoPE scaling (Llama-3.1): the pre-RoPE rebuild takes the model's own rescaled frequencies
     ("llama3-rope-scaling", tiny_llama3_scaled, "pre"),
     ("yarn-rope-scaling", lambda: tiny_llama3_scaled(rope_type="yarn"), "pre"),
@@ -107,17 +111,21 @@ def projected_by_hooks(model, plan):
         kept, module = plan.kept(site.layer), site.module
         keys, values = projector(kept.key, kept.key_decoder), projector(kept.value, kept.value_decoder)
         d = kept.key.shape[1]
-        fused_proj = getattr(module, "Wqkv", None) or getattr(module, "qkv_proj", None)  # MPT, Phi-3
+        if type(module).__name__ == "MptAttention":  # a fused Wqkv: queries, keys, values
+            rows = torch.arange(module.Wqkv.out_features).chunk(3)
+            fused_proj = module.Wqkv
+        else:  # Phi-3's qkv_proj, GPT-NeoX's query_key_value (interleaved per head), or None
+            fused_proj, rows = fused_rows(module) or (None, None)
         if fused_proj is not None:
             if plan.mode == "post":  # keys after the rotation, below
                 handles.append(module.register_forward_pre_hook(lambda mod, args, keys=keys: current.update(keys=keys)))
             project_keys = keys if plan.mode != "post" else (lambda k: k)
-            sizes = qkv_sizes(module) if type(module).__name__ != "MptAttention" else None
 
-            def fused(mod, args, out, keys=project_keys, values=values, d=d, sizes=sizes):
-                q, k, v = out.split(sizes, dim=-1) if sizes else out.chunk(3, dim=-1)
-                shape = (*out.shape[:2], -1, d)
-                return torch.cat((q, keys(k.reshape(shape)).flatten(2), values(v.reshape(shape)).flatten(2)), -1)
+            def fused(mod, args, out, keys=project_keys, values=values, d=d, rows=rows):
+                out, shape = out.clone(), (*out.shape[:2], -1, d)
+                for project, index in ((keys, rows[1]), (values, rows[2])):
+                    out[..., index] = project(out[..., index].reshape(shape)).flatten(2)
+                return out
 
             handles.append(fused_proj.register_forward_hook(fused))
             continue

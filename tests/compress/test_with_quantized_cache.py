@@ -11,6 +11,7 @@ from tests.helpers import (
     random_tokens,
     random_windows,
     tiny_gemma3,
+    tiny_gptneox,
     tiny_llama,
     tiny_mistral,
     tiny_olmo2,
@@ -34,6 +35,7 @@ QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", re
         (tiny_gemma3, "post"),
         (lambda: tiny_phi3(partial_rotary_factor=0.5), "post"),
         (lambda: tiny_phi3(partial_rotary_factor=0.5), "pre"),
+        (tiny_gptneox, "post"),
     ],
     ids=[
         "llama-pre",
@@ -45,6 +47,7 @@ QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", re
         "gemma3-post",
         "phi3-partial-rope-post",
         "phi3-partial-rope-pre",
+        "gptneox-post",
     ],  # fmt: skip
 )
 def test_parallel_forward_equals_decoding_and_bytes_match(make, mode):

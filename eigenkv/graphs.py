@@ -35,9 +35,9 @@ class StaticGeneration:
 
     Attributes:
         sequences: ``(B, T + max_new_tokens)`` int64, the prompt then the new tokens.
+        cache: the cache, holding the prompt and every new token but the last.
         graphed: whether the decode steps were replays of a captured CUDA graph.
         reason: why they were not (None when graphed).
-        cache: the cache, holding the prompt and every new token but the last.
         seconds: wall time of ``prefill`` (the prompt's forward and first token), ``capture`` (the first
             step, eager, and the capture; 0 without a graph) and ``decode`` (the other steps), the device
             synchronized at each boundary only.
@@ -53,8 +53,10 @@ class StaticGeneration:
     decode_steps: int = 0
 
 
-class _Step:
-    """One decode step and the static tensors it reads and advances (all on the model's device)."""
+class DecodeStep:
+    """One greedy decode step and the static tensors it reads and advances (all on the model's device): calling
+    it appends ``ids`` (B, 1) at ``cache_position``, writes the argmax into ``ids`` and ``tokens[:, index]``,
+    and moves ``positions``, ``cache_position``, ``index`` and the mask on by one. What a graph captures."""
 
     def __init__(self, model, cache, first: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, new: int):
         batch, length = mask.shape
@@ -145,7 +147,7 @@ def generate_static(
     with torch.no_grad():
         logits = model(input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
         cache.check()  # the prompt's states are finite
-        step = _Step(model, cache, logits[:, -1].argmax(-1, keepdim=True), positions, mask, max_new_tokens)
+        step = DecodeStep(model, cache, logits[:, -1].argmax(-1, keepdim=True), positions, mask, max_new_tokens)
         clock.lap("prefill")
         graphed, reason = _decode(step, max_new_tokens - 1, length, cuda_graph, device, clock)
         clock.lap("decode")
@@ -172,7 +174,7 @@ class _Clock:
         self.seconds[name], self.start = now - self.start, now
 
 
-def _decode(step: _Step, steps: int, length: int, cuda_graph, device, clock: _Clock) -> tuple[bool, str | None]:
+def _decode(step: DecodeStep, steps: int, length: int, cuda_graph, device, clock: _Clock) -> tuple[bool, str | None]:
     """Run ``steps`` decode steps, replaying a captured graph where possible; return (graphed, reason)."""
     if steps == 0:
         return False, "no decode step"

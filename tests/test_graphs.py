@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from eigenkv.compress import EigenConfig, compress_model
-from eigenkv.graphs import _Step, generate_static
+from eigenkv.graphs import DecodeStep, generate_static
 from eigenkv.quant import KVQuantConfig, QuantizedKV
 from tests.helpers import DEVICE, random_tokens, random_windows, tiny_llama
 
@@ -107,7 +107,7 @@ def test_every_step_issues_the_same_work_and_reads_nothing_back(monkeypatch):
     with QuantizedKV(model, KVQuantConfig(bits=3, group_size=16, residual=2)) as kv, torch.no_grad():
         cache = kv.new_cache(max_tokens=64, capturable=True)
         logits = model(ids, attention_mask=mask, past_key_values=cache).logits
-        step = _Step(model, cache, logits[:, -1].argmax(-1, keepdim=True), mask.cumsum(-1) - 1, mask, 8)
+        step = DecodeStep(model, cache, logits[:, -1].argmax(-1, keepdim=True), mask.cumsum(-1) - 1, mask, 8)
         step()
         tensors = [p for p in model.parameters()] + [t for t in vars(step).values() if isinstance(t, torch.Tensor)]
         for layer in cache.layers:

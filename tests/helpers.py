@@ -108,6 +108,21 @@ def tiny_mistral(vocab_size: int = 96, seed: int = 0, sliding_window: int = 16):
     return MistralForCausalLM(config).eval()
 
 
+def tiny_gemma2(vocab_size: int = 96, seed: int = 0, softcap: float | None = 0.01):
+    """A 2-layer Gemma-2 (sliding then global, 16-token window) whose attention logits are capped at ``softcap``
+    (small, so that the cap changes the outputs of random weights), eval mode."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=16, max_position_embeddings=512,
+        attn_logit_softcapping=softcap, layer_types=["sliding_attention", "full_attention"], bos_token_id=1,
+        eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    return Gemma2ForCausalLM(config).eval()
+
+
 def tiny_gemma3(vocab_size: int = 96, seed: int = 0):
     """A 3-layer Gemma-3 text model: sliding (16 tokens), global, sliding; per-head query/key norms, eval mode."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig

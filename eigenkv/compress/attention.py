@@ -215,11 +215,14 @@ def attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs
     return out[..., : value.shape[-1]], weights
 
 
-def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain softmax attention with GQA; ``query`` (B, H, T, e), ``key`` (B, H_kv, S, e), ``value`` (B, H_kv, S, r)."""
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
+    """Plain softmax attention with GQA; ``query`` (B, H, T, e), ``key`` (B, H_kv, S, e), ``value`` (B, H_kv, S, r);
+    ``softcap`` caps the scores as Gemma-2 does."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], torch.finfo(scores.dtype).min)
@@ -295,11 +298,11 @@ class EigenLlamaAttention(EigenAttention):
         self.is_causal = True
         # Qwen2 names its window on the module, Mistral only in its config.
         self.sliding_window = getattr(original, "sliding_window", getattr(original.config, "sliding_window", None))
-        if getattr(original, "attn_logit_softcapping", None) is not None or not getattr(original, "is_causal", True):
+        if not getattr(original, "is_causal", True):
             raise NotImplementedError(
-                f"{type(original).__name__} caps its attention logits or attends bidirectionally; eigenkv's "
-                "attention computes plain causal softmax attention"
+                f"{type(original).__name__} attends bidirectionally; eigenkv's attention is causal"
             )
+        self.softcap = getattr(original, "attn_logit_softcapping", None)  # Gemma-2: PyTorch path
         if mode == "pre" and self.sliding_window is not None:
             raise NotImplementedError(
                 f"{type(original).__name__} uses sliding-window attention: its cache drops old keys, so a key's "
@@ -366,6 +369,8 @@ class EigenLlamaAttention(EigenAttention):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         past_key_values = kwargs.pop("layer_past", past_key_values)  # GPT-NeoX's name for the cache
+        if self.softcap is not None:
+            kwargs["softcap"] = self.softcap
         batch, length, _ = hidden_states.shape
         query = split_heads(self.q_proj(hidden_states), self.q_heads, self.head_dim, self.q_norm).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, self.kv_heads, self.value_rank).transpose(1, 2)

@@ -3,7 +3,8 @@
 Supported: the Llama family (``LlamaAttention``, ``MistralAttention``,
 ``Qwen2Attention``: RoPE, GQA, optional qkv biases; ``Qwen3Attention``,
 ``Olmo2Attention`` and ``Gemma3Attention``: the same with query/key norms, and
-Gemma-3's sliding-window layers and query scaling; ``Phi3Attention`` and
+Gemma-3's sliding-window layers and query scaling; ``Gemma2Attention``: capped
+attention logits; ``Phi3Attention`` and
 ``GPTNeoXAttention``: fused query/key/value projections, partial RoPE),
 ``OPTAttention`` and
 ``MptAttention`` (fused ``Wqkv``, ALiBi). Anything else is refused with the list.
@@ -36,6 +37,7 @@ LLAMA_LIKE = (
     "Qwen2Attention",
     "Qwen3Attention",
     "Olmo2Attention",
+    "Gemma2Attention",
     "Gemma3Attention",
     "Phi3Attention",
     "GPTNeoXAttention",

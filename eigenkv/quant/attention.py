@@ -44,16 +44,41 @@ def quantized_cache_attention(module, query, key, value, attention_mask, scaling
     key, value = resolve(key), resolve(value)
     attention_mask = fit_mask(attention_mask, key.shape[-2])
     key_twin, value_twin = twin_of(key), twin_of(value)
+    softcap = kwargs.get("softcap")  # Gemma-2's capped logits: computed explicitly (SDPA has no cap)
     if key_twin is None and value_twin is None:  # decode step, or no query sees a full-precision twin
+        if softcap is not None:
+            scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+            return masked_attention(query, key, value, attention_mask, scale, softcap).transpose(1, 2), None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if attention_mask is None or attention_mask.dim() != 4:
-        return versions_attention(query, key, value, attention_mask, scaling), None
-    return banded_attention(query, key, value, attention_mask, scaling), None
+        return versions_attention(query, key, value, attention_mask, scaling, softcap), None
+    return banded_attention(query, key, value, attention_mask, scaling, softcap=softcap), None
 
 
-def versions_attention(query, key, value, attention_mask, scaling=None) -> torch.Tensor:
+def masked_attention(query, key, value, mask, scale, softcap=None) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with GQA -> ``(B, H, T, D_v)``; with ``softcap`` the scores are capped
+    as Gemma-2 does (``softcap * tanh(s / softcap)``) before the mask, computed explicitly (SDPA cannot).
+
+    Args: ``query`` (B, H, T, D), ``key`` / ``value`` (B, H_kv, S, D), ``mask`` bool (True = attend) or additive,
+    broadcastable to (B, H, T, S), or None."""
+    if softcap is None:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # as the model's eager attention: its dtype
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    return torch.matmul(weights.to(value.dtype), value)
+
+
+def versions_attention(query, key, value, attention_mask, scaling=None, softcap=None) -> torch.Tensor:
     """The causal mixed attention as one SDPA over every version of every key -> ``(B, T, H, D_v)``.
 
     Each key position ``j`` appears in up to four versions (key quantized or
@@ -81,20 +106,16 @@ def versions_attention(query, key, value, attention_mask, scaling=None) -> torch
             masks.append(k_mask & v_mask)
     allowed = torch.cat(masks, dim=-1)  # (T, n * S)
     if attention_mask is not None:
-        visible = attention_mask[..., :seq] > torch.finfo(attention_mask.dtype).min / 2  # (B, 1, T, S)
+        rows = attention_mask[..., :seq]
+        visible = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2  # (B, 1, T, S)
         allowed = allowed & visible.repeat(1, 1, 1, len(masks))
-    groups = query.shape[1] // key.shape[1]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query,
-        torch.cat(keys, dim=-2).repeat_interleave(groups, dim=1),
-        torch.cat(values, dim=-2).repeat_interleave(groups, dim=1),
-        attn_mask=allowed,
-        scale=scaling,
-    )
+    out = masked_attention(query, torch.cat(keys, dim=-2), torch.cat(values, dim=-2), allowed, scaling, softcap)
     return out.transpose(1, 2).contiguous()
 
 
-def banded_attention(query, key, value, attention_mask, scaling=None, block: int = QUERY_BLOCK) -> torch.Tensor:
+def banded_attention(
+    query, key, value, attention_mask, scaling=None, block: int = QUERY_BLOCK, softcap=None
+) -> torch.Tensor:
     """:func:`versions_attention` over the keys each block of ``block`` queries needs -> ``(B, T, H, D_v)``.
 
     Args follow :func:`quantized_cache_attention`; ``attention_mask`` is 4-D, additive
@@ -132,9 +153,7 @@ def banded_attention(query, key, value, attention_mask, scaling=None, block: int
             keys[..., end : end + hi - low, :] = (key_twin[0] if reads_key_twin else key)[..., low:hi, :]
             values[..., end : end + hi - low, :] = (value_twin[0] if reads_value_twin else value)[..., low:hi, :]
             end += hi - low
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query[..., a:e, :], keys[..., :end, :], values[..., :end, :], attn_mask=mask, scale=scaling, enable_gqa=True
-        )
+        out = masked_attention(query[..., a:e, :], keys[..., :end, :], values[..., :end, :], mask, scaling, softcap)
         outs.append(out.transpose(1, 2))  # (B, queries, H, D_v)
     return torch.cat(outs[::-1], dim=1)
 

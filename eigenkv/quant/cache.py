@@ -342,12 +342,6 @@ class QuantizedKV:
                 "AttentionInterface, so a multi-token forward cannot read the quantized cache causally; "
                 "QuantizedKVCache still works there for token-by-token decoding (model.generate)"
             )
-        text = getattr(self.model.config, "get_text_config", lambda **_: self.model.config)(decoder=True)
-        if getattr(text, "attn_logit_softcapping", None) is not None:
-            raise ValueError(
-                f"{type(self.model).__name__} caps its attention logits (attn_logit_softcapping); eigenkv's attention "
-                "computes plain softmax attention and would change the model: not supported"
-            )
         register()
         self._previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(ATTN_NAME)

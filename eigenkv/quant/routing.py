@@ -64,6 +64,7 @@ def kernels_apply(query: torch.Tensor, training: bool = False, **kwargs) -> bool
     return (
         not training
         and not kwargs.get("output_attentions", False)
+        and kwargs.get("softcap") is None  # capped logits (Gemma-2): the PyTorch path
         and query.dtype in KERNEL_DTYPES
         and use_triton(query)
     )

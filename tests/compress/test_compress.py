@@ -16,6 +16,7 @@ from eigenkv.memory import cache_held_bytes, kv_cache_bytes
 from tests.helpers import (
     random_tokens,
     random_windows,
+    tiny_gemma2,
     tiny_gemma3,
     tiny_gptneox,
     tiny_llama,
@@ -43,6 +44,7 @@ CASES = [
     # with global layers, each with its own RoPE
     ("mistral-sliding", tiny_mistral, "post"),
     ("gemma3", tiny_gemma3, "post"),
+    ("gemma2-softcap", tiny_gemma2, "post"),  # capped attention logits (the PyTorch path)
     # a fused qkv_proj (Phi-3), with RoPE on half of each head (post-RoPE only)
     ("phi3", tiny_phi3, "pre"),
     ("phi3-partial-rope", lambda: tiny_phi3(partial_rotary_factor=0.5), "post"),

@@ -10,6 +10,7 @@ from tests.helpers import (
     parallel_and_stepwise,
     random_tokens,
     random_windows,
+    tiny_gemma2,
     tiny_gemma3,
     tiny_gptneox,
     tiny_llama,
@@ -36,6 +37,7 @@ QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", re
         (lambda: tiny_phi3(partial_rotary_factor=0.5), "post"),
         (lambda: tiny_phi3(partial_rotary_factor=0.5), "pre"),
         (tiny_gptneox, "post"),
+        (tiny_gemma2, "post"),
     ],
     ids=[
         "llama-pre",
@@ -48,6 +50,7 @@ QUANT = KVQuantConfig(bits=2, group_size=8, axis_k="channel", axis_v="token", re
         "phi3-partial-rope-post",
         "phi3-partial-rope-pre",
         "gptneox-post",
+        "gemma2-softcap-post",
     ],  # fmt: skip
 )
 def test_parallel_forward_equals_decoding_and_bytes_match(make, mode):

@@ -5,7 +5,7 @@ from eigenkv.data import load_windows
 from eigenkv.eval.perplexity import perplexity
 from eigenkv.memory import cache_held_bytes, kv_cache_bytes
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache
-from tests.helpers import DEVICE, tiny_gemma3, tiny_llama, tiny_mistral, tiny_olmo2, tiny_opt, tiny_qwen3
+from tests.helpers import DEVICE, tiny_gemma2, tiny_gemma3, tiny_llama, tiny_mistral, tiny_olmo2, tiny_opt, tiny_qwen3
 
 CONFIGS = [
     KVQuantConfig(bits=2, group_size=8, axis_k="token", axis_v="token"),
@@ -19,8 +19,8 @@ CONFIGS = [
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label())
 @pytest.mark.parametrize(
     "build",
-    [tiny_llama, tiny_opt, tiny_qwen3, tiny_olmo2, tiny_mistral, tiny_gemma3],
-    ids=["llama-gqa", "opt", "qwen3", "olmo2", "mistral-sliding", "gemma3-mixed"],
+    [tiny_llama, tiny_opt, tiny_qwen3, tiny_olmo2, tiny_mistral, tiny_gemma3, tiny_gemma2],
+    ids=["llama-gqa", "opt", "qwen3", "olmo2", "mistral-sliding", "gemma3-mixed", "gemma2-softcap"],
 )
 def test_parallel_forward_equals_token_by_token_decoding(config, build):
     """One multi-token forward must read the cache exactly as decoding one token at a time does.
@@ -127,15 +127,21 @@ def test_sliding_layers_drop_whole_quantized_units_before_the_next_window():
     assert sliding_dropped(15, 16, per_channel_keys) == 0
 
 
-def test_models_that_cap_attention_logits_are_refused():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    config = Gemma2Config(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, attn_logit_softcapping=50.0,
-    )  # fmt: skip
-    with pytest.raises(ValueError, match="attn_logit_softcapping"):
-        QuantizedKV(Gemma2ForCausalLM(config), KVQuantConfig(bits=4)).__enter__()
+def test_capped_attention_logits_are_computed_as_the_model_does():
+    """Gemma-2 caps its logits: with nothing quantized yet (a window wider than the sequence) the quantized
+    cache's attention equals the model's own, prompt and decode steps; without the cap the logits differ."""
+    ids = torch.randint(4, 96, (2, 30))
+    model, uncapped = tiny_gemma2().double(), tiny_gemma2(softcap=None).double()
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert (uncapped(ids).logits - expected).abs().max() > 1e-3  # the cap matters for these weights
+        with QuantizedKV(model, KVQuantConfig(bits=4, group_size=8, residual=64)) as kv:
+            parallel = model(ids, past_key_values=kv.new_cache()).logits
+            cache = kv.new_cache()
+            steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(ids.shape[1])]
+    # Gemma-2's eager attention takes its softmax in float32 even in a float64 model: agreement to that precision
+    torch.testing.assert_close(parallel, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-6, rtol=0)
 
 
 def test_layer_windows_are_those_transformers_caches_use():

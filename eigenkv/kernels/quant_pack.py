@@ -20,12 +20,15 @@ and packed straight into the cache's buffers at positions read on the device
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from eigenkv.kernels.backend import check_kernel_device
 from eigenkv.kernels.utils import KernelConfig, KernelSpec, cdiv
+from eigenkv.quant.config import KVQuantConfig
 from eigenkv.quant.packing import aligned_width, pack, pack_aligned, packed_length, unpack_aligned
 from eigenkv.quant.reference import NON_FINITE_MESSAGE, QuantizedGroups, check_quant_args, dequantize, quantize
 
@@ -406,25 +409,34 @@ def unpack_dequantize(
     return out
 
 
-def ring_append_reference(
-    x: torch.Tensor,
-    ring: torch.Tensor,
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor | None,
-    counts: torch.Tensor,
-    non_finite: torch.Tensor,
-    *,
-    axis: str,
-    bits: int,
-    group_size: int,
-    residual: int,
-    symmetric: bool = False,
-    next_counts: torch.Tensor | None = None,
-) -> None:
+class RingBuffers(NamedTuple):
+    """What a one-token append writes (one capturable cache stream, in the layouts of ``eigenkv.quant.store``).
+
+    Attributes:
+        ring: ``(B, H, slots, D)`` full-precision tokens, token ``j`` in slot ``j % slots``.
+        codes: uint8 packed codes: per token ``(B, H, T, bytes)``, per channel ``(B, H, T / G * bytes(G), D')``.
+        scale, zero: per token ``(B, H, T, groups)``, per channel ``(B, H, T / G, D')``; ``zero`` None when
+            symmetric.
+        counts: int32 ``(2,)``: ``[T_q, S]``, read and advanced on the device.
+        non_finite: () bool, set when appended states hold NaN or Inf.
+        next_counts: int32 ``(2,)`` scratch for the kernel (the reference does not need it).
+    """
+
+    ring: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    counts: torch.Tensor
+    non_finite: torch.Tensor
+    next_counts: torch.Tensor | None = None
+
+
+def ring_append_reference(x: torch.Tensor, buffers: RingBuffers, config: KVQuantConfig, axis: str) -> None:
     """Reference of :func:`ring_append` (any dtype, group size and scale dtype): the same writes with torch ops,
     every position read from ``counts`` on the device (nothing read back: a CUDA graph can capture it; a step
-    that completes no unit writes its rows back unchanged); ``next_counts`` is not needed."""
+    that completes no unit writes its rows back unchanged)."""
+    ring, codes, scale, zero, counts, non_finite, _ = buffers
+    bits, group_size, residual, symmetric = config.bits, config.group_size, config.residual, config.symmetric
     b, h, _, d = x.shape
     slots = ring.shape[2]
     held = counts[1:].long()  # (1,)
@@ -460,35 +472,20 @@ def ring_append_reference(
     counts.copy_(torch.cat([quantized, held + 1]).to(torch.int32))
 
 
-def ring_append(
-    x: torch.Tensor,
-    ring: torch.Tensor,
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor | None,
-    counts: torch.Tensor,
-    non_finite: torch.Tensor,
-    *,
-    axis: str,
-    bits: int,
-    group_size: int,
-    residual: int,
-    symmetric: bool = False,
-    next_counts: torch.Tensor | None = None,
-) -> None:
+def ring_append(x: torch.Tensor, buffers: RingBuffers, config: KVQuantConfig, axis: str) -> None:
     """Triton: append one token to a capturable cache stream in one launch (and a 8-byte copy of the counts).
 
-    Writes ``x`` (B, H, 1, D) fp16/bf16 into ``ring`` (B, H, slots, D) at slot ``S % slots``, then quantizes
-    the unit this token completes, if any (``axis="token"``: token ``S - residual``; ``"channel"``: the block
-    of ``group_size`` tokens that ends at ``S + 1 - residual``), from the ring (``x`` for the new token
-    itself), and writes its packed ``codes``, ``scale`` and ``zero`` rows (the layouts of
-    ``eigenkv.quant.store``: per token ``(B, H, T, bytes)`` and ``(B, H, T, groups)``, per channel
-    ``(B, H, T / G * bytes(G), D')`` and ``(B, H, T / G, D')``) in place; whether a unit completes is a
-    predicate on the device, so the launch is the same at every step. ``counts`` (int32 ``(2,)``:
-    ``[T_q, S]``) is read on the device and advanced (through ``next_counts``, a scratch ``(2,)``, as other
-    programs still read it). NaN/Inf in ``x`` set ``non_finite`` (a () bool). Nothing is read back on the host.
+    Writes ``x`` (B, H, 1, D) fp16/bf16 into ``buffers.ring`` at slot ``S % slots``, then quantizes the unit
+    this token completes, if any (``axis="token"``: token ``S - residual``; ``"channel"``: the block of ``G``
+    tokens that ends at ``S + 1 - residual``; bits, group, residual and symmetry from ``config``), from the
+    ring (``x`` for the new token itself), and writes its packed codes, scales and zero points in place;
+    whether a unit completes is a predicate on the device, so the launch is the same at every step.
+    ``counts`` is read on the device and advanced (through ``next_counts``, as other programs still read it).
+    NaN/Inf in ``x`` set ``non_finite``. Nothing is read back on the host.
     """
     check_kernel_device(x, "ring_append", "ring_append_reference")
+    ring, codes, scale, zero, counts, non_finite, next_counts = buffers
+    bits, group_size, residual, symmetric = config.bits, config.group_size, config.residual, config.symmetric
     b, h, one, d = x.shape
     if one != 1 or x.dtype not in (torch.float16, torch.bfloat16) or x.stride(-1) != 1 or ring.dtype != x.dtype:
         raise ValueError(

@@ -689,17 +689,17 @@ class CapturableStream(QuantizedStream):
         """Append one token at the positions ``counts`` holds (device positions only): the fused kernel
         (:func:`~eigenkv.kernels.quant_pack.ring_append`) where it applies, else its torch reference.
         ``completes``: the host's count says this token completes a unit (for ``traffic`` only)."""
-        from eigenkv.kernels.quant_pack import ring_append, ring_append_reference
+        from eigenkv.kernels.quant_pack import RingBuffers, ring_append, ring_append_reference
 
         cfg = self.config
         kernel = x.dtype in (torch.float16, torch.bfloat16) and self._kernels(
             x, x.shape[-1] if self.axis == "token" else cfg.group_size, x.dtype
         )
-        (ring_append if kernel else ring_append_reference)(
-            x, self._window.buffer, self._codes.buffer, self._scale.buffer, self._zero.buffer, self.counts,
-            self.non_finite, axis=self.axis, bits=cfg.bits, group_size=cfg.group_size, residual=cfg.residual,
-            symmetric=cfg.symmetric, next_counts=self._next,
+        buffers = RingBuffers(
+            self._window.buffer, self._codes.buffer, self._scale.buffer, self._zero.buffer, self.counts,
+            self.non_finite, self._next,
         )  # fmt: skip
+        (ring_append if kernel else ring_append_reference)(x, buffers, cfg, self.axis)
         self._window.written += x.numel() * x.element_size()
         if completes:
             code_rows, param_rows = self._rows(self.unit)

@@ -111,7 +111,8 @@ RING_CASES = [
 def test_ring_append_matches_reference_bit_for_bit(case):
     """Every buffer the append writes (ring, codes, scales, zeros, counts, the NaN flag) equals the reference's,
     from random contents (what it must not touch stays as it was)."""
-    from eigenkv.kernels.quant_pack import ring_append, ring_append_reference
+    from eigenkv.kernels.quant_pack import RingBuffers, ring_append, ring_append_reference
+    from eigenkv.quant.config import KVQuantConfig
     from eigenkv.quant.packing import aligned_width, packed_length
 
     axis, bits, group, residual, symmetric, width, held = case
@@ -124,28 +125,28 @@ def test_ring_append_matches_reference_bit_for_bit(case):
     else:
         code_shape, param_shape = (capacity // group * packed_length(group, bits), stored), (capacity // group, stored)
     x = torch.randn(batch, heads, 1, width, device=DEVICE, dtype=torch.float16)
-    buffers = {
-        "ring": torch.randn(batch, heads, slots, width, device=DEVICE, dtype=torch.float16),
-        "codes": torch.randint(0, 256, (batch, heads, *code_shape), device=DEVICE, dtype=torch.uint8),
-        "scale": torch.rand(batch, heads, *param_shape, device=DEVICE).half(),
-        "zero": None if symmetric else torch.rand(batch, heads, *param_shape, device=DEVICE).half(),
-        "counts": torch.tensor([0, held], dtype=torch.int32, device=DEVICE),
-        "non_finite": torch.zeros((), dtype=torch.bool, device=DEVICE),
-    }
-    copies = {k: None if v is None else v.clone() for k, v in buffers.items()}
-    settings = {"axis": axis, "bits": bits, "group_size": group, "residual": residual, "symmetric": symmetric}
-    scratch = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    ring_append(x, *buffers.values(), **settings, next_counts=scratch)
-    ring_append_reference(x, *copies.values(), **settings)
-    for name, got in buffers.items():
-        assert (got is None) == (copies[name] is None) and (got is None or torch.equal(got, copies[name])), name
+    buffers = RingBuffers(
+        ring=torch.randn(batch, heads, slots, width, device=DEVICE, dtype=torch.float16),
+        codes=torch.randint(0, 256, (batch, heads, *code_shape), device=DEVICE, dtype=torch.uint8),
+        scale=torch.rand(batch, heads, *param_shape, device=DEVICE).half(),
+        zero=None if symmetric else torch.rand(batch, heads, *param_shape, device=DEVICE).half(),
+        counts=torch.tensor([0, held], dtype=torch.int32, device=DEVICE),
+        non_finite=torch.zeros((), dtype=torch.bool, device=DEVICE),
+        next_counts=torch.zeros(2, dtype=torch.int32, device=DEVICE),
+    )
+    copies = RingBuffers(*(None if t is None else t.clone() for t in buffers))
+    config = KVQuantConfig(bits=bits, group_size=group, residual=residual, symmetric=symmetric)
+    ring_append(x, buffers, config, axis)
+    ring_append_reference(x, copies, config, axis)
+    for name, got, expected in zip(RingBuffers._fields[:-1], buffers, copies, strict=False):
+        assert (got is None) == (expected is None) and (got is None or torch.equal(got, expected)), name
     after = held + 1
     expected_quantized = max(0, after - residual) // unit * unit
-    assert buffers["counts"].tolist() == [expected_quantized, after]
+    assert buffers.counts.tolist() == [expected_quantized, after]
     x[0, 1, 0, 3] = float("nan")
-    ring_append(x, *buffers.values(), **settings, next_counts=scratch)
-    assert bool(buffers["non_finite"])
+    ring_append(x, buffers, config, axis)
+    assert bool(buffers.non_finite)
     with pytest.raises(ValueError, match="next_counts"):
-        ring_append(x, *buffers.values(), **settings)
+        ring_append(x, buffers._replace(next_counts=None), config, axis)
     with pytest.raises(ValueError, match="one fp16/bf16 token"):
-        ring_append(x.float(), *buffers.values(), **settings, next_counts=scratch)
+        ring_append(x.float(), buffers, config, axis)

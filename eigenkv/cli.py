@@ -462,9 +462,10 @@ def run_curve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         bos=args.bos,
     )
-    for name in ("bits", "groups", "ratios", "methods", "components"):
+    for name in ("bits", "groups", "ratios", "methods", "components", "budgets"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
+    settings["quant_rotate"] = args.quant_rotate
     config = CurveConfig.full(**settings) if args.full else CurveConfig(**settings)
     check_writable(Path(args.out_root), "folder")
     out = run_curve(
@@ -497,6 +498,7 @@ def run_plan(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         windows=args.windows,
         seq_len=args.seq_len,
+        allot=not args.no_allot,
         ratios=args.ratios,
         bits=args.bits,
         groups=args.groups,
@@ -589,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--rope-mode", default="pre", choices=["pre", "post"])
     curve.add_argument("--methods", type=listed(str), default=None, help="Eigen methods (default paper,eigenkv)")
     curve.add_argument("--components", type=listed(str), default=None, help="component variants, e.g. hi4x0.25,scale")
+    curve.add_argument("--quant-rotate", action="store_true", help="also quantization alone with Hadamard rotation")
+    curve.add_argument(
+        "--budgets", type=listed(float), default=None, help="byte allotment's curve: fractions of fp16, e.g. 0.15,0.2"
+    )
     curve.add_argument("--calib-dataset", default="brown")
     curve.add_argument("--calib-windows", type=positive_int, default=16)
     curve.add_argument("--plans", default=None, help="plans shared between runs (default: the eigenkv cache's)")
@@ -600,10 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dataset", default="wikitext2")
     plan.add_argument("--windows", type=positive_int, default=3, help="evaluated windows (finalists' perplexity)")
     plan.add_argument("--seq-len", type=positive_int, default=2048)
-    plan.add_argument("--ratios", type=listed(float), default=(1.0, 0.8, 0.7, 0.6, 0.5), help="Eigen ratios (1: none)")
+    plan.add_argument("--no-allot", action="store_true", help="uniform candidates only (no byte allotment)")
+    plan.add_argument("--ratios", type=listed(float), default=(1.0,), help="uniform candidates' Eigen ratios (1: none)")
     plan.add_argument("--bits", type=listed(int), default=(8, 4, 3, 2))
     plan.add_argument("--groups", type=listed(int), default=(128, 64, 32))
-    plan.add_argument("--components", type=listed(str), default=("plain", "hi4x0.25"), help="e.g. plain,hi4x0.25")
+    plan.add_argument("--components", type=listed(str), default=("plain",), help="e.g. plain,hi4x0.25")
     plan.add_argument("--method", default="eigenkv", choices=["eigenkv", "paper"])
     plan.add_argument("--calib-dataset", default="brown")
     plan.add_argument("--calib-windows", type=positive_int, default=16)

@@ -14,13 +14,17 @@ bytes a real cache holds (:func:`cache_tensor_bytes`):
   ``T_q * packed_length(D', b)`` bytes and ``T_q * ceil(D / G)`` scales and
   zeros; per channel, codes ``T_q / G * packed_length(G, b) * D'`` bytes and
   ``T_q / G * D'`` scales and zeros; the window ``(n - T_q) * D`` values of the
-  model's dtype; plus, with ``rotate``, one ``D x D`` float32 Hadamard matrix.
-  Two-precision streams (``MixedKVQuantConfig``) are the sum of their
-  segments, each padded to its own aligned width.
+  model's dtype; plus, when a stream has ``rotate``, one ``D x D`` float32
+  Hadamard matrix. Each stream is counted with its own quantizer
+  (``stream_config``: a ``LayerwiseKVQuantConfig`` sets one per layer and
+  kind); an unquantized stream is ``D`` elements of the window's dtype per token
+  (:class:`DenseStorage`). Two-precision streams (``MixedKVQuantConfig``) are
+  the sum of their segments, each padded to its own aligned width.
 - sliding-window layers (per layer, as transformers builds caches): a dense one
   keeps its last ``W - 1`` tokens (:class:`SlidingStorage`); a quantized one
-  stops holding the whole quantized units before the next query's window
-  (``sliding_dropped``), counted by :class:`QuantizedStorage`;
+  stops holding the whole quantized units of the streams of every sliding layer
+  before the next query's window (``sliding_dropped``, :class:`LayerSlide`), counted by
+  :class:`QuantizedStorage` (and :class:`SlidStorage` for an unquantized stream);
 - compressed models (any module exposing ``key_rank``, ``value_rank``,
   ``kv_heads``, ``layer_idx`` and ``runtime_basis_elements()``, as
   ``eigenkv.compress`` attention does): ``r_k``/``r_v`` elements per KV head and
@@ -42,11 +46,12 @@ from eigenkv.quant.config import (
     KVQuantConfig,
     MixedKVQuantConfig,
     check_layers,
-    layer_config,
     layer_segments,
     layer_windows,
     quantized_prefix,
     sliding_dropped,
+    sliding_streams,
+    stream_config,
 )
 from eigenkv.quant.packing import aligned_width, packed_length
 from eigenkv.quant.reference import num_groups
@@ -223,8 +228,9 @@ def kv_cache_bytes(
         dtype: element type of the cache, or of a quantized cache's
             full-precision window (default float16, as the paper counts); not
             allowed with a ``KVLayout``, which carries its own.
-        quant: a ``KVQuantConfig`` for a quantized cache (codes, scales, zero
-            points, window); None for an uncompressed one.
+        quant: a ``KVQuantConfig`` (or ``MixedKVQuantConfig``, ``LayerwiseKVQuantConfig``) for a quantized
+            cache (codes, scales, zero points, window; unquantized streams as ``data``); None for an
+            uncompressed one.
 
     Returns:
         ``KVBytes``; ``.total`` in bytes, ``.gb`` in units of 2^30 bytes.
@@ -245,6 +251,20 @@ def kv_cache_bytes(
 
 
 @dataclass(frozen=True)
+class LayerSlide:
+    """A sliding-window layer of a quantized cache: its ``window``, and the ``(quantizer, kind)`` of the streams
+    of every sliding layer (``sliding_streams``; None: unquantized), which together say how many first tokens
+    every stream of those layers no longer holds."""
+
+    window: int
+    streams: tuple[tuple[KVQuantConfig | None, str], ...]
+
+    def dropped(self, tokens: int) -> int:
+        """First tokens no longer held once ``tokens`` were appended (:func:`sliding_dropped`)."""
+        return sliding_dropped(tokens, self.window, self.streams)
+
+
+@dataclass(frozen=True)
 class QuantizedStorage:
     """Storage of one KV head's keys or values in a quantized cache (a ``Storage`` for ``KVLayout``)."""
 
@@ -252,12 +272,19 @@ class QuantizedStorage:
     config: KVQuantConfig
     axis: str
     window_dtype: torch.dtype = torch.float16
-    sliding: int | None = None  # a sliding-window layer's window: its first tokens are dropped
+    # a sliding-window layer: its first tokens are dropped; a window alone (int): a layer whose keys and values
+    # both follow ``config``
+    sliding: LayerSlide | int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.sliding, int):
+            streams = ((self.config, "key"), (self.config, "value"))
+            object.__setattr__(self, "sliding", LayerSlide(self.sliding, streams))
 
     def nbytes(self, tokens: int) -> dict[str, int]:
         cfg = self.config
         total = quantized_prefix(tokens, self.axis, cfg.group_size, cfg.residual)
-        quantized = total - (0 if self.sliding is None else sliding_dropped(tokens, self.sliding, cfg))
+        quantized = total - (0 if self.sliding is None else self.sliding.dropped(tokens))
         scale_size = cfg.torch_scale_dtype.itemsize
         if self.axis == "token":
             codes = quantized * packed_length(aligned_width(self.width), cfg.bits)  # the padding codes count
@@ -272,6 +299,18 @@ class QuantizedStorage:
             "zeros": 0 if cfg.symmetric else params * scale_size,
             "window": (tokens - total) * self.width * self.window_dtype.itemsize,
         }
+
+
+@dataclass(frozen=True)
+class SlidStorage:
+    """An unquantized stream of a quantized cache's sliding-window layer: ``inner`` for the tokens after the
+    first ``sliding.dropped(tokens)`` (which its quantized partner decides; a ``Storage``)."""
+
+    inner: DenseStorage
+    sliding: LayerSlide
+
+    def nbytes(self, tokens: int) -> dict[str, int]:
+        return self.inner.nbytes(tokens - self.sliding.dropped(tokens))
 
 
 @dataclass(frozen=True)
@@ -294,16 +333,32 @@ def stream_storage(
     kind: str,
     layer: int,
     window_dtype: torch.dtype = torch.float16,
-    sliding: int | None = None,
-) -> QuantizedStorage | SegmentedStorage:
-    """Storage of layer ``layer``'s ``kind`` (``"key"``/``"value"``) stream of ``width`` features (``sliding``: the
-    layer's window when it slides)."""
-    base = layer_config(config, layer)
-    axis = base.axis_k if kind == "key" else base.axis_v
+    slid: LayerSlide | None = None,
+) -> Storage:
+    """Storage of layer ``layer``'s ``kind`` (``"key"``/``"value"``) stream of ``width`` features (``slid``: what
+    the layer drops when it slides, :func:`sliding_layer`): quantized by its own quantizer (``stream_config``),
+    or, when it has none, ``width`` elements of ``window_dtype`` per token."""
+    quantizer = stream_config(config, layer, kind)
+    if quantizer is None:
+        dense = DenseStorage(width, window_dtype)
+        return dense if slid is None else SlidStorage(dense, slid)
+    axis = quantizer.axis(kind)
     if isinstance(config, MixedKVQuantConfig):
         segments = layer_segments(config, layer, kind, width)
-        return SegmentedStorage(tuple(QuantizedStorage(n, c, axis, window_dtype, sliding) for n, c in segments))
-    return QuantizedStorage(width, base, axis, window_dtype, sliding)
+        return SegmentedStorage(tuple(QuantizedStorage(n, c, axis, window_dtype, slid) for n, c in segments))
+    return QuantizedStorage(width, quantizer, axis, window_dtype, slid)
+
+
+def sliding_layer(config: AnyKVQuantConfig, windows, layer: int) -> LayerSlide | None:
+    """What layer ``layer`` of a quantized cache drops (None: it attends in full), from the model's ``windows``
+    (``layer_windows``)."""
+    return None if windows[layer] is None else LayerSlide(windows[layer], sliding_streams(config, windows))
+
+
+def _rotates(config: AnyKVQuantConfig, layers) -> bool:
+    """Whether a stream of one of ``layers`` is Hadamard-rotated."""
+    streams = (stream_config(config, i, kind) for i in layers for kind in ("key", "value"))
+    return any(c is not None and c.rotate for c in streams)
 
 
 def quantized_layout(
@@ -311,16 +366,17 @@ def quantized_layout(
 ) -> KVLayout:
     """The ``KVLayout`` of a :class:`QuantizedKVCache` on a model of this shape."""
     check_layers(config, shape.layers)
+    windows = [shape.window(i) for i in range(shape.layers)]
     layers = tuple(
         LayerKV(
             shape.kv_heads,
-            stream_storage(shape.head_dim, config, "key", i, window_dtype, shape.window(i)),
-            stream_storage(shape.head_dim, config, "value", i, window_dtype, shape.window(i)),
+            stream_storage(shape.head_dim, config, "key", i, window_dtype, sliding_layer(config, windows, i)),
+            stream_storage(shape.head_dim, config, "value", i, window_dtype, sliding_layer(config, windows, i)),
         )
         for i in range(shape.layers)
     )
-    rotated = any(layer_config(config, i).rotate for i in range(shape.layers))
-    fixed = {"rotation": shape.head_dim**2 * 4} if rotated else {}  # one Hadamard matrix shared by the layers
+    # one Hadamard matrix shared by the layers
+    fixed = {"rotation": shape.head_dim**2 * 4} if _rotates(config, range(shape.layers)) else {}
     return KVLayout(layers=layers, fixed=fixed)
 
 
@@ -342,7 +398,7 @@ def compressed_layout(model: torch.nn.Module, dtype: torch.dtype = torch.float16
         raise ValueError("this model is not compressed; use kv_cache_bytes(model) for its dense cache")
     if quant is not None:
         check_layers(quant, len(modules))
-        if any(layer_config(quant, m.layer_idx).rotate for m in modules):
+        if _rotates(quant, (m.layer_idx for m in modules)):
             raise ValueError("rotate=True rotates the head dimension; a compressed cache holds ranks, not heads")
     windows = layer_windows(model.config)
     layers, basis_elements = [], 0
@@ -352,8 +408,9 @@ def compressed_layout(model: torch.nn.Module, dtype: torch.dtype = torch.float16
             keys = slide(DenseStorage(module.key_rank, dtype), window)
             values = slide(DenseStorage(module.value_rank, dtype), window)
         else:
-            keys = stream_storage(module.key_rank, quant, "key", module.layer_idx, dtype, window)
-            values = stream_storage(module.value_rank, quant, "value", module.layer_idx, dtype, window)
+            slid = sliding_layer(quant, windows, module.layer_idx)
+            keys = stream_storage(module.key_rank, quant, "key", module.layer_idx, dtype, slid)
+            values = stream_storage(module.value_rank, quant, "value", module.layer_idx, dtype, slid)
         layers.append(LayerKV(module.kv_heads, keys, values))
         basis_elements += module.runtime_basis_elements()
     fixed = {"bases": basis_elements * dtype.itemsize} if basis_elements else {}

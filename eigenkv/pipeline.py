@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eigenkv.compress.budget import BudgetConfig, ByteAllotment, Sensitivity, allot_bytes
 from eigenkv.compress.build import apply_plan, compress_model
 from eigenkv.compress.calibrate import Calibration
 from eigenkv.compress.components import prepare_components
@@ -201,6 +203,44 @@ def apply_recipe(
     if recipe.weights is not None:
         quantize_weights(model, recipe.weights)
     return CompressedModel(model, recipe, plan, cache)
+
+
+def allotted_recipe(allotment: ByteAllotment, config: BudgetConfig) -> Recipe:
+    """The recipe of a byte allotment: its ranks (an ``EigenConfig`` with ``ranks``, when it compresses) and a
+    quantizer per layer and kind (``kv`` the most common one, ``kv_layers`` the layers that differ)."""
+    lowrank = config.eigen().with_ranks(allotment.ranks) if allotment.lowrank else None
+    pairs = list(zip(allotment.keys, allotment.values, strict=True))
+    quantized = Counter(q for pair in pairs for q in pair if q is not None)
+    if not quantized:
+        return Recipe(lowrank=lowrank)
+    kv = quantized.most_common(1)[0][0]
+    layers = {i: pair for i, pair in enumerate(pairs) if pair != (kv, kv)}
+    return Recipe(lowrank=lowrank, kv=kv, kv_layers=layers)
+
+
+def recipes_for_budget(sensitivity: Sensitivity, budget_bytes: int) -> list[tuple[Recipe, ByteAllotment]]:
+    """The allotted recipe of each candidate within ``budget_bytes`` (KV bytes at ``sensitivity.config.seq_len``
+    tokens, batch 1), best predicted first: with Eigen Attention (when the sensitivity measured low ranks) and
+    without. A candidate whose smallest cache exceeds the budget is left out; none fitting raises ValueError.
+
+    Example::
+
+        calib = calibrate(model, windows, gradients=True)
+        sensitivity = measure_sensitivity(model, calib)              # minutes, once per model
+        recipe, allotment = recipes_for_budget(sensitivity, int(0.2 * fp16_bytes))[0]
+        compressed = apply_recipe(model, recipe, calib)
+    """
+    out, refusals = [], []
+    for lowrank in (True, False) if sensitivity.config.lowrank else (False,):
+        try:
+            allotment = allot_bytes(sensitivity, budget_bytes, lowrank)
+        except ValueError as err:
+            refusals.append(str(err))
+            continue
+        out.append((allotted_recipe(allotment, sensitivity.config), allotment))
+    if not out:
+        raise ValueError(refusals[-1])
+    return sorted(out, key=lambda pair: pair[1].predicted)
 
 
 def _read_manifest(path: Path) -> dict:

@@ -41,3 +41,38 @@ def plot_ranks(ranks: list[tuple[int, int]], head_dim: int, title: str, path: st
     ax.legend(fontsize=7, ncols=3, loc="upper right")
     fig.tight_layout()
     return save_figure(fig, path, dpi=120)
+
+
+BITS_COLORS = {2: "#d62728", 3: "#ff7f0e", 4: "#2ca02c", 8: "#1f77b4", None: "#7f7f7f"}
+
+
+def plot_allotment(streams: list[dict], head_dim: int, title: str, path: str | os.PathLike) -> Path:
+    """Two panels (keys, values): every layer's rank as a bar coloured by its bits, its group size above it.
+
+    Args:
+        streams: rows ``{"layer", "kind" ("key"/"value"), "rank", "bits" (None: 16-bit), "group_size"}``.
+    """
+    plt = pyplot()
+    layers = 1 + max(row["layer"] for row in streams)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.28 * layers), 4.6), sharex=True)
+    for ax, kind in zip(axes, ("key", "value"), strict=True):
+        rows = sorted((r for r in streams if r["kind"] == kind), key=lambda r: r["layer"])
+        ax.bar(
+            [r["layer"] for r in rows],
+            [r["rank"] for r in rows],
+            color=[BITS_COLORS.get(r["bits"], "black") for r in rows],
+            width=0.8,
+        )
+        for r in rows:
+            if r["group_size"] is not None:
+                ax.text(r["layer"], r["rank"] + head_dim * 0.02, f"g{r['group_size']}", ha="center", fontsize=5)
+        ax.axhline(head_dim, color="gray", lw=0.8, ls="--")
+        ax.set_ylim(0, head_dim * 1.2)
+        ax.set_ylabel(f"{kind} rank")
+    axes[-1].set_xlabel("layer")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in BITS_COLORS.values()]
+    labels = [f"{b} bits" if b else "16 bits" for b in BITS_COLORS]
+    axes[0].legend(handles, labels, fontsize=6, ncols=5, loc="lower right")
+    axes[0].set_title(title, fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)

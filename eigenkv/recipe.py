@@ -4,7 +4,7 @@
         lowrank=EigenConfig(target_ratio=0.6),          # Eigen Attention (None: full rank)
         components=ComponentQuantConfig(high_bits=4),   # how the low-rank components are quantized
         kv=KVQuantConfig(bits=3, group_size=64),        # the quantized KV cache (None: fp16 cache)
-        kv_layers={0: KVQuantConfig(bits=8)},           # per-layer overrides of ``kv``
+        kv_layers={0: KVQuantConfig(bits=8), 5: (KVQuantConfig(bits=4), None)},  # per-layer overrides of ``kv``
         weights="int8",                                 # bitsandbytes weights (None: as loaded)
     )
 
@@ -41,15 +41,17 @@ class Recipe:
         components: how the cached low-rank components are prepared for quantization (needs
             ``lowrank`` and ``kv``); None: as they are.
         kv: quantizer of the KV cache; None: an unquantized cache.
-        kv_layers: ``{layer: KVQuantConfig}`` for layers quantized differently from ``kv``
-            (stored as sorted ``(layer, config)`` pairs).
+        kv_layers: ``{layer: override}`` for layers quantized differently from ``kv`` (stored as sorted
+            ``(layer, override)`` pairs). An override is a ``KVQuantConfig`` (keys and values), or a pair
+            ``(keys, values)`` of a ``KVQuantConfig`` or None (that stream unquantized); a pair of one config
+            twice is held as that config. JSON: a config object, or ``{"keys": config | null, "values": ...}``.
         weights: ``"int8"`` or ``"nf4"`` weight quantization (bitsandbytes); None: none.
     """
 
     lowrank: EigenConfig | None = None
     components: ComponentQuantConfig | None = None
     kv: KVQuantConfig | None = None
-    kv_layers: tuple[tuple[int, KVQuantConfig], ...] = ()
+    kv_layers: tuple[tuple[int, LayerOverride], ...] = ()
     weights: str | None = None
 
     def __post_init__(self):
@@ -59,11 +61,10 @@ class Recipe:
                 raise ValueError(f"Recipe.{name} must be a {kind.__name__} or None; got {type(value).__name__}")
         pairs = self.kv_layers.items() if isinstance(self.kv_layers, dict) else self.kv_layers
         try:
-            pairs = tuple(sorted((require_int("kv_layers layer", int_key(k), 0), c) for k, c in pairs))
+            pairs = [(require_int("kv_layers layer", int_key(k), 0), c) for k, c in pairs]
         except (TypeError, ValueError) as err:
-            raise ValueError(f"Recipe.kv_layers must map layer numbers to KVQuantConfig: {err}") from None
-        if any(not isinstance(c, KVQuantConfig) for _, c in pairs):
-            raise ValueError("Recipe.kv_layers values must be KVQuantConfig")
+            raise ValueError(f"Recipe.kv_layers must map layer numbers to overrides: {err}") from None
+        pairs = tuple(sorted(((k, _override(k, c)) for k, c in pairs), key=lambda pair: pair[0]))
         if len({k for k, _ in pairs}) != len(pairs):
             raise ValueError("Recipe.kv_layers names a layer twice")
         object.__setattr__(self, "kv_layers", pairs)
@@ -86,7 +87,9 @@ class Recipe:
         overrides = dict(self.kv_layers)
         if max(overrides) >= layers:
             raise ValueError(f"Recipe.kv_layers names layer {max(overrides)}; this model has {layers} layers")
-        return LayerwiseKVQuantConfig(tuple(overrides.get(i, self.kv) for i in range(layers)))
+        streams = [overrides.get(i, self.kv) for i in range(layers)]
+        streams = [s if isinstance(s, tuple) else (s, s) for s in streams]
+        return LayerwiseKVQuantConfig(tuple(k for k, _ in streams), tuple(v for _, v in streams))
 
     def with_changes(self, **changes) -> Recipe:
         """A copy with some fields replaced (validated again)."""
@@ -108,7 +111,7 @@ class Recipe:
             "lowrank": None if self.lowrank is None else self.lowrank.to_dict(),
             "components": None if self.components is None else self.components.to_dict(),
             "kv": None if self.kv is None else self.kv.to_dict(),
-            "kv_layers": {str(k): c.to_dict() for k, c in self.kv_layers},
+            "kv_layers": {str(k): _override_to_dict(c) for k, c in self.kv_layers},
             "weights": self.weights,
         }
 
@@ -126,14 +129,17 @@ class Recipe:
         try:
             layers = data.get("kv_layers") or {}
             if not isinstance(layers, dict):
-                raise ValueError(f"kv_layers must be an object of layer -> KVQuantConfig; got {type(layers).__name__}")
+                raise ValueError(
+                    f"kv_layers must be an object of layer -> KVQuantConfig or {{keys, values}}; "
+                    f"got {type(layers).__name__}"
+                )
             return cls(
                 lowrank=None if data.get("lowrank") is None else EigenConfig.from_dict(data["lowrank"]),
                 components=None
                 if data.get("components") is None
                 else ComponentQuantConfig.from_dict(data["components"]),
                 kv=None if data.get("kv") is None else KVQuantConfig.from_dict(data["kv"]),
-                kv_layers={int_key(k): KVQuantConfig.from_dict(c) for k, c in layers.items()},
+                kv_layers={int_key(k): _override_from_dict(k, c) for k, c in layers.items()},
                 weights=data.get("weights"),
             )
         except TypeError as err:  # a field of the wrong JSON type (a list where an object belongs)
@@ -157,6 +163,44 @@ class Recipe:
             return cls.from_dict(data)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+
+
+LayerOverride = KVQuantConfig | tuple[KVQuantConfig | None, KVQuantConfig | None]
+
+
+def _override(layer: int, value) -> LayerOverride:
+    """A ``kv_layers`` value checked: a KVQuantConfig, or a ``(keys, values)`` pair of KVQuantConfig or None
+    (a pair of one config twice becomes that config)."""
+    if isinstance(value, KVQuantConfig):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        keys, values = value
+        if all(c is None or isinstance(c, KVQuantConfig) for c in (keys, values)):
+            return keys if keys == values and keys is not None else (keys, values)
+    raise ValueError(
+        f"Recipe.kv_layers[{layer}] must be a KVQuantConfig (keys and values) or a pair (keys, values) of "
+        f"KVQuantConfig or None (unquantized); got {value!r}"
+    )
+
+
+def _override_to_dict(override: LayerOverride) -> dict:
+    if isinstance(override, KVQuantConfig):
+        return override.to_dict()
+    return {kind: None if c is None else c.to_dict() for kind, c in zip(("keys", "values"), override, strict=True)}
+
+
+def _override_from_dict(layer, data) -> LayerOverride:
+    """Inverse of :func:`_override_to_dict`: a KVQuantConfig object, or ``{"keys": ..., "values": ...}``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"kv_layers[{layer!r}] must be a KVQuantConfig object or {{keys, values}}; got {data!r}")
+    if "keys" not in data and "values" not in data:
+        return KVQuantConfig.from_dict(data)
+    if set(data) != {"keys", "values"}:
+        raise ValueError(
+            f"kv_layers[{layer!r}] quantizes keys and values apart: it needs exactly the fields keys and values "
+            f"(each a KVQuantConfig object or null); got {sorted(data)}"
+        )
+    return tuple(None if data[kind] is None else KVQuantConfig.from_dict(data[kind]) for kind in ("keys", "values"))
 
 
 def int_key(key) -> int:

@@ -7,15 +7,18 @@ from eigenkv.memory import (
     DenseStorage,
     KVLayout,
     LayerKV,
+    LayerSlide,
     QuantizedStorage,
     SegmentedStorage,
+    SlidStorage,
     cache_held_bytes,
     cache_tensor_bytes,
     kv_cache_bytes,
+    quantized_layout,
 )
-from eigenkv.quant import KVQuantConfig, QuantizedKV
+from eigenkv.quant import KVQuantConfig, LayerwiseKVQuantConfig, QuantizedKV
 from eigenkv.quant.store import QuantizedStream, SegmentedStream
-from tests.helpers import tiny_gemma3, tiny_llama, tiny_mpt, tiny_opt
+from tests.helpers import random_tokens, random_windows, tiny_gemma3, tiny_llama, tiny_mistral, tiny_mpt, tiny_opt
 
 
 def test_llama2_7b_fp16_at_2048_is_one_gb():
@@ -134,3 +137,59 @@ def test_bad_input():
     assert kv_cache_bytes(windowed, seq_len=300).total < kv_cache_bytes(windowed, seq_len=511).total
     with pytest.raises(ValueError, match="not supported"):
         kv_cache_bytes(LlamaConfig(num_hidden_layers=1, layer_types=["chunked_attention"]))
+
+
+def test_each_stream_is_counted_with_its_own_quantizer():
+    """Per layer and kind: an unquantized stream is dense in the window dtype, a quantized one has its own codes;
+    the rotation matrix is counted once when any stream rotates."""
+    shape = AttentionShape(layers=2, q_heads=4, kv_heads=2, head_dim=16)
+    four, rotated = KVQuantConfig(bits=4, group_size=16, axis_k="token"), KVQuantConfig(bits=2, rotate=True)
+    config = LayerwiseKVQuantConfig((four, None), (None, rotated))
+    layout = quantized_layout(shape, config, torch.bfloat16)
+    assert layout.layers[0].keys == QuantizedStorage(16, four, "token", torch.bfloat16)
+    assert layout.layers[0].values == layout.layers[1].keys == DenseStorage(16, torch.bfloat16)
+    assert layout.layers[1].values == QuantizedStorage(16, rotated, "token", torch.bfloat16)
+    assert layout.fixed == {"rotation": 16 * 16 * 4}
+    assert quantized_layout(shape, LayerwiseKVQuantConfig((four, None), (None, four))).fixed == {}
+    kv = layout.nbytes(100, batch_size=3)
+    assert kv.components["keys.data"] == kv.components["values.data"] == 3 * 2 * 100 * 16 * 2
+    assert kv.components["keys.codes"] == 3 * 2 * 100 * 16 * 4 // 8
+
+
+def test_an_unquantized_stream_of_a_sliding_layer_drops_what_its_partner_drops():
+    shape = AttentionShape(layers=1, q_heads=4, kv_heads=2, head_dim=16, windows=(16,))
+    keys = KVQuantConfig(bits=2, group_size=8, axis_k="channel", residual=4)
+    layout = quantized_layout(shape, LayerwiseKVQuantConfig((keys,), (None,)), torch.float32)
+    dense = layout.layers[0].values
+    assert isinstance(dense, SlidStorage)
+    # 70 tokens: keys quantized 64, the next query reads 55..70: whole blocks of 8 before 55 dropped, 22 held
+    assert dense.nbytes(70) == {"data": 22 * 16 * 4}
+    assert dense.nbytes(15) == {"data": 15 * 16 * 4}  # nothing dropped before the window is full
+    # a window alone: a layer whose keys and values both follow the config (48 tokens dropped at 70)
+    both = QuantizedStorage(16, keys, "channel", torch.float32, 16)
+    assert both == QuantizedStorage(
+        16, keys, "channel", torch.float32, LayerSlide(16, ((keys, "key"), (keys, "value")))
+    )
+    assert both.nbytes(70)["codes"] == (64 - 48) // 8 * 2 * 16
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_mistral], ids=["llama", "mistral-sliding"])
+def test_count_equals_bytes_a_compressed_model_holds_with_a_quantizer_per_layer_and_kind(build):
+    from eigenkv.compress import EigenConfig, compress_model
+
+    model = build()
+    # post-RoPE: a sliding cache drops keys, so their index does not give their position (pre-RoPE needs it)
+    compress_model(model, random_windows(model), EigenConfig(target_ratio=0.6, rope_mode="post"), progress=False)
+    config = LayerwiseKVQuantConfig(
+        (KVQuantConfig(bits=4, group_size=8, axis_k="token", residual=3), None),
+        (None, KVQuantConfig(bits=2, group_size=16, axis_v="channel", residual=2)),
+    )
+    ids = random_tokens(model, batch=2, length=40)
+    with QuantizedKV(model, config) as kv, torch.no_grad():
+        cache = kv.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+        for t in range(3):  # and decode steps
+            model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+    counted = kv_cache_bytes(model, seq_len=43, batch_size=2, dtype=torch.float32, quant=config)
+    assert cache_held_bytes(cache) == sum(cache.nbytes().values()) == counted.total - counted.components["bases"]
+    assert counted.components["keys.data"] > 0 and counted.components["values.codes"] > 0

@@ -29,7 +29,7 @@ def test_round_trip_through_dict_json_and_disk(tmp_path):
 def test_cache_config_per_layer():
     config = FULL.cache_config(3)
     assert isinstance(config, LayerwiseKVQuantConfig)
-    assert [c.bits for c in config.layers] == [3, 8, 3]
+    assert config == LayerwiseKVQuantConfig.per_layer([FULL.kv, KVQuantConfig(bits=8, group_size=64), FULL.kv])
     assert Recipe(kv=KVQuantConfig()).cache_config(5) == KVQuantConfig()
     assert Recipe().cache_config(5) is None
     with pytest.raises(ValueError, match="names layer 1; this model has 1 layers"):
@@ -71,3 +71,51 @@ def test_bad_files(tmp_path):
         Recipe(kv={"bits": 4})
     with pytest.raises(ValueError, match="set kv for the others"):
         Recipe(kv_layers={0: KVQuantConfig()})
+
+
+def test_overrides_per_kind_round_trip_and_build_the_cache_config(tmp_path):
+    eight, two = KVQuantConfig(bits=8, group_size=32), KVQuantConfig(bits=2, group_size=128, axis_v="channel")
+    recipe = Recipe(kv=KVQuantConfig(bits=4), kv_layers={0: (eight, None), 2: (None, two), 3: [two, two]})
+    assert recipe.kv_layers == ((0, (eight, None)), (2, (None, two)), (3, two))  # a pair of one config: that config
+    data = json.loads(json.dumps(recipe.to_dict()))
+    assert data["kv_layers"] == {
+        "0": {"keys": eight.to_dict(), "values": None},
+        "2": {"keys": None, "values": two.to_dict()},
+        "3": two.to_dict(),
+    }
+    assert Recipe.from_dict(data) == recipe
+    assert Recipe.load(recipe.save(tmp_path / "recipe.json")) == recipe
+    assert recipe.label() == "4b-g64-kc-vt-r0+layers"
+    four = KVQuantConfig(bits=4)
+    assert recipe.cache_config(5) == LayerwiseKVQuantConfig(
+        (eight, four, None, two, four), (None, four, two, two, four)
+    )
+    # files written before overrides per kind read as they did
+    old = {**Recipe().to_dict(), "kv": four.to_dict(), "kv_layers": {"1": eight.to_dict()}}
+    assert Recipe.from_dict(old) == Recipe(kv=four, kv_layers={1: eight})
+    assert Recipe.from_dict(old).cache_config(3) == LayerwiseKVQuantConfig.per_layer([four, eight, four])
+    with pytest.raises(ValueError, match="every stream is unquantized"):
+        Recipe(kv=four, kv_layers={0: (None, None)}).cache_config(1)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"keys": {"bits": 4}}, r"needs exactly the fields keys and values .* got \['keys'\]"),
+        ({"keys": None, "values": None, "colour": 1}, "needs exactly the fields keys and values"),
+        ({"keys": 4, "values": None}, "a KVQuantConfig is a JSON object"),
+        ({"keys": {"bits": 5}, "values": None}, "bits=5 is not supported"),
+        ([{"bits": 4}, None], "must be a KVQuantConfig object or {keys, values}"),
+        ({"nbits": 4}, "unknown KVQuantConfig fields"),
+    ],
+)
+def test_bad_overrides_per_kind_are_refused(override, message):
+    data = {**Recipe().to_dict(), "kv": {}, "kv_layers": {"1": override}}
+    with pytest.raises(ValueError, match=message):
+        Recipe.from_dict(data)
+
+
+def test_bad_override_objects_are_refused():
+    for bad in ((KVQuantConfig(),), (KVQuantConfig(), None, None), ({"bits": 4}, None), "4b"):
+        with pytest.raises(ValueError, match=r"kv_layers\[0\] must be a KVQuantConfig .* or a pair"):
+            Recipe(kv=KVQuantConfig(), kv_layers={0: bad})

@@ -125,7 +125,7 @@ class Allotter:
                             self._sensitivity(layer, r, d) if kind == 0 else self._sensitivity(layer, d, r)
                         )
                     self.sensitivity_evaluations += len(grid)
-                    pair.append(_interpolate(measured, d))
+                    pair.append(interpolate(measured, d))
                 self._curves.append(tuple(pair))
         return self._curves
 
@@ -272,9 +272,10 @@ class Allotter:
         return [tuple(r) for r in ranks]
 
 
-def _interpolate(measured: dict[int, float], d: int) -> list[float]:
+def interpolate(measured: dict[int, float], d: int, non_increasing: bool = True) -> list[float]:
     """Values at every rank ``0..d`` from measurements at some ranks: linear between them,
-    constant below the first, then made non-increasing (a larger rank never predicts more loss)."""
+    constant below the first, then (``non_increasing``) made non-increasing (a larger rank never
+    predicts more loss)."""
     points = sorted(measured)
     curve = []
     for r in range(d + 1):
@@ -285,7 +286,7 @@ def _interpolate(measured: dict[int, float], d: int) -> list[float]:
         lo = max(p for p in points if p <= r)
         t = 0.0 if hi == lo else (r - lo) / (hi - lo)
         curve.append((1 - t) * measured[lo] + t * measured[hi])
-    for r in range(d - 1, -1, -1):
+    for r in range(d - 1, -1, -1) if non_increasing else ():
         curve[r] = max(curve[r], curve[r + 1])
     return curve
 

@@ -73,7 +73,7 @@ def compress_model(
         head_shape(site.module)  # refuses unsupported variants before the long calibration
     calib = _statistics(model, calibration, config, mode, signature, progress)
     start = time.perf_counter()
-    bases = _fit_bases(model, sites, calib, config, mode)
+    bases = fit_bases(model, sites, calib, config, mode)
     ranks, allotter, extra = _allot(model, sites, calib, bases, config, mode, progress)
     kept = [truncate(b, *r) for b, r in zip(bases, ranks, strict=True)]
     plan = EigenPlan(
@@ -134,7 +134,7 @@ def _statistics(model, calibration, config: EigenConfig, mode: str, signature: d
     return calibration
 
 
-def _fit_bases(model, sites: list, calib: Calibration, config: EigenConfig, mode: str) -> list:
+def fit_bases(model, sites: list, calib: Calibration, config: EigenConfig, mode: str) -> list:
     """Full-rank bases of every layer (PCA or output-aware), sorted by importance."""
     rope = None
     if config.basis == "output-rope":
@@ -165,7 +165,9 @@ def _allot(model, sites, calib: Calibration, bases: list, config: EigenConfig, m
             allotter.use_curves(*calib.derived[key])
         else:
             calib.derived[key] = (allotter.curves(), allotter.sensitivity_evaluations)
-    if config.target_ratio is not None:
+    if config.ranks is not None:
+        ranks = given_ranks(config.ranks, sizes)
+    elif config.target_ratio is not None:
         ranks = allotter.target(config.target_ratio)
     else:
         ranks = allotter.error_budget(config.error_budget)
@@ -177,6 +179,18 @@ def _allot(model, sites, calib: Calibration, bases: list, config: EigenConfig, m
         # The measured curves themselves (index = rank): score other allotments, draw them.
         extra["sensitivity"] = {"keys": [k for k, _ in curves], "values": [v for _, v in curves]}
     return ranks, allotter, extra
+
+
+def given_ranks(ranks, sizes: list[LayerSize]) -> list[tuple[int, int]]:
+    """``EigenConfig.ranks`` checked against the model: one pair per layer, each within the head size."""
+    if len(ranks) != len(sizes):
+        raise ValueError(f"EigenConfig.ranks lists {len(ranks)} layers; this model has {len(sizes)}")
+    for layer, ((r_k, r_v), size) in enumerate(zip(ranks, sizes, strict=True)):
+        if max(r_k, r_v) > size.head_dim:
+            raise ValueError(
+                f"EigenConfig.ranks gives layer {layer} ranks ({r_k}, {r_v}); its heads have {size.head_dim} features"
+            )
+    return [tuple(r) for r in ranks]
 
 
 def apply_plan(model: nn.Module, plan: EigenPlan, *, check: bool = True) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, replace
 
 from eigenkv.checks import require_fields, require_int, require_number
@@ -17,8 +18,8 @@ METHODS = {"paper": {"basis": "pca", "allot": "uniform"}, "eigenkv": {"basis": "
 class EigenConfig:
     """How to choose bases and ranks.
 
-    Exactly one of ``target_ratio`` and ``error_budget`` is set. The defaults
-    are the library's method (``EigenConfig.method("paper")`` gives the paper's).
+    Exactly one of ``target_ratio``, ``error_budget`` and ``ranks`` is set. The
+    defaults are the library's method (``EigenConfig.method("paper")`` gives the paper's).
 
     Attributes:
         target_ratio: fraction of the KV cache's per-token elements to keep
@@ -28,6 +29,8 @@ class EigenConfig:
             lower ``eps`` in steps of ``eps_step`` while the relative error of
             the layer's attention output on calibration windows stays at most
             this (e.g. 0.05).
+        ranks: the ranks themselves, per layer ``(r_k, r_v)`` (e.g. chosen with the bit widths for a byte
+            budget by ``eigenkv.compress.budget``); no rank allotment runs.
         basis: ``"output"`` (default): errors weighted by what reads them (the
             output projection for values, the queries for keys), an oblique
             projection folded into the weights; ``"pca"``: the paper's
@@ -66,6 +69,7 @@ class EigenConfig:
     error_windows: int = 1
     rank_multiple: int = 1
     min_rank: int = 1
+    ranks: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self):
         if self.target_ratio is not None:
@@ -73,10 +77,22 @@ class EigenConfig:
         if self.error_budget is not None:
             require_number("error_budget", self.error_budget, 0, 10, low_open=True, high_open=True)
         require_number("eps_step", self.eps_step, 0, 0.5, low_open=True)
-        if (self.target_ratio is None) == (self.error_budget is None):
+        if self.ranks is not None:
+            try:
+                ranks = tuple((int_rank(k), int_rank(v)) for k, v in self.ranks)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"ranks must list one (key rank, value rank) pair of positive ints per layer; got {self.ranks!r}"
+                ) from None
+            if not ranks:
+                raise ValueError("ranks is empty: give one (key rank, value rank) pair per layer")
+            object.__setattr__(self, "ranks", ranks)
+        chosen = [self.target_ratio is not None, self.error_budget is not None, self.ranks is not None]
+        if sum(chosen) != 1:
             raise ValueError(
-                "set exactly one of target_ratio (a KV fraction such as 0.6) and error_budget "
-                f"(the paper's per-layer output error, such as 0.05); got {self.target_ratio}, {self.error_budget}"
+                "set exactly one of target_ratio (a KV fraction such as 0.6), error_budget "
+                "(the paper's per-layer output error, such as 0.05) and ranks (per layer (r_k, r_v)); got "
+                f"{self.target_ratio}, {self.error_budget}, {self.ranks}"
             )
         if self.target_ratio is not None and not 0 < self.target_ratio <= 1:
             raise ValueError(
@@ -110,18 +126,37 @@ class EigenConfig:
         return "paper" if self.basis == "pca" and self.allot != "fisher" else "eigenkv"
 
     def with_ratio(self, ratio: float) -> EigenConfig:
-        return replace(self, target_ratio=ratio, error_budget=None)
+        return replace(self, target_ratio=ratio, error_budget=None, ranks=None)
+
+    def with_ranks(self, ranks) -> EigenConfig:
+        """The same bases with these ranks, per layer ``(r_k, r_v)``."""
+        return replace(self, target_ratio=None, error_budget=None, ranks=tuple(map(tuple, ranks)))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["ranks"] = None if self.ranks is None else [list(r) for r in self.ranks]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> EigenConfig:
-        return cls(**require_fields("EigenConfig", data, cls.__dataclass_fields__))
+        # ``ranks`` came later: configs saved before it read as ratio or error-budget configs
+        return cls(**{"ranks": None, **require_fields("EigenConfig", data, cls.__dataclass_fields__)})
 
     def label(self) -> str:
-        """Short name for tables, e.g. ``eigen0.6-pre-uniform`` (PCA) or ``eigen0.6-pre-output-fisher``."""
-        size = f"{self.target_ratio:g}" if self.target_ratio is not None else f"err{self.error_budget:g}"
-        allot = self.allot if self.target_ratio is not None else "rule"
+        """Short name for tables, e.g. ``eigen0.6-pre-uniform`` (PCA), ``eigen0.6-pre-output-fisher``, or
+        ``eigen3120r1a2b3c-pre-output-ranks`` for given ranks (their sum and a digest)."""
+        if self.ranks is not None:  # the ranks kept in all, and a digest of the ranks themselves (plan folders)
+            digest = hashlib.sha256(repr(self.ranks).encode()).hexdigest()[:6]
+            size, allot = f"{sum(k + v for k, v in self.ranks)}r{digest}", "ranks"
+        else:
+            size = f"{self.target_ratio:g}" if self.target_ratio is not None else f"err{self.error_budget:g}"
+            allot = self.allot if self.target_ratio is not None else "rule"
         basis = "" if self.basis == "pca" else f"-{self.basis}"
         return f"eigen{size}-{self.rope_mode}{basis}-{allot}"
+
+
+def int_rank(value) -> int:
+    """A rank from a config or JSON (an int >= 1, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"a rank is an int >= 1; got {value!r}")
+    return value

@@ -3,7 +3,8 @@
 ``run_curve(CurveConfig(...))`` evaluates, for one model and text, one recipe per point:
 
 - ``baseline``: the model as loaded (cache counted in fp16);
-- ``quant``: the quantized cache alone over ``bits x groups``;
+- ``quant``: the quantized cache alone over ``bits x groups`` (and ``quant-rot``
+  with the Hadamard rotation, with ``quant_rotate``);
 - ``<method>-eigen<r>``: Eigen Attention with each method (``paper``: PCA
   bases, uniform ranks; ``eigenkv``: output-aware bases, Fisher allotment) at
   each ratio ``r`` alone, then followed by the same quantization grid. One
@@ -11,6 +12,13 @@
 - ``<method>-eigen<r>+<components>``: the same plans with their components
   prepared for quantization (``scale``, ``rot``, ``hi<bits>[x<fraction>]``)
   over the grid (grid points at or above the high precision are skipped).
+- ``allotted``: one point per budget in ``budgets`` (fractions of the fp16
+  cache at n = 2048): ranks and bits chosen per layer and kind by the byte
+  allotment (``eigenkv.compress.budget``; options: bits {2, 3, 4, 8} x groups
+  {32, 64, 128} and 16-bit, any rank), its two candidates (with and without
+  Eigen Attention) compared on held-out text after the evaluated windows
+  (``eigenkv.eval.planner.choose_allotted``). Each point saves its allotment
+  (``allotment_<budget>x.json``) and its figure (``allotment_<budget>x.png``).
 
 The defaults are the quick headline comparison (``make demo``);
 ``CurveConfig.full()`` is the complete grid. The run folder (named after the
@@ -25,19 +33,22 @@ recipe, appended as it finishes; a rerun skips finished points), the plans
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from eigenkv.checks import require_choice, require_int
+from eigenkv.compress.budget import BudgetConfig
 from eigenkv.compress.components import ComponentQuantConfig
 from eigenkv.compress.config import EigenConfig
+from eigenkv.eval.planner import choose_allotted
 from eigenkv.eval.runs import Experiment, RunFolder, Texts
-from eigenkv.io import atomic_write_text
-from eigenkv.plots import pyplot, save_figure
+from eigenkv.io import atomic_write_json, atomic_write_text
+from eigenkv.plots import plot_allotment, pyplot, save_figure
 from eigenkv.quant.config import AXES, KVQuantConfig
 from eigenkv.recipe import Recipe
 
 QUICK_WINDOWS = 3
+HELD_OUT = (2, 1024)  # windows x tokens after the evaluated ones where the allotted candidates are compared
 CSV_FIELDS = ["label", "method", "ratio", "bits", "group_size", "kv_gb_n2048", "ppl", "tokens", "seconds"]
 
 
@@ -53,6 +64,8 @@ class CurveConfig:
         components: component variants (``ComponentQuantConfig.parse`` specs), one
             more curve each per method and ratio.
         rope_mode: Eigen RoPE mode (see ``EigenConfig``).
+        quant_rotate: also quantization alone with the Hadamard rotation.
+        budgets: KV budgets (fractions of the fp16 cache at n = 2048) of the byte allotment's curve.
         calib_dataset, calib_windows: calibration text (disjoint from the evaluated text).
         dtype, bos: the model's dtype and the BOS policy of the windows.
     """
@@ -69,13 +82,15 @@ class CurveConfig:
     methods: tuple[str, ...] = ("paper", "eigenkv")
     components: tuple[str, ...] = ("hi4x0.25",)
     rope_mode: str = "pre"
+    quant_rotate: bool = False
+    budgets: tuple[float, ...] = ()
     calib_dataset: str = "brown"
     calib_windows: int = 16
     dtype: str = "float32"
     bos: str = "none"
 
     def __post_init__(self):
-        for name in ("bits", "groups", "ratios", "methods", "components"):
+        for name in ("bits", "groups", "ratios", "methods", "components", "budgets"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.windows is not None:
             require_int("windows", self.windows, minimum=1)
@@ -85,6 +100,10 @@ class CurveConfig:
         require_choice("axis_v", self.axis_v, AXES)
         if not self.bits or not self.groups:
             raise ValueError("the quantization grid needs at least one bit width and one group size")
+        if any(not 0 < b <= 1 for b in self.budgets):
+            raise ValueError(f"budgets are fractions of the fp16 cache in (0, 1]; got {self.budgets}")
+        if self.budgets and self.windows is None:
+            raise ValueError("the allotted curve chooses on held-out text after the evaluated windows: set windows")
         self.points()  # validates every recipe of the sweep
 
     @classmethod
@@ -112,6 +131,9 @@ class CurveConfig:
         ]
         points = [("baseline", "baseline", Recipe())]
         points += [(f"quant {q.label()}", "quant", Recipe(kv=q)) for q in grid]
+        if self.quant_rotate:
+            rotated = [replace(q, rotate=True) for q in grid]
+            points += [(f"quant {q.label()}", "quant-rot", Recipe(kv=q)) for q in rotated]
         for method in self.methods:
             for ratio in self.ratios:
                 lowrank = EigenConfig.method(method, target_ratio=ratio, rope_mode=self.rope_mode)
@@ -128,12 +150,19 @@ class CurveConfig:
                     ]
         return points
 
+    def budget_config(self) -> BudgetConfig:
+        """The byte allotment's options (the issue's full set; this grid's axes and RoPE mode)."""
+        return BudgetConfig(axis_k=self.axis_k, axis_v=self.axis_v, rope_mode=self.rope_mode)
+
     def extends(self, stored: dict) -> bool:
-        """Whether ``stored`` (a run's ``config.json``) is this sweep less some component variants."""
+        """Whether ``stored`` (a run's ``config.json``) is this sweep less some component variants, budgets or
+        the rotated quantization (fields added later count as their defaults)."""
         mine = self.to_dict()
-        old = {**stored, "components": stored.get("components", [])}
-        same = all(old.get(k) == v for k, v in mine.items() if k != "components") and old.keys() == mine.keys()
-        return same and set(old["components"]) <= set(mine["components"])
+        added = {"components": [], "budgets": [], "quant_rotate": False}
+        old = {**added, **stored}
+        same = all(old.get(k) == v for k, v in mine.items() if k not in added) and old.keys() == mine.keys()
+        grows = set(old["components"]) <= set(mine["components"]) and set(old["budgets"]) <= set(mine["budgets"])
+        return same and grows and old["quant_rotate"] <= mine["quant_rotate"]
 
 
 def run_curve(
@@ -167,10 +196,38 @@ def run_curve(
         rows.append(row)
         if progress:
             print(f"{label:36s} ppl={row['ppl']:9.4f} kv={row['kv_gb_n2048']:.5f} GB", flush=True)
+    if config.budgets:
+        rows += allotted_points(config, experiment, done)
     plot_curve(rows, folder.path / "curve.png", title=config.run_name())
     plot_curve(rows, folder.path / "curve.svg", title=config.run_name())
     atomic_write_text(folder.path / "pareto.md", pareto_table(rows))
     return folder.path
+
+
+def allotted_points(config: CurveConfig, experiment: Experiment, done: dict) -> list[dict]:
+    """Measure the allotted recipe of every budget not yet in ``done``; save its allotment and figure."""
+    sensitivity = experiment.sensitivity(config.budget_config())
+    fp16 = experiment.apply(Recipe()).kv_bytes(seq_len=2048).total
+    held_out = experiment.held_out(HELD_OUT[0], HELD_OUT[1])
+    rows = []
+    for budget in config.budgets:
+        label = f"allotted {budget:g}x"
+        if label in done:
+            continue
+        recipe, allotment, evidence = choose_allotted(experiment, sensitivity, int(budget * fp16), held_out)
+        measured = experiment.measure(recipe, desc=label)
+        row = {"label": label, "method": "allotted", **point_fields(recipe), **measured, "budget": budget}
+        row |= {"predicted": allotment.predicted, "candidates": evidence}
+        experiment.folder.append("points.jsonl", row, CSV_FIELDS)
+        rows.append(row)
+        name = f"allotment_{budget:g}x"
+        atomic_write_json(experiment.folder.path / f"{name}.json", {"budget": budget, **allotment.to_dict()})
+        head_dim = max(s.head_dim for s in sensitivity.sizes)
+        title = f"{config.run_name()}: {budget:g}x of fp16, {'with' if allotment.lowrank else 'without'} Eigen"
+        plot_allotment(allotment.streams, head_dim, title, experiment.folder.path / f"{name}.png")
+        if experiment.progress:
+            print(f"{label:36s} ppl={row['ppl']:9.4f} kv={row['kv_gb_n2048']:.5f} GB", flush=True)
+    return rows
 
 
 def point_fields(recipe: Recipe) -> dict:

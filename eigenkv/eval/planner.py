@@ -2,10 +2,13 @@
 
 ``plan_for_budget(PlannerConfig(...), budget_gb)``:
 
-1. enumerates candidates: every Eigen ratio in ``ratios`` (1.0: no Eigen
-   Attention) x quantization grid (and no quantization) x component variant,
-   and sizes each exactly (``kv_cache_bytes`` at n = 2048, batch 1: codes,
-   scales, zeros, windows, bases);
+1. enumerates candidates: the byte allotment's recipes for the budget
+   (``allot``: ranks and bits chosen per layer and kind from measured
+   sensitivities, with and without Eigen Attention, see
+   ``eigenkv.compress.budget``), and every Eigen ratio in ``ratios`` (1.0:
+   no Eigen Attention) x quantization grid (and no quantization) x component
+   variant, and sizes each exactly (``kv_cache_bytes`` at n = 2048, batch 1:
+   codes, scales, zeros, windows, bases);
 2. keeps those within the budget at least ``min_fill`` as large as the largest
    one within it (a setting that leaves most of the usable budget unused is
    not the best one);
@@ -17,14 +20,14 @@
    ``proxy_split``). ``proxy="calibration"`` takes the calibration corpus
    after the calibration windows instead, which may favour the compressed
    models, whose bases were fitted on that corpus;
-4. measures the perplexity of the ``finalists`` best-scored on the evaluated
-   windows and chooses the best measured one.
+4. measures the perplexity of the allotted recipes and of the ``finalists``
+   best-scored others on the evaluated windows and chooses the best measured one.
 
 Every candidate is a :class:`~eigenkv.recipe.Recipe`; the chosen one is
 returned and saved as ``budget_<GB>.recipe.json``, ready for
 ``eigenkv.apply_recipe`` or ``eigenkv compress --recipe``. The run folder
 (named after the settings, not the budget; see ``eigenkv.eval.runs``) keeps
-``config.json``, the plans per ratio, ``sizes.json``, ``proxy.jsonl`` and
+``config.json``, the plans, ``sensitivity.json`` (the allotment's measurements), ``sizes.json``, ``proxy.jsonl`` and
 ``measured.jsonl`` (appended; reused by every later budget) and one
 ``budget_<GB>.json`` / ``.md`` report per budget.
 """
@@ -37,11 +40,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from eigenkv.checks import require_choice, require_int, require_number
+from eigenkv.compress.budget import BudgetConfig
 from eigenkv.compress.components import ComponentQuantConfig
 from eigenkv.compress.config import EigenConfig
 from eigenkv.eval.runs import Experiment, RunFolder, Texts
 from eigenkv.io import atomic_write_json, atomic_write_text
 from eigenkv.memory import GB
+from eigenkv.pipeline import recipes_for_budget
 from eigenkv.quant.config import KVQuantConfig
 from eigenkv.recipe import Recipe
 
@@ -51,8 +56,9 @@ class PlannerConfig:
     """Settings of a budget search (saved as the run's ``config.json``).
 
     Attributes:
-        ratios: Eigen KV ratios to consider; 1.0 means the uncompressed model.
-        bits, groups: the quantization grid (plus no quantization).
+        allot: include the byte allotment's recipes (ranks and bits per layer and kind within the budget).
+        ratios: Eigen KV ratios of the uniform candidates; 1.0 means the uncompressed model.
+        bits, groups: the quantization grid (plus no quantization), also the allotment's options.
         components: component variants (``ComponentQuantConfig.parse`` specs, ``plain`` = none),
             tried with every Eigen ratio.
         method: the Eigen method (``EigenConfig.method``).
@@ -62,19 +68,20 @@ class PlannerConfig:
             evaluated split.
         proxy_windows, proxy_seq_len: how much held-out text the proxy loss is measured on.
         min_fill: candidates must be at least this fraction of the largest candidate within the budget.
-        finalists: best-by-proxy candidates measured on the evaluated windows.
+        finalists: best-by-proxy uniform candidates measured on the evaluated windows.
     """
 
     model: str = "smollm2-135m"
     dataset: str = "wikitext2"
     windows: int = 3
     seq_len: int = 2048
-    ratios: tuple[float, ...] = (1.0, 0.8, 0.7, 0.6, 0.5)
+    allot: bool = True
+    ratios: tuple[float, ...] = (1.0,)
     bits: tuple[int, ...] = (8, 4, 3, 2)
     groups: tuple[int, ...] = (128, 64, 32)
     axis_k: str = "channel"
     axis_v: str = "token"
-    components: tuple[str, ...] = ("plain", "hi4x0.25")
+    components: tuple[str, ...] = ("plain",)
     method: str = "eigenkv"
     rope_mode: str = "pre"
     calib_dataset: str = "brown"
@@ -98,6 +105,18 @@ class PlannerConfig:
         for name in ("finalists", "proxy_windows", "windows", "seq_len", "proxy_seq_len", "calib_windows"):
             require_int(name, getattr(self, name), minimum=1)
         candidates(self)  # validates every recipe
+        self.budget_config()
+
+    def budget_config(self) -> BudgetConfig:
+        """The byte allotment's options: this grid's bits and groups, any rank, unquantized streams allowed."""
+        return BudgetConfig(
+            bits=self.bits,
+            groups=self.groups,
+            axis_k=self.axis_k,
+            axis_v=self.axis_v,
+            basis=EigenConfig.method(self.method).basis,
+            rope_mode=self.rope_mode,
+        )
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -172,14 +191,12 @@ class PlannerExperiment(Experiment):
         if self._proxy is None:
             cfg = self.config
             if cfg.proxy == "calibration":
-                name, split, after = cfg.calib_dataset, None, cfg.calib_windows * cfg.seq_len
+                start = math.ceil(cfg.calib_windows * cfg.seq_len / cfg.proxy_seq_len)
+                proxy = self.windows(cfg.calib_dataset, cfg.proxy_seq_len, count=cfg.proxy_windows, start=start)
+                if not (proxy.disjoint_from(self.evaluated) and proxy.disjoint_from(self.calibration_windows)):
+                    raise ValueError("the proxy text overlaps the evaluated or calibration text; choose other datasets")
             else:  # after the evaluated windows, unless another split is named
-                name, split = cfg.dataset, cfg.proxy_split
-                after = 0 if split is not None else cfg.windows * cfg.seq_len
-            start = math.ceil(after / cfg.proxy_seq_len)
-            proxy = self.windows(name, cfg.proxy_seq_len, count=cfg.proxy_windows, start=start, split=split)
-            if not (proxy.disjoint_from(self.evaluated) and proxy.disjoint_from(self.calibration_windows)):
-                raise ValueError("the proxy text overlaps the evaluated or calibration text; choose other datasets")
+                proxy = self.held_out(cfg.proxy_windows, cfg.proxy_seq_len, cfg.proxy_split)
             self._proxy = proxy
         return self._proxy
 
@@ -209,11 +226,14 @@ def plan_for_budget(
     sizes_file = out / "sizes.json"  # label -> bytes; sizing needs the plans, not the text
     sizes = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
     every = candidates(config)
+    budget = budget_gb * GB
+    allotted = allotted_candidates(experiment, config, int(budget), budget_gb) if config.allot else {}
+    allotted = {label: r for label, r in allotted.items() if r not in every.values()}  # e.g. the fp16 model
+    every.update(allotted)
     for label, recipe in every.items():
         if label not in sizes:
             sizes[label] = experiment.apply(recipe).kv_bytes(seq_len=2048).total
     atomic_write_json(sizes_file, sizes)
-    budget = budget_gb * GB
     within = [label for label in every if sizes[label] <= budget]
     if not within:
         smallest = min(sizes.values()) / GB
@@ -222,13 +242,16 @@ def plan_for_budget(
             "raise the budget or add lower ratios or bits"
         )
     largest = max(sizes[label] for label in within)
-    fitting = {label: every[label] for label in within if sizes[label] >= config.min_fill * largest}
+    fitting = {
+        label: every[label] for label in within if sizes[label] >= config.min_fill * largest or label in allotted
+    }
     say(
         f"{len(fitting)} of {len(every)} candidates fit {budget_gb} GB and fill >= {config.min_fill:.0%} of the largest"
     )
 
     proxy = score_recipes(experiment, fitting, "proxy", say)
-    ranked = sorted(fitting, key=lambda label: proxy[label]["nll"])[: config.finalists]
+    uniform = sorted((x for x in fitting if x not in allotted), key=lambda label: proxy[label]["nll"])
+    ranked = [x for x in fitting if x in allotted] + uniform[: config.finalists]
     measured = score_recipes(experiment, {label: every[label] for label in ranked}, "evaluated", say)
 
     finalists = [
@@ -247,6 +270,31 @@ def plan_for_budget(
     report = write_report(out, budget_gb, chosen, finalists, len(fitting))
     recipe.save(out / f"budget_{budget_gb:g}.recipe.json")
     return BudgetChoice(budget_gb, chosen, recipe, finalists, len(fitting), report)
+
+
+def allotted_candidates(experiment: Experiment, config: PlannerConfig, budget: int, budget_gb: float) -> dict:
+    """label -> recipe of the byte allotment's candidates within ``budget`` bytes (with Eigen Attention and
+    without); none when no allotment fits."""
+    sensitivity = experiment.sensitivity(config.budget_config())
+    try:
+        pairs = recipes_for_budget(sensitivity, budget)
+    except ValueError:
+        return {}
+    return {f"allotted-{'eigen' if a.lowrank else 'fullrank'}@{budget_gb:g}GB": recipe for recipe, a in pairs}
+
+
+def choose_allotted(experiment: Experiment, sensitivity, budget: int, held_out) -> tuple[Recipe, object, list[dict]]:
+    """The byte allotment's recipe within ``budget`` bytes: of its candidates (with and without Eigen Attention),
+    the one with the lower loss measured on ``held_out`` windows (the prediction adds layers and kinds; the
+    measurement settles what it cannot rank). Returns ``(recipe, allotment, evidence per candidate)``."""
+    pairs = recipes_for_budget(sensitivity, budget)
+    evidence = []
+    for recipe, allotment in pairs:
+        nll = experiment.measure(recipe, held_out, desc="held-out")["nll"] if len(pairs) > 1 else None
+        evidence.append({"lowrank": allotment.lowrank, "predicted": allotment.predicted, "held_out_nll": nll,
+                         "bytes": allotment.bytes, "recipe": recipe.to_dict()})  # fmt: skip
+    best = min(range(len(pairs)), key=lambda i: evidence[i]["held_out_nll"] or 0.0)
+    return pairs[best][0], pairs[best][1], evidence
 
 
 def write_report(out: Path, budget_gb: float, chosen: dict, finalists: list[dict], considered: int) -> Path:

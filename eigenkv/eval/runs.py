@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from eigenkv.compress.budget import BudgetConfig, Sensitivity, measure_sensitivity
 from eigenkv.compress.build import compress_model
 from eigenkv.compress.calibrate import Calibration, calibrate
 from eigenkv.compress.config import EigenConfig
@@ -163,6 +164,7 @@ class Experiment:
         self._original = self._tokenizer = self._evaluated = self._calib = None
         self._calibrations: dict[bool, Calibration] = {}
         self._plans: dict[str, EigenPlan] = {}
+        self._sensitivities: dict[str, Sensitivity] = {}
 
     @property
     def original(self):
@@ -207,6 +209,37 @@ class Experiment:
                     "the calibration windows overlap the evaluated ones; calibrate on other text (--calib-dataset)"
                 )
         return self._calib
+
+    def held_out(self, count: int, seq_len: int, split: str | None = None) -> TokenWindows:
+        """Windows of the evaluated corpus after the evaluated ones (or of another ``split`` of it), disjoint
+        from the evaluated and calibration text: where a choice between recipes is measured."""
+        t = self.texts
+        if split is None and t.windows is None:
+            raise ValueError("every window of the evaluated text is evaluated: name a split for held-out text")
+        after = 0 if split is not None else t.windows * t.seq_len
+        windows = self.windows(t.dataset, seq_len, count=count, start=-(-after // seq_len), split=split)
+        if not (windows.disjoint_from(self.evaluated) and windows.disjoint_from(self.calibration_windows)):
+            raise ValueError("the held-out text overlaps the evaluated or calibration text; choose other datasets")
+        return windows
+
+    def sensitivity(self, config: BudgetConfig) -> Sensitivity:
+        """The byte allotment's measurements for ``config`` on this model and calibration text: read from
+        ``sensitivity.json`` in the run folder when they were made there with the same settings, else measured
+        (minutes) and saved."""
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if key not in self._sensitivities:
+            file = self.folder.path / "sensitivity.json"
+            record = {"budget": config.to_dict(), "calibration": self.calibration_windows.describe()}
+            stored = json.loads(file.read_text()) if file.is_file() else {}
+            digests = model_signature(self.original)["weights_sha256"]
+            if {k: stored.get(k) for k in record} == record and stored["signature"]["weights_sha256"] == digests:
+                self._sensitivities[key] = Sensitivity.from_dict(stored)
+            else:
+                rotated = config.rope_mode == "post" and family_of(self.original) == "llama"
+                measured = measure_sensitivity(self.original, self.calibration(rotated), config, progress=self.progress)
+                atomic_write_json(file, {**record, **measured.to_dict()})
+                self._sensitivities[key] = measured
+        return self._sensitivities[key]
 
     def calibration(self, rotated: bool) -> Calibration:
         """One calibration (with loss gradients) per RoPE mode, shared by every plan."""

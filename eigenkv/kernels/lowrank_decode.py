@@ -382,10 +382,14 @@ def _decode_kernel(
     VW, vw_b, vw_h, vw_r, v_quantized, vw_ring,
     KCNT, VCNT,  # device form (COUNTS): int32 (2,) [quantized tokens, tokens held] of the keys / values
     kv_heads, groups, key_rank, half, qk_scale, tokens_per_split, n_splits, main_tokens,
-    PRE: tl.constexpr, ALIBI: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-    K_TOKEN: tl.constexpr, KA_BITS: tl.constexpr, KA_W: tl.constexpr, KA_MASK: tl.constexpr,
+    PRE: tl.constexpr, ALIBI: tl.constexpr,
+    # each stream's grouping (axis, group size, symmetry) is its own: keys and values may be stored with different
+    # KVQuantConfigs (e.g. keys per channel in blocks of 128 tokens, values per token in groups of 32 features)
+    K_TOKEN: tl.constexpr, K_GROUP: tl.constexpr, K_SYMMETRIC: tl.constexpr,
+    KA_BITS: tl.constexpr, KA_W: tl.constexpr, KA_MASK: tl.constexpr,
     KB: tl.constexpr, KB_BITS: tl.constexpr, KB_W: tl.constexpr, KB_MASK: tl.constexpr,
-    V_TOKEN: tl.constexpr, VA_BITS: tl.constexpr, VA_W: tl.constexpr, VA_MASK: tl.constexpr,
+    V_TOKEN: tl.constexpr, V_GROUP: tl.constexpr, V_SYMMETRIC: tl.constexpr,
+    VA_BITS: tl.constexpr, VA_W: tl.constexpr, VA_MASK: tl.constexpr,
     VB: tl.constexpr, VB_BITS: tl.constexpr, VB_W: tl.constexpr, VB_MASK: tl.constexpr,
     G_PAD: tl.constexpr, RV_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, COUNTS: tl.constexpr,
@@ -472,10 +476,10 @@ def _decode_kernel(
             n = tl.multiple_of(n, BLOCK_N)
             tok = n + tl.arange(0, BLOCK_N)
             ka = _tile_rows(KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off, ka_aligned, ka_groups, dtype,
-                            KA_BITS, K_TOKEN, GROUP, SYMMETRIC, KA_W, BLOCK_N, KA_MASK, DOT_FP32)  # fmt: skip
+                            KA_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KA_W, BLOCK_N, KA_MASK, DOT_FP32)  # fmt: skip
             if KB:
                 kb = _tile_rows(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off, kb_aligned, kb_groups,
-                                dtype, KB_BITS, K_TOKEN, GROUP, SYMMETRIC, KB_W, BLOCK_N, KB_MASK,
+                                dtype, KB_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KB_W, BLOCK_N, KB_MASK,
                                 DOT_FP32)  # fmt: skip
             if PRE:
                 a1 = dot(ka, d1a, DOT_FP32)
@@ -513,11 +517,11 @@ def _decode_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=0)
             p = p.to(dtype)
             v = _tile_rows(VAC, VAS, VAZ, va_c, va_s, vac_r, vas_r, n, tok, va_off, va_aligned, va_groups, dtype,
-                           VA_BITS, V_TOKEN, GROUP, SYMMETRIC, VA_W, BLOCK_N, VA_MASK, DOT_FP32)  # fmt: skip
+                           VA_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VA_W, BLOCK_N, VA_MASK, DOT_FP32)  # fmt: skip
             acc_a = acc_a * alpha[None, :] + dot(tl.trans(v), p, DOT_FP32)
             if VB:
                 v = _tile_rows(VBC, VBS, VBZ, vb_c, vb_s, vbc_r, vbs_r, n, tok, vb_off, vb_aligned, vb_groups,
-                               dtype, VB_BITS, V_TOKEN, GROUP, SYMMETRIC, VB_W, BLOCK_N, VB_MASK,
+                               dtype, VB_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VB_W, BLOCK_N, VB_MASK,
                                DOT_FP32)  # fmt: skip
                 acc_b = acc_b * alpha[None, :] + dot(tl.trans(v), p, DOT_FP32)
             m_i = m_new
@@ -549,14 +553,14 @@ def _decode_kernel(
             ka_aligned,
             KA_BITS,
             K_TOKEN,
-            GROUP,
-            SYMMETRIC,
+            K_GROUP,
+            K_SYMMETRIC,
             KA_W,
             COUNTS,
         ).to(dtype)
         if KB:
             kb = _chunk_tail(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, KW, kw, kw_r, k_quantized, kw_ring, tok, tok_ok,
-                             kb_off, kb_feat, kb_width, kb_aligned, KB_BITS, K_TOKEN, GROUP, SYMMETRIC, KB_W,
+                             kb_off, kb_feat, kb_width, kb_aligned, KB_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KB_W,
                              COUNTS)  # fmt: skip
             kb = kb.to(dtype)
         if PRE:
@@ -600,8 +604,8 @@ def _decode_kernel(
             va_aligned,
             VA_BITS,
             V_TOKEN,
-            GROUP,
-            SYMMETRIC,
+            V_GROUP,
+            V_SYMMETRIC,
             VA_W,
             COUNTS,
         )
@@ -628,8 +632,8 @@ def _decode_kernel(
                 vb_aligned,
                 VB_BITS,
                 V_TOKEN,
-                GROUP,
-                SYMMETRIC,
+                V_GROUP,
+                V_SYMMETRIC,
                 VB_W,
                 COUNTS,
             )
@@ -666,7 +670,8 @@ def _merge_kernel(ACC, STATS, OUT, n_splits, value_rank, SPLITS_PAD: tl.constexp
 
 
 def launch_config(mode: str, group: int) -> KernelConfig:
-    """Tokens per tile, warps, pipeline stages and register cap (``group`` does not change them).
+    """Tokens per tile, warps, pipeline stages and register cap (``group``: see :func:`tile_group`; it does not
+    change them).
 
     Tiles of 64 tokens: the M of one warpgroup MMA (smaller tiles leave the tensor cores' rows idle, and
     64-token tiles are what the GPU correctness check runs); four warps and three stages keep two tiles of
@@ -678,6 +683,21 @@ def launch_config(mode: str, group: int) -> KernelConfig:
     if mode == "rank":
         return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=128)
     return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3)
+
+
+def tile_group(streams: list[tuple[int, str]]) -> int:
+    """The group :func:`launch_config` is given for streams of ``(group size, axis)`` (the quantized ones, keys
+    first; keys and values may be grouped differently): the smallest per-channel group, else the smallest group.
+
+    The launch config sets the tile's tokens, and only per-channel groups run along tokens (blocks of ``G``
+    tokens: a tile holds one block, part of one, or several whole ones); per-token groups run along features,
+    which every tile reads whole, so they do not bear on it. Of two per-channel groups the smaller: groups are
+    powers of two, so a tile that never straddles the smaller block never straddles the larger either (the rule
+    tiles followed when they held ``min(group, 64)`` tokens). Today every group gets 64-token tiles, so the
+    choice changes nothing yet; it keeps the launcher and the compile specs on one rule. Nothing quantized: 64
+    (no group is read)."""
+    channel = [group for group, axis in streams if axis == "channel"]
+    return min(channel or [group for group, _ in streams] or [64])
 
 
 def programs_per_sm(cfg: KernelConfig) -> int:
@@ -811,6 +831,7 @@ def _stream_args(stream: PackedStream, prefix: str) -> tuple[tuple, dict]:
     widths = [seg.width for seg in segments] or [stream.width]
     chunks = list(_chunks(tuple(widths)))
     args, constexprs = [], {f"{prefix}_TOKEN": stream.axis == "token", f"{prefix}B": len(chunks) > 1}
+    constexprs |= {f"{prefix}_GROUP": stream.group_size, f"{prefix}_SYMMETRIC": stream.symmetric}
     # a stream of one chunk repeats it as chunk B (never read)
     for name, chunk in zip("AB", chunks + chunks[:1] * (2 - len(chunks)), strict=True):
         width = widths[chunk.segment]
@@ -872,8 +893,6 @@ def lowrank_decode(
         raise ValueError("keys and values must both be in device form (counts) or neither")
     if keys.tokens != values.tokens:
         raise ValueError(f"keys hold {keys.tokens} tokens but values {values.tokens}")
-    if keys.segments and values.segments and (keys.group_size, keys.symmetric) != (values.group_size, values.symmetric):
-        raise ValueError("keys and values must share group size and symmetry (one KVQuantConfig)")
     key_rank, value_rank = keys.width, values.width
     scoring.check(query, kv_heads, key_rank)
     mode = scoring.mode
@@ -891,8 +910,7 @@ def lowrank_decode(
         raise ValueError(f"{tokens} tokens: positions are int32 in the kernel")
 
     groups = q_heads // kv_heads
-    group = (keys if keys.segments else values).group_size
-    cfg = launch_config(mode, group)
+    cfg = launch_config(mode, tile_group([(s.group_size, s.axis) for s in (keys, values) if s.segments]))
     block_n = cfg.constexprs["BLOCK_N"]
     slots = multiprocessors(query.device) * programs_per_sm(cfg)
     n_splits = splits or num_splits(tokens, batch * kv_heads, block_n, slots)
@@ -924,9 +942,7 @@ def lowrank_decode(
         keys.counts if device_counts else dummy, values.counts if device_counts else dummy,
         kv_heads, groups, key_rank, half, float(scoring.scaling) * math.log2(math.e),
         tokens_per_split, n_splits, main_tokens,
-        PRE=mode == "pre", ALIBI=slopes is not None, GROUP=group,
-        SYMMETRIC=(keys if keys.segments else values).symmetric,
-        **key_constexprs, **value_constexprs,
+        PRE=mode == "pre", ALIBI=slopes is not None, **key_constexprs, **value_constexprs,
         G_PAD=pad_width(groups), RV_PAD=rv_pad, HALF_PAD=pad_width(half) if mode == "pre" else 16,
         DOT_FP32=interpreting(), COUNTS=device_counts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **cfg.constexprs,
@@ -961,20 +977,26 @@ def _decode_signature(dtype: str) -> dict:
 
 def decode_spec(
     name: str, dtype: str, mode: str, heads: int, kv_heads: int, head_dim: int, key_rank: int, value_rank: int,
-    bits: tuple[int, int], group: int, key_axis: str = "channel", value_axis: str = "token", alibi: bool = False,
-    counts: bool = False,
+    bits: tuple[int, int], group: int | tuple[int, int], key_axis: str = "channel", value_axis: str = "token",
+    alibi: bool = False, counts: bool = False, symmetric: bool | tuple[bool, bool] = False,
 ) -> KernelSpec:  # fmt: skip
     """The compile a launch makes for uniform streams (``bits``: keys, values; 0 = unquantized) of these ranks
-    (``counts``: streams in device form, a capturable cache).
+    (``counts``: streams in device form, a capturable cache). ``group`` and ``symmetric``: both streams', or
+    (keys, values) when each is stored with its own config.
 
     Arguments the launcher always passes as multiples of 16 (pointers, the row strides of per-channel codes)
     are declared so, as Triton specializes them at a real launch (token counts are never specialized)."""
-    cfg = launch_config(mode, group)
-    constexprs = {"PRE": mode == "pre", "ALIBI": alibi, "GROUP": group, "SYMMETRIC": False, "COUNTS": counts}
+    groups = group if isinstance(group, tuple) else (group, group)
+    symmetries = symmetric if isinstance(symmetric, tuple) else (symmetric, symmetric)
+    axes = (key_axis, value_axis)
+    cfg = launch_config(mode, tile_group([(g, a) for g, a, b in zip(groups, axes, bits, strict=True) if b]))
+    constexprs = {"PRE": mode == "pre", "ALIBI": alibi, "COUNTS": counts}
     aligned = []  # the token counts are not specialized (the kernel states their alignment itself)
-    for prefix, width, b, axis in (("K", key_rank, bits[0], key_axis), ("V", value_rank, bits[1], value_axis)):
+    streams = zip("KV", (key_rank, value_rank), bits, axes, groups, symmetries, strict=True)
+    for prefix, width, b, axis, g, sym in streams:
         chunks = feature_chunks([width])
         constexprs |= {f"{prefix}_TOKEN": axis == "token", f"{prefix}B": len(chunks) > 1}
+        constexprs |= {f"{prefix}_GROUP": g, f"{prefix}_SYMMETRIC": sym}
         for c, chunk in zip("AB", chunks + chunks[:1] * (2 - len(chunks)), strict=True):
             constexprs |= {f"{prefix}{c}_BITS": b, f"{prefix}{c}_W": chunk.width, f"{prefix}{c}_MASK": chunk.masked}
             if axis == "channel" and aligned_width(width) % 16 == 0:  # a launch specializes these strides
@@ -1006,7 +1028,8 @@ def compile_specs():
     channel, values per token, group 64) in fp16 (ALiBi at one of them), rank 77 in bf16 (both modes: bf16
     arithmetic differs), and at rank 77 each
     other bit width, the groupings swapped, groups of 16 (per token, and per channel: tiles of several
-    blocks) and 128, and an unquantized cache. Each compile
+    blocks) and 128, an unquantized cache, and keys and values stored with their own configs (keys 4 bits per
+    channel in blocks of 128 tokens, values 2 bits per token in symmetric groups of 32 features). Each compile
     takes seconds: these are the variants that change the code, not every product; the 4-bit fp16 ones are
     the static roofline's cases (tests/kernels/test_roofline.py finds them compiled)."""
     for dtype in ("fp16", "bf16"):
@@ -1031,6 +1054,12 @@ def compile_specs():
                 yield decode_spec(
                     name, dtype, mode, 32, 8, head_dim, key_rank, value_rank, bits, group, key_axis, value_axis,
                     alibi=key_rank == 128, counts=counts,
+                )  # fmt: skip
+            if dtype == "fp16" and key_rank == 77 and mode == "rank":  # keys and values with their own configs
+                yield decode_spec(
+                    f"lowrank_decode[{dtype},{mode},d{head_dim},r{key_rank}x{value_rank},b4x2,g128x32,kc,vt,vsym]",
+                    dtype, mode, 32, 8, head_dim, key_rank, value_rank, (4, 2), (128, 32), "channel", "token",
+                    symmetric=(False, True),
                 )  # fmt: skip
         for rv_pad in (16, 32, 64, 128):
             for splits_pad in (1, 8, MAX_SPLITS):

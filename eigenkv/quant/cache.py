@@ -2,8 +2,10 @@
 
 ``QuantizedKVCache`` is a transformers ``Cache``: each layer keeps its keys and
 values in a :class:`~eigenkv.quant.store.QuantizedStream` (packed codes, scales,
-zero points and a full-precision window) and hands attention what it holds,
-dequantized. It works with ``model.generate`` and, one fresh cache per window,
+zero points and a full-precision window; each stream with its own quantizer,
+``stream_config``) or, for a stream a ``LayerwiseKVQuantConfig`` leaves
+unquantized, a :class:`~eigenkv.quant.store.DenseStream`, and hands attention
+what it holds, dequantized. It works with ``model.generate`` and, one fresh cache per window,
 with :func:`eigenkv.eval.perplexity`.
 
 Causal reads in a multi-token forward. When one forward appends many tokens
@@ -12,13 +14,16 @@ past as the cache would hold it after ``p + 1`` tokens: key ``j`` quantized if
 ``j < T_q(p + 1)``, in full precision otherwise. (Attending to the unquantized
 states, as transformers' own QuantizedCache does in prefill, measures nothing.)
 The cache tags the tensors it returns with their unquantized twins and the
-per-query boundaries ``T_q(p + 1)``; the attention function registered as
+per-query boundaries ``T_q(p + 1)`` (per stream, from its quantizer; an
+unquantized stream is not tagged: every query reads it exact); the attention function registered as
 ``"eigenkv_quant"`` (``eigenkv.quant.attention``) builds the scores from both. Inside ``QuantizedKV(model,
 config)`` the model uses that attention function; a token-by-token decode
 through the same cache gives the same logits (a test).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -30,15 +35,18 @@ from eigenkv.quant.config import (
     LayerwiseKVQuantConfig,
     MixedKVQuantConfig,
     check_layers,
-    layer_config,
     layer_segments,
     layer_windows,
     quantized_prefix,
     sliding_dropped,
+    sliding_streams,
+    stream_config,
 )
 from eigenkv.quant.reference import NON_FINITE_MESSAGE, hadamard
 from eigenkv.quant.routing import stream_handle, tag_twin
-from eigenkv.quant.store import CapturableStream, QuantizedStream, SegmentedStream
+from eigenkv.quant.store import CapturableStream, DenseStream, QuantizedStream, SegmentedStream
+
+Stream = QuantizedStream | SegmentedStream | DenseStream
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -57,20 +65,33 @@ class QuantizedKVLayer(DynamicLayer):
         self.window = window  # a sliding-window layer: the tokens its attention sees
         self.is_sliding = window is not None
         self.quant = config
-        self.config = layer_config(config, index)  # grouping, group size and window shared by every segment
+        # each stream's quantizer (None: unquantized); the segments of a MixedKVQuantConfig share its grouping,
+        # group size and window
+        self.key_config = stream_config(config, index, "key")
+        self.value_config = stream_config(config, index, "value")
         self.index = index
         self._cache = rotation_source
-        self.key_stream: QuantizedStream | SegmentedStream | None = None
-        self.value_stream: QuantizedStream | SegmentedStream | None = None
+        self.key_stream: Stream | None = None
+        self.value_stream: Stream | None = None
 
-    def _stream(self, kind: str, width: int, device) -> QuantizedStream | SegmentedStream:
-        axis = self.config.axis_k if kind == "key" else self.config.axis_v
+    def configs(self) -> tuple[KVQuantConfig | None, KVQuantConfig | None]:
+        """The quantizers of the keys and the values (None: unquantized), in the order of :meth:`streams`."""
+        return self.key_config, self.value_config
+
+    def _stream(self, kind: str, width: int, device) -> Stream:
+        config = self.key_config if kind == "key" else self.value_config
+        if config is None:
+            return DenseStream()
+        axis = config.axis(kind)
         if isinstance(self.quant, MixedKVQuantConfig):
             return SegmentedStream(layer_segments(self.quant, self.index, kind, width), axis)
-        rotation = self._cache.rotation(width, device) if self.config.rotate else None
+        rotation = self._cache.rotation(width, device) if config.rotate else None
         if self._cache.capturable:
-            return CapturableStream(self.config, axis, rotation, self._cache.max_tokens)
-        return QuantizedStream(self.config, axis, rotation)
+            # the same room for keys and values, in whole groups of both (the decode kernel reads one span)
+            unit = math.lcm(self.key_config.group_size, self.value_config.group_size)
+            capacity = -(-self._cache.max_tokens // unit) * unit
+            return CapturableStream(config, axis, rotation, capacity)
+        return QuantizedStream(config, axis, rotation)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -85,7 +106,7 @@ class QuantizedKVLayer(DynamicLayer):
         """Raise if NaN/Inf was appended to this layer, or a decode mask was not one range of keys per row
         (the flags a decode step sets on the device; a device-to-host read each)."""
         for name, stream in zip(("keys", "values"), self.streams(), strict=False):
-            flag = stream.non_finite
+            flag = stream.non_finite  # None for an unquantized stream
             if flag is not None and bool(flag):
                 raise ValueError(f"layer {self.index} {name}: {NON_FINITE_MESSAGE}")
             if getattr(stream, "mask_ok", None) is not None and not bool(stream.mask_ok):
@@ -117,9 +138,12 @@ class QuantizedKVLayer(DynamicLayer):
         new = key_states.shape[-2]
         if new > 1:
             self.check()  # a prompt: this forward syncs anyway (the tags below)
-            cfg = self.config
             positions = torch.arange(start + 1, start + new + 1)
-            for held, twin, axis in ((keys, keys_fp, cfg.axis_k), (values, values_fp, cfg.axis_v)):
+            streams = ((keys, keys_fp, self.key_config, "key"), (values, values_fp, self.value_config, "value"))
+            for held, twin, cfg, kind in streams:
+                if cfg is None:  # unquantized: every query reads the exact values, no twin
+                    continue
+                axis = cfg.axis(kind)
                 # quantized_prefix(m) for every m in positions, at once
                 old = (positions - cfg.residual).clamp(min=0)
                 bounds = old if axis == "token" else old // cfg.group_size * cfg.group_size
@@ -132,24 +156,27 @@ class QuantizedKVLayer(DynamicLayer):
         return keys, values
 
     def _slide(self) -> None:
-        """A sliding layer: stop holding the tokens before the next query's window (whole quantized units)."""
+        """A sliding layer: stop holding the tokens before the next query's window (whole quantized units of
+        every sliding layer's streams: :meth:`QuantizedKVCache.sliding_dropped`)."""
         if self.is_sliding:
-            gone = sliding_dropped(self.key_stream.tokens, self.window, self.config)
+            gone = self._cache.sliding_dropped(self.key_stream.tokens, self.window)
             for stream in self.streams():
                 stream.drop_to(max(gone, stream.dropped))
 
     def _kernels_read(self, key_states: torch.Tensor) -> bool:
-        """Whether the decode kernel reads this layer's store for states like ``key_states``."""
+        """Whether the decode kernel reads this layer's store for states like ``key_states``: only when both
+        streams are quantized in a form it reads (each its own group size and symmetry). A layer with an
+        unquantized stream takes the PyTorch path: the cache returns what it holds, dequantized."""
         from eigenkv.kernels.backend import use_triton
         from eigenkv.kernels.lowrank_decode import GROUP_SIZES, KERNEL_DTYPES
 
-        cfg = self.config
         return (
             use_triton(key_states)
             and key_states.dtype in KERNEL_DTYPES
-            and cfg.group_size in GROUP_SIZES
-            and cfg.scale_dtype == "float16"
-            and not cfg.rotate
+            and all(
+                cfg is not None and cfg.group_size in GROUP_SIZES and cfg.scale_dtype == "float16" and not cfg.rotate
+                for cfg in self.configs()
+            )
         )
 
     def get_seq_length(self) -> int:
@@ -189,11 +216,10 @@ class QuantizedKVLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.key_stream is not None:
-            batch = self.key_stream.window.shape[0]
-            index = torch.arange(batch, device=self.key_stream.window.device).repeat_interleave(repeats)
+            index = torch.arange(self.key_stream.batch, device=self.device).repeat_interleave(repeats)
             self.batch_select_indices(index)
 
-    def streams(self) -> tuple[QuantizedStream | SegmentedStream, ...]:
+    def streams(self) -> tuple[Stream, ...]:
         return () if self.key_stream is None else (self.key_stream, self.value_stream)
 
 
@@ -201,19 +227,22 @@ class QuantizedKVCache(Cache):
     """transformers ``Cache`` holding packed quantized keys and values (see the module doc).
 
     Args:
-        config: the quantization settings (one precision, or two per layer).
+        config: the quantization settings (one precision, two per layer, or a quantizer per layer and kind;
+            a ``LayerwiseKVQuantConfig`` may leave streams unquantized).
         model_config: the model's config (number of layers).
         read_packed: decode steps (one new token) on the kernel path (``eigenkv.quant.routing``)
             return empty handles to the packed store instead of its dequantized contents, for the
             attention kernels to read; only eigenkv's attention (``QuantizedKV``, compressed models)
-            understands them. ``QuantizedKV.new_cache`` sets it.
+            understands them. ``QuantizedKV.new_cache`` sets it. Only layers whose keys and values are both
+            quantized are read so; a layer with an unquantized stream returns what it holds (the PyTorch path).
         max_tokens: tokens to reserve room for up front (prompt + new tokens), so that no buffer grows
             during generation; 0 grows them as needed (doubling).
         check_every: decode steps between reads of the NaN/Inf flags (a step itself reads nothing back from
             the device); a prompt is checked at once.
         capturable: a decode step can be captured in a CUDA graph and replayed (``eigenkv.graphs``): buffers
             for ``max_tokens`` tokens (required) are allocated at the first push, the window is a ring, and the
-            counts live on the device (:class:`~eigenkv.quant.store.CapturableStream`). The batch is then fixed
+            counts live on the device (:class:`~eigenkv.quant.store.CapturableStream`); every stream must be
+            quantized (one precision, no rotation, full-attention layers). The batch is then fixed
             (beam reordering works in place; batch repetition does not) and ``crop`` stays within the window.
 
     Beam search, batch selection and repetition, and ``crop`` (assisted decoding) work as in
@@ -243,7 +272,14 @@ class QuantizedKVCache(Cache):
             raise ValueError(
                 "a capturable cache stores one precision per stream; MixedKVQuantConfig needs capturable=False"
             )
-        if capturable and any(layer_config(config, i).rotate for i in range(layers)):
+        configs = [stream_config(config, i, kind) for i in range(layers) for kind in ("key", "value")]
+        if capturable and None in configs:
+            layer, kind = divmod(configs.index(None), 2)
+            raise ValueError(
+                f"a capturable cache is read by the decode kernel, which reads quantized streams only; layer {layer}'s "
+                f"{('keys', 'values')[kind]} are unquantized: quantize every stream, or use capturable=False"
+            )
+        if capturable and any(c.rotate for c in configs):
             raise ValueError(
                 "a capturable cache is read by the decode kernel, which does not read Hadamard-rotated caches; "
                 "use rotate=False, or capturable=False"
@@ -256,6 +292,8 @@ class QuantizedKVCache(Cache):
         self.check_every = check_every
         self._steps = 0
         self._rotation: torch.Tensor | None = None
+        self._sliding_streams = sliding_streams(config, windows)
+        self._dropped = (-1, 0)  # (tokens, sliding_dropped at that length), for the next sliding layer
         super().__init__(
             layers=[QuantizedKVLayer(config, self, i, read_packed, window) for i, window in enumerate(windows)]
         )
@@ -265,6 +303,14 @@ class QuantizedKVCache(Cache):
         if self._rotation is None:
             self._rotation = hadamard(head_dim, torch.float32, device)
         return self._rotation
+
+    def sliding_dropped(self, tokens: int, window: int) -> int:
+        """First tokens every sliding-window layer stops holding once it holds ``tokens``: one count for all of
+        them, since transformers builds one mask for the sliding layers from the first one's sizes
+        (:func:`~eigenkv.quant.config.sliding_dropped` over the streams of all sliding layers)."""
+        if self._dropped[0] != tokens:
+            self._dropped = (tokens, sliding_dropped(tokens, window, self._sliding_streams))
+        return self._dropped[1]
 
     def step_checked(self, layer: int) -> None:
         """Count decode steps (at layer 0); every ``check_every`` steps, read the device flags (:meth:`check`)."""
@@ -283,12 +329,13 @@ class QuantizedKVCache(Cache):
             layer.check()
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held right now, by component: codes, scales, zeros, window (and the rotation matrix)."""
+        """Bytes held right now, by component: codes, scales, zeros, window (and ``data``, the unquantized
+        streams', when there are some; the rotation matrix when a stream rotates)."""
         total = {"codes": 0, "scales": 0, "zeros": 0, "window": 0}
         for layer in self.layers:
             for stream in layer.streams():
                 for name, n in stream.nbytes().items():
-                    total[name] += n
+                    total[name] = total.get(name, 0) + n
         if self._rotation is not None:
             total["rotation"] = self._rotation.numel() * self._rotation.element_size()
         return total

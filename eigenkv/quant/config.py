@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -10,6 +11,7 @@ from eigenkv.checks import require_bool, require_fields, require_int
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 AXES = ("token", "channel")
+KINDS = ("key", "value")  # the two streams of a layer
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -62,6 +64,10 @@ class KVQuantConfig:
     @property
     def torch_scale_dtype(self) -> torch.dtype:
         return SCALE_DTYPES[self.scale_dtype]
+
+    def axis(self, kind: str) -> str:
+        """The grouping of the ``kind`` (``"key"``/``"value"``) stream: ``axis_k`` or ``axis_v``."""
+        return self.axis_k if check_kind(kind) == "key" else self.axis_v
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,43 +167,107 @@ class MixedKVQuantConfig:
 
 @dataclass(frozen=True)
 class LayerwiseKVQuantConfig:
-    """A quantizer per layer, for caches whose layers differ in bits, group size or grouping.
+    """A quantizer per layer and per kind (keys, values), for caches whose streams differ in bits, group size,
+    grouping or window, or where some streams are not quantized at all.
 
     Attributes:
-        layers: ``layers[i]`` quantizes layer ``i``'s keys and values.
+        keys: ``keys[i]`` quantizes layer ``i``'s keys; None stores them unquantized (in the window dtype, as an
+            fp16 cache does).
+        values: the same for the values; as long as ``keys``.
+
+    ``LayerwiseKVQuantConfig.per_layer(configs)`` quantizes keys and values of layer ``i`` with ``configs[i]``.
+    A stream follows its own config's grouping for its kind (``axis_k`` for keys, ``axis_v`` for values).
     """
 
-    layers: tuple[KVQuantConfig, ...]
+    keys: tuple[KVQuantConfig | None, ...]
+    values: tuple[KVQuantConfig | None, ...]
 
     def __post_init__(self):
-        layers = tuple(self.layers)
-        if not layers or not all(isinstance(c, KVQuantConfig) for c in layers):
-            raise TypeError("layers must be a non-empty sequence of KVQuantConfig, one per layer")
-        object.__setattr__(self, "layers", layers)
+        for name in KINDS:
+            configs = getattr(self, f"{name}s")
+            if isinstance(configs, (str, bytes, dict, KVQuantConfig)) or not hasattr(configs, "__iter__"):
+                raise TypeError(f"{name}s must be a sequence of KVQuantConfig or None, one per layer; got {configs!r}")
+            configs = tuple(configs)
+            bad = [i for i, c in enumerate(configs) if c is not None and not isinstance(c, KVQuantConfig)]
+            if not configs or bad:
+                raise TypeError(
+                    f"{name}s must be a non-empty sequence of KVQuantConfig or None (unquantized), one per layer"
+                    + (f"; layer {bad[0]} is a {type(configs[bad[0]]).__name__}" if bad else "")
+                )
+            object.__setattr__(self, f"{name}s", configs)
+        if len(self.keys) != len(self.values):
+            raise ValueError(f"keys describe {len(self.keys)} layers but values {len(self.values)}; give one per layer")
+        if all(c is None for c in self.keys + self.values):
+            raise ValueError("every stream is unquantized: use no KV quantization (a dense cache) instead")
+
+    @classmethod
+    def per_layer(cls, configs) -> LayerwiseKVQuantConfig:
+        """Keys and values of layer ``i`` quantized by ``configs[i]`` (a KVQuantConfig, or None: unquantized)."""
+        configs = tuple(configs)
+        return cls(configs, configs)
+
+    @property
+    def layers(self) -> int:
+        return len(self.keys)
 
     def to_dict(self) -> dict:
-        return {"layers": [c.to_dict() for c in self.layers]}
+        return {
+            "keys": [None if c is None else c.to_dict() for c in self.keys],
+            "values": [None if c is None else c.to_dict() for c in self.values],
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerwiseKVQuantConfig:
-        if set(data) != {"layers"}:
-            raise ValueError(f"a LayerwiseKVQuantConfig has one field, layers; got {sorted(data)}")
-        return cls(tuple(KVQuantConfig.from_dict(c) for c in data["layers"]))
+        """Inverse of :meth:`to_dict`; also reads the older ``{"layers": [config, ...]}`` (one config per layer)."""
+        if not isinstance(data, dict) or set(data) not in ({"keys", "values"}, {"layers"}):
+            found = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(
+                f"a LayerwiseKVQuantConfig has the fields keys and values (or, older, layers); got {found}"
+            )
+
+        def configs(name: str) -> tuple[KVQuantConfig | None, ...]:
+            items = data[name]
+            if not isinstance(items, list):
+                raise ValueError(f"LayerwiseKVQuantConfig {name} must be a list, one entry per layer")
+            return tuple(None if c is None else KVQuantConfig.from_dict(c) for c in items)
+
+        if "layers" in data:
+            return cls.per_layer(configs("layers"))
+        return cls(configs("keys"), configs("values"))
 
     def label(self) -> str:
-        """The labels of the distinct layer configs, e.g. ``4b-g64-kc-vt-r0|3b-g64-kc-vt-r0``."""
-        return "|".join(dict.fromkeys(c.label() for c in self.layers))
+        """The labels of the distinct layers, e.g. ``4b-g64-kc-vt-r0|k4b-g64-c-r0/vfp``: a layer quantizing keys
+        and values alike has its config's label; otherwise ``k<keys>/v<values>`` (``fp``: unquantized)."""
+        return "|".join(dict.fromkeys(_layer_label(k, v) for k, v in zip(self.keys, self.values, strict=True)))
+
+
+def _layer_label(keys: KVQuantConfig | None, values: KVQuantConfig | None) -> str:
+    if keys == values and keys is not None:
+        return keys.label()
+    return f"k{_stream_label(keys, 'key')}/v{_stream_label(values, 'value')}"
+
+
+def _stream_label(config: KVQuantConfig | None, kind: str) -> str:
+    """e.g. ``4b-g64-c-r0`` (bits, group, this kind's grouping, window), ``fp`` when unquantized."""
+    if config is None:
+        return "fp"
+    parts = [f"{config.bits}b", f"g{config.group_size}", config.axis(kind)[0], f"r{config.residual}"]
+    return "-".join(parts + ["sym"] * config.symmetric + ["rot"] * config.rotate)
 
 
 AnyKVQuantConfig = KVQuantConfig | MixedKVQuantConfig | LayerwiseKVQuantConfig
 
 
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; use one of {KINDS}")
+    return kind
+
+
 def config_layers(config: AnyKVQuantConfig) -> int | None:
     """How many layers ``config`` describes (None: any number, one quantizer for all)."""
-    if isinstance(config, MixedKVQuantConfig):
+    if isinstance(config, (MixedKVQuantConfig, LayerwiseKVQuantConfig)):
         return config.layers
-    if isinstance(config, LayerwiseKVQuantConfig):
-        return len(config.layers)
     return None
 
 
@@ -211,33 +281,44 @@ def check_layers(config: AnyKVQuantConfig, layers: int) -> None:
         )
 
 
-def layer_config(config: AnyKVQuantConfig, layer: int) -> KVQuantConfig:
-    """The quantizer whose grouping, group size and window every stream of ``layer`` follows."""
+def stream_config(config: AnyKVQuantConfig, layer: int, kind: str) -> KVQuantConfig | None:
+    """The quantizer of layer ``layer``'s ``kind`` (``"key"``/``"value"``) stream, None when it is unquantized:
+    its bits, group size, grouping (``axis(kind)``), window and rotation. A ``MixedKVQuantConfig``'s streams
+    follow its ``base`` in all but the bits of their leading features (:func:`layer_segments`)."""
+    check_kind(kind)
     if isinstance(config, LayerwiseKVQuantConfig):
-        if not 0 <= layer < len(config.layers):
-            raise ValueError(f"layer {layer} is out of range: this config describes {len(config.layers)} layers")
-        return config.layers[layer]
+        if not 0 <= layer < config.layers:
+            raise ValueError(f"layer {layer} is out of range: this config describes {config.layers} layers")
+        return (config.keys if kind == "key" else config.values)[layer]
     return base_config(config)
 
 
 def layer_segments(config: AnyKVQuantConfig, layer: int, kind: str, width: int) -> list[tuple[int, KVQuantConfig]]:
-    """``[(features, quantizer)]`` of layer ``layer``'s ``kind`` (``"key"``/``"value"``) stream, in feature order."""
+    """``[(features, quantizer)]`` of layer ``layer``'s quantized ``kind`` (``"key"``/``"value"``) stream, in
+    feature order."""
     if isinstance(config, MixedKVQuantConfig):
         return config.segments(layer, kind, width)
-    return [(width, layer_config(config, layer))]
+    quantizer = stream_config(config, layer, kind)
+    if quantizer is None:
+        raise ValueError(f"layer {layer}'s {kind}s are not quantized: they have no quantized segments")
+    return [(width, quantizer)]
 
 
 def base_config(config: AnyKVQuantConfig) -> KVQuantConfig:
     """The quantizer whose grouping, group size and window every stream of ``config`` follows
-    (for a ``LayerwiseKVQuantConfig``, only when every layer has the same)."""
+    (for a ``LayerwiseKVQuantConfig``, only when every stream of every layer has the same one)."""
     if isinstance(config, MixedKVQuantConfig):
         return config.base
     if isinstance(config, KVQuantConfig):
         return config
     if isinstance(config, LayerwiseKVQuantConfig):
-        if len(set(config.layers)) != 1:
-            raise ValueError("this LayerwiseKVQuantConfig quantizes layers differently; ask layer_config(config, i)")
-        return config.layers[0]
+        distinct = set(config.keys + config.values)
+        if len(distinct) != 1 or None in distinct:
+            raise ValueError(
+                "this LayerwiseKVQuantConfig quantizes streams differently (or not at all); "
+                "ask stream_config(config, layer, kind)"
+            )
+        return config.keys[0]
     raise TypeError(
         f"expected a KVQuantConfig, MixedKVQuantConfig or LayerwiseKVQuantConfig; got {type(config).__name__}"
     )
@@ -245,7 +326,7 @@ def base_config(config: AnyKVQuantConfig) -> KVQuantConfig:
 
 def quant_config_from_dict(data: dict) -> AnyKVQuantConfig:
     """Inverse of every config's ``to_dict``."""
-    if "layers" in data:
+    if "layers" in data or "keys" in data or "values" in data:
         return LayerwiseKVQuantConfig.from_dict(data)
     return MixedKVQuantConfig.from_dict(data) if "base" in data else KVQuantConfig.from_dict(data)
 
@@ -269,15 +350,31 @@ def layer_windows(model_config) -> list[int | None]:
     return [int(window) if t == "sliding_attention" else None for t in types]
 
 
-def sliding_dropped(tokens: int, window: int, config: KVQuantConfig) -> int:
-    """First tokens a quantized sliding-window layer no longer holds once it holds ``tokens`` tokens: those
-    before the next query's window (``tokens + 1 - window``), as far as both its streams have quantized them
-    (the window's tokens stay), in whole units of both (``G`` tokens when either is grouped per channel), so
-    that keys and values keep the same tokens."""
-    g, r = config.group_size, config.residual
-    quantized = min(quantized_prefix(tokens, axis, g, r) for axis in (config.axis_k, config.axis_v))
-    unit = g if "channel" in (config.axis_k, config.axis_v) else 1
-    return min(max(0, tokens + 1 - window), quantized) // unit * unit
+def sliding_streams(config: AnyKVQuantConfig, windows) -> tuple[tuple[KVQuantConfig | None, str], ...]:
+    """The distinct ``(quantizer, kind)`` of the streams of the sliding-window layers (those whose ``windows[i]``,
+    as :func:`layer_windows` gives them, is not None); None for an unquantized stream. What
+    :func:`sliding_dropped` drops in step with."""
+    return tuple(
+        dict.fromkeys((stream_config(config, i, kind), kind) for i, w in enumerate(windows) if w for kind in KINDS)
+    )
+
+
+def sliding_dropped(tokens: int, window: int, streams) -> int:
+    """First tokens the sliding-window layers of a quantized cache no longer hold once they hold ``tokens``
+    tokens: those before the next query's window (``tokens + 1 - window``), as far as every stream has
+    quantized them (the window's tokens stay), in whole units of every stream (``G`` tokens for a stream
+    grouped per channel, the least common multiple of such ``G``), so that keys and values keep the same
+    tokens in every sliding layer (transformers builds one mask for all of them, from the first one's sizes).
+
+    ``streams``: ``(quantizer, kind)`` of the sliding layers' streams (:func:`sliding_streams`), keys grouped by
+    ``axis_k``, values by ``axis_v``; an unquantized stream (None) can drop any token (a unit of 1)."""
+    droppable, unit = max(0, tokens + 1 - window), 1
+    for config, kind in streams:
+        if config is not None:
+            axis, g = config.axis(kind), config.group_size
+            droppable = min(droppable, quantized_prefix(tokens, axis, g, config.residual))
+            unit = math.lcm(unit, g if axis == "channel" else 1)
+    return droppable // unit * unit
 
 
 def quantized_prefix(tokens: int, axis: str, group_size: int, residual: int) -> int:

@@ -46,6 +46,10 @@ it). ``nbytes`` counts the bytes held (the views); ``reserved_bytes`` the slack.
 Nothing in a push reads a device value back on the host: NaN/Inf in the
 appended states set a device flag (``non_finite``) that the owner checks when
 it chooses (``QuantizedKVCache`` every few hundred steps and on demand).
+
+A stream that a ``LayerwiseKVQuantConfig`` leaves unquantized is a
+:class:`DenseStream`: the same interface, its tokens as they came in one growing
+buffer (``nbytes`` reports them as ``data``).
 """
 
 from __future__ import annotations
@@ -243,6 +247,11 @@ class QuantizedStream:
     def tokens(self) -> int:
         """Tokens appended so far (those dropped included): the next token's position."""
         return self.quantized_tokens + self._window.length
+
+    @property
+    def batch(self) -> int:
+        """Sequences held (0 before the first push)."""
+        return 0 if self._window.buffer is None else self._window.buffer.shape[0]
 
     def drop_to(self, dropped: int) -> None:
         """Stop holding the first ``dropped`` tokens (a sliding-window layer's): quantized whole units
@@ -773,6 +782,10 @@ class SegmentedStream:
     def dropped(self) -> int:
         return self.parts[0].dropped
 
+    @property
+    def batch(self) -> int:
+        return self.parts[0].batch
+
     def drop_to(self, dropped: int) -> None:
         for part in self.parts:
             part.drop_to(dropped)
@@ -836,6 +849,93 @@ class SegmentedStream:
     def select(self, index: torch.Tensor) -> None:
         for part in self.parts:
             part.select(index)
+
+
+class DenseStream:
+    """Keys or values of one layer stored unquantized in a quantized cache (a stream whose quantizer is None,
+    ``LayerwiseKVQuantConfig``): every token as it came, in the dtype of the first push, as a dense cache holds
+    it. The interface of :class:`QuantizedStream` that the cache uses.
+
+    The tokens are rows of a :class:`GrowingRows`: a push writes only its new rows (the buffer doubles when full,
+    or is reserved up front), and reads return a view of the rows held, not a copy. A sliding-window layer's
+    dropped tokens leave the front; their room is reused. ``nbytes`` counts the rows held (``{"data": ...}``, as
+    ``eigenkv.memory.DenseStorage`` does), ``reserved_bytes`` the room beyond them. Nothing is flagged on the
+    device: an unquantized token corrupts no other token's storage (NaN/Inf pass through as in a dense cache).
+    """
+
+    def __init__(self):
+        self._rows = GrowingRows()
+        self.dropped = 0  # the first tokens, no longer held (a sliding-window layer's)
+        self.non_finite: torch.Tensor | None = None  # never set: nothing to flag (class doc)
+        self._reserved_tokens = 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens appended so far (those dropped included): the next token's position."""
+        return self.dropped + self._rows.rows - self._rows.start
+
+    @property
+    def batch(self) -> int:
+        return 0 if self._rows.buffer is None else self._rows.buffer.shape[0]
+
+    def view(self) -> torch.Tensor | None:
+        """The tokens held ``(B, H, tokens - dropped, D)`` (a view of the buffer), or None before any push."""
+        return self._rows.view()
+
+    def drop_to(self, dropped: int) -> None:
+        """Stop holding the first ``dropped`` tokens (a sliding-window layer's); their rows' room is reused."""
+        if not self.dropped <= dropped <= self.tokens:
+            raise ValueError(f"cannot drop {dropped} tokens of a stream of {self.tokens} that dropped {self.dropped}")
+        self._rows.drop_front(dropped - self.dropped)
+        self.dropped = dropped
+
+    def reserve(self, tokens: int) -> None:
+        """Reserve room for ``tokens`` tokens (those dropped included), so that pushes up to that length never
+        grow the buffer; takes effect at the first push if none happened yet."""
+        self._reserved_tokens = max(self._reserved_tokens, tokens)
+        self._rows.reserve(tokens - self.dropped)
+
+    def push(self, x: torch.Tensor) -> None:
+        """Store ``x`` (B, H, s, D) after the tokens held."""
+        held = self._rows.buffer
+        if held is not None and (x.shape[:2] != held.shape[:2] or x.shape[-1] != held.shape[-1]):
+            raise ValueError(f"appending states of shape {tuple(x.shape)} to a stream of shape {tuple(held.shape)}")
+        self._rows.append(x, self._reserved_tokens - self.dropped)
+
+    def append(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``x`` (B, H, s, D); return ``(held, held)``: every token held (B, H, m, D) in ``x.dtype`` (a view
+        when the dtypes agree). Nothing is quantized, so no query needs an unquantized twin."""
+        self.push(x)
+        held = self.view().to(x.dtype)
+        return held, held
+
+    def packed(self) -> PackedStream:
+        """What the stream holds as a stream that is all window (no copy)."""
+        return PackedStream.full_precision(self.view())
+
+    def nbytes(self) -> dict[str, int]:
+        return {"data": self._rows.held_bytes()}
+
+    def reserved_bytes(self) -> int:
+        return self._rows.reserved_bytes()
+
+    @property
+    def traffic(self) -> dict[str, int]:
+        """As :attr:`QuantizedStream.traffic`: bytes ``written`` by pushes, ``moved`` by growth or reuse of room."""
+        return {"written": self._rows.written, "moved": self._rows.grown}
+
+    def crop(self, tokens: int) -> None:
+        """Keep the first ``tokens`` tokens (not below those a sliding layer dropped)."""
+        if not self.dropped <= tokens <= self.tokens:
+            raise ValueError(
+                f"cannot crop a stream of {self.tokens} tokens to {tokens}"
+                + (f": it no longer holds its first {self.dropped}" if tokens < self.dropped else "")
+            )
+        self._rows.truncate(tokens - self.dropped)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) the sequences ``index`` of the batch."""
+        self._rows.select(index)
 
 
 def _sum_dicts(dicts) -> dict[str, int]:

@@ -53,21 +53,27 @@ def test_planner_chooses_within_the_budget_and_reuses_its_work(config, tmp_path)
     budget = (sizes["eigen0.5 4b-g16-kc-vt-r0"] + 1) / GB
     choice = plan_for_budget(config, budget, out, progress=False)
     assert choice.chosen["kv_bytes_n2048"] <= budget * GB
-    fitting = [x for x, n in sizes.items() if n <= budget * GB]
-    assert choice.considered == len(fitting)
-    proxy_rows = (run / "proxy.jsonl").read_text().splitlines()
-    assert len(proxy_rows) == len(labels)  # the second budget scored nothing again
-    proxies = {json.loads(r)["label"]: json.loads(r)["nll"] for r in proxy_rows}
-    assert [f["label"] for f in choice.finalists] == sorted(fitting, key=proxies.get)[:2]
+    sizes = json.loads((run / "sizes.json").read_text())
+    fitting = [x for x in labels if sizes[x] <= budget * GB]
+    # the byte allotment's candidates for this budget (with and without Eigen Attention) join the uniform ones
+    allotted = [x for x in sizes if x.startswith("allotted-") and x.endswith(f"@{budget:g}GB")]
+    assert {x.split("@")[0] for x in allotted} == {"allotted-eigen", "allotted-fullrank"}
+    assert all(sizes[x] <= budget * GB for x in allotted)
+    assert choice.considered == len(fitting) + len(allotted)
+    proxies = {json.loads(r)["label"]: json.loads(r)["nll"] for r in (run / "proxy.jsonl").read_text().splitlines()}
+    assert set(labels) <= set(proxies) and len(proxies) == len(sizes)  # the second budget scored only its own
+    assert [f["label"] for f in choice.finalists] == allotted + sorted(fitting, key=proxies.get)[:2]
     assert (run / f"budget_{budget:g}.md").read_text().count("|") > 8
     assert Recipe.load(run / f"budget_{budget:g}.recipe.json") == choice.recipe  # the choice is a recipe
+    assert (run / "sensitivity.json").is_file()
 
     # min_fill drops candidates far below the largest one within the budget
     filled = PlannerConfig(**{**config.__dict__, "min_fill": 0.9, "proxy": "calibration"})
     assert filled.run_name() == config.run_name()
     strict = plan_for_budget(filled, budget, out / "filled", progress=False)
-    largest = max(n for n in sizes.values() if n <= budget * GB)
-    assert strict.considered == sum(0.9 * largest <= n <= budget * GB for n in sizes.values()) < choice.considered
+    largest = max(sizes[x] for x in labels + allotted if sizes[x] <= budget * GB)
+    kept = sum(0.9 * largest <= sizes[x] <= budget * GB for x in labels)
+    assert strict.considered == kept + len(allotted) < choice.considered
     # the proxy text is held out: after the evaluated windows, or after the calibration windows
     run = PlannerExperiment(config, RunFolder(tmp_path, "a", config.to_dict()), progress=False)
     assert run.proxy.source == run.evaluated.source and run.proxy.disjoint_from(run.evaluated)
@@ -91,7 +97,7 @@ def test_planner_cli_and_bad_settings(config, tmp_path, capsys):
     with pytest.raises(ValueError, match="ratios must lie"):
         PlannerConfig(ratios=(1.5,))
     with pytest.raises(ValueError, match="unknown component option"):
-        PlannerConfig(components=("plain", "hadamard"))
+        PlannerConfig(ratios=(1.0, 0.5), components=("plain", "hadamard"))
     with pytest.raises(ValueError, match="proxy must be one of"):
         PlannerConfig(proxy="other")
     with pytest.raises(ValueError, match="min_fill"):

@@ -172,6 +172,113 @@ def test_device_form_streams_match_the_reference(case, checked_alignment):
     torch.testing.assert_close(out, held, atol=ATOL[dtype], rtol=0)
 
 
+# keys and values stored with their own configs (a cache whose keys and values are quantized differently):
+# (bits, group, axis, symmetric) of each stream
+MIXED_CASES = [
+    # mode, head size d, groups g, key rank, value rank, tokens, keys, values, residual, dtype
+    # per-channel keys in groups of 16 (tiles of four blocks), per-token values in one group of 128 features
+    ("rank", 64, 2, 38, 24, 150, (4, 16, "channel", False), (2, 128, "token", True), 5, torch.float16),
+    # per-channel keys in groups of 32, symmetric, at 3 bits; per-token values in groups of 64
+    ("pre", 64, 3, 37, 77, 140, (3, 32, "channel", True), (4, 64, "token", False), 3, torch.bfloat16),
+    # the reverse: per-token keys in groups of 64 and 128, per-channel values in groups of 16 and 32
+    ("rank", 80, 4, 77, 33, 150, (2, 64, "token", False), (3, 16, "channel", True), 4, torch.float16),
+    ("pre", 64, 1, 20, 40, 130, (8, 128, "token", True), (2, 32, "channel", False), 0, torch.float16),
+    # both per channel: keys in blocks of 128 tokens (a 64-token tile reads half of one), values of 16
+    ("rank", 64, 3, 24, 50, 150, (4, 128, "channel", False), (2, 16, "channel", True), 6, torch.bfloat16),
+]
+
+
+def mixed_configs(case):
+    """The keys' and values' KVQuantConfigs of a MIXED_CASES case."""
+    *_, key_cfg, value_cfg, residual, _ = case
+    return tuple(
+        KVQuantConfig(bits=b, group_size=g, axis_k=axis, axis_v=axis, residual=residual, symmetric=sym)
+        for b, g, axis, sym in (key_cfg, value_cfg)
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    MIXED_CASES,
+    ids=[f"{c[0]}-k{c[6][2][0]}{c[6][1]}b{c[6][0]}-v{c[7][2][0]}{c[7][1]}b{c[7][0]}-{c[-1]}" for c in MIXED_CASES],
+)
+def test_keys_and_values_with_their_own_configs_match_the_reference(case, checked_alignment):
+    """Keys and values of different group sizes, axes, bits and symmetry: each stream read with its own."""
+    mode, d, groups, key_rank, value_rank, tokens, key_cfg, value_cfg, _, dtype = case
+    batch, kv_heads = 2, 2
+    streams = []
+    for width, config in zip((key_rank, value_rank), mixed_configs(case), strict=True):
+        x = torch.randn(batch, kv_heads, tokens, width, device=DEVICE, dtype=dtype)
+        streams.append(make_stream(x, config, config.axis_k))
+    keys, values = streams
+    assert (keys.group_size, keys.symmetric) == (key_cfg[1], key_cfg[3])  # each stream carries its own
+    assert (values.group_size, values.symmetric) == (value_cfg[1], value_cfg[3])
+    assert min(keys.quantized_tokens, values.quantized_tokens) >= 128  # the main loop runs two tiles
+    query = torch.randn(batch, kv_heads * groups, d if mode == "pre" else key_rank, device=DEVICE, dtype=dtype)
+    scoring = pre_rope(d**-0.5, d, kv_heads, key_rank, dtype, groups == 1) if mode == "pre" else Scoring(d**-0.5)
+    starts = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+    ends = torch.tensor([tokens, tokens - 3], dtype=torch.int32, device=DEVICE)
+    for splits in (1, 3):
+        check_against_reference(query, keys, values, scoring, starts=starts, ends=ends, splits=splits)
+    if checked_alignment is not None:
+        assert checked_alignment, "the main loop ran without its alignment claims being checked"
+
+
+def test_device_form_streams_with_their_own_configs_match_the_reference(checked_alignment):
+    """A capturable cache whose keys and values are stored with their own configs (the main loop's extent read
+    from both streams' device counts: keys quantize whole blocks of 128 tokens, values every token but 4)."""
+    case = ("rank", 64, 2, 38, 24, 150, (4, 128, "channel", False), (2, 32, "token", True), 4, torch.float16)
+    mode, d, groups, key_rank, value_rank, tokens, *_, dtype = case
+    batch, kv_heads, capacity = 2, 2, 256  # a multiple of both groups: both streams have the same capacity
+    streams = []
+    for width, config in zip((key_rank, value_rank), mixed_configs(case), strict=True):
+        stream = CapturableStream(config, config.axis_k, None, capacity)
+        x = torch.randn(batch, kv_heads, tokens, width, device=DEVICE, dtype=dtype)
+        stream.push(x[:, :, : tokens - 3])
+        for t in range(tokens - 3, tokens):
+            stream.push(x[:, :, t : t + 1])
+        streams.append(stream.packed())
+    keys, values = streams
+    assert keys.counts.tolist() == [128, tokens] and values.counts.tolist() == [tokens - 4, tokens]
+    query = torch.randn(batch, kv_heads * groups, key_rank, device=DEVICE, dtype=dtype)
+    starts = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+    ends = torch.tensor([keys.tokens, tokens - 3], dtype=torch.int32, device=DEVICE)  # past what is held
+    check_against_reference(query, keys, values, Scoring(d**-0.5), starts=starts, ends=ends, splits=2)
+    if checked_alignment is not None:
+        assert checked_alignment, "the main loop ran without its alignment claims being checked"
+
+
+def test_the_compile_specs_hold_keys_and_values_with_their_own_configs():
+    """One compile spec has keys and values at different groups, bits and symmetry, and it is the compile a
+    launch on such streams makes: the streams' constexprs and the launch config of the group the tile meets."""
+    mixed = [
+        spec
+        for spec in decode_module.compile_specs()
+        if spec.fn is decode_module._decode_kernel
+        and spec.constexprs["K_GROUP"] != spec.constexprs["V_GROUP"]
+        and spec.constexprs["KA_BITS"] != spec.constexprs["VA_BITS"]
+        and spec.constexprs["K_SYMMETRIC"] != spec.constexprs["V_SYMMETRIC"]
+    ]
+    assert len(mixed) == 1, [spec.name for spec in mixed]
+    spec = mixed[0]
+    # streams as that spec describes them (rank 77 both, keys 4 bits per channel g128, values 2 bits per token g32)
+    key_cfg = KVQuantConfig(bits=4, group_size=128, axis_k="channel")
+    value_cfg = KVQuantConfig(bits=2, group_size=32, axis_v="token", symmetric=True)
+    x = torch.randn(1, 1, 130, 77, device=DEVICE, dtype=torch.float16)
+    keys, values = make_stream(x, key_cfg, "channel"), make_stream(x, value_cfg, "token")
+    for stream, prefix in ((keys, "K"), (values, "V")):
+        _, constexprs = decode_module._stream_args(stream, prefix)
+        assert constexprs.items() <= spec.constexprs.items(), (prefix, constexprs)
+    # the launch config follows the per-channel group, the one a token tile meets
+    assert decode_module.tile_group([(128, "channel"), (32, "token")]) == 128
+    assert decode_module.tile_group([(64, "token"), (16, "channel")]) == 16
+    assert decode_module.tile_group([(128, "channel"), (16, "channel")]) == 16
+    assert decode_module.tile_group([(64, "token"), (32, "token")]) == 32
+    cfg = decode_module.launch_config("rank", 128)
+    assert (spec.num_warps, spec.num_stages, spec.maxnreg) == (cfg.num_warps, cfg.num_stages, cfg.maxnreg)
+    assert cfg.constexprs.items() <= spec.constexprs.items()
+
+
 @pytest.mark.parametrize(
     "widths, expected",
     [

@@ -13,6 +13,8 @@ from eigenkv.kernels.lowrank_prefill import lowrank_prefill, lowrank_prefill_ref
 from eigenkv.kernels.scoring import Scoring
 from eigenkv.kernels.sdpa_prefill import sdpa_prefill
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache, routing
+from eigenkv.quant.config import quantized_prefix
+from eigenkv.quant.store import QuantizedStream
 from tests.helpers import DEVICE, random_tokens, random_windows, tiny_llama, tiny_mpt, tiny_opt
 from tests.kernels.test_lowrank_decode import ATOL, pre_rope
 
@@ -67,6 +69,50 @@ def test_matches_reference_over_odd_shapes(case):
     if quantized:
         plain = lowrank_prefill(query, keys, values, scoring, starts=kwargs["starts"])
         assert (out - plain).abs().max() > 1e-2  # the quantized versions are read
+
+
+# keys and values stored with their own configs: (bits, group, axis, symmetric, residual) of each stream
+MIXED_CASES = [
+    # per-channel keys in blocks of 32 tokens, per-token values in symmetric groups of 128 features
+    ("rank", 64, 3, 37, 24, 70, 100, (4, 32, "channel", False, 3), (2, 128, "token", True, 5), torch.float16),
+    # the reverse: per-token symmetric keys in groups of 16, per-channel values in blocks of 64 tokens
+    ("pre", 64, 2, 38, 50, 45, 83, (3, 16, "token", True, 0), (8, 64, "channel", False, 2), torch.bfloat16),
+]
+
+
+def quantized_view(x, bits, group, axis, symmetric, residual, length):
+    """``(held, bounds)`` of ``x`` (B, H, S, r) stored with its own config, as a quantized cache gives it to the
+    last ``length`` queries: query ``i`` (holding ``S - length + i + 1`` tokens) reads token ``j`` dequantized
+    for ``j < quantized_prefix`` of that count (a token's codes do not change once it is quantized)."""
+    config = KVQuantConfig(
+        bits=bits, group_size=group, axis_k=axis, axis_v=axis, residual=residual, symmetric=symmetric
+    )
+    stream = QuantizedStream(config, axis, None)
+    stream.push(x)
+    quantized = stream.read_quantized(x.dtype)
+    held = torch.cat([quantized, x[..., quantized.shape[-2] :, :]], dim=-2)
+    seq = x.shape[-2]
+    bounds = [quantized_prefix(seq - length + i + 1, axis, group, residual) for i in range(length)]
+    return held, torch.tensor(bounds, dtype=torch.int32, device=x.device)
+
+
+@pytest.mark.parametrize(
+    "case", MIXED_CASES, ids=[f"{c[0]}-k{c[7][2][0]}{c[7][1]}-v{c[8][2][0]}{c[8][1]}" for c in MIXED_CASES]
+)
+def test_keys_and_values_with_their_own_configs_match_the_reference(case):
+    """The causal quantized views of keys and values stored with different groups, axes, bits and symmetry
+    (each stream's bounds follow its own rule: blocks of G tokens per channel, every token per token)."""
+    mode, d, groups, key_rank, value_rank, length, seq, key_cfg, value_cfg, dtype = case
+    query, keys, values, scoring = random_prompt(mode, d, groups, key_rank, value_rank, length, seq, dtype)
+    kwargs = {
+        "starts": torch.tensor([0, 6], dtype=torch.int32, device=DEVICE),
+        "quantized_keys": quantized_view(keys, *key_cfg, length),
+        "quantized_values": quantized_view(values, *value_cfg, length),
+    }
+    assert not torch.equal(kwargs["quantized_keys"][1], kwargs["quantized_values"][1])  # bounds of their own
+    out = check_against_reference(query, keys, values, scoring, **kwargs)
+    plain = lowrank_prefill(query, keys, values, scoring, starts=kwargs["starts"])
+    assert (out - plain).abs().max() > 1e-2  # the quantized versions are read
 
 
 def test_alibi_and_rows_without_valid_keys():

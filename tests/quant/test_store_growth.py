@@ -173,3 +173,64 @@ def test_non_finite_states_are_flagged_on_the_device():
     bad[0, 1, 0, 5] = float("nan")
     stream.push(bad)  # no error in the step itself
     assert stream.non_finite
+
+
+def test_a_dense_stream_grows_in_place_and_counts_what_it_holds():
+    """An unquantized stream (a None quantizer) holds every token as it came: a decode step writes its token and
+    moves nothing (growth doubles), reads are views of the buffer, and its bytes are the rows held plus the room
+    reported as reserved."""
+    from eigenkv.memory import cache_tensor_bytes
+    from eigenkv.quant.store import DenseStream
+
+    x = torch.randn(BATCH, HEADS, 300, 20, dtype=torch.float16)
+    stream = DenseStream()
+    held, same = stream.append(x[:, :, :5])
+    assert held is same and torch.equal(held, x[:, :, :5])
+    grown = []
+    for t in range(5, 300):
+        before = stream.traffic
+        held, _ = stream.append(x[:, :, t : t + 1])
+        assert held.untyped_storage().data_ptr() == stream.view().untyped_storage().data_ptr()  # no copy
+        assert stream.traffic["written"] - before["written"] == BATCH * HEADS * 20 * 2
+        if stream.traffic["moved"] != before["moved"]:
+            grown.append(t)
+    assert torch.equal(held, x) and stream.tokens == 300
+    assert len(grown) == 6  # 5 -> 10 -> 20 -> ... -> 320 rows: geometric
+    assert stream.nbytes() == {"data": x.numel() * 2}
+    assert cache_tensor_bytes(stream) == stream.nbytes()["data"] + stream.reserved_bytes()
+    assert stream.reserved_bytes() == BATCH * HEADS * 20 * 20 * 2  # 320 rows of room
+
+    reserved = DenseStream()
+    reserved.reserve(300)
+    for t in range(300):
+        reserved.push(x[:, :, t : t + 1])
+    assert reserved.traffic["moved"] == 0 and reserved.reserved_bytes() == 0
+    assert torch.equal(reserved.packed().dequantize(torch.float16), x)
+
+
+def test_a_dense_stream_drops_crops_and_selects():
+    from eigenkv.memory import cache_tensor_bytes
+    from eigenkv.quant.store import DenseStream
+
+    x = torch.randn(BATCH, HEADS, 400, 8)
+    stream = DenseStream()
+    stream.push(x[:, :, :10])
+    allocated = []
+    for t in range(10, 400):  # a sliding layer: the held rows stay 16, their room is reused
+        stream.push(x[:, :, t : t + 1])
+        stream.drop_to(max(0, t + 1 - 16))
+        if t + 1 in (100, 400):
+            allocated.append(cache_tensor_bytes(stream))
+    assert allocated[0] == allocated[1]
+    assert stream.tokens == 400 and stream.dropped == 384 and torch.equal(stream.view(), x[:, :, 384:])
+    assert stream.nbytes() == {"data": BATCH * HEADS * 16 * 8 * 4}
+    stream.crop(390)
+    assert stream.tokens == 390 and torch.equal(stream.view(), x[:, :, 384:390])
+    with pytest.raises(ValueError, match="no longer holds its first 384"):
+        stream.crop(383)
+    with pytest.raises(ValueError, match="cannot drop 391"):
+        stream.drop_to(391)
+    stream.select(torch.tensor([1, 1, 0]))
+    assert stream.batch == 3 and torch.equal(stream.view(), x[[1, 1, 0], :, 384:390])
+    with pytest.raises(ValueError, match="appending states of shape"):
+        stream.push(x[:, :, :1])  # a batch of 2 into a stream of 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import platform
 import time
 from functools import partial
@@ -289,3 +290,21 @@ def add_gpu_step_arguments(parser, smoke_help: str = "no CUDA: run the kernels i
     parser.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     parser.add_argument("--append", action="store_true", help="append to the CSV instead of starting it over")
     parser.add_argument("--out", default=None, help="folder (default benchmarks/results) or a .csv path")
+
+
+def pearson_r(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    return cov / math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
+
+
+def spearman_rho(xs: list[float], ys: list[float]) -> float:
+    """Rank correlation (ties broken by order)."""
+
+    def ranks(values: list[float]) -> list[float]:
+        out = [0.0] * len(values)
+        for rank, i in enumerate(sorted(range(len(values)), key=values.__getitem__)):
+            out[i] = float(rank)
+        return out
+
+    return pearson_r(ranks(xs), ranks(ys))

@@ -19,24 +19,11 @@ import json
 import math
 from pathlib import Path
 
+from benchmarks._common import pearson_r, spearman_rho
 from eigenkv import ComponentQuantConfig, EigenConfig, Recipe
 from eigenkv.eval.planner import PlannerConfig, PlannerExperiment, candidates, score_recipes
 from eigenkv.eval.runs import RunFolder
 from eigenkv.quant.config import base_config, quant_config_from_dict
-
-
-def _ranks(xs: list[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=xs.__getitem__)
-    ranks = [0.0] * len(xs)
-    for rank, i in enumerate(order):
-        ranks[i] = float(rank)
-    return ranks
-
-
-def _pearson(xs: list[float], ys: list[float]) -> float:
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-    return cov / math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
 
 
 def _recipe(row: dict) -> Recipe:
@@ -82,8 +69,8 @@ def main() -> None:
     scores = score_recipes(experiment, {label: recipe for label, recipe, _ in pairs}, "proxy", print)
     proxy = [scores[label]["nll"] for label, _, _ in pairs]
     measured = [math.log(r["ppl"]) for _, _, r in pairs]
-    spearman = _pearson(_ranks(proxy), _ranks(measured))
-    pearson = _pearson(proxy, measured)
+    spearman = spearman_rho(proxy, measured)
+    pearson = pearson_r(proxy, measured)
     agree = total = 0
     for i in range(len(pairs)):
         for j in range(i + 1, len(pairs)):

@@ -69,8 +69,8 @@ from eigenkv.compress.config import BASES, ROPE_MODES, EigenConfig
 from eigenkv.compress.families import attention_sites, build_eigen_attention, family_of, head_shape
 from eigenkv.compress.sensitivity import OutputChange
 from eigenkv.compress.signature import model_signature
-from eigenkv.memory import DenseStorage, QuantizedStorage, Storage, slide
-from eigenkv.quant.config import AXES, SUPPORTED_BITS, KVQuantConfig, layer_windows
+from eigenkv.memory import DenseStorage, QuantizedStorage, Storage, slide, sliding_layer, stream_storage
+from eigenkv.quant.config import AXES, SUPPORTED_BITS, KVQuantConfig, LayerwiseKVQuantConfig, layer_windows
 
 UNITS = 1 << 14  # byte units of the exact knapsack (rounding each option up costs < 1 / UNITS of the budget each)
 KINDS = ("key", "value")
@@ -481,11 +481,19 @@ def allot_bytes(sens: Sensitivity, budget: int, lowrank: bool) -> ByteAllotment:
             f"{sens.config.seq_len} tokens{'' if lowrank else ' without low rank'}); raise the budget, or allow "
             "fewer bits, lower ranks or larger groups"
         )
-    unit = budget / UNITS
-    choice = _knapsack(items, unit)
-    chosen = [opts[c] for opts, c in zip(items, choice, strict=True)]
-    chosen = _fill(items, chosen, budget)
-    total = sum(o.bytes for o in chosen)
+    # Sliding-window layers drop their oldest tokens together, in units every sliding stream allows, so a
+    # stream's bytes there depend a little on the others': solve, count the choice exactly, and solve again
+    # within what the overshoot leaves (once at most, for models without sliding layers never).
+    room = budget
+    while True:
+        choice = _knapsack(items, room / UNITS)
+        chosen = _fill(items, [opts[c] for opts, c in zip(items, choice, strict=True)], room)
+        total = _exact_bytes(sens, chosen, lowrank)
+        if total <= budget or room <= smallest:
+            break
+        room = max(smallest, room - (total - budget))
+    if total > budget:
+        raise ValueError(f"no choice of these options fits {budget} bytes once sliding layers are counted exactly")
     layers = len(sens.sizes)
     rows = [
         {
@@ -509,6 +517,22 @@ def allot_bytes(sens: Sensitivity, budget: int, lowrank: bool) -> ByteAllotment:
         predicted=sum(o.loss for o in chosen),
         streams=rows,
     )
+
+
+def _exact_bytes(sens: Sensitivity, chosen: list[_Option], lowrank: bool) -> int:
+    """The chosen cache's bytes as the accounting counts the whole layout (sliding layers' shared drops)."""
+    keys, values = tuple(o.quant for o in chosen[0::2]), tuple(o.quant for o in chosen[1::2])
+    if all(q is None for q in keys + values):
+        return sum(o.bytes for o in chosen)  # dense streams: each layer slides on its own
+    config = LayerwiseKVQuantConfig(keys=keys, values=values)
+    total = 0
+    for layer, size in enumerate(sens.sizes):
+        slid = sliding_layer(config, sens.windows, layer)
+        for kind, option in zip(KINDS, chosen[2 * layer : 2 * layer + 2], strict=True):
+            storage = stream_storage(option.rank, config, kind, layer, torch.float16, slid)
+            total += size.kv_heads * sum(storage.nbytes(sens.config.seq_len).values())
+    a_b = [2 * (a + b * chosen[2 * i].rank) for i, (a, b) in enumerate(sens.key_basis)] if lowrank else []
+    return total + sum(a_b)
 
 
 def _knapsack(items: list[list[_Option]], unit: float) -> list[int]:

@@ -63,7 +63,7 @@ class OutputChange:
         with QuantizedKV(self.model, config):
             for (a, kw), y in zip(inputs, self._references[layer], strict=True):
                 cache = QuantizedKVCache(config, self.model.config)
-                yield y, module(*a, **kw, past_key_values=cache)[0]
+                yield y, module(*a, **_causal(kw, y), past_key_values=cache)[0]
 
     def relative_error(self, layer: int, r_k: int, r_v: int) -> float:
         """``||Y^ - Y||_F / ||Y||_F`` (the paper's criterion)."""
@@ -96,6 +96,20 @@ class OutputChange:
             total += 0.5 * float(projected.pow(2).sum())
             tokens += projected.numel()
         return total / max(tokens, 1.0)
+
+
+def _causal(kwargs: dict, like: torch.Tensor) -> dict:
+    """``kwargs`` with an explicit additive causal mask ``(1, 1, T, T)`` where the kept one is None (SDPA's
+    implicit causal mask): the quantized cache's attention reads a missing mask as "nothing masked", as it is
+    never missing in a model's forward through it (transformers materialises the mask it registers)."""
+    if kwargs.get("attention_mask") is not None:
+        return kwargs
+    length = like.shape[-2]
+    future = torch.ones(length, length, dtype=torch.bool, device=like.device).triu(1)
+    mask = torch.zeros(length, length, dtype=like.dtype, device=like.device).masked_fill(
+        future, torch.finfo(like.dtype).min
+    )
+    return {**kwargs, "attention_mask": mask[None, None]}
 
 
 def _one_layer(layers: int, layer: int, keys: KVQuantConfig | None, values: KVQuantConfig | None):

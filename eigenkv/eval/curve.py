@@ -48,7 +48,7 @@ from eigenkv.quant.config import AXES, KVQuantConfig
 from eigenkv.recipe import Recipe
 
 QUICK_WINDOWS = 3
-HELD_OUT = (2, 1024)  # windows x tokens after the evaluated ones where the allotted candidates are compared
+HELD_OUT = (2, 1024)  # windows x tokens (at most seq_len) after the evaluated ones: where allotted candidates compete
 CSV_FIELDS = ["label", "method", "ratio", "bits", "group_size", "kv_gb_n2048", "ppl", "tokens", "seconds"]
 
 
@@ -188,6 +188,8 @@ def run_curve(
     )  # fmt: skip
     done = folder.records("points.jsonl")
     rows = list(done.values())
+    if config.budgets:  # measured first: the longest step, and the one whose time is reported
+        experiment.sensitivity(config.budget_config())
     for label, curve, recipe in config.points():
         if label in done:
             continue
@@ -208,7 +210,7 @@ def allotted_points(config: CurveConfig, experiment: Experiment, done: dict) -> 
     """Measure the allotted recipe of every budget not yet in ``done``; save its allotment and figure."""
     sensitivity = experiment.sensitivity(config.budget_config())
     fp16 = experiment.apply(Recipe()).kv_bytes(seq_len=2048).total
-    held_out = experiment.held_out(HELD_OUT[0], HELD_OUT[1])
+    held_out = experiment.held_out(HELD_OUT[0], min(HELD_OUT[1], config.seq_len))
     rows = []
     for budget in config.budgets:
         label = f"allotted {budget:g}x"

@@ -236,8 +236,9 @@ class Experiment:
                 self._sensitivities[key] = Sensitivity.from_dict(stored)
             else:
                 rotated = config.rope_mode == "post" and family_of(self.original) == "llama"
-                measured = measure_sensitivity(self.original, self.calibration(rotated), config, progress=self.progress)
-                atomic_write_json(file, {**record, **measured.to_dict()})
+                calibration = self.calibration(rotated)
+                measured = measure_sensitivity(self.original, calibration, config, progress=self.progress)
+                atomic_write_json(file, {**record, **measured.to_dict(), "calibration_seconds": calibration.seconds})
                 self._sensitivities[key] = measured
         return self._sensitivities[key]
 

@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from eigenkv.memory import cache_held_bytes, kv_cache_bytes
 from eigenkv.pipeline import apply_recipe, recipes_for_budget
 from eigenkv.quant import KVQuantConfig
 from eigenkv.recipe import Recipe
-from tests.helpers import random_tokens, random_windows, tiny_llama, tiny_opt
+from tests.helpers import random_tokens, random_windows, tiny_llama, tiny_mistral, tiny_opt
 
 SEQ = 64
 OPTIONS = BudgetConfig(bits=(2, 4, 8), groups=(16, 32), seq_len=SEQ, rank_points=(0.5,), reference_bits=2)
@@ -33,6 +34,14 @@ def llama():
     model = tiny_llama()
     calib = calibrate(model, random_windows(model, count=3, length=SEQ), gradients=True, progress=False)
     return model, calib, measure_sensitivity(model, calib, OPTIONS, progress=False)
+
+
+def test_quantized_keys_and_values_lose_more_at_fewer_bits(llama):
+    """Measured through a real quantized cache, causally (a missing mask would let queries see the future)."""
+    _, _, sens = llama
+    for keys, values in sens.streams:
+        for losses in (keys.original, keys.quant, values.original, values.quant):
+            assert losses["2b-g16-kc-vt-r0"] > losses["4b-g16-kc-vt-r0"] > losses["8b-g16-kc-vt-r0"] > 0
 
 
 def fp16_bytes(model) -> int:
@@ -56,6 +65,19 @@ def test_the_allotment_meets_the_budget_and_a_real_cache_holds_those_bytes(llama
             as_held = compressed.kv_bytes(seq_len=SEQ, dtype=torch.float32)
             assert cache_held_bytes(cache) == as_held.total - as_held.components.get("bases", 0)
         assert allotment.lowrank == (recipe.lowrank is not None)
+
+
+def test_sliding_layers_are_counted_exactly():
+    """Every sliding layer drops its oldest tokens with the others: the allotment counts the whole layout."""
+    model = tiny_mistral(sliding_window=24)  # sliding layers compress post-RoPE
+    windows = random_windows(model, count=2, length=SEQ)
+    calib = calibrate(model, windows, gradients=True, rotated=True, progress=False)
+    sens = measure_sensitivity(model, calib, replace(OPTIONS, rope_mode="post"), progress=False)
+    assert sens.windows == [24, 24]
+    for fraction in (0.15, 0.3):
+        for recipe, allotment in recipes_for_budget(sens, int(fraction * fp16_bytes(model))):
+            compressed = apply_recipe(copy.deepcopy(model), recipe, calib, progress=False)
+            assert compressed.kv_bytes(seq_len=SEQ).total == allotment.bytes <= allotment.budget
 
 
 def test_a_budget_that_fits_the_fp16_model_chooses_it(llama):

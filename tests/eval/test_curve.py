@@ -21,7 +21,7 @@ PLANS = {"paper-eigen0.5": "eigen0.5-pre-uniform", "eigenkv-eigen0.5": "eigen0.5
 @pytest.fixture
 def texts(tmp_path):
     evaluated = tmp_path / "eval.txt"
-    evaluated.write_text("It was the best of times, it was the worst of times.\n" * 12)
+    evaluated.write_text("It was the best of times, it was the worst of times.\n" * 24)
     calib = tmp_path / "calib.txt"
     calib.write_text("Call me Ishmael. Some years ago, never mind how long precisely.\n" * 12)
     return evaluated, calib
@@ -114,6 +114,19 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
         same_plain = next(r for r in rows if r["label"] == row["label"].replace("+scale+hi8x0.5", ""))
         assert row["kv_bytes_eval_seq_len"] > same_plain["kv_bytes_eval_seq_len"]  # half the components at 8 bits
     assert "best eigenkv-eigen0.5+scale+hi8x0.5" in (out / "pareto.md").read_text()
+    # Budgets add the byte allotment's curve, and quant_rotate the rotated quantization, to the run.
+    allotted = CurveConfig(**{**extended.__dict__, "budgets": (0.3, 0.6), "quant_rotate": True})
+    run_curve(allotted, tmp_path / "runs", progress=False)
+    rows = {r["label"]: r for r in map(json.loads, (out / "points.jsonl").read_text().splitlines())}
+    fp16 = rows["baseline"]["kv_bytes_n2048"]
+    for budget in (0.3, 0.6):
+        row = rows[f"allotted {budget:g}x"]
+        assert row["method"] == "allotted" and 0.9 * budget * fp16 < row["kv_bytes_n2048"] <= budget * fp16
+        assert len(row["candidates"]) == 2 and all(c["held_out_nll"] > 0 for c in row["candidates"])
+        assert (out / f"allotment_{budget:g}x.png").read_bytes()[:4] == b"\x89PNG"
+        assert json.loads((out / f"allotment_{budget:g}x.json").read_text())["bytes"] == row["kv_bytes_n2048"]
+    assert rows[f"quant {q}-rot"]["method"] == "quant-rot" and (out / "sensitivity.json").is_file()
+    assert "best allotted" in (out / "pareto.md").read_text()
     with pytest.raises(FileExistsError, match="other settings"):
         other = CurveConfig(**{**config.__dict__, "bits": (4,), "calib_windows": 3})
         run_curve(other, tmp_path / "runs", progress=False)

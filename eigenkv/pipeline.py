@@ -240,7 +240,7 @@ def recipes_for_budget(sensitivity: Sensitivity, budget_bytes: int) -> list[tupl
         out.append((allotted_recipe(allotment, sensitivity.config), allotment))
     if not out:
         raise ValueError(refusals[-1])
-    return sorted(out, key=lambda pair: pair[1].predicted)
+    return sorted(out, key=lambda pair: (pair[1].predicted, pair[1].lowrank))  # a tie: the simpler model
 
 
 def _read_manifest(path: Path) -> dict:

@@ -70,10 +70,9 @@ from eigenkv.compress.families import attention_sites, build_eigen_attention, fa
 from eigenkv.compress.sensitivity import OutputChange
 from eigenkv.compress.signature import model_signature
 from eigenkv.memory import DenseStorage, QuantizedStorage, Storage, slide, sliding_layer, stream_storage
-from eigenkv.quant.config import AXES, SUPPORTED_BITS, KVQuantConfig, LayerwiseKVQuantConfig, layer_windows
+from eigenkv.quant.config import AXES, KINDS, SUPPORTED_BITS, KVQuantConfig, LayerwiseKVQuantConfig, layer_windows
 
 UNITS = 1 << 14  # byte units of the exact knapsack (rounding each option up costs < 1 / UNITS of the budget each)
-KINDS = ("key", "value")
 # Codes wider than this are not measured: rounding to 2^b levels adds noise of variance proportional to
 # (2^b - 1)^-2, which holds ever better as b grows, so their loss is the widest measured width's scaled by it
 # (8 bits: 1/289 of 4 bits'; measuring would resolve little beyond the calibration's noise).

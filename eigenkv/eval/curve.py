@@ -188,8 +188,8 @@ def run_curve(
     )  # fmt: skip
     done = folder.records("points.jsonl")
     rows = list(done.values())
-    if config.budgets:  # measured first: the longest step, and the one whose time is reported
-        experiment.sensitivity(config.budget_config())
+    if config.budgets:  # first: the sensitivity is the longest step, and the one whose time is reported
+        rows += allotted_points(config, experiment, done)
     for label, curve, recipe in config.points():
         if label in done:
             continue
@@ -198,8 +198,6 @@ def run_curve(
         rows.append(row)
         if progress:
             print(f"{label:36s} ppl={row['ppl']:9.4f} kv={row['kv_gb_n2048']:.5f} GB", flush=True)
-    if config.budgets:
-        rows += allotted_points(config, experiment, done)
     plot_curve(rows, folder.path / "curve.png", title=config.run_name())
     plot_curve(rows, folder.path / "curve.svg", title=config.run_name())
     atomic_write_text(folder.path / "pareto.md", pareto_table(rows))

@@ -60,8 +60,8 @@ def report(run: Path) -> str:
         uniform = [b["ppl"] for b in best if b is not None]
         margin = f"{row['ppl'] - min(uniform):+.2f}" if uniform else "-"
         cells = [describe(b, fp16) for b in best]
-        kind = "eigen" if row["recipe"]["lowrank"] else "full rank"
-        mine = f"**{row['ppl']:.2f}** ({kind}, {row['kv_bytes_n2048'] / fp16:.3f}x)"
+        chosen = next(c for c in row["candidates"] if c["recipe"] == row["recipe"])["candidate"]
+        mine = f"**{row['ppl']:.2f}** ({chosen}, {row['kv_bytes_n2048'] / fp16:.3f}x)"
         lines.append(f"| {row['budget']:g}x | " + " | ".join(cells) + f" | {mine} | {margin} |")
     measured = [math.log(r["ppl"] / base["ppl"]) for r in allotted]
     predicted = [r["predicted"] for r in allotted]
@@ -74,7 +74,7 @@ def report(run: Path) -> str:
     for row in allotted:
         for c in row["candidates"]:
             chosen = (c["recipe"] == row["recipe"]) and abs(c["predicted"] - row["predicted"]) < 1e-15
-            kind = "eigen" if c["lowrank"] else "full rank"
+            kind = c["candidate"]
             value = f"{math.log(row['ppl'] / base['ppl']):.4f}" if chosen else ""
             nll = "" if c["held_out_nll"] is None else f"{c['held_out_nll']:.4f}"
             label = kind + (" (chosen)" if chosen else "")

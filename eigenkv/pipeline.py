@@ -220,8 +220,9 @@ def allotted_recipe(allotment: ByteAllotment, config: BudgetConfig) -> Recipe:
 
 def recipes_for_budget(sensitivity: Sensitivity, budget_bytes: int) -> list[tuple[Recipe, ByteAllotment]]:
     """The allotted recipe of each candidate within ``budget_bytes`` (KV bytes at ``sensitivity.config.seq_len``
-    tokens, batch 1), best predicted first: with Eigen Attention (when the sensitivity measured low ranks) and
-    without. A candidate whose smallest cache exceeds the budget is left out; none fitting raises ValueError.
+    tokens, batch 1), best predicted first: with Eigen Attention (when the sensitivity measured low ranks),
+    without, and without but with Hadamard-rotated quantizers allowed (when measured). A candidate whose smallest
+    cache exceeds the budget is left out; none fitting raises ValueError.
 
     Example::
 
@@ -231,16 +232,20 @@ def recipes_for_budget(sensitivity: Sensitivity, budget_bytes: int) -> list[tupl
         compressed = apply_recipe(model, recipe, calib)
     """
     out, refusals = [], []
-    for lowrank in (True, False) if sensitivity.config.lowrank else (False,):
+    candidates = [(True, False)] if sensitivity.config.lowrank else []
+    candidates += [(False, False)] + ([(False, True)] if sensitivity.rotatable else [])
+    for lowrank, rotate in candidates:
         try:
-            allotment = allot_bytes(sensitivity, budget_bytes, lowrank)
+            allotment = allot_bytes(sensitivity, budget_bytes, lowrank, rotate)
         except ValueError as err:
             refusals.append(str(err))
+            continue
+        if rotate and not allotment.rotate:  # rotation did not pay for its matrix: the unrotated one is better
             continue
         out.append((allotted_recipe(allotment, sensitivity.config), allotment))
     if not out:
         raise ValueError(refusals[-1])
-    return sorted(out, key=lambda pair: (pair[1].predicted, pair[1].lowrank))  # a tie: the simpler model
+    return sorted(out, key=lambda pair: (pair[1].predicted, pair[1].lowrank, pair[1].rotate))  # ties: the simpler
 
 
 def _read_manifest(path: Path) -> dict:

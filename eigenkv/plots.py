@@ -72,7 +72,7 @@ def plot_allotment(streams: list[dict], head_dim: int, title: str, path: str | o
     axes[-1].set_xlabel("layer")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in BITS_COLORS.values()]
     labels = [f"{b} bits" if b else "16 bits" for b in BITS_COLORS]
-    axes[0].legend(handles, labels, fontsize=6, ncols=5, loc="lower right")
-    axes[0].set_title(title, fontsize=8)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=8)
+    fig.legend(handles, labels, fontsize=6, ncols=5, loc="upper center", bbox_to_anchor=(0.5, 0.95), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     return save_figure(fig, path, dpi=120)

@@ -42,11 +42,13 @@ prediction against measured perplexities.
 **Choice**: among the options of every stream, the set minimising the summed
 predicted loss within the budget, a multiple-choice knapsack solved exactly on
 a grid of ``UNITS`` byte units (each option's bytes rounded up, so the choice
-fits), then filled greedily with exact bytes. Two candidates are solved: the
-model with Eigen Attention (every layer through its bases) and without
-(full rank, no bases: per-layer mixed-precision quantization); the
-planner measures both on held-out text and keeps the better
-(``eigenkv.eval.planner``).
+fits), then filled greedily with exact bytes. Three candidates are solved: the
+model with Eigen Attention (every layer through its bases), without (full
+rank, no bases: per-layer mixed-precision quantization), and without with
+Hadamard-rotated quantizers allowed too (``rotate``: the rotation spreads
+outlier channels, and the one matrix is paid from the budget; rank-space
+caches are not rotated). The planner and the curve measure the candidates on
+held-out text and keep the best (``eigenkv.eval.planner``).
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ class BudgetConfig:
         unquantized: a stream may stay unquantized (16-bit).
         lowrank: ranks below the head size are allowed (False: per-layer mixed-precision quantization of
             the full-rank cache, without Eigen Attention).
+        rotate: the model without Eigen Attention may also quantize streams after a Hadamard rotation of the
+            head dimension (a third candidate; rank-space caches are not rotated, and head sizes that are not
+            powers of two are skipped).
         axis_k, axis_v, residual, symmetric, scale_dtype: the quantizer settings every option shares
             (see ``KVQuantConfig``).
         basis, rope_mode, min_rank, rank_multiple: the low-rank settings (see ``EigenConfig``).
@@ -102,6 +107,7 @@ class BudgetConfig:
     groups: tuple[int, ...] = (32, 64, 128)
     unquantized: bool = True
     lowrank: bool = True
+    rotate: bool = True
     axis_k: str = "channel"
     axis_v: str = "token"
     residual: int = 0
@@ -130,6 +136,7 @@ class BudgetConfig:
             raise ValueError("BudgetConfig.groups is empty: give the group sizes the quantized options use")
         require_bool("unquantized", self.unquantized)
         require_bool("lowrank", self.lowrank)
+        require_bool("rotate", self.rotate)
         if not self.bits and not self.unquantized:
             raise ValueError("no option left: allow some bits, or unquantized=True")
         require_choice("axis_k", self.axis_k, AXES)
@@ -145,8 +152,8 @@ class BudgetConfig:
             raise ValueError(f"rank_points are fractions of the head size in (0, 1); got {self.rank_points}")
         self.quantizers()  # KVQuantConfig validates every option
 
-    def quantizers(self) -> list[KVQuantConfig]:
-        """Every quantizer option of a stream."""
+    def quantizers(self, rotate: bool = False) -> list[KVQuantConfig]:
+        """Every quantizer option of a stream (``rotate``: their Hadamard-rotated versions)."""
         return [
             KVQuantConfig(
                 bits=b,
@@ -156,6 +163,7 @@ class BudgetConfig:
                 residual=self.residual,
                 symmetric=self.symmetric,
                 scale_dtype=self.scale_dtype,
+                rotate=rotate,
             )
             for b in self.bits
             for g in self.groups
@@ -226,6 +234,17 @@ class Sensitivity:
     seconds: float
     signature: dict
 
+    @property
+    def rotatable(self) -> bool:
+        """Whether rotated quantizers were measured (on the model without Eigen Attention)."""
+        return any(label.endswith("-rot") for label in self.streams[0][0].original)
+
+    @property
+    def rotation_bytes(self) -> int:
+        """Bytes of the Hadamard matrix a rotated cache keeps (float32, head size squared), as the accounting
+        counts it."""
+        return 4 * self.sizes[0].head_dim ** 2
+
     def to_dict(self) -> dict:
         return {
             "config": self.config.to_dict(),
@@ -287,9 +306,9 @@ def measure_sensitivity(
     bases = fit_bases(model, sites, calib, eigen, mode)
     measure = OutputChange(model, sites, calib, bases, mode)
     evaluations = 0
-    curves: list = [([0.0] * (s.head_dim + 1), [0.0] * (s.head_dim + 1)) for s in sizes]
+    curves: list = [([0.0] * (s.head_dim + 1),) * 2 for s in sizes]  # full rank only: no rank curve
     if config.lowrank:
-        allotter = Allotter(bases, sizes, eigen.with_ratio(0.5), measure.relative_error, measure.predicted_loss)
+        allotter = Allotter(bases, sizes, eigen, measure.relative_error, measure.predicted_loss)
         key = ("sensitivity", config.basis, config.min_rank)
         if key in calib.derived:  # shared with the rank allotment of the same calibration
             allotter.use_curves(*calib.derived[key])
@@ -298,24 +317,26 @@ def measure_sensitivity(
             evaluations += allotter.sensitivity_evaluations
         curves = allotter.curves()
     streams = []
+    rotatable = config.rotate and len({s.head_dim for s in sizes}) == 1 and _power_of_two(sizes[0].head_dim)
     layers = tqdm(range(len(sites)), desc="sensitivity", unit="layer", disable=not progress)
     for layer in layers:
         d = sizes[layer].head_dim
         pair = []
         for kind in KINDS:
             losses = StreamLosses(rank=list(curves[layer][KINDS.index(kind)]))
-
-            for q in sorted(config.quantizers(), key=lambda q: q.bits):  # narrow first: wide ones scale them
+            quantizers = config.quantizers() + (config.quantizers(rotate=True) if rotatable else [])
+            for q in sorted(quantizers, key=lambda q: q.bits):  # narrow first: wide ones scale them
+                twin = config.lowrank and not q.rotate  # rank-space caches are not rotated
                 base = _noise_base(q, config)
                 if base is not None:  # wide codes: scaled from a narrower width (see NOISE_BITS)
                     factor = ((2**base.bits - 1) / (2**q.bits - 1)) ** 2
                     losses.original[q.label()] = losses.original[base.label()] * factor
-                    if config.lowrank:
+                    if twin:
                         losses.quant[q.label()] = losses.quant[base.label()] * factor
                     continue
                 losses.original[q.label()] = _loss(measure, layer, kind, None, q)
                 evaluations += 1
-                if config.lowrank:
+                if twin:
                     losses.quant[q.label()] = _loss(measure, layer, kind, d, q)
                     evaluations += 1
             if config.lowrank and config.reference is not None:
@@ -339,6 +360,10 @@ def measure_sensitivity(
         seconds=time.perf_counter() - start,
         signature=calib.signature,
     )
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def _noise_base(q: KVQuantConfig, config: BudgetConfig) -> KVQuantConfig | None:
@@ -382,6 +407,7 @@ class ByteAllotment:
 
     Attributes:
         lowrank: the model goes through Eigen Attention (False: the original attention, every rank full).
+        rotate: some stream is quantized after a Hadamard rotation (without Eigen Attention).
         ranks: per layer ``(r_k, r_v)`` (the head size when full).
         keys, values: per layer the quantizer of its keys / values (None: unquantized).
         bytes: the cache's bytes at ``seq_len`` tokens, batch 1, as the accounting counts them.
@@ -391,6 +417,7 @@ class ByteAllotment:
     """
 
     lowrank: bool
+    rotate: bool
     ranks: list[tuple[int, int]]
     keys: list[KVQuantConfig | None]
     values: list[KVQuantConfig | None]
@@ -402,6 +429,7 @@ class ByteAllotment:
     def to_dict(self) -> dict:
         return {
             "lowrank": self.lowrank,
+            "rotate": self.rotate,
             "ranks": [list(r) for r in self.ranks],
             "keys": [None if q is None else q.to_dict() for q in self.keys],
             "values": [None if q is None else q.to_dict() for q in self.values],
@@ -431,12 +459,14 @@ def stream_bytes(width: int, quant: KVQuantConfig | None, kind: str, size: Layer
     return size.kv_heads * sum(storage.nbytes(seq_len).values())
 
 
-def _options(sens: Sensitivity, layer: int, kind: str, lowrank: bool) -> list[_Option]:
-    """Every option of a stream with its bytes and predicted loss, the dominated ones removed."""
+def _options(sens: Sensitivity, layer: int, kind: str, lowrank: bool, rotate: bool = False) -> list[_Option]:
+    """Every option of a stream with its bytes and predicted loss, the dominated ones removed (``rotate``: the
+    Hadamard-rotated quantizers too, without Eigen Attention)."""
     cfg, size, window = sens.config, sens.sizes[layer], sens.windows[layer]
     d = size.head_dim
     losses = sens.streams[layer][KINDS.index(kind)]
     quantizers: list[KVQuantConfig | None] = [*cfg.quantizers()] + ([None] if cfg.unquantized else [])
+    quantizers += cfg.quantizers(rotate=True) if rotate else []
     options = []
     if lowrank:
         ranks = sorted(
@@ -461,29 +491,37 @@ def _options(sens: Sensitivity, layer: int, kind: str, lowrank: bool) -> list[_O
     return front
 
 
-def allot_bytes(sens: Sensitivity, budget: int, lowrank: bool) -> ByteAllotment:
+def allot_bytes(sens: Sensitivity, budget: int, lowrank: bool, rotate: bool = False) -> ByteAllotment:
     """The options minimising the predicted loss within ``budget`` bytes (see the module doc).
 
     Args:
         lowrank: the candidate with Eigen Attention (True) or without (False).
+        rotate: without Eigen Attention, also the Hadamard-rotated quantizers (the rotation matrix, kept once,
+            is paid from the budget).
 
     Raises:
-        ValueError: the budget is below the smallest cache the options allow.
+        ValueError: the budget is below the smallest cache the options allow, or options were not measured.
     """
     if lowrank and not sens.config.lowrank:
         raise ValueError("this sensitivity was measured with lowrank=False: it predicts full-rank options only")
-    items = [_options(sens, layer, kind, lowrank) for layer in range(len(sens.sizes)) for kind in KINDS]
-    smallest = sum(opts[0].bytes for opts in items)
-    if smallest > budget:
+    if rotate and (lowrank or not sens.rotatable):
         raise ValueError(
-            f"the budget of {budget} bytes is below the smallest cache these options allow ({smallest} bytes at "
-            f"{sens.config.seq_len} tokens{'' if lowrank else ' without low rank'}); raise the budget, or allow "
-            "fewer bits, lower ranks or larger groups"
+            "rotated quantizers apply to the model without Eigen Attention, measured with BudgetConfig(rotate=True) "
+            "on a model whose heads all have one power-of-two size"
+        )
+    items = [_options(sens, layer, kind, lowrank, rotate) for layer in range(len(sens.sizes)) for kind in KINDS]
+    fixed = sens.rotation_bytes if rotate else 0  # a rotated choice keeps the matrix
+    smallest = sum(opts[0].bytes for opts in items)
+    if smallest + fixed > budget:
+        raise ValueError(
+            f"the budget of {budget} bytes is below the smallest cache these options allow "
+            f"({smallest + fixed} bytes at {sens.config.seq_len} tokens{'' if lowrank else ' without low rank'}); "
+            "raise the budget, or allow fewer bits, lower ranks or larger groups"
         )
     # Sliding-window layers drop their oldest tokens together, in units every sliding stream allows, so a
     # stream's bytes there depend a little on the others': solve, count the choice exactly, and solve again
     # within what the overshoot leaves (once at most, for models without sliding layers never).
-    room = budget
+    room = budget - fixed
     while True:
         choice = _knapsack(items, room / UNITS)
         chosen = _fill(items, [opts[c] for opts, c in zip(items, choice, strict=True)], room)
@@ -508,6 +546,7 @@ def allot_bytes(sens: Sensitivity, budget: int, lowrank: bool) -> ByteAllotment:
     ]
     return ByteAllotment(
         lowrank=lowrank,
+        rotate=any(q is not None and q.rotate for q in (o.quant for o in chosen)),
         ranks=[(chosen[2 * i].rank, chosen[2 * i + 1].rank) for i in range(layers)],
         keys=[chosen[2 * i].quant for i in range(layers)],
         values=[chosen[2 * i + 1].quant for i in range(layers)],
@@ -531,7 +570,8 @@ def _exact_bytes(sens: Sensitivity, chosen: list[_Option], lowrank: bool) -> int
             storage = stream_storage(option.rank, config, kind, layer, torch.float16, slid)
             total += size.kv_heads * sum(storage.nbytes(sens.config.seq_len).values())
     a_b = [2 * (a + b * chosen[2 * i].rank) for i, (a, b) in enumerate(sens.key_basis)] if lowrank else []
-    return total + sum(a_b)
+    rotation = sens.rotation_bytes if any(c is not None and c.rotate for c in keys + values) else 0
+    return total + sum(a_b) + rotation
 
 
 def _knapsack(items: list[list[_Option]], unit: float) -> list[int]:

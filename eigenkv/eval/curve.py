@@ -15,8 +15,9 @@
 - ``allotted``: one point per budget in ``budgets`` (fractions of the fp16
   cache at n = 2048): ranks and bits chosen per layer and kind by the byte
   allotment (``eigenkv.compress.budget``; options: bits {2, 3, 4, 8} x groups
-  {32, 64, 128} and 16-bit, any rank), its two candidates (with and without
-  Eigen Attention) compared on held-out text after the evaluated windows
+  {32, 64, 128} and 16-bit, any rank), its candidates (with Eigen Attention,
+  without, and without with Hadamard-rotated quantizers) compared on held-out
+  text after the evaluated windows
   (``eigenkv.eval.planner.choose_allotted``). Each point saves its allotment
   (``allotment_<budget>x.json``) and its figure (``allotment_<budget>x.png``).
 
@@ -40,7 +41,7 @@ from eigenkv.checks import require_choice, require_int
 from eigenkv.compress.budget import BudgetConfig
 from eigenkv.compress.components import ComponentQuantConfig
 from eigenkv.compress.config import EigenConfig
-from eigenkv.eval.planner import choose_allotted
+from eigenkv.eval.planner import allotment_kind, choose_allotted
 from eigenkv.eval.runs import Experiment, RunFolder, Texts
 from eigenkv.io import atomic_write_json, atomic_write_text
 from eigenkv.plots import plot_allotment, pyplot, save_figure
@@ -223,7 +224,7 @@ def allotted_points(config: CurveConfig, experiment: Experiment, done: dict) -> 
         name = f"allotment_{budget:g}x"
         atomic_write_json(experiment.folder.path / f"{name}.json", {"budget": budget, **allotment.to_dict()})
         head_dim = max(s.head_dim for s in sensitivity.sizes)
-        title = f"{config.run_name()}: {budget:g}x of fp16, {'with' if allotment.lowrank else 'without'} Eigen"
+        title = f"{config.run_name()}: {budget:g}x of fp16, {allotment_kind(allotment)}"
         plot_allotment(allotment.streams, head_dim, title, experiment.folder.path / f"{name}.png")
         if experiment.progress:
             print(f"{label:36s} ppl={row['ppl']:9.4f} kv={row['kv_gb_n2048']:.5f} GB", flush=True)

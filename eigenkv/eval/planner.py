@@ -40,9 +40,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from eigenkv.checks import require_choice, require_int, require_number
-from eigenkv.compress.budget import BudgetConfig
+from eigenkv.compress.budget import BudgetConfig, ByteAllotment, Sensitivity
 from eigenkv.compress.components import ComponentQuantConfig
 from eigenkv.compress.config import EigenConfig
+from eigenkv.data import TokenWindows
 from eigenkv.eval.runs import Experiment, RunFolder, Texts
 from eigenkv.io import atomic_write_json, atomic_write_text
 from eigenkv.memory import GB
@@ -280,10 +281,17 @@ def allotted_candidates(experiment: Experiment, config: PlannerConfig, budget: i
         pairs = recipes_for_budget(sensitivity, budget)
     except ValueError:
         return {}
-    return {f"allotted-{'eigen' if a.lowrank else 'fullrank'}@{budget_gb:g}GB": recipe for recipe, a in pairs}
+    return {f"allotted-{allotment_kind(a)}@{budget_gb:g}GB": recipe for recipe, a in pairs}
 
 
-def choose_allotted(experiment: Experiment, sensitivity, budget: int, held_out) -> tuple[Recipe, object, list[dict]]:
+def allotment_kind(allotment: ByteAllotment) -> str:
+    """``eigen``, ``fullrank`` or ``fullrank-rot``: which candidate of the byte allotment."""
+    return "eigen" if allotment.lowrank else "fullrank-rot" if allotment.rotate else "fullrank"
+
+
+def choose_allotted(
+    experiment: Experiment, sensitivity: Sensitivity, budget: int, held_out: TokenWindows
+) -> tuple[Recipe, ByteAllotment, list[dict]]:
     """The byte allotment's recipe within ``budget`` bytes: of its candidates (with and without Eigen Attention),
     the one with the lower loss measured on ``held_out`` windows (the prediction adds layers and kinds; the
     measurement settles what it cannot rank). Returns ``(recipe, allotment, evidence per candidate)``."""
@@ -291,8 +299,9 @@ def choose_allotted(experiment: Experiment, sensitivity, budget: int, held_out) 
     evidence = []
     for recipe, allotment in pairs:
         nll = experiment.measure(recipe, held_out, desc="held-out")["nll"] if len(pairs) > 1 else None
-        evidence.append({"lowrank": allotment.lowrank, "predicted": allotment.predicted, "held_out_nll": nll,
-                         "bytes": allotment.bytes, "recipe": recipe.to_dict()})  # fmt: skip
+        evidence.append({"candidate": allotment_kind(allotment), "lowrank": allotment.lowrank,
+                         "predicted": allotment.predicted, "held_out_nll": nll, "bytes": allotment.bytes,
+                         "recipe": recipe.to_dict()})  # fmt: skip
     best = min(range(len(pairs)), key=lambda i: evidence[i]["held_out_nll"] or 0.0)
     return pairs[best][0], pairs[best][1], evidence
 

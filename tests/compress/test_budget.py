@@ -19,7 +19,7 @@ from eigenkv.compress.budget import (
 )
 from eigenkv.compress.calibrate import calibrate
 from eigenkv.memory import cache_held_bytes, kv_cache_bytes
-from eigenkv.pipeline import apply_recipe, recipes_for_budget
+from eigenkv.pipeline import allotted_recipe, apply_recipe, recipes_for_budget
 from eigenkv.quant import KVQuantConfig
 from eigenkv.recipe import Recipe
 from tests.helpers import random_tokens, random_windows, tiny_llama, tiny_mistral, tiny_opt
@@ -57,7 +57,8 @@ def test_the_allotment_meets_the_budget_and_a_real_cache_holds_those_bytes(llama
         assert allotment.bytes > 0.9 * budget  # spent, not left over
         compressed = apply_recipe(copy.deepcopy(model), recipe, calib, progress=False)
         counted = compressed.kv_bytes(seq_len=SEQ)
-        assert counted.total == allotment.bytes == sum(row["bytes"] for row in allotment.streams)
+        rotation = sens.rotation_bytes if allotment.rotate else 0  # one matrix, for every rotated stream
+        assert counted.total == allotment.bytes == sum(row["bytes"] for row in allotment.streams) + rotation
         cache = compressed.new_cache()
         with compressed, torch.no_grad():
             compressed.model(random_tokens(model, batch=1, length=SEQ), past_key_values=cache)
@@ -88,7 +89,7 @@ def test_a_budget_that_fits_the_fp16_model_chooses_it(llama):
 
 def test_full_rank_only_is_per_layer_mixed_precision(llama):
     model, calib, _ = llama
-    options = BudgetConfig(bits=(2, 4), groups=(16, 32), seq_len=SEQ, lowrank=False, unquantized=False)
+    options = BudgetConfig(bits=(2, 4), groups=(16, 32), seq_len=SEQ, lowrank=False, unquantized=False, rotate=False)
     sens = measure_sensitivity(model, calib, options, progress=False)
     uniform = KVQuantConfig(bits=4, group_size=32)
     budget = kv_cache_bytes(model, seq_len=SEQ, quant=uniform).total
@@ -100,6 +101,21 @@ def test_full_rank_only_is_per_layer_mixed_precision(llama):
     assert allotment.predicted <= uniform_loss + 1e-15
     with pytest.raises(ValueError, match="lowrank=False"):
         allot_bytes(sens, budget, lowrank=True)
+
+
+def test_rotated_quantizers_pay_for_their_matrix(llama):
+    model, calib, sens = llama
+    assert sens.rotatable and "2b-g16-kc-vt-r0-rot" in sens.streams[0][0].original
+    assert "2b-g16-kc-vt-r0-rot" not in sens.streams[0][0].quant  # rank-space caches are not rotated
+    rotated = [a for a in (allot_bytes(sens, int(f * fp16_bytes(model)), False, True) for f in (0.35, 0.5, 0.6))]
+    assert any(a.rotate for a in rotated)
+    for allotment in rotated:
+        recipe = allotted_recipe(allotment, sens.config)
+        counted = apply_recipe(copy.deepcopy(model), recipe, progress=False).kv_bytes(seq_len=SEQ)
+        assert counted.total == allotment.bytes <= allotment.budget
+        assert counted.components.get("rotation", 0) == (sens.rotation_bytes if allotment.rotate else 0)
+    with pytest.raises(ValueError, match="rotated quantizers apply to the model without Eigen Attention"):
+        allot_bytes(sens, fp16_bytes(model), True, True)
 
 
 def test_sixteen_bits_only_is_the_rank_allotment():

@@ -121,8 +121,9 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(model_dir, texts, tmp
     fp16 = rows["baseline"]["kv_bytes_n2048"]
     for budget in (0.3, 0.6):
         row = rows[f"allotted {budget:g}x"]
-        assert row["method"] == "allotted" and 0.9 * budget * fp16 < row["kv_bytes_n2048"] <= budget * fp16
-        assert len(row["candidates"]) == 2 and all(c["held_out_nll"] > 0 for c in row["candidates"])
+        assert row["method"] == "allotted" and 0.5 * budget * fp16 < row["kv_bytes_n2048"] <= budget * fp16
+        assert len(row["candidates"]) in (2, 3) and all(c["held_out_nll"] > 0 for c in row["candidates"])
+        assert {c["candidate"] for c in row["candidates"]} >= {"eigen", "fullrank"}
         assert (out / f"allotment_{budget:g}x.png").read_bytes()[:4] == b"\x89PNG"
         assert json.loads((out / f"allotment_{budget:g}x.json").read_text())["bytes"] == row["kv_bytes_n2048"]
     assert rows[f"quant {q}-rot"]["method"] == "quant-rot" and (out / "sensitivity.json").is_file()

@@ -47,10 +47,11 @@ BITS_COLORS = {2: "#d62728", 3: "#ff7f0e", 4: "#2ca02c", 8: "#1f77b4", None: "#7
 
 
 def plot_allotment(streams: list[dict], head_dim: int, title: str, path: str | os.PathLike) -> Path:
-    """Two panels (keys, values): every layer's rank as a bar coloured by its bits, its group size above it.
+    """Two panels (keys, values): every layer's rank as a bar coloured by its bits (hatched: quantized after a
+    Hadamard rotation), its group size above it.
 
     Args:
-        streams: rows ``{"layer", "kind" ("key"/"value"), "rank", "bits" (None: 16-bit), "group_size"}``.
+        streams: rows ``{"layer", "kind" ("key"/"value"), "rank", "bits" (None: 16-bit), "group_size", "rotate"}``.
     """
     plt = pyplot()
     layers = 1 + max(row["layer"] for row in streams)
@@ -61,6 +62,7 @@ def plot_allotment(streams: list[dict], head_dim: int, title: str, path: str | o
             [r["layer"] for r in rows],
             [r["rank"] for r in rows],
             color=[BITS_COLORS.get(r["bits"], "black") for r in rows],
+            hatch=["//" if r.get("rotate") else "" for r in rows],
             width=0.8,
         )
         for r in rows:
@@ -71,8 +73,9 @@ def plot_allotment(streams: list[dict], head_dim: int, title: str, path: str | o
         ax.set_ylabel(f"{kind} rank")
     axes[-1].set_xlabel("layer")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in BITS_COLORS.values()]
-    labels = [f"{b} bits" if b else "16 bits" for b in BITS_COLORS]
+    handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch="//"))
+    labels = [f"{b} bits" if b else "16 bits" for b in BITS_COLORS] + ["Hadamard-rotated"]
     fig.suptitle(title, fontsize=8)
-    fig.legend(handles, labels, fontsize=6, ncols=5, loc="upper center", bbox_to_anchor=(0.5, 0.95), frameon=False)
+    fig.legend(handles, labels, fontsize=6, ncols=6, loc="upper center", bbox_to_anchor=(0.5, 0.95), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     return save_figure(fig, path, dpi=120)

@@ -539,6 +539,7 @@ def allot_bytes(sens: Sensitivity, budget: int, lowrank: bool, rotate: bool = Fa
             "rank": o.rank,
             "bits": None if o.quant is None else o.quant.bits,
             "group_size": None if o.quant is None else o.quant.group_size,
+            "rotate": o.quant is not None and o.quant.rotate,
             "bytes": o.bytes,
             "predicted": o.loss,
         }

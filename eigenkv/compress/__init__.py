@@ -1,6 +1,6 @@
 """Eigen Attention: low-rank bases from calibration data, folded into attention weights.
 
-- ``config``: :class:`EigenConfig` (target ratio or error budget, basis, allotment, RoPE mode;
+- ``config``: :class:`EigenConfig` (target ratio, error budget or ranks, basis, allotment, RoPE mode;
   ``EigenConfig.method("paper")`` for the paper's method).
 - ``families``: which attention modules a model has and how to replace them.
 - ``calibrate``: streamed float64 Gram matrices of queries, keys and values (and loss gradients).
@@ -14,6 +14,9 @@
 - ``build``: :func:`compress_model` and :func:`apply_plan`.
 - ``components``: :func:`prepare_components` (scale, rotate or split the cached components
   before quantizing them; folded into the plan).
+- ``budget``: the byte allotment: ranks and bits chosen together per layer and kind for a KV
+  budget in bytes, from measured sensitivities (``BudgetConfig``, ``measure_sensitivity``,
+  ``allot_bytes``; ``eigenkv.pipeline.recipes_for_budget`` turns its choice into recipes).
 """
 
 from eigenkv.compress.build import apply_plan, compress_model, is_compressed

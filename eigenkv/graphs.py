@@ -11,8 +11,9 @@ replayed for every new token: no Python, no launches, no host syncs between toke
     cache = kv.new_cache(max_tokens=prompt + new, capturable=True)
     out = generate_static(model, input_ids, cache, max_new_tokens=new)   # out.sequences (B, T + new)
 
-Where a graph cannot be used (CPU, ``cuda_graph=False``, or a capture that fails, for
-example a model whose forward reads a device value back) the same step runs eagerly
+Where a graph cannot be used (CPU, ``cuda_graph=False``, a model spread over several devices or with weights
+offloaded by accelerate, or a capture that fails, for example a model whose forward reads a device value
+back) the same step runs eagerly
 (``out.graphed`` False, ``out.reason`` says why); the tokens are the same. Greedy only:
 every sequence runs ``max_new_tokens`` steps (the tokens after an ``eos_token_id`` are
 replaced by ``pad_token_id``, as ``generate`` pads finished sequences).
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eigenkv.devices import is_offloaded, layer_devices
 from eigenkv.quant.cache import QuantizedKVCache
 
 
@@ -138,6 +140,9 @@ def generate_static(
     device = input_ids.device
     if cuda_graph is True and device.type != "cuda":
         raise ValueError(f"cuda_graph=True captures a CUDA graph; the inputs are on {device} (use 'auto' or False)")
+    obstacle = _graph_obstacle(model)
+    if cuda_graph is True and obstacle is not None:
+        raise ValueError(f"cuda_graph=True cannot capture this model's decode step: {obstacle} (use 'auto' or False)")
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     if mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must be {tuple(input_ids.shape)}; got {tuple(mask.shape)}")
@@ -149,7 +154,7 @@ def generate_static(
         cache.check()  # the prompt's states are finite
         step = DecodeStep(model, cache, logits[:, -1].argmax(-1, keepdim=True), positions, mask, max_new_tokens)
         clock.lap("prefill")
-        graphed, reason = _decode(step, max_new_tokens - 1, length, cuda_graph, device, clock)
+        graphed, reason = _decode(step, max_new_tokens - 1, length, cuda_graph, device, clock, obstacle)
         clock.lap("decode")
         cache.check()  # the decode steps' flags: finite states, one range of keys per row
     new = step.tokens
@@ -174,13 +179,27 @@ class _Clock:
         self.seconds[name], self.start = now - self.start, now
 
 
-def _decode(step: DecodeStep, steps: int, length: int, cuda_graph, device, clock: _Clock) -> tuple[bool, str | None]:
+def _graph_obstacle(model) -> str | None:
+    """Why no CUDA graph can capture ``model``'s decode step whatever its inputs (None: nothing known)."""
+    if is_offloaded(model):
+        return "accelerate loads its offloaded weights onto the device in every forward, which a graph cannot replay"
+    devices = sorted({str(d) for d in layer_devices(model).values()})
+    if len(devices) > 1:
+        return f"its layers compute on several devices ({', '.join(devices)}) and a graph captures one device's work"
+    return None
+
+
+def _decode(
+    step: DecodeStep, steps: int, length: int, cuda_graph, device, clock: _Clock, obstacle: str | None = None
+) -> tuple[bool, str | None]:
     """Run ``steps`` decode steps, replaying a captured graph where possible; return (graphed, reason)."""
     if steps == 0:
         return False, "no decode step"
-    if cuda_graph is False or device.type != "cuda":
+    if cuda_graph is False or device.type != "cuda" or obstacle is not None:
         for _ in range(steps):
             step()
+        if obstacle is not None and cuda_graph is not False and device.type == "cuda":
+            return False, obstacle
         return False, "cuda_graph=False" if cuda_graph is False else f"no CUDA graphs on {device.type}"
     # the first step eagerly, on a side stream as capture wants: kernels compiled, the mask checked once
     side = torch.cuda.Stream(device)

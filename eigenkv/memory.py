@@ -15,7 +15,8 @@ bytes a real cache holds (:func:`cache_tensor_bytes`):
   zeros; per channel, codes ``T_q / G * packed_length(G, b) * D'`` bytes and
   ``T_q / G * D'`` scales and zeros; the window ``(n - T_q) * D`` values of the
   model's dtype; plus, when a stream has ``rotate``, one ``D x D`` float32
-  Hadamard matrix. Each stream is counted with its own quantizer
+  Hadamard matrix (one per device, for a model whose rotating layers are
+  spread over several devices). Each stream is counted with its own quantizer
   (``stream_config``: a ``LayerwiseKVQuantConfig`` sets one per layer and
   kind); an unquantized stream is ``D`` elements of the window's dtype per token
   (:class:`DenseStorage`). Two-precision streams (``MixedKVQuantConfig``) are
@@ -41,6 +42,7 @@ from typing import Protocol
 
 import torch
 
+from eigenkv.devices import layer_devices
 from eigenkv.quant.config import (
     AnyKVQuantConfig,
     KVQuantConfig,
@@ -246,7 +248,8 @@ def kv_cache_bytes(
     if quant is None:
         layout = KVLayout.dense(shape, dtype or torch.float16)
     else:
-        layout = quantized_layout(shape, quant, dtype or torch.float16)
+        devices = layer_devices(model_or_config) if isinstance(model_or_config, torch.nn.Module) else None
+        layout = quantized_layout(shape, quant, dtype or torch.float16, devices)
     return layout.nbytes(seq_len, batch_size)
 
 
@@ -362,9 +365,14 @@ def _rotates(config: AnyKVQuantConfig, layers) -> bool:
 
 
 def quantized_layout(
-    shape: AttentionShape, config: AnyKVQuantConfig, window_dtype: torch.dtype = torch.float16
+    shape: AttentionShape,
+    config: AnyKVQuantConfig,
+    window_dtype: torch.dtype = torch.float16,
+    devices: dict[int, torch.device] | None = None,
 ) -> KVLayout:
-    """The ``KVLayout`` of a :class:`QuantizedKVCache` on a model of this shape."""
+    """The ``KVLayout`` of a :class:`QuantizedKVCache` on a model of this shape; ``devices``: each layer's device
+    (``eigenkv.devices.layer_devices``), for a model spread over devices, whose cache keeps the Hadamard matrix
+    of rotated streams once per device (None: one device)."""
     check_layers(config, shape.layers)
     windows = [shape.window(i) for i in range(shape.layers)]
     layers = tuple(
@@ -375,8 +383,10 @@ def quantized_layout(
         )
         for i in range(shape.layers)
     )
-    # one Hadamard matrix shared by the layers
-    fixed = {"rotation": shape.head_dim**2 * 4} if _rotates(config, range(shape.layers)) else {}
+    # one Hadamard matrix shared by the rotating layers of each device
+    rotating = [i for i in range(shape.layers) if _rotates(config, (i,))]
+    copies = max(1, len({devices[i] for i in rotating if i in (devices or {})}))
+    fixed = {"rotation": copies * shape.head_dim**2 * 4} if rotating else {}
     return KVLayout(layers=layers, fixed=fixed)
 
 

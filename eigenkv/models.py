@@ -160,8 +160,18 @@ def load_model(
     cache: str | os.PathLike | None = None,
     attn_implementation: str | None = "sdpa",
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ):
     """Load a causal language model and its tokenizer, in eval mode.
+
+    With ``device_map`` the model is loaded through accelerate and spread over devices (each decoder layer on
+    its own GPU, on the CPU, or offloaded), instead of being moved to ``device``; every eigenkv step works on
+    such a model (calibration, folding the bases, the quantized cache, its byte accounting), with each layer's
+    cache on that layer's device. Offloaded layers (entries ``"disk"``, or ``"cpu"`` when the model computes on a
+    GPU) keep their weights out of the execution device between forwards; folding writes their folded
+    weights back the same way. What cannot handle offloaded weights refuses them with a ``ValueError``
+    (``CompressedModel.save_pretrained``, bitsandbytes weights, CUDA-graph decoding).
 
     Args:
         name_or_path: an embedded alias (``"smollm2-135m"``), a local folder
@@ -169,10 +179,16 @@ def load_model(
             the local hub cache when ``HF_HUB_OFFLINE=1``).
         dtype: weights and activations dtype (``"float32"``, ``"float16"``,
             ``"bfloat16"`` or a ``torch.dtype``).
-        device: where to put the model.
+        device: where to put the model; leave it at its default with ``device_map``.
         cache: eigenkv cache folder for converted embedded models (default
             ``$EIGENKV_CACHE_DIR`` or ``~/.cache/eigenkv``).
         attn_implementation: passed to transformers (``"sdpa"``, ``"eager"``).
+        device_map: ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` (accelerate places the
+            layers by the room on each device) or a dict of module names to a device (``0``, ``"cuda:1"``,
+            ``"cpu"``) or ``"disk"``, e.g. ``{"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1":
+            "cpu", ..., "lm_head": 0}``; needs ``pip install accelerate``. None: one ``device``.
+        offload_folder: where accelerate writes the weights of layers mapped to ``"disk"`` (needed when the map
+            has any).
 
     Returns:
         ``(model, tokenizer)``: a ``PreTrainedModel`` and its tokenizer.
@@ -180,6 +196,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
+    placement = _placement(device, device_map, offload_folder)
     key = str(name_or_path)
     if key.lower() in EMBEDDED_MODELS:
         folder: str | Path = _embedded_model_folder(key.lower(), cache)
@@ -195,7 +212,7 @@ def load_model(
             folder = local
         elif looks_local:
             raise FileNotFoundError(f"model folder {local} does not exist")
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, **placement)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -214,9 +231,39 @@ def load_model(
                 else "; check the hub id and your network, or pass a local folder."
             )
         ) from err
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.eval()
     return model, tokenizer
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(device, device_map, offload_folder) -> dict:
+    """The ``from_pretrained`` arguments that place the model (none without ``device_map``), checked."""
+    if device_map is None:
+        if offload_folder is not None:
+            raise ValueError("offload_folder holds the weights a device_map offloads to disk; pass device_map")
+        return {}
+    if torch.device(device) != torch.device("cpu"):
+        raise ValueError(
+            f"device={str(device)!r} and device_map={device_map!r} both place the model; pass one of them "
+            "(device_map puts each layer on its own device)"
+        )
+    if device_map not in DEVICE_MAPS and not (isinstance(device_map, dict) and device_map):
+        raise ValueError(
+            f"device_map must be one of {DEVICE_MAPS} or a dict of module names to devices; got {device_map!r} "
+            "(for one device, pass device instead)"
+        )
+    if isinstance(device_map, dict) and "disk" in device_map.values() and offload_folder is None:
+        raise ValueError("the device_map offloads some modules to 'disk': pass offload_folder (where their weights go)")
+    if importlib.util.find_spec("accelerate") is None:
+        raise ImportError("device_map needs accelerate: pip install 'accelerate>=1.0'")
+    placement = {"device_map": device_map}
+    if offload_folder is not None:
+        placement["offload_folder"] = str(Path(offload_folder).expanduser())
+    return placement
 
 
 def describe_model(name_or_path: str, cache: str | os.PathLike | None = None) -> dict:

@@ -348,11 +348,18 @@ class EigenLlamaAttention(EigenAttention):
         if self.mode == "post":
             return Scoring(self.scaling)
         rope_scale = float(getattr(self._rotary, "attention_scaling", 1.0))
-        return Scoring(self.scaling, "pre", self.key_basis, self._rotary.inv_freq, rope_scale)
+        inv_freq = self._rotary.inv_freq.to(self.key_basis.device)  # the model's RoPE may sit on another device
+        return Scoring(self.scaling, "pre", self.key_basis, inv_freq, rope_scale)
+
+    def _angles(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of the model's RoPE at ``positions``, on ``hidden``'s device (a model spread over devices
+        computes its RoPE on the device of its own, whose accelerate hook leaves the angles there)."""
+        cos, sin = self._rotary(hidden, positions)
+        return cos.to(hidden.device), sin.to(hidden.device)
 
     def _rope_table(self, hidden: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(length, device=hidden.device).unsqueeze(0)
-        return self._rotary(hidden, positions)  # each (1, length, d)
+        return self._angles(hidden, positions)  # each (1, length, d)
 
     def rebuild_keys(self, coefficients: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE keys ``(B, H_kv, S, r_k)`` -> rotated full keys ``(B, H_kv, S, d)``, key ``s`` at position ``s``."""
@@ -383,7 +390,7 @@ class EigenLlamaAttention(EigenAttention):
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
             if kernel:  # keys rebuilt and rotated inside the kernels; only the new queries are rotated here
-                cos, sin = self._rotary(hidden_states, routing.new_positions(key, past, length))
+                cos, sin = self._angles(hidden_states, routing.new_positions(key, past, length))
                 rotated = apply_rope(query, cos, sin)
                 out = routing.kernel_attention(rotated, key, value, attention_mask, self._scoring())
                 if out is not None:

@@ -196,6 +196,10 @@ def given_ranks(ranks, sizes: list[LayerSize]) -> list[tuple[int, int]]:
 def apply_plan(model: nn.Module, plan: EigenPlan, *, check: bool = True) -> nn.Module:
     """Replace every attention module of ``model`` by its rank-space twin from ``plan``, in place.
 
+    On a model spread over devices (``load_model(..., device_map=...)``), each layer's folded attention computes
+    on that layer's device, and a layer whose weights accelerate offloaded keeps its folded weights offloaded
+    the same way (CPU memory, or the offload folder).
+
     Args:
         check: refuse a model whose attention weights are not those the plan was fitted to
             (:func:`~eigenkv.compress.signature.check_signature`). Only loading a saved compressed
@@ -207,7 +211,7 @@ def apply_plan(model: nn.Module, plan: EigenPlan, *, check: bool = True) -> nn.M
     if (family == "llama") != (plan.mode != "none"):
         raise ValueError(f"plan mode {plan.mode!r} does not fit a {family} model")
     for site in attention_sites(model):
-        replace(site, build_eigen_attention(model, site.module, plan.kept(site.layer), plan.mode))
+        replace(site, build_eigen_attention(model, site.module, plan.kept(site.layer), plan.mode, offload=True))
     return model
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from eigenkv.compress.families import attention_sites, head_shape, project_qkv
 from eigenkv.compress.signature import model_signature
 from eigenkv.data import TokenWindows
+from eigenkv.devices import input_device, onloaded
 
 
 @dataclass
@@ -106,7 +107,9 @@ def calibrate(
 
     def hook_for(layer: LayerStats):
         def hook(module, args, kwargs):
-            q, k, v = project_qkv(module, args, kwargs, rotated)
+            # before the module's own accelerate hook: weights it alone loads (preload_module_classes) loaded here
+            with onloaded(module, recurse=False):
+                q, k, v = project_qkv(module, args, kwargs, rotated)
             batch, heads, length, d = q.shape
             grouped = q.reshape(batch, k.shape[1], heads // k.shape[1], length, d).flatten(2, 3)
             for target, x in ((layer.queries, grouped), (layer.keys, k), (layer.values, v)):
@@ -121,7 +124,7 @@ def calibrate(
     handles = [
         s.module.register_forward_pre_hook(hook_for(st), with_kwargs=True) for s, st in zip(sites, stats, strict=True)
     ]
-    device = next(model.parameters()).device
+    device = input_device(model)  # a model spread over devices takes its ids where its embeddings compute
     start = time.perf_counter()
     try:
         body = model.base_model  # no LM head: its logits are large and unused here
@@ -170,7 +173,8 @@ def _output_gradients(model: nn.Module, sites: list, stats: list[LayerStats], in
     try:
         with torch.enable_grad():
             logits = model(input_ids=input_ids, use_cache=False).logits
-            loss = nn.functional.cross_entropy(logits[0, :-1].float(), input_ids[0, 1:], reduction="sum")
+            targets = input_ids[0, 1:].to(logits.device)  # the LM head may compute on another device
+            loss = nn.functional.cross_entropy(logits[0, :-1].float(), targets, reduction="sum")
             grads = torch.autograd.grad(loss, [outputs[i] for i in range(len(sites))])
     finally:
         for handle in handles:

@@ -30,6 +30,7 @@ from eigenkv.compress.attention import (
     qkv_sizes,
     split_heads,
 )
+from eigenkv.devices import execution_device, onloaded, place_like
 
 LLAMA_LIKE = (
     "LlamaAttention",
@@ -149,7 +150,8 @@ def output_projection(module: nn.Module) -> nn.Linear:
 def output_gram(module: nn.Module) -> torch.Tensor:
     """``(H_kv, d, d)`` float64: ``sum_j W_o[:, j]^T W_o[:, j]`` over the query heads ``j`` reading each KV head."""
     shape = head_shape(module)
-    weight = output_projection(module).weight.detach().to(torch.float64).cpu()
+    with onloaded(module):  # weights offloaded by accelerate (by the projection's hook or the module's): loaded
+        weight = output_projection(module).weight.detach().to(torch.float64).cpu()
     blocks = weight.view(weight.shape[0], shape.q_heads, shape.head_dim)  # (hidden, H, d)
     grams = torch.einsum("ohd,ohe->hde", blocks, blocks)
     return grams.view(shape.kv_heads, shape.q_heads // shape.kv_heads, shape.head_dim, shape.head_dim).sum(1)
@@ -159,9 +161,10 @@ def rope_rotations(model: nn.Module, length: int, head_dim: int) -> tuple[torch.
     """RoPE rotations of row vectors for offsets ``0..length-1`` ``(length, d, d)`` float64, and each
     offset's number of (query, key) pairs in a causal window of ``length`` tokens ``(length,)``."""
     rotary = rotary_module(model)
-    reference = next(model.parameters())
-    positions = torch.arange(length, device=reference.device).unsqueeze(0)
-    cos, sin = (t[0].to(torch.float64).cpu() for t in rotary(reference.new_zeros(1, dtype=torch.float32), positions))
+    device = execution_device(rotary) or torch.device("cpu")  # the model may be spread over devices
+    positions = torch.arange(length, device=device).unsqueeze(0)
+    probe = torch.zeros(1, device=device, dtype=torch.float32)
+    cos, sin = (t[0].to(torch.float64).cpu() for t in rotary(probe, positions))
     rd = cos.shape[-1]  # rotated features (partial rotary: the first rd; the others pass unrotated)
     eye = torch.eye(rd, dtype=torch.float64)
     rows = torch.cat((-eye[:, rd // 2 :], eye[:, : rd // 2]), dim=-1)  # rotate_half of each basis row
@@ -170,15 +173,26 @@ def rope_rotations(model: nn.Module, length: int, head_dim: int) -> tuple[torch.
     return rotations, torch.arange(length, 0, -1, dtype=torch.float64)
 
 
-def build_eigen_attention(model: nn.Module, module: nn.Module, bases: KeptBases, mode: str) -> EigenAttention:
-    """The rank-space twin of ``module`` with the kept ``bases`` (see attention.py)."""
+def build_eigen_attention(
+    model: nn.Module, module: nn.Module, bases: KeptBases, mode: str, *, offload: bool = False
+) -> EigenAttention:
+    """The rank-space twin of ``module`` with the kept ``bases`` (see attention.py).
+
+    On a model spread over devices by accelerate, the twin is built on ``module``'s execution device (weights
+    offloaded by accelerate are loaded to be folded) and placed as ``module`` was (``eigenkv.devices.place_like``);
+    ``offload``: offload its folded weights as ``module``'s were (the twin replaces ``module`` for good);
+    otherwise they stay on the execution device (a twin measured and dropped).
+    """
     family = FAMILIES[type(module).__name__]
-    if family == "llama":
-        # post-RoPE attention rotates with the angles the model passes each layer (Gemma-3: two kinds)
-        return EigenLlamaAttention(module, bases, mode, rotary_module(model) if mode == "pre" else None)
-    if family == "opt":
-        return EigenOPTAttention(module, bases)
-    return EigenMptAttention(module, bases)
+    with onloaded(module):
+        if family == "llama":
+            # post-RoPE attention rotates with the angles the model passes each layer (Gemma-3: two kinds)
+            twin = EigenLlamaAttention(module, bases, mode, rotary_module(model) if mode == "pre" else None)
+        elif family == "opt":
+            twin = EigenOPTAttention(module, bases)
+        else:
+            twin = EigenMptAttention(module, bases)
+    return place_like(module, twin, offload=offload)
 
 
 def replace(site: AttentionSite, new: nn.Module) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from eigenkv.compress.families import attention_sites, family_of, head_shape
+from eigenkv.devices import onloaded
 
 DIGEST_DTYPES = {
     "float64": torch.float64,
@@ -47,22 +48,23 @@ def weight_digests(model: nn.Module, dtypes: tuple[str, ...] = tuple(DIGEST_DTYP
 
     Rounding to a dtype wider than the model's (float32 of a float16 model)
     would only repeat the model's own values, so only the model's dtype and
-    narrower ones are digested.
+    narrower ones are digested. Weights offloaded by accelerate are loaded one layer at a time to be read.
     """
-    parameters = _attention_parameters(model)
-    own = parameters[0][1].dtype
-    digests = {}
-    for name in dtypes:
-        dtype = DIGEST_DTYPES[name]
-        if dtype.itemsize > own.itemsize or (dtype.itemsize == own.itemsize and dtype != own):
-            continue  # not reachable by rounding this model
-        digest = hashlib.sha256()
-        for key, parameter in parameters:
-            value = parameter.detach().to("cpu", dtype).contiguous()
-            digest.update(f"{key}:{tuple(value.shape)};".encode())
-            digest.update(value.view(_RAW[value.element_size()]).numpy().tobytes())
-        digests[name] = digest.hexdigest()
-    return digests
+    own = _attention_parameters(model)[0][1].dtype
+    digests = {
+        name: hashlib.sha256()
+        for name, dtype in ((n, DIGEST_DTYPES[n]) for n in dtypes)
+        # a wider dtype, or another of the same width, is not reachable by rounding this model
+        if dtype.itemsize < own.itemsize or dtype == own
+    }
+    for site in attention_sites(model):  # layer by layer: the same bytes in the same order per digest
+        with onloaded(site.module):
+            for name, parameter in sorted(site.module.named_parameters()):
+                for dtype, digest in digests.items():
+                    value = parameter.detach().to("cpu", DIGEST_DTYPES[dtype]).contiguous()
+                    digest.update(f"layers.{site.layer}.{name}:{tuple(value.shape)};".encode())
+                    digest.update(value.view(_RAW[value.element_size()]).numpy().tobytes())
+    return {name: digest.hexdigest() for name, digest in digests.items()}
 
 
 def model_signature(model: nn.Module) -> dict:

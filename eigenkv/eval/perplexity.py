@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from eigenkv.data import TokenWindows
+from eigenkv.devices import input_device
 from eigenkv.pipeline import CompressedModel
 
 
@@ -114,7 +115,7 @@ def perplexity(
     if vocab is not None and int(ids.max()) >= vocab:
         raise ValueError(f"token id {int(ids.max())} is outside the model's vocabulary ({vocab}); wrong tokenizer?")
 
-    device = next(model.parameters()).device
+    device = input_device(model)  # where the embeddings compute (a model may be spread over devices)
     was_training = model.training
     model.eval()
     total = 0.0

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from eigenkv.kernels.backend import check_kernel_device
-from eigenkv.kernels.utils import KernelConfig, cdiv, next_power_of_2
+from eigenkv.kernels.utils import KernelConfig, cdiv, next_power_of_2, on_input_device
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GROUP = 1024
@@ -65,6 +65,7 @@ def launch_config(group_size: int) -> KernelConfig:
     return KernelConfig(constexprs={"BLOCK_G": block_g, "BLOCK_ROWS": max(1, _TILE_ELEMENTS // block_g)}, num_warps=4)
 
 
+@on_input_device
 def group_minmax(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton kernel: ``x`` (..., D) fp16/bf16/fp32 -> ``(mins, maxs)``, each (..., D // group_size), dtype of ``x``.
 

@@ -63,6 +63,7 @@ from eigenkv.kernels.utils import (
     cdiv,
     dot,
     next_power_of_2,
+    on_input_device,
     pad_width,
     rotate_keys,
 )
@@ -851,6 +852,7 @@ def _stream_args(stream: PackedStream, prefix: str) -> tuple[tuple, dict]:
     return tuple(args), constexprs
 
 
+@on_input_device
 def lowrank_decode(
     query: torch.Tensor,
     keys: PackedStream,

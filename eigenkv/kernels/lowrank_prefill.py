@@ -42,6 +42,7 @@ from eigenkv.kernels.utils import (
     RooflineCase,
     cdiv,
     dot,
+    on_input_device,
     pad_width,
     qk_scores,
     query_operands,
@@ -217,6 +218,7 @@ def _held(name: str, view, full: torch.Tensor, length: int):
     return held.contiguous(), bounds.contiguous()
 
 
+@on_input_device
 def lowrank_prefill(
     query: torch.Tensor,
     keys: torch.Tensor,

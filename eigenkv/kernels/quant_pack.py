@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from eigenkv.kernels.backend import check_kernel_device
-from eigenkv.kernels.utils import KernelConfig, KernelSpec, cdiv
+from eigenkv.kernels.utils import KernelConfig, KernelSpec, cdiv, on_input_device
 from eigenkv.quant.config import KVQuantConfig
 from eigenkv.quant.packing import aligned_width, pack, pack_aligned, packed_length, unpack_aligned
 from eigenkv.quant.reference import NON_FINITE_MESSAGE, QuantizedGroups, check_quant_args, dequantize, quantize
@@ -315,6 +315,7 @@ def _check_kernel_group(group_size: int, scale_dtype: torch.dtype) -> None:
         )
 
 
+@on_input_device
 def quantize_pack(
     x: torch.Tensor,
     bits: int,
@@ -366,6 +367,7 @@ def quantize_pack(
     return packed, scale, zero
 
 
+@on_input_device
 def unpack_dequantize(
     packed: torch.Tensor,
     scale: torch.Tensor,
@@ -472,6 +474,7 @@ def ring_append_reference(x: torch.Tensor, buffers: RingBuffers, config: KVQuant
     counts.copy_(torch.cat([quantized, held + 1]).to(torch.int32))
 
 
+@on_input_device
 def ring_append(x: torch.Tensor, buffers: RingBuffers, config: KVQuantConfig, axis: str) -> None:
     """Triton: append one token to a capturable cache stream in one launch (and a 8-byte copy of the counts).
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,22 @@ import triton.language as tl
 
 # Activation dtypes the attention kernels take (fp32 models run the PyTorch references).
 KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def on_input_device(launch):
+    """Run ``launch`` (a function launching Triton kernels on its first argument's tensors) with that tensor's
+    CUDA device current: Triton launches on the current device and its current stream, and a model spread over
+    GPUs (accelerate's ``device_map``) runs layers on other ones than the current. A no-op on the current
+    device (one GPU, CUDA graph captures included) and on CPU."""
+
+    @functools.wraps(launch)
+    def guarded(x, *args, **kwargs):
+        if isinstance(x, torch.Tensor) and x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return launch(x, *args, **kwargs)
+        return launch(x, *args, **kwargs)
+
+    return guarded
 
 
 @dataclass(frozen=True)

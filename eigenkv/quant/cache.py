@@ -291,7 +291,7 @@ class QuantizedKVCache(Cache):
         self.max_tokens = max_tokens
         self.check_every = check_every
         self._steps = 0
-        self._rotation: torch.Tensor | None = None
+        self._rotations: dict[torch.device, torch.Tensor] = {}  # one per device that layers compute on
         self._sliding_streams = sliding_streams(config, windows)
         self._dropped = (-1, 0)  # (tokens, sliding_dropped at that length), for the next sliding layer
         super().__init__(
@@ -299,10 +299,12 @@ class QuantizedKVCache(Cache):
         )
 
     def rotation(self, head_dim: int, device) -> torch.Tensor | None:
-        """The Hadamard matrix shared by the layers that ``rotate`` (created on first use)."""
-        if self._rotation is None:
-            self._rotation = hadamard(head_dim, torch.float32, device)
-        return self._rotation
+        """The Hadamard matrix shared by the layers that ``rotate`` on ``device`` (created on first use: one copy
+        per device, for a model whose layers are spread over devices)."""
+        device = torch.device(device)
+        if device not in self._rotations:
+            self._rotations[device] = hadamard(head_dim, torch.float32, device)
+        return self._rotations[device]
 
     def sliding_dropped(self, tokens: int, window: int) -> int:
         """First tokens every sliding-window layer stops holding once it holds ``tokens``: one count for all of
@@ -330,14 +332,14 @@ class QuantizedKVCache(Cache):
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held right now, by component: codes, scales, zeros, window (and ``data``, the unquantized
-        streams', when there are some; the rotation matrix when a stream rotates)."""
+        streams', when there are some; the rotation matrix when a stream rotates, once per device)."""
         total = {"codes": 0, "scales": 0, "zeros": 0, "window": 0}
         for layer in self.layers:
             for stream in layer.streams():
                 for name, n in stream.nbytes().items():
                     total[name] = total.get(name, 0) + n
-        if self._rotation is not None:
-            total["rotation"] = self._rotation.numel() * self._rotation.element_size()
+        if self._rotations:
+            total["rotation"] = sum(r.numel() * r.element_size() for r in self._rotations.values())
         return total
 
     def reserved_bytes(self) -> int:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from eigenkv.devices import refuse_offloaded
+
 WEIGHT_FORMATS = ("int8", "nf4")
 
 
@@ -69,6 +71,7 @@ def quantize_weights(model: nn.Module, fmt: str, skip: tuple[str, ...] = ("lm_he
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"weight format {fmt!r} is not supported; use one of {WEIGHT_FORMATS}")
     _bitsandbytes()
+    refuse_offloaded(model, "bitsandbytes weight quantization", "place every layer on a device to quantize them")
     targets = [
         (name, module)
         for name, module in model.named_modules()

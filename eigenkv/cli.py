@@ -1,8 +1,8 @@
-"""Command line: ``eigenkv ppl | compress | generate | curve | plan`` (also ``python -m eigenkv``).
+"""Command line: ``eigenkv ppl | compress | generate | tasks | finetune | curve | plan`` (also ``python -m eigenkv``).
 
 Every subcommand takes the same model and environment options (``--model
 --device --dtype --data-dir --cache-dir --bos --threads --quiet``); ``ppl``,
-``compress`` and ``generate`` take a recipe (``--recipe FILE`` or the flags that build one,
+``compress``, ``generate``, ``tasks`` and ``finetune`` take a recipe (``--recipe FILE`` or the flags that build one,
 mirroring :class:`eigenkv.Recipe`). A user's mistake exits with status 2 and a
 one-line message naming the fix, before any long work starts.
 """
@@ -57,6 +57,13 @@ def common_options() -> argparse.ArgumentParser:
     group = parent.add_argument_group("model and environment")
     group.add_argument("--model", default="smollm2-135m", help="embedded alias, local folder or hub id")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    group.add_argument(
+        "--device-map",
+        default=None,
+        choices=["auto", "balanced", "balanced_low_0", "sequential"],
+        help="spread the layers over the GPUs, the CPU and --offload-folder (accelerate) instead of --device",
+    )
+    group.add_argument("--offload-folder", default=None, help="where --device-map offloads weights to disk")
     group.add_argument("--dtype", default="float32", choices=DTYPES, help="the model's dtype")
     group.add_argument("--data-dir", default=None, help="offline text folder (default $EIGENKV_DATA_DIR)")
     group.add_argument(
@@ -140,6 +147,15 @@ def recipe_from(args: argparse.Namespace, default_ratio: float | None = None):
     return Recipe(lowrank=lowrank, components=components, kv=kv, weights=args.weights)
 
 
+def recipe_unless_compressed(args: argparse.Namespace, default_ratio: float | None = None):
+    """The recipe of the flags, or None with ``--compressed`` (a saved model holds its own; flags refused)."""
+    if not args.compressed:
+        return recipe_from(args, default_ratio)
+    if args.recipe is not None or args.kv_bits is not None or args.ratio is not None:
+        raise UserError("--compressed already holds a recipe; drop the recipe flags")
+    return None
+
+
 def resolve_device(name: str | None) -> str:
     """``--device`` checked against what this machine has (default: cuda when available)."""
     import torch
@@ -183,9 +199,15 @@ def load(args: argparse.Namespace):
 
     from eigenkv.models import load_model
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, cache=args.cache_dir)
+    if args.device_map is not None:
+        model, tokenizer = load_model(
+            args.model, dtype=args.dtype, cache=args.cache_dir, device_map=args.device_map,
+            offload_folder=args.offload_folder,
+        )  # fmt: skip
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, cache=args.cache_dir)
     for name, parameter in model.named_parameters():
-        if not torch.isfinite(parameter).all():
+        if parameter.device.type != "meta" and not torch.isfinite(parameter).all():  # meta: offloaded
             raise UserError(f"the weights of {args.model} hold NaN or Inf ({name}); the checkpoint is broken")
     return model, tokenizer
 
@@ -214,9 +236,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     count = None if args.windows == "all" else (int(args.windows) if args.windows.isdigit() else 0)
     if count is not None and count < 1:
         raise UserError(f"--windows must be a positive integer or 'all'; got {args.windows!r}")
-    if args.compressed and (args.recipe is not None or args.kv_bits is not None or args.ratio is not None):
-        raise UserError("--compressed already holds a recipe; drop the recipe flags")
-    recipe = None if args.compressed else recipe_from(args)
+    recipe = recipe_unless_compressed(args)
     config = {
         "command": "ppl",
         "model": args.model,
@@ -392,9 +412,7 @@ def run_generate(args: argparse.Namespace) -> int:
     options = sampling_options(args)
     if args.cuda_graph and (args.do_sample or args.num_beams > 1):
         raise UserError("--cuda-graph decodes greedily; drop --do-sample and --num-beams")
-    if args.compressed and (args.recipe is not None or args.kv_bits is not None or args.ratio is not None):
-        raise UserError("--compressed already holds a recipe; drop the recipe flags")
-    recipe = None if args.compressed else recipe_from(args)
+    recipe = recipe_unless_compressed(args)
     model, tokenizer = load(args)
     compressed = compressed_for(args, recipe, model, tokenizer, None)
 
@@ -443,6 +461,144 @@ def run_generate(args: argparse.Namespace) -> int:
         f"kv_cache_bytes={total} ({parts}) fp16_bytes={fp16} ({total / fp16:.3f} of fp16) "
         f"recipe={compressed.recipe.label()}"
     )
+    return 0
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    try:
+        from eigenkv.eval.tasks import TaskConfig, accuracy_rows, evaluate_tasks, save_task_results
+    except ImportError as err:
+        raise UserError(str(err)) from None
+    from eigenkv.eval.runs import environment
+    from eigenkv.eval.text_tasks import TASKS as TEXT_TASKS
+    from eigenkv.eval.text_tasks import write_text_tasks
+    from eigenkv.memory import kv_cache_bytes
+    from eigenkv.models import cache_dir, describe_model
+
+    recipe = recipe_unless_compressed(args)
+    include = args.include_path
+    if include is None and set(args.tasks) & set(TEXT_TASKS):
+        # eigenkv's offline tasks: written once into the eigenkv cache (deterministic for the text and count)
+        include = cache_dir(args.cache_dir) / "tasks" / f"wikitext2-{args.text_documents}"
+        write_text_tasks(include, documents=args.text_documents, data_dir_path=args.data_dir)
+    config = TaskConfig(
+        tasks=args.tasks,
+        include_path=None if include is None else str(include),
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        log_samples=args.log_samples,
+    )
+    run = {
+        "command": "tasks",
+        "model": args.model,
+        "dtype": args.dtype,
+        "recipe": None if recipe is None else recipe.to_dict(),
+        "compressed": None if args.compressed is None else str(Path(args.compressed).resolve()),
+        "task_config": config.to_dict(),
+    }
+    name = f"{Path(args.model).name}_{'compressed' if recipe is None else recipe.label()}_{'+'.join(config.tasks)}"
+    out = Path(args.out) if args.out else Path("results") / "tasks" / name.replace("/", "-")
+    record = out / "run.json"
+    if record.exists() and not args.overwrite:
+        try:
+            previous = json.loads(record.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{record} is corrupt ({err}); delete {out} or pass --overwrite") from None
+        if previous.get("config") != run:
+            raise UserError(f"{out} holds tasks run with other settings; choose another --out or pass --overwrite")
+        print(previous["table"] + f"\n(already computed: {out})")
+        return 0
+    check_writable(out, "folder")
+
+    model, tokenizer = load(args)
+    kv_fp16 = kv_cache_bytes(model, seq_len=2048)
+    compressed = compressed_for(args, recipe, model, tokenizer, None)
+    results = evaluate_tasks(compressed, tokenizer, config, progress=not args.quiet)
+    kv = compressed.kv_bytes(seq_len=2048)
+    rows = accuracy_rows(results)
+    lines = [
+        f"{args.model} recipe={compressed.recipe.label()} kv@2048={kv.gb:.4f}GB ({kv.fraction_of(kv_fp16):.3f} of fp16)"
+    ]
+    for row in rows:
+        stderr = "" if row["stderr"] is None else f" +- {row['stderr']:.4f}"
+        lines.append(f"  {row['task']:<24} {row['metric']:<12} {row['value']:.4f}{stderr}")
+    table = "\n".join(lines)
+    save_task_results(results, out)
+    atomic_write_json(
+        record,
+        {
+            "config": run,
+            "rows": rows,
+            "table": table,
+            "model": describe_model(args.model, args.cache_dir),
+            "kv_cache_n2048": kv.to_dict(),
+            "kv_fraction_of_fp16": kv.fraction_of(kv_fp16),
+            "environment": environment(args.device),
+        },
+    )
+    print(table)
+    print(f"saved {out} (results.json in lm-eval's format, recipe.json, run.json)")
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    try:
+        from eigenkv.finetune import LoraRecovery, save_adapters
+    except ImportError as err:
+        raise UserError(str(err)) from None
+    from eigenkv.eval.perplexity import perplexity
+    from eigenkv.eval.recovery import recovery_curve, write_recovery
+
+    recipe = recipe_unless_compressed(args, default_ratio=0.6)
+    if args.out is None and not args.compressed:
+        raise UserError("--out is needed: the compressed model and its adapters are saved there")
+    out = Path(args.out or args.compressed)
+    if not args.compressed and out.exists() and not args.overwrite:
+        raise UserError(f"{out} exists; choose another --out or pass --overwrite")
+    if args.compressed and (out / "adapters").exists() and not args.overwrite:
+        raise UserError(f"{out} already holds adapters; pass --overwrite to replace them")
+    config = LoraRecovery(
+        steps=args.steps,
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=args.targets,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        warmup=args.warmup,
+        eval_every=args.eval_every,
+    )
+    check_writable(out, "folder")
+
+    model, tokenizer = load(args)
+    held_out = windows_of(args, tokenizer, args.eval_dataset, args.eval_seq_len, args.eval_windows, args.eval_start)
+    # training text: the calibration corpus, after the calibration windows (never the same tokens twice)
+    start = args.train_start
+    if start is None:
+        start = -(-(args.calib_start + args.calib_windows) * args.calib_seq_len // args.train_seq_len)
+    count = args.train_windows or args.steps * args.batch_size
+    train = windows_of(args, tokenizer, args.calib_dataset, args.train_seq_len, count, start)
+    if not train.disjoint_from(held_out):
+        raise UserError("the training windows overlap the held-out ones: use another --eval-dataset or --train-start")
+    fp16_ppl = perplexity(model, held_out, progress=False).ppl
+    compressed = compressed_for(args, recipe, model, tokenizer, held_out)
+    if not args.compressed:
+        compressed.save_pretrained(out, tokenizer=tokenizer, overwrite=args.overwrite)
+    recovery, rows = recovery_curve(compressed, train, held_out, config, progress=not args.quiet)
+    save_adapters(recovery, out, overwrite=args.overwrite)
+    label = compressed.recipe.label()
+    write_recovery(rows, out, f"{args.model} {label}: LoRA {config.label()}", {"uncompressed": fp16_ppl})
+    print(
+        f"{args.model} recipe={label} {config.label()}: held-out {held_out.source} {len(held_out)}x{held_out.seq_len}"
+    )
+    print(f"  uncompressed ppl {fp16_ppl:.4f}")
+    for row in rows:
+        plain = "" if row["ppl_unquantized"] is None else f" (unquantized cache {row['ppl_unquantized']:.4f})"
+        print(f"  step {row['step']:>5}: ppl {row['ppl']:.4f}{plain}")
+    print(f"  {recovery.trainable_parameters} adapter parameters, {recovery.seconds:.0f} s")
+    print(f"saved {out} (adapters/, finetune.json, recovery.csv, recovery.png): eigenkv.finetune.load_adapters")
     return 0
 
 
@@ -578,6 +734,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(func=run_generate)
 
+    tasks = sub.add_parser(
+        "tasks", parents=[common, recipe], help="lm-evaluation-harness tasks on a model (with a recipe)"
+    )
+    tasks.add_argument(
+        "--tasks",
+        type=listed(str),
+        required=True,
+        help="lm-eval task names, e.g. hellaswag,arc_easy (hub data), wikitext2_lastword,wikitext2_ending "
+        "(eigenkv's offline tasks), or tasks of --include-path",
+    )
+    tasks.add_argument("--include-path", default=None, help="a folder of local task YAML files")
+    tasks.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    tasks.add_argument("--limit", type=positive_int, default=None, help="documents per task (default: all)")
+    tasks.add_argument("--batch-size", type=positive_int, default=1)
+    tasks.add_argument("--seed", type=int, default=0, help="few-shot sampling and torch/numpy seed")
+    tasks.add_argument("--log-samples", action="store_true", help="also save every document's scores")
+    tasks.add_argument(
+        "--text-documents", type=positive_int, default=500, help="documents of eigenkv's offline Wikitext-2 tasks"
+    )
+    tasks.add_argument("--compressed", default=None, help="a folder saved by `eigenkv compress` (instead of a recipe)")
+    tasks.add_argument("--out", default=None, help="run folder (default results/tasks/<model>_<recipe>_<tasks>)")
+    tasks.add_argument("--overwrite", action="store_true", help="rerun even if --out holds these results")
+    tasks.set_defaults(func=run_tasks)
+
+    tune = sub.add_parser(
+        "finetune", parents=[common, recipe], help="LoRA recovery of a compressed model; curve of held-out ppl"
+    )
+    tune.add_argument("--steps", type=positive_int, default=200, help="optimizer steps")
+    tune.add_argument("--rank", type=positive_int, default=8, help="LoRA rank")
+    tune.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    tune.add_argument("--targets", default="attention", choices=["attention", "attention+mlp"])
+    tune.add_argument("--lr", type=float, default=2e-4)
+    tune.add_argument("--batch-size", type=positive_int, default=1, help="training windows per step")
+    tune.add_argument("--warmup", type=int, default=0, help="learning-rate warmup steps")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--train-seq-len", type=positive_int, default=512, help="tokens per training window")
+    tune.add_argument("--train-windows", type=positive_int, default=None, help="default: steps x batch size")
+    tune.add_argument(
+        "--train-start", type=int, default=None, help="first training window (default: after the calibration text)"
+    )
+    tune.add_argument("--eval-every", type=int, default=50, help="held-out perplexity every this many steps")
+    tune.add_argument("--eval-dataset", default="wikitext2", help="held-out text of the curve")
+    tune.add_argument("--eval-windows", type=positive_int, default=3)
+    tune.add_argument("--eval-seq-len", type=positive_int, default=2048)
+    tune.add_argument("--eval-start", type=int, default=0)
+    tune.add_argument("--compressed", default=None, help="a folder saved by `eigenkv compress`: adapters go there")
+    tune.add_argument("--out", default=None, help="folder for the compressed model and its adapters")
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing folder or adapters")
+    tune.set_defaults(func=run_finetune)
+
     curve = sub.add_parser("curve", parents=[common], help="perplexity vs KV GB: quantization alone vs low rank + it")
     curve.add_argument("--dataset", default="wikitext2")
     curve.add_argument("--windows", default="3", help="evaluated windows from the start, or 'all'")
@@ -643,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
+        if getattr(args, "device_map", None) is not None and args.device is not None:
+            raise UserError("--device and --device-map both place the model; pass one of them")
         args.device = resolve_device(args.device)
         return args.func(args)
     except USER_ERRORS as err:

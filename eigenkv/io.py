@@ -103,3 +103,25 @@ def check_seal(obj: dict, path: str | os.PathLike) -> None:
             f"{path} was edited after it was written (its content no longer matches its {SEAL_KEY}); "
             "eigenkv does not trust edited artifacts: recompute it"
         )
+
+
+def read_sealed(file: Path, fmt: str, artifact: str) -> dict:
+    """The sealed JSON ``file`` of format ``fmt``, with the SHA-256 of every file its ``"files"`` lists (paths
+    relative to its folder) checked; ``artifact`` names what it describes in errors ("model", "adapters")."""
+    try:
+        record = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is corrupt ({err}); save the {artifact} again") from None
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{file} has format {found!r}; this version of eigenkv reads {fmt!r}")
+    check_seal(record, file)
+    for name, digest in record["files"].items():
+        path = file.parent / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the saved {artifact}; save it again")
+        if sha256_file(path) != digest:
+            raise ValueError(
+                f"{path} was modified after it was saved with the {artifact} (SHA-256 differs); save them again"
+            )
+    return record

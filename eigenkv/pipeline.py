@@ -15,7 +15,6 @@ folded weights, loadable without the original) and, when given, the tokenizer.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections import Counter
@@ -32,8 +31,9 @@ from eigenkv.compress.calibrate import Calibration
 from eigenkv.compress.components import prepare_components
 from eigenkv.compress.plan import EigenPlan
 from eigenkv.data import TokenWindows
+from eigenkv.devices import refuse_offloaded
 from eigenkv.graphs import StaticGeneration, generate_static
-from eigenkv.io import atomic_directory, atomic_write_json, check_seal, seal, sha256_file
+from eigenkv.io import atomic_directory, atomic_write_json, read_sealed, seal, sha256_file
 from eigenkv.memory import KVBytes, kv_cache_bytes
 from eigenkv.models import resolve_dtype
 from eigenkv.quant.cache import QuantizedKV, QuantizedKVCache
@@ -124,6 +124,20 @@ class CompressedModel:
         from safetensors.torch import save_model
 
         path = Path(path)
+        # device_map support: an offloaded model's weights are not in memory to be saved
+        refuse_offloaded(
+            self.model,
+            "save_pretrained",
+            "to save it, apply the recipe to the model loaded without offloading (device_map=None or a map "
+            "without 'cpu'/'disk' entries; apply_recipe(..., plan=compressed.plan) skips calibration) and save "
+            "that, or keep the plan alone: compressed.plan.save(folder), applied later with "
+            "apply_recipe(model, recipe, plan=EigenPlan.load(folder))",
+        )
+        if any(hasattr(module, "lora_A") for module in self.model.modules()):
+            raise ValueError(
+                "this model carries LoRA adapters (eigenkv.finetune): save_pretrained stores the compressed model "
+                "alone; merge them first (eigenkv.finetune.merge_adapters) or save them with save_adapters"
+            )
         if self.recipe.weights is not None:
             raise ValueError(
                 "save_pretrained stores float weights; this model's weights are already quantized "
@@ -180,6 +194,8 @@ def apply_recipe(
         raise TypeError(f"model must be a torch nn.Module (a Hugging Face causal LM); got {type(model).__name__}")
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be an eigenkv.Recipe; got {type(recipe).__name__}")
+    if recipe.weights is not None:  # device_map support: refused before the model is changed
+        refuse_offloaded(model, "bitsandbytes weight quantization", "place every layer on a device to quantize them")
     layers = model.config.get_text_config().num_hidden_layers
     cache = recipe.cache_config(layers)
     if recipe.lowrank is not None:
@@ -255,19 +271,7 @@ def _read_manifest(path: Path) -> dict:
         raise FileNotFoundError(
             f"{path} is not a saved eigenkv model: it has no {MANIFEST} (save with save_pretrained)"
         )
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is corrupt ({err}); save the model again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{file} has format {found!r}; this version of eigenkv reads {FORMAT!r}")
-    check_seal(manifest, file)
-    for name, digest in manifest["files"].items():
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} is missing from the saved model; save it again")
-        if sha256_file(path / name) != digest:
-            raise ValueError(f"{path / name} was modified after the model was saved (SHA-256 differs); save it again")
+    manifest = read_sealed(file, FORMAT, "model")
     return manifest
 
 
@@ -326,8 +330,8 @@ def from_pretrained(
     missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
     if unexpected or [k for k in missing if not _tied(model, k)]:
         raise ValueError(
-            f"{path / WEIGHTS} does not fit the model its recipe builds (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); save the model again"
+            f"{path / WEIGHTS} does not fit the model its recipe builds (missing {sorted(missing)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]}); save the model again"
         )
     if dtype is not None or device is not None:
         model.to(device=device, dtype=None if dtype is None else resolve_dtype(dtype))

@@ -162,3 +162,14 @@ def test_nan_weights_and_unwritable_outputs_are_refused_before_work(tmp_path, ca
     assert main(["ppl", "--model", str(tmp_path / "broken"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "hold NaN or Inf (model.layers.0.mlp.up_proj.weight)" in err and "Traceback" not in err
+
+
+def test_device_map_loads_through_accelerate_and_excludes_device(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(ppl_args(model_dir, text_file, out) + ["--device-map", "auto", "--kv-bits", "4"]) == 0
+    mapped = json.loads(out.read_text())["result"]["ppl"]
+    assert main(ppl_args(model_dir, text_file, tmp_path / "d.json") + ["--kv-bits", "4"]) == 0
+    assert json.loads((tmp_path / "d.json").read_text())["result"]["ppl"] == mapped
+    capsys.readouterr()
+    argv = ppl_args(model_dir, text_file, tmp_path / "x.json") + ["--device", "cpu", "--device-map", "auto"]
+    assert main(argv) == 2 and "--device and --device-map" in capsys.readouterr().err

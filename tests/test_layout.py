@@ -12,14 +12,14 @@ FLOORS = [
     # numerics and kernels: know nothing of caches, models or experiments
     ("eigenkv.env", "eigenkv.io", "eigenkv.checks", "eigenkv.plots", "eigenkv.kernels",
      "eigenkv.quant.config", "eigenkv.quant.reference", "eigenkv.quant.packing"),
-    # text, models, byte accounting
-    ("eigenkv.data", "eigenkv.models", "eigenkv.memory"),
+    # text, models (and where their layers compute), byte accounting
+    ("eigenkv.data", "eigenkv.models", "eigenkv.memory", "eigenkv.devices"),
     # the quantized cache, the attention routing into Hugging Face models, decoding with a captured step
     ("eigenkv.quant", "eigenkv.graphs"),
     # the low-rank method
     ("eigenkv.compress",),
     # the recipe and its pipeline
-    ("eigenkv.recipe", "eigenkv.pipeline"),
+    ("eigenkv.recipe", "eigenkv.pipeline", "eigenkv.finetune"),
     # evaluation and the command line
     ("eigenkv.eval",),
     ("eigenkv.cli", "eigenkv.__main__", "eigenkv"),

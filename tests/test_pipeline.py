@@ -95,7 +95,7 @@ def test_saved_artifacts_refuse_edits_and_other_models(tmp_path):
     compressed.save_pretrained(tmp_path / "other")
     weights = tmp_path / "other" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(ValueError, match="was modified after the model was saved"):
+    with pytest.raises(ValueError, match="was modified after it was saved with the model"):
         eigenkv.from_pretrained(tmp_path / "other")
     with pytest.raises(FileNotFoundError, match="not a saved eigenkv model"):
         eigenkv.from_pretrained(tmp_path)

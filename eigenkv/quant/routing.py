@@ -58,11 +58,14 @@ def map_twin(held: torch.Tensor, out: torch.Tensor, fn) -> torch.Tensor:
 
 
 def kernels_apply(query: torch.Tensor, training: bool = False, **kwargs) -> bool:
-    """Whether a forward with ``query`` ``(B, H, T, e)`` should use the attention kernels."""
+    """Whether a forward with ``query`` ``(B, H, T, e)`` should use the attention kernels: not while autograd
+    records through the query (the kernels have no backward; training, LoRA recovery), nor with dropout,
+    attention weights asked for or capped logits."""
     from eigenkv.kernels.utils import KERNEL_DTYPES
 
     return (
         not training
+        and not (torch.is_grad_enabled() and query.requires_grad)
         and not kwargs.get("output_attentions", False)
         and kwargs.get("softcap") is None  # capped logits (Gemma-2): the PyTorch path
         and query.dtype in KERNEL_DTYPES

@@ -14,7 +14,8 @@
 #      eigenkv.graphs.generate_static (decode step captured as a CUDA graph: capture s, graphed 1/0) (90 s)
 #      -> generate_<gpu>.csv (its own long format: device, model, method, batch, prompt_tokens, new_tokens,
 #      metric, value)
-#   f. if time is left: pytest of the captured generation (tests/test_graphs.py, a real CUDA graph) and the
+#   f. if time is left: pytest of the captured generation (tests/test_graphs.py, a real CUDA graph), device_map
+#      splits (tests/test_device_map.py) and the
 #      attention kernels (90 s) -> pytest_kernels_<gpu>.txt
 # Every Python step appends its CSV rows (long format: device, step, shape, dtype, method, mode, timing,
 # batch, context, metric, value) as each point is measured, so a step killed by its timeout keeps what
@@ -46,7 +47,7 @@ else
 	# (odd shapes against the references): what the interpreter cannot prove about a GPU (alignment claims,
 	# layouts); the other kernel tests compile for GPUs on CPU already
 	decode_points=8x32768,1x32768,8x4096 prefill_lengths=8192,32768 graph=(--graph)
-	kernel_tests="tests/test_graphs.py tests/kernels/test_lowrank_decode.py tests/kernels/test_lowrank_prefill.py"
+	kernel_tests="tests/test_graphs.py tests/test_device_map.py tests/kernels/test_lowrank_decode.py tests/kernels/test_lowrank_prefill.py"
 	generate=(--batches 8 --prompt-lengths 4096,32768 --new-tokens 64)
 fi
 

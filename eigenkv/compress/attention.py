@@ -302,7 +302,7 @@ class EigenLlamaAttention(EigenAttention):
             raise NotImplementedError(
                 f"{type(original).__name__} attends bidirectionally; eigenkv's attention is causal"
             )
-        self.softcap = getattr(original, "attn_logit_softcapping", None)  # Gemma-2: PyTorch path
+        self.softcap = getattr(original, "attn_logit_softcapping", None)  # Gemma-2: capped logits
         if mode == "pre" and self.sliding_window is not None:
             raise NotImplementedError(
                 f"{type(original).__name__} uses sliding-window attention: its cache drops old keys, so a key's "
@@ -346,10 +346,10 @@ class EigenLlamaAttention(EigenAttention):
     def _scoring(self) -> Scoring:
         """How queries score the cached keys, for the attention kernels."""
         if self.mode == "post":
-            return Scoring(self.scaling)
+            return Scoring(self.scaling, softcap=self.softcap)
         rope_scale = float(getattr(self._rotary, "attention_scaling", 1.0))
         inv_freq = self._rotary.inv_freq.to(self.key_basis.device)  # the model's RoPE may sit on another device
-        return Scoring(self.scaling, "pre", self.key_basis, inv_freq, rope_scale)
+        return Scoring(self.scaling, "pre", self.key_basis, inv_freq, rope_scale, softcap=self.softcap)
 
     def _angles(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of the model's RoPE at ``positions``, on ``hidden``'s device (a model spread over devices

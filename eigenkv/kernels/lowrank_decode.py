@@ -19,7 +19,10 @@ keeps an online softmax in base 2 and writes its partial output, running max
 and sum; ``_merge_kernel`` combines the splits. Valid keys of sequence ``b`` are
 ``[starts[b], ends[b])`` (left padding, unequal lengths). ALiBi adds
 ``slope_h * t`` (softmax is invariant to the per-query shift
-``- slope_h * (S - 1)`` MPT also adds).
+``- slope_h * (S - 1)`` MPT also adds). With ``scoring.softcap`` (Gemma-2) the
+scaled scores are capped, ``c tanh(s / c)``, before the bias and the mask
+(:func:`~eigenkv.kernels.utils.soft_cap`; a compile-time value, so a launch
+without it runs the same code as before).
 
 Inside a program (what it issues per stored byte is read from the compiled
 code by ``python -m eigenkv.kernels.roofline``):
@@ -66,6 +69,7 @@ from eigenkv.kernels.utils import (
     on_input_device,
     pad_width,
     rotate_keys,
+    soft_cap,
 )
 from eigenkv.quant.packing import PackedStream, aligned_width, packed_length
 
@@ -97,7 +101,7 @@ def lowrank_decode_reference(
     groups = query.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     positions = torch.arange(k.shape[-2], device=query.device)
-    scores = torch.einsum("bhe,bhse->bhs", query, k).float() * scoring.scaling + scoring.bias(positions)
+    scores = scoring.cap(torch.einsum("bhe,bhse->bhs", query, k).float() * scoring.scaling) + scoring.bias(positions)
     batch = query.shape[0]
     lo = torch.zeros(batch, dtype=torch.long, device=query.device) if starts is None else starts.long()
     hi = torch.full_like(lo, k.shape[-2]) if ends is None else ends.long()
@@ -384,6 +388,7 @@ def _decode_kernel(
     KCNT, VCNT,  # device form (COUNTS): int32 (2,) [quantized tokens, tokens held] of the keys / values
     kv_heads, groups, key_rank, half, qk_scale, tokens_per_split, n_splits, main_tokens,
     PRE: tl.constexpr, ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # Gemma-2's logit cap (a float; 0.0: none, and no code for it)
     # each stream's grouping (axis, group size, symmetry) is its own: keys and values may be stored with different
     # KVQuantConfigs (e.g. keys per channel in blocks of 128 tokens, values per token in groups of 32 features)
     K_TOKEN: tl.constexpr, K_GROUP: tl.constexpr, K_SYMMETRIC: tl.constexpr,
@@ -509,6 +514,8 @@ def _decode_kernel(
                 if KB:
                     scores += dot(kb, qb, DOT_FP32)
             scores = scores * qk_scale
+            if SOFTCAP > 0:  # Gemma-2: capped after the scale, before the bias and the mask
+                scores = soft_cap(scores, SOFTCAP)
             if ALIBI:
                 scores += tok.to(tl.float32)[:, None] * slopes[None, :]
             scores = tl.where(((tok >= start) & (tok < hi))[:, None], scores, float("-inf"))
@@ -577,6 +584,8 @@ def _decode_kernel(
             if KB:
                 scores += dot(kb, qb, DOT_FP32)
         scores = scores * qk_scale
+        if SOFTCAP > 0:
+            scores = soft_cap(scores, SOFTCAP)
         if ALIBI:
             scores += tok.to(tl.float32)[:, None] * slopes[None, :]
         scores = tl.where(tok_ok[:, None], scores, float("-inf"))
@@ -944,7 +953,8 @@ def lowrank_decode(
         keys.counts if device_counts else dummy, values.counts if device_counts else dummy,
         kv_heads, groups, key_rank, half, float(scoring.scaling) * math.log2(math.e),
         tokens_per_split, n_splits, main_tokens,
-        PRE=mode == "pre", ALIBI=slopes is not None, **key_constexprs, **value_constexprs,
+        PRE=mode == "pre", ALIBI=slopes is not None, SOFTCAP=scoring.softcap or 0.0,
+        **key_constexprs, **value_constexprs,
         G_PAD=pad_width(groups), RV_PAD=rv_pad, HALF_PAD=pad_width(half) if mode == "pre" else 16,
         DOT_FP32=interpreting(), COUNTS=device_counts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **cfg.constexprs,
@@ -981,10 +991,11 @@ def decode_spec(
     name: str, dtype: str, mode: str, heads: int, kv_heads: int, head_dim: int, key_rank: int, value_rank: int,
     bits: tuple[int, int], group: int | tuple[int, int], key_axis: str = "channel", value_axis: str = "token",
     alibi: bool = False, counts: bool = False, symmetric: bool | tuple[bool, bool] = False,
+    softcap: float | None = None,
 ) -> KernelSpec:  # fmt: skip
     """The compile a launch makes for uniform streams (``bits``: keys, values; 0 = unquantized) of these ranks
-    (``counts``: streams in device form, a capturable cache). ``group`` and ``symmetric``: both streams', or
-    (keys, values) when each is stored with its own config.
+    (``counts``: streams in device form, a capturable cache; ``softcap``: Gemma-2's logit cap). ``group`` and
+    ``symmetric``: both streams', or (keys, values) when each is stored with its own config.
 
     Arguments the launcher always passes as multiples of 16 (pointers, the row strides of per-channel codes)
     are declared so, as Triton specializes them at a real launch (token counts are never specialized)."""
@@ -992,7 +1003,7 @@ def decode_spec(
     symmetries = symmetric if isinstance(symmetric, tuple) else (symmetric, symmetric)
     axes = (key_axis, value_axis)
     cfg = launch_config(mode, tile_group([(g, a) for g, a, b in zip(groups, axes, bits, strict=True) if b]))
-    constexprs = {"PRE": mode == "pre", "ALIBI": alibi, "COUNTS": counts}
+    constexprs = {"PRE": mode == "pre", "ALIBI": alibi, "SOFTCAP": float(softcap or 0.0), "COUNTS": counts}
     aligned = []  # the token counts are not specialized (the kernel states their alignment itself)
     streams = zip("KV", (key_rank, value_rank), bits, axes, groups, symmetries, strict=True)
     for prefix, width, b, axis, g, sym in streams:
@@ -1025,13 +1036,21 @@ _SPEC_SHAPES = [("rank", 64, 38, 38), ("rank", 128, 77, 77), ("rank", 128, 128, 
                 ("pre", 128, 77, 77)]  # fmt: skip
 
 
+# Gemma-2's capped logits (softcap 50): rank 77 in both modes (the same compiles without the cap are above), and
+# rank mode at Gemma-2's head sizes (its attention compresses post-RoPE only): 128 (27B), 256 (2B, 9B), whole (a
+# quantized cache alone) and at 0.6x
+_SOFTCAP_SHAPES = [("rank", 128, 77, 77), ("pre", 128, 77, 77), ("rank", 128, 128, 128), ("rank", 256, 256, 256),
+                   ("rank", 256, 154, 154)]  # fmt: skip
+
+
 def compile_specs():
     """The configurations the launcher uses, for the sm_80/sm_90 compile test: every shape at 4 bits (keys per
     channel, values per token, group 64) in fp16 (ALiBi at one of them), rank 77 in bf16 (both modes: bf16
     arithmetic differs), and at rank 77 each
     other bit width, the groupings swapped, groups of 16 (per token, and per channel: tiles of several
     blocks) and 128, an unquantized cache, and keys and values stored with their own configs (keys 4 bits per
-    channel in blocks of 128 tokens, values 2 bits per token in symmetric groups of 32 features). Each compile
+    channel in blocks of 128 tokens, values 2 bits per token in symmetric groups of 32 features); capped logits
+    (Gemma-2, ``_SOFTCAP_SHAPES``) at rank 77 in fp16, at every Gemma-2 shape in bf16. Each compile
     takes seconds: these are the variants that change the code, not every product; the 4-bit fp16 ones are
     the static roofline's cases (tests/kernels/test_roofline.py finds them compiled)."""
     for dtype in ("fp16", "bf16"):
@@ -1063,6 +1082,13 @@ def compile_specs():
                     dtype, mode, 32, 8, head_dim, key_rank, value_rank, (4, 2), (128, 32), "channel", "token",
                     symmetric=(False, True),
                 )  # fmt: skip
+        for mode, head_dim, key_rank, value_rank in _SOFTCAP_SHAPES:
+            if dtype == "fp16" and key_rank != 77:
+                continue
+            yield decode_spec(
+                f"lowrank_decode[{dtype},{mode},d{head_dim},r{key_rank}x{value_rank},b4,g64,kc,vt,softcap]",
+                dtype, mode, 32, 8, head_dim, key_rank, value_rank, (4, 4), 64, softcap=50.0,
+            )  # fmt: skip
         for rv_pad in (16, 32, 64, 128):
             for splits_pad in (1, 8, MAX_SPLITS):
                 yield KernelSpec(

@@ -22,7 +22,8 @@ second version; the kernel scores (or weighs) both and keeps the right one per
 
 Grid ``(cdiv(T, BLOCK_M), B * H)``: one program per block of queries of one
 head, online softmax in base 2 over key tiles up to the block's last position,
-starting at ``starts[b]`` (left padding).
+starting at ``starts[b]`` (left padding). Scores are capped as Gemma-2 caps them
+with ``scoring.softcap`` (after the scale, before the bias and the mask).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from eigenkv.kernels.utils import (
     pad_width,
     qk_scores,
     query_operands,
+    soft_cap,
 )
 
 # --- reference -------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ def lowrank_prefill_reference(
         held, bounds = quantized_keys
         use_held = positions[None, :] < bounds.long()[:, None]  # (T, S)
         scores = torch.where(use_held, scores_of(held), scores)
-    scores = scores * scoring.scaling
+    scores = scoring.cap(scores * scoring.scaling)
     if scoring.alibi_slopes is not None:
         scores = scores + scoring.bias(positions)[None, :, None, :]
     lo = torch.zeros(batch, dtype=torch.long, device=query.device) if starts is None else starts.long()
@@ -117,7 +119,7 @@ def _prefill_kernel(
     STARTS,
     DEC, dec_h, INV_FREQ, rope_scale, SLOPES,
     q_heads, groups, length, seq, key_rank, value_rank, half, qk_scale,
-    PRE: tl.constexpr, ALIBI: tl.constexpr, K_HELD: tl.constexpr, V_HELD: tl.constexpr,
+    PRE: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, K_HELD: tl.constexpr, V_HELD: tl.constexpr,
     RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
@@ -159,6 +161,8 @@ def _prefill_kernel(
             held = qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
             scores = tl.where(tok[None, :] < k_bound[:, None], held, scores)
         scores = scores * qk_scale
+        if SOFTCAP > 0:  # Gemma-2's capped logits (0.0: none, no code): after the scale, before bias and mask
+            scores = soft_cap(scores, SOFTCAP)
         if ALIBI:
             scores += slope * tok.to(tl.float32)[None, :]
         visible = tok_ok[None, :] & (tok[None, :] <= positions[:, None])
@@ -286,7 +290,8 @@ def lowrank_prefill(
         float(scoring.rope_scale), dummy if slopes is None else slopes,
         q_heads, q_heads // kv_heads, length, seq, key_rank, value_rank, half,
         float(scoring.scaling) * math.log2(math.e),
-        PRE=mode == "pre", ALIBI=slopes is not None, K_HELD=key_held is not None, V_HELD=value_held is not None,
+        PRE=mode == "pre", ALIBI=slopes is not None, SOFTCAP=scoring.softcap or 0.0,
+        K_HELD=key_held is not None, V_HELD=value_held is not None,
         RK_PAD=rk_pad, RV_PAD=rv_pad, HALF_PAD=half_pad, DOT_FP32=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
@@ -306,27 +311,41 @@ def _signature(dtype: str) -> dict:
     return sig | {name: "i32" for name in ints} | {"qk_scale": "fp32"}
 
 
+def prefill_spec(
+    dtype: str, mode: str, half_pad: int, rk_pad: int, rv_pad: int, held: bool, alibi: bool,
+    softcap: float | None = None,
+) -> KernelSpec:  # fmt: skip
+    """The compile a launch makes at these tile widths (``held``: with the quantized views of keys and values;
+    ``softcap``: Gemma-2's logit cap)."""
+    cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad, held)
+    constexprs = {
+        "PRE": mode == "pre", "ALIBI": alibi, "SOFTCAP": float(softcap or 0.0), "K_HELD": held, "V_HELD": held,
+        "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False, **cfg.constexprs,
+    }  # fmt: skip
+    return KernelSpec(
+        name=f"lowrank_prefill[{dtype},{mode},h{half_pad},rk{rk_pad},rv{rv_pad},held{int(held)}"
+        f"{',softcap' if softcap else ''}]",
+        fn=_prefill_kernel,
+        signature=_signature(dtype),
+        constexprs=constexprs,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
 def compile_specs():
     """The launcher's configurations for the sm_80/sm_90 compile test: every tile shape, with and
-    without the quantized (held) versions of keys and values."""
+    without the quantized (held) versions of keys and values (ALiBi in rank mode); and capped logits
+    (Gemma-2: rank mode, no ALiBi) at the widest rank tiles."""
     tiles = [("rank", 16, 32, 32), ("rank", 16, 64, 64), ("rank", 16, 128, 128), ("pre", 32, 64, 64)]
     tiles += [("pre", 64, 128, 128)]
     for dtype in ("fp16", "bf16"):
         for mode, half_pad, rk_pad, rv_pad in tiles:
             for held in (False, True):
-                cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad, held)
-                constexprs = {
-                    "PRE": mode == "pre", "ALIBI": mode == "rank", "K_HELD": held, "V_HELD": held,
-                    "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False, **cfg.constexprs,
-                }  # fmt: skip
-                yield KernelSpec(
-                    name=f"lowrank_prefill[{dtype},{mode},h{half_pad},rk{rk_pad},rv{rv_pad},held{int(held)}]",
-                    fn=_prefill_kernel,
-                    signature=_signature(dtype),
-                    constexprs=constexprs,
-                    num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages,
-                )
+                yield prefill_spec(dtype, mode, half_pad, rk_pad, rv_pad, held, alibi=mode == "rank")
+        for rk_pad in (128, 256):  # Gemma-2's heads: 128 (27B), 256 (2B, 9B)
+            for held in (False, True):
+                yield prefill_spec(dtype, "rank", 16, rk_pad, rk_pad, held, alibi=False, softcap=50.0)
 
 
 # --- static roofline cases ---------------------------------------------------------------------
@@ -347,7 +366,7 @@ def roofline_cases(batch: int = 1, length: int = 8192):
             half_pad = pad_width(head_dim // 2) if mode == "pre" else 16
             cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad, False)
             constexprs = {
-                "PRE": mode == "pre", "ALIBI": False, "K_HELD": False, "V_HELD": False,
+                "PRE": mode == "pre", "ALIBI": False, "SOFTCAP": 0.0, "K_HELD": False, "V_HELD": False,
                 "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False, **cfg.constexprs,
             }  # fmt: skip
             block_m = cfg.constexprs["BLOCK_M"]

@@ -7,11 +7,17 @@ Modes:
 - ``"pre"``: the cache holds pre-RoPE key coefficients ``c`` (``r_k`` features) and
   queries are rotated full vectors (``d`` features); key ``t`` is ``rope(c_t D^T, t)``
   with the decoder ``D`` of its KV head and the RoPE frequencies ``inv_freq``.
+
+Either mode may cap the logits as Gemma-2 does (``softcap``): ``softcap * tanh(s / softcap)`` of the
+scaled score ``s``, before the ALiBi bias and the mask (transformers' ``eager_attention_forward`` of
+Gemma-2: scale, cap, add the mask, softmax).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
+from numbers import Real
 
 import torch
 
@@ -20,7 +26,8 @@ MODES = ("rank", "pre")
 
 @dataclass(frozen=True)
 class Scoring:
-    """Scores ``scaling * q . k_t`` (plus ``slope_h * t`` with ALiBi) of key ``t`` at position ``t``.
+    """Scores ``scaling * q . k_t`` (capped at ``softcap``, plus ``slope_h * t`` with ALiBi) of key ``t`` at
+    position ``t``.
 
     Attributes:
         scaling: softmax scale (``1/sqrt(d)``; 1.0 for prescaled queries).
@@ -28,6 +35,8 @@ class Scoring:
         key_decoder: pre mode, ``(1 or H_kv, d, r_k)`` decoders ``D_k``.
         inv_freq: pre mode, ``(d / 2,)`` RoPE inverse frequencies (fp32); ``rope_scale`` multiplies cos and sin.
         alibi_slopes: ``(H,)`` ALiBi slopes, or None.
+        softcap: Gemma-2's ``attn_logit_softcapping``: scores become ``softcap * tanh(s / softcap)`` after the
+            scaling, before the bias and the mask; a positive finite number, or None (no cap).
     """
 
     scaling: float
@@ -36,12 +45,18 @@ class Scoring:
     inv_freq: torch.Tensor | None = None
     rope_scale: float = 1.0
     alibi_slopes: torch.Tensor | None = None
+    softcap: float | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}; use one of {MODES}")
         if self.mode == "pre" and (self.key_decoder is None or self.inv_freq is None):
             raise ValueError("pre mode needs key_decoder (1 or H_kv, d, r_k) and inv_freq (d / 2,)")
+        if self.softcap is not None:
+            cap = self.softcap
+            if isinstance(cap, bool) or not isinstance(cap, Real) or not math.isfinite(cap) or cap <= 0:
+                raise ValueError(f"softcap must be a positive finite number or None; got {cap!r}")
+            object.__setattr__(self, "softcap", float(cap))
 
     def check(self, query: torch.Tensor, kv_heads: int, key_rank: int) -> None:
         """Refuse a scoring that does not fit ``query`` ``(B, H, ..., e)`` over ``kv_heads`` heads of ``key_rank``."""
@@ -86,6 +101,13 @@ class Scoring:
         rotated = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
         return keys * cos + rotated * sin
 
+    def cap(self, scores: torch.Tensor) -> torch.Tensor:
+        """Reference: scaled ``scores`` capped as Gemma-2 caps them (``softcap * tanh(s / softcap)``), in their
+        dtype; unchanged without ``softcap``."""
+        if self.softcap is None:
+            return scores
+        return torch.tanh(scores / self.softcap) * self.softcap
+
     def bias(self, positions: torch.Tensor) -> torch.Tensor | float:
         """Reference: ALiBi bias ``(H, S)`` fp32 of keys at ``positions`` (0.0 without ALiBi)."""
         if self.alibi_slopes is None:
@@ -96,6 +118,4 @@ class Scoring:
         """The same scoring with a float64 decoder (for float64 references)."""
         if self.key_decoder is None:
             return self
-        return Scoring(
-            self.scaling, self.mode, self.key_decoder.double(), self.inv_freq, self.rope_scale, self.alibi_slopes
-        )
+        return replace(self, key_decoder=self.key_decoder.double())

@@ -6,7 +6,7 @@ without the causal quantized view: ``query`` (B, H, T, e), ``keys`` (B, H_kv, S,
 (B, T, H, r_v) in the query's dtype. It is the prompt path of a compressed model whenever every
 query reads the same keys and values (``eigenkv.quant.routing``): FlashAttention, the
 memory-efficient kernel or cuDNN do the work, the custom kernel is kept for what they cannot
-express (the quantized view, ALiBi).
+express (the quantized view, ALiBi, capped logits).
 
 - Rank space without a kernel of our own: features are zero-padded to a multiple of 8 (what the
   fused backends need). Exact: a zero feature adds nothing to a score, and zero value features
@@ -25,6 +25,8 @@ express (the quantized view, ALiBi).
 - GQA: ``enable_gqa=True`` (torch >= 2.5) when a fused backend takes it for these tensors
   (asked of torch, no device sync); otherwise keys and values repeated per query head, so a
   memory-efficient kernel without GQA support still runs instead of the math fallback.
+- Capped logits (``Scoring.softcap``, Gemma-2) are refused: SDPA has no cap; the routing sends
+  them to the kernel.
 - ALiBi (supported for completeness; the routing sends ALiBi to the kernel): an additive
   ``(B, H, T, S)`` bias built per call, which rules flash out and costs ``H T S`` elements of
   memory: the kernel adds ``slope * j`` in registers instead.
@@ -132,6 +134,8 @@ def _check(query, keys, values, scoring, starts) -> None:
     ):
         raise ValueError(f"starts must be int32 ({batch},) on {query.device}; got {starts.dtype} {tuple(starts.shape)}")
     scoring.check(query, kv_heads, keys.shape[-1])
+    if scoring.softcap is not None:
+        raise ValueError("SDPA cannot cap logits (Scoring.softcap): use lowrank_prefill or lowrank_prefill_reference")
 
 
 def sdpa_prefill(

@@ -1,5 +1,5 @@
 """Helpers the kernels share: launch configs, compile specs, tile widths, and the scoring code
-(``dot``, ``query_operands``, ``qk_scores``) that decode and prefill both run."""
+(``dot``, ``query_operands``, ``qk_scores``, ``soft_cap``) that decode and prefill both run."""
 
 from __future__ import annotations
 
@@ -155,3 +155,15 @@ def qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE: tl.constexpr
         return dot(q1, tl.trans(k1), DOT_FP32) + dot(q2, tl.trans(k2), DOT_FP32)
     else:
         return dot(q, tl.trans(k), DOT_FP32)
+
+
+@triton.jit
+def soft_cap(scores, SOFTCAP: tl.constexpr):
+    # Gemma-2's capped logits on fp32 scores in base 2 (s * log2 e): softcap * tanh(s / softcap), in base 2, is
+    # CAP * tanh(scores / CAP) with CAP = SOFTCAP * log2 e. No tanh: the interpreter runs no libdevice call, so
+    # tanh(x) = 1 - 2 / (exp(2x) + 1) with exp(2x) = exp2(scores * 2 / SOFTCAP) (every constant folded at compile
+    # time: a multiply, an exp2, an add, a fast division, a subtract per score). Its limits are exact: for large
+    # |x| exp2 overflows to inf (-> CAP) or underflows to 0 (-> -CAP), so capped scores lie in [-CAP, CAP]
+    return SOFTCAP * 1.4426950408889634 - (2.0 * 1.4426950408889634 * SOFTCAP) / (
+        tl.exp2(scores * (2.0 / SOFTCAP)) + 1.0
+    )

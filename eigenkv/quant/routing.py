@@ -13,11 +13,12 @@ several (a prompt) it runs :func:`~eigenkv.kernels.sdpa_prefill.sdpa_prefill`
 (torch's fused SDPA on zero-padded rank-space tensors) when every query reads the
 same keys and values, and :func:`~eigenkv.kernels.lowrank_prefill.lowrank_prefill`
 only where that is not so or SDPA has no cheap form of it: the causal quantized view
-of a ``QuantizedKVCache`` (held keys or values tagged with twins) and ALiBi
-(:func:`prefill_through_sdpa`). ``triton`` runs the Triton kernels for every
-prompt (tests under the interpreter, kernel benchmarks). CPU tensors, float32
-models, masks other than causal attention to one range of keys per sequence,
-dropout and returned attention weights take the PyTorch path.
+of a ``QuantizedKVCache`` (held keys or values tagged with twins), ALiBi, and
+Gemma-2's capped logits, which SDPA has no form of (:func:`prefill_through_sdpa`).
+``triton`` runs the Triton kernels for every prompt (tests under the interpreter,
+kernel benchmarks). CPU tensors, float32 models, masks other than causal attention
+to one range of keys per sequence, dropout and returned attention weights take the
+PyTorch path.
 """
 
 from __future__ import annotations
@@ -59,15 +60,15 @@ def map_twin(held: torch.Tensor, out: torch.Tensor, fn) -> torch.Tensor:
 
 def kernels_apply(query: torch.Tensor, training: bool = False, **kwargs) -> bool:
     """Whether a forward with ``query`` ``(B, H, T, e)`` should use the attention kernels: not while autograd
-    records through the query (the kernels have no backward; training, LoRA recovery), nor with dropout,
-    attention weights asked for or capped logits."""
+    records through the query (the kernels have no backward; training, LoRA recovery), nor with dropout or
+    attention weights asked for. Capped logits (Gemma-2's ``softcap``) run in the kernels: the caller puts
+    ``softcap`` in the :class:`~eigenkv.kernels.scoring.Scoring` it hands :func:`kernel_attention`."""
     from eigenkv.kernels.utils import KERNEL_DTYPES
 
     return (
         not training
         and not (torch.is_grad_enabled() and query.requires_grad)
         and not kwargs.get("output_attentions", False)
-        and kwargs.get("softcap") is None  # capped logits (Gemma-2): the PyTorch path
         and query.dtype in KERNEL_DTYPES
         and use_triton(query)
     )
@@ -80,7 +81,7 @@ def kernel_attention(query, key, value, attention_mask, scoring, masked_is_true:
         query: ``(B, H, T, e)``; key, value: what the cache returned (tensors, handles to a packed store,
             or held tensors tagged with their unquantized twins, see ``eigenkv.quant.cache``).
         attention_mask: 4-D mask of the model (or None: causal); ``masked_is_true`` for MPT's convention.
-        scoring: a :class:`~eigenkv.kernels.scoring.Scoring`.
+        scoring: a :class:`~eigenkv.kernels.scoring.Scoring` (with the model's ``softcap``, if any).
     """
     if attention_mask is not None and attention_mask.dim() != 4:
         return None
@@ -120,11 +121,18 @@ def prefill_through_sdpa(key: torch.Tensor, value: torch.Tensor, scoring) -> boo
     """Whether a prompt takes :func:`~eigenkv.kernels.sdpa_prefill.sdpa_prefill` rather than the prefill kernel.
 
     SDPA when every query reads the same keys and values (neither ``key`` nor ``value`` is tagged with
-    a twin: a ``DynamicCache``, no cache, or a quantized cache where no query reads a twin) and there
+    a twin: a ``DynamicCache``, no cache, or a quantized cache where no query reads a twin), there
     is no ALiBi (SDPA would need an ``(H, T, S)`` bias in memory and lose flash; the kernel adds it in
-    registers). ``EIGENKV_BACKEND=triton`` keeps every prompt on the kernel.
+    registers) and no logit cap (SDPA has none; the kernel caps in registers). ``EIGENKV_BACKEND=triton``
+    keeps every prompt on the kernel.
     """
-    return backend() != "triton" and twin_of(key) is None and twin_of(value) is None and scoring.alibi_slopes is None
+    return (
+        backend() != "triton"
+        and twin_of(key) is None
+        and twin_of(value) is None
+        and scoring.alibi_slopes is None
+        and scoring.softcap is None
+    )
 
 
 class CausalRows(NamedTuple):

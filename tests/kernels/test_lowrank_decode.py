@@ -5,6 +5,7 @@ float64 reference is at most twice the error of the same-dtype reference, plus
 a small atol.
 """
 
+import dataclasses
 import os
 import warnings
 
@@ -26,6 +27,7 @@ from tests.helpers import (
     DEVICE,
     random_tokens,
     random_windows,
+    tiny_gemma2,
     tiny_gemma3,
     tiny_llama,
     tiny_llama3_scaled,
@@ -310,6 +312,59 @@ def test_alibi_symmetric_and_full_precision_streams():
     assert (out - plain).abs().max() > 1e-2  # the bias is applied
 
 
+CAPPED_CASES = [
+    # mode, head size d, groups g, key rank, value rank, tokens, bits, group, axes (k, v), residual, dtype
+    ("rank", 64, 3, 37, 24, 77, 4, 32, ("channel", "token"), 5, torch.float16),
+    ("pre", 64, 2, 38, 20, 70, 2, 16, ("channel", "token"), 3, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CAPPED_CASES, ids=[f"{c[0]}-r{c[3]}x{c[4]}-b{c[6]}-{c[-1]}" for c in CAPPED_CASES])
+def test_capped_logits_match_the_reference(case):
+    """Gemma-2's cap (``softcap * tanh(s / softcap)`` after the scale, before the mask) in the main loop and the
+    tail: scores of a few units (scale 0.5), which a cap of 5 bends; the capped output differs from the plain one."""
+    mode, d, groups, key_rank, value_rank, tokens, bits, group, (axis_k, axis_v), residual, dtype = case
+    batch, kv_heads = 2, 2
+    config = KVQuantConfig(bits=bits, group_size=group, axis_k=axis_k, axis_v=axis_v, residual=residual)
+    keys = make_stream(torch.randn(batch, kv_heads, tokens, key_rank, device=DEVICE, dtype=dtype), config, axis_k)
+    values = make_stream(torch.randn(batch, kv_heads, tokens, value_rank, device=DEVICE, dtype=dtype), config, axis_v)
+    assert min(keys.quantized_tokens, values.quantized_tokens) >= 64 and keys.window.shape[-2] > 0  # both loops
+    query = torch.randn(batch, kv_heads * groups, d if mode == "pre" else key_rank, device=DEVICE, dtype=dtype)
+    plain = pre_rope(0.5, d, kv_heads, key_rank, dtype) if mode == "pre" else Scoring(0.5)
+    capped = dataclasses.replace(plain, softcap=5.0)
+    starts = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+    ends = torch.tensor([tokens, tokens - 3], dtype=torch.int32, device=DEVICE)
+    for splits in (1, 3):
+        out = check_against_reference(query, keys, values, capped, starts=starts, ends=ends, splits=splits)
+    uncapped = lowrank_decode(query, keys, values, plain, starts=starts, ends=ends, splits=3)
+    assert (out - uncapped).abs().max() > 0.1  # the cap is applied
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's exp2 (numpy) to inf
+def test_capped_logits_saturate_at_the_cap():
+    """Scores far past the cap (hundreds: exp2 overflows to inf, or underflows to 0) give exactly +-softcap, as
+    tanh does: the kernel matches the reference, no NaN; ALiBi's bias is added after the cap, in both."""
+    x = torch.randn(2, 2, 40, 24, device=DEVICE, dtype=torch.float16)
+    stream = PackedStream.full_precision(x)
+    query = torch.randn(2, 4, 24, device=DEVICE, dtype=torch.float16)
+    out = check_against_reference(query, stream, stream, Scoring(100.0, softcap=2.0), splits=2)
+    assert torch.isfinite(out).all()
+    slopes = 2.0 ** -torch.arange(3, 7, dtype=torch.float32, device=DEVICE)
+    check_against_reference(query, stream, stream, Scoring(100.0, softcap=2.0, alibi_slopes=slopes), splits=2)
+
+
+def test_scoring_refuses_a_cap_that_is_not_a_positive_number():
+    assert Scoring(1.0, softcap=50).softcap == 50.0 and isinstance(Scoring(1.0, softcap=50).softcap, float)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True, "50"):
+        with pytest.raises(ValueError, match="softcap must be a positive finite number"):
+            Scoring(1.0, softcap=bad)
+    capped = Scoring(1.0, softcap=2.0)
+    assert capped.exact().softcap == 2.0
+    scores = torch.tensor([-100.0, 0.5, 100.0])
+    torch.testing.assert_close(capped.cap(scores), 2.0 * torch.tanh(scores / 2.0))
+    assert Scoring(1.0).cap(scores) is scores
+
+
 def test_a_sequence_without_valid_keys_gives_zeros():
     x = torch.randn(2, 1, 20, 16, device=DEVICE, dtype=torch.float16)
     stream = PackedStream.full_precision(x)
@@ -552,3 +607,49 @@ def test_sliding_layers_decode_through_the_kernel(make, counted_kernel, monkeypa
     layers = model.config.num_hidden_layers
     assert counted_kernel == [("prefill", "rank")] * layers + [("decode", "rank")] * 14 * layers
     torch.testing.assert_close(results["triton"], results["torch"], atol=2e-2, rtol=2e-2)
+
+
+def query_scaled_gemma2(softcap):
+    """:func:`tiny_gemma2` with its queries 100x larger: attention scores of a few units, which a cap of 1 bends
+    (at the helper's 0.01 every score is capped flat); sliding then global layer, a 16-token window."""
+    model = tiny_gemma2(softcap=softcap)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(100.0)
+    return model
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["quantized-cache", "compressed-post-quantized-cache"])
+def test_capped_logits_run_through_the_kernels(compressed, monkeypatch):
+    """Gemma-2 with a quantized cache (plain, and compressed post-RoPE), the kernels forced: the prompt through the
+    prefill kernel and every decode step (past the sliding layer's window too) through the decode kernel, each
+    launched with the model's cap; the logits are the PyTorch path's, and without the cap they would differ."""
+    launches = []
+    for name, module, function in (
+        ("decode", decode_module, "lowrank_decode"),
+        ("prefill", prefill_module, "lowrank_prefill"),
+    ):
+        original = getattr(module, function)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            launches.append((_name, args[3].softcap))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, function, counting)
+    quant = KVQuantConfig(bits=4, group_size=16, residual=3)
+    results = {}
+    for softcap, backends in ((1.0, ("torch", "triton")), (None, ("torch",))):
+        model = query_scaled_gemma2(softcap)
+        if compressed:
+            config = EigenConfig(target_ratio=0.6, rope_mode="post")
+            compress_model(model, random_windows(model), config, progress=False)
+        model = model.to(DEVICE, torch.float16)
+        ids = random_tokens(model, batch=2, length=12)  # within the window: the prompt through the prefill kernel
+        for backend in backends:
+            monkeypatch.setenv("EIGENKV_BACKEND", backend)
+            with QuantizedKV(model, quant) as kv:
+                results[softcap, backend] = decode_logits(model, ids, kv.new_cache, steps=6)
+    layers = 2
+    assert launches == [("prefill", 1.0)] * layers + [("decode", 1.0)] * 6 * layers
+    torch.testing.assert_close(results[1.0, "triton"], results[1.0, "torch"], atol=2e-2, rtol=2e-2)
+    assert (results[None, "torch"] - results[1.0, "torch"]).abs().max() > 0.1  # the cap matters here

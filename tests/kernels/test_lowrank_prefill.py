@@ -1,6 +1,8 @@
 """The prefill kernel and its SDPA path against their PyTorch reference over odd shapes, with and
 without the causal quantized view; the mask check and the routing that decide which one the models use."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention.bias import CausalBias
@@ -69,6 +71,32 @@ def test_matches_reference_over_odd_shapes(case):
     if quantized:
         plain = lowrank_prefill(query, keys, values, scoring, starts=kwargs["starts"])
         assert (out - plain).abs().max() > 1e-2  # the quantized versions are read
+
+
+CAPPED_CASES = [
+    # mode, head size d, groups, key rank, value rank, new tokens T, cached S, quantized view, dtype
+    ("rank", 64, 3, 37, 24, 45, 83, True, torch.float16),
+    ("pre", 64, 2, 38, 20, 33, 40, False, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(
+    "case", CAPPED_CASES, ids=[f"{c[0]}-r{c[3]}x{c[4]}-T{c[5]}-S{c[6]}-{c[-1]}" for c in CAPPED_CASES]
+)
+def test_capped_logits_match_the_reference(case):
+    """Gemma-2's cap after the scale, before the causal mask (and with the quantized view): scores of a few units
+    (scale 0.5) bent by a cap of 5; the capped output differs from the plain one."""
+    mode, d, groups, key_rank, value_rank, length, seq, quantized, dtype = case
+    query, keys, values, scoring = random_prompt(mode, d, groups, key_rank, value_rank, length, seq, dtype)
+    plain = dataclasses.replace(scoring, scaling=0.5)
+    capped = dataclasses.replace(plain, softcap=5.0)
+    kwargs = {"starts": torch.tensor([0, 6], dtype=torch.int32, device=DEVICE)}
+    if quantized:
+        bounds = torch.arange(length, dtype=torch.int32, device=DEVICE) + seq - length
+        kwargs["quantized_keys"] = (keys + 0.2 * torch.randn_like(keys), (bounds - 4).clamp(min=0))
+        kwargs["quantized_values"] = (values + 0.2 * torch.randn_like(values), bounds)
+    out = check_against_reference(query, keys, values, capped, **kwargs)
+    assert (out - lowrank_prefill(query, keys, values, plain, **kwargs)).abs().max() > 0.1  # the cap is applied
 
 
 # keys and values stored with their own configs: (bits, group, axis, symmetric, residual) of each stream
@@ -141,6 +169,9 @@ def test_both_prefills_refuse_bad_shapes_and_scorings(attend):
         attend(query, keys, keys.bfloat16(), one)
     with pytest.raises(TypeError, match="Scoring"):
         attend(query, keys, keys, 1.0)
+    if attend is sdpa_prefill:  # SDPA has no cap: the routing sends capped logits to the kernel
+        with pytest.raises(ValueError, match="SDPA cannot cap logits"):
+            attend(query, keys, keys, Scoring(1.0, softcap=5.0))
 
 
 def test_kernel_prefill_refuses_bad_dtypes_and_quantized_views():
@@ -304,6 +335,7 @@ def test_prefill_through_sdpa_only_without_a_quantized_view_or_alibi(monkeypatch
     assert not routing.prefill_through_sdpa(tagged, plain, Scoring(1.0))  # keys read in two versions
     assert not routing.prefill_through_sdpa(plain, tagged, Scoring(1.0))  # values read in two versions
     assert not routing.prefill_through_sdpa(plain, plain, Scoring(1.0, alibi_slopes=slopes))  # ALiBi: the kernel
+    assert not routing.prefill_through_sdpa(plain, plain, Scoring(1.0, softcap=50.0))  # capped logits: the kernel
     monkeypatch.setenv("EIGENKV_BACKEND", "triton")  # the kernels forced: every prompt too
     assert not routing.prefill_through_sdpa(plain, plain, Scoring(1.0))
 

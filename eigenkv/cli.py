@@ -589,7 +589,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     recovery, rows = recovery_curve(compressed, train, held_out, config, progress=not args.quiet)
     save_adapters(recovery, out, overwrite=args.overwrite)
     label = compressed.recipe.label()
-    write_recovery(rows, out, f"{args.model} {label}: LoRA {config.label()}", {"uncompressed": fp16_ppl})
+    write_recovery(rows, out, f"{args.model} {label}\nLoRA {config.label()}", {"uncompressed": fp16_ppl})
     print(
         f"{args.model} recipe={label} {config.label()}: held-out {held_out.source} {len(held_out)}x{held_out.seq_len}"
     )

@@ -1,8 +1,9 @@
 """Compile every kernel for sm_80 and sm_90 without a GPU, at every config its launcher uses.
 
 ``python -m eigenkv.kernels.compile_check`` prints one JSON line per (kernel
-config, target) with shared memory, registers and spill bytes (read with the
-``cuobjdump`` shipped in the Triton wheel). ``--roofline`` writes the static
+config, target) with shared memory, registers and register spills (read with the
+``cuobjdump`` shipped in the Triton wheel: the stack frame ptxas spills into, and
+the local loads and stores in the SASS). ``--roofline`` writes the static
 roofline of the attention kernels instead (:mod:`eigenkv.kernels.roofline`).
 Either must run with ``TRITON_INTERPRET`` unset: interpreted kernels cannot be
 compiled.
@@ -33,6 +34,9 @@ KERNEL_MODULES = (
     "eigenkv.kernels.lowrank_prefill",
 )
 
+# Local loads and stores in SASS: register spills (the kernels declare no local arrays).
+SPILL_OPCODES = re.compile(r"\b(?:LDL|STL)(?:\.[\w.]+)?\s")
+
 # Shared memory per block (bytes) a kernel may use on each target.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -45,7 +49,9 @@ class CompiledSpec:
         kernel: Triton's compiled kernel (``kernel.asm`` holds ``"ttgir"``, ``"ptx"``, ``"cubin"``).
         shared: shared memory bytes per block Triton launches it with.
         registers: registers per thread.
-        spill_bytes: local memory bytes per thread (register spills).
+        spill_bytes: stack frame bytes per thread (cuobjdump's ``STACK``): where ptxas puts the registers it
+            spills (its ``LOCAL`` counts only local arrays, which these kernels never declare, and stays 0).
+        spill_instructions: local loads and stores (``LDL``, ``STL``) in the SASS: the spill traffic's code.
     """
 
     spec: KernelSpec
@@ -54,6 +60,7 @@ class CompiledSpec:
     shared: int
     registers: int
     spill_bytes: int
+    spill_instructions: int
 
 
 def _cuobjdump() -> Path:
@@ -88,7 +95,7 @@ def compile_kernel(spec: KernelSpec, capability: int) -> CompiledSpec:
     )
     usage = cuobjdump(compiled.asm["cubin"], "--dump-resource-usage")
     registers = re.search(r"REG:(\d+)", usage)
-    spills = re.search(r"LOCAL:(\d+)", usage)
+    spills = re.search(r"STACK:(\d+)", usage)
     if registers is None or spills is None:
         raise RuntimeError(f"cannot read resource usage of {spec.name}: {usage!r}")
     # cuobjdump's SHARED is static shared memory only (on sm_90 the 1 KB the driver reserves per block):
@@ -100,6 +107,7 @@ def compile_kernel(spec: KernelSpec, capability: int) -> CompiledSpec:
         shared=int(compiled.metadata.shared),
         registers=int(registers.group(1)),
         spill_bytes=int(spills.group(1)),
+        spill_instructions=len(SPILL_OPCODES.findall(cuobjdump(compiled.asm["cubin"], "-sass"))),
     )
 
 
@@ -113,6 +121,7 @@ def compile_spec(spec: KernelSpec, capability: int) -> dict:
         "shared_limit": SHARED_LIMIT[capability],
         "registers": compiled.registers,
         "spill_bytes": compiled.spill_bytes,
+        "spill_instructions": compiled.spill_instructions,
     }
 
 

@@ -686,9 +686,11 @@ def launch_config(mode: str, group: int) -> KernelConfig:
     Tiles of 64 tokens: the M of one warpgroup MMA (smaller tiles leave the tensor cores' rows idle, and
     64-token tiles are what the GPU correctness check runs); four warps and three stages keep two tiles of
     loads in flight while one is used. The kernel is latency-bound at two programs per SM (255 registers a
-    thread), so rank mode caps registers at 128: four programs per SM, no spills (measured on an H200 at
-    Llama-3-8B B=8 x 32k, 4 bits: 0.31 -> 0.25 ms). Pre mode keeps the compiler's choice: capped, its rotation
-    ran twice as slow. ``python -m eigenkv.kernels.roofline`` reports both compiles.
+    thread), so rank mode caps registers at 128: four programs per SM (measured on an H200 at Llama-3-8B
+    B=8 x 32k, 4 bits: 0.31 -> 0.25 ms), although the capped compile spills (a stack of 0.6-3.8 KB a thread
+    at head size 128; configs that keep the occupancy without spilling are open work). Pre mode keeps the
+    compiler's choice: capped, its rotation ran twice as slow. ``python -m eigenkv.kernels.roofline`` reports
+    both compiles.
     """
     if mode == "rank":
         return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=128)

@@ -192,8 +192,8 @@ def _prefill_kernel(
 def launch_config(mode: str, width: int, rank_pad: int, value_pad: int, held: bool) -> KernelConfig:
     """Query and key tile sizes and warps (``width``: HALF_PAD in pre mode, else RK_PAD).
 
-    Chosen from the sm_80/sm_90 compiles: no spills at head size 128 with the
-    second (quantized) versions of keys and values live.
+    Chosen from the sm_80/sm_90 compiles: at head size 128, with the second (quantized) versions of keys
+    and values live, at most a 32-byte spill a thread.
     """
     widest = max(width, rank_pad, value_pad)
     block_n = 32 if (mode == "pre" or held or widest > 64) else 64

@@ -341,6 +341,7 @@ def report(case: RooflineCase, sass: str, ttgir: str, registers: int, spill_byte
         "num_stages": spec.num_stages,
         "registers": registers,
         "spill_bytes": spill_bytes,
+        "loop_spills": sum(i.base in ("LDL", "STL") for i in loop.body),
         "shared_bytes": shared,
         "ctas_per_sm": ctas,
         "cta_limit": limiter,
@@ -399,7 +400,8 @@ COLUMNS = {
     "num_warps": "warps per program",
     "num_stages": "software-pipelining stages the compile asked for",
     "registers": "registers per thread (cuobjdump)",
-    "spill_bytes": "local memory bytes per thread: register spills (cuobjdump)",
+    "spill_bytes": "stack frame bytes per thread, where ptxas spills registers (cuobjdump's STACK)",
+    "loop_spills": "local loads and stores (LDL, STL: spill traffic) in one iteration of the hot loop",
     "shared_bytes": "dynamic shared memory bytes per block (Triton's metadata)",
     "ctas_per_sm": "blocks resident per SM on sm_90",
     "cta_limit": "what bounds ctas_per_sm: regs, smem, blocks or warps",
@@ -471,7 +473,7 @@ def _markdown_row(row: dict) -> list[str]:
         row["case"][len(row["kernel"]) :],
         f"{row['num_warps']}x{row['num_stages']}",
         str(row["registers"]),
-        str(row["spill_bytes"]),
+        f"{row['spill_bytes']} ({row['loop_spills']})",
         _number(row["shared_bytes"] / 1024),
         f"{row['ctas_per_sm']} ({row['cta_limit']})",
         "yes" if row["async_copies"] else "no",
@@ -498,7 +500,7 @@ def _markdown_row(row: dict) -> list[str]:
 
 def _markdown_header() -> list[str]:
     header = [
-        "case", "warps x stages", "regs", "spill B", "smem KB", "CTAs/SM", "async", "loop instr",
+        "case", "warps x stages", "regs", "spill B (loop LDL/STL)", "smem KB", "CTAs/SM", "async", "loop instr",
         "LDG (u8/u16/32/64/128)", "LDGSTS/TMA/DEPBAR", "LDS/LDSM/STS", "HMMA/HGMMA", "int", "cvt", "float", "other",
         "tokens x B/token", "wipb", "KB in flight/SM", "wave x",
     ]  # fmt: skip
@@ -547,7 +549,8 @@ def markdown(rows: list[dict], command: str) -> str:
         f"(`{CSV_NAME}`, one row per case, full precision, with the loop's opcode histogram).",
         "",
         "- **warps x stages**: `num_warps` x `num_stages` of the compile. **regs**, **spill B**: registers and "
-        "local (spill) bytes per thread. **smem KB**: dynamic shared memory per block.",
+        "the stack bytes per thread ptxas spills into (in parentheses: local loads and stores in the loop). "
+        "**smem KB**: dynamic shared memory per block.",
         f"- **CTAs/SM** (limit): blocks resident per SM, the least of {d.registers_per_sm} registers / (registers "
         f"per thread rounded up to {d.register_granularity} x 32 x warps), {d.shared_per_sm // 1024} KB / (shared "
         f"+ {d.shared_reserved_per_block // 1024} KB reserved per block; none above "

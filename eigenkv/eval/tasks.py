@@ -5,7 +5,7 @@
     config = TaskConfig(tasks=("my_task",), include_path="my_tasks/")   # a local YAML + data file
     results = evaluate_tasks(compressed, tokenizer, config)             # lm-eval's results dict
     results["results"]["my_task"]["acc,none"]
-    save_task_results(results, "out/", config=config, recipe=compressed.recipe)
+    save_task_results(results, "out/")                                  # results.json (lm-eval format), recipe.json
 
 Every forward pass lm-eval makes goes through the compressed model, and, when the
 recipe quantizes the KV cache, through a fresh quantized cache read causally:

@@ -107,8 +107,14 @@ def compile_kernel(spec: KernelSpec, capability: int) -> CompiledSpec:
         shared=int(compiled.metadata.shared),
         registers=int(registers.group(1)),
         spill_bytes=int(spills.group(1)),
-        spill_instructions=len(SPILL_OPCODES.findall(cuobjdump(compiled.asm["cubin"], "-sass"))),
+        spill_instructions=_spill_instructions(compiled.asm["cubin"]) if int(spills.group(1)) else 0,
     )
+
+
+def _spill_instructions(cubin: bytes) -> int:
+    """``LDL``/``STL`` in the SASS of ``cubin`` (only disassembled when it has a stack frame: without one there is
+    nowhere to spill to, and disassembling every compile would double the check's time)."""
+    return len(SPILL_OPCODES.findall(cuobjdump(cubin, "-sass")))
 
 
 def compile_spec(spec: KernelSpec, capability: int) -> dict:

@@ -294,7 +294,7 @@ def already_computed(out: Path, config: dict, overwrite: bool) -> bool:
         except json.JSONDecodeError as err:
             raise UserError(f"{out} exists but is not a result file ({err}); delete it or pass --overwrite") from None
         if previous.get("config") != config:
-            raise UserError(f"{out} holds a result for another configuration; choose another --json or --overwrite")
+            raise UserError(f"{out} holds a result for another configuration; choose another output or --overwrite")
         print(previous["line"] + "  (already computed: " + str(out) + ")")
         return True
     check_writable(out)
@@ -501,16 +501,8 @@ def run_tasks(args: argparse.Namespace) -> int:
     name = f"{Path(args.model).name}_{'compressed' if recipe is None else recipe.label()}_{'+'.join(config.tasks)}"
     out = Path(args.out) if args.out else Path("results") / "tasks" / name.replace("/", "-")
     record = out / "run.json"
-    if record.exists() and not args.overwrite:
-        try:
-            previous = json.loads(record.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{record} is corrupt ({err}); delete {out} or pass --overwrite") from None
-        if previous.get("config") != run:
-            raise UserError(f"{out} holds tasks run with other settings; choose another --out or pass --overwrite")
-        print(previous["table"] + f"\n(already computed: {out})")
+    if already_computed(record, run, args.overwrite):
         return 0
-    check_writable(out, "folder")
 
     model, tokenizer = load(args)
     kv_fp16 = kv_cache_bytes(model, seq_len=2048)
@@ -531,7 +523,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         {
             "config": run,
             "rows": rows,
-            "table": table,
+            "line": table,
             "model": describe_model(args.model, args.cache_dir),
             "kv_cache_n2048": kv.to_dict(),
             "kv_fraction_of_fp16": kv.fraction_of(kv_fp16),

@@ -200,7 +200,7 @@ def test_cli_tasks_writes_a_run_folder_and_reuses_it(model_dir, task_dir, tmp_pa
     assert record["config"]["task_config"]["limit"] == 4 and record["rows"][0]["metric"] == "acc"
     assert json.loads((out / "results.json").read_text())["n-samples"]["tiny_choice"]["effective"] == 4
     assert main(argv(4)) == 0 and "already computed" in capsys.readouterr().out
-    assert main(argv(5)) == 2 and "other settings" in capsys.readouterr().err
+    assert main(argv(5)) == 2 and "another configuration" in capsys.readouterr().err
 
 
 def test_offline_wikitext_tasks_are_well_formed(tmp_path):

@@ -22,7 +22,7 @@ from eigenkv.graphs import _graph_obstacle
 from eigenkv.memory import AttentionShape, cache_held_bytes, kv_cache_bytes, quantized_layout
 from eigenkv.models import load_model
 from eigenkv.quant.cache import QuantizedKVCache
-from tests.helpers import char_tokenizer, parallel_and_stepwise, random_tokens, random_windows, tiny_llama
+from tests.helpers import parallel_and_stepwise, random_tokens, random_windows, tiny_llama
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -48,20 +48,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A saved tiny Llama (2 layers, GQA) with a character tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = char_tokenizer()
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def load_spread(folder, offload_folder):
+def load_spread(model_dir, offload_folder):
     """The model with layer 0's weights offloaded to CPU memory and layer 1's (and the embeddings' and the
     head's) to disk, every layer computing on the CPU."""
-    model, _ = load_model(folder, device_map=SPREAD, offload_folder=offload_folder)
+    model, _ = load_model(model_dir, device_map=SPREAD, offload_folder=offload_folder)
     # what a "cpu" entry does on a GPU machine: weights on meta, held in CPU memory, loaded for each forward
     accelerate.cpu_offload(model.model.layers[0], execution_device="cpu")
     return model
@@ -71,9 +61,9 @@ def attention_devices(model) -> set[str]:
     return {p.device.type for layer in model.model.layers for p in layer.self_attn.parameters()}
 
 
-def test_load_model_spreads_the_layers_and_refuses_unclear_placements(folder, tmp_path):
-    one, _ = load_model(folder)
-    model = load_spread(folder, tmp_path / "offload")
+def test_load_model_spreads_the_layers_and_refuses_unclear_placements(model_dir, tmp_path):
+    one, _ = load_model(model_dir)
+    model = load_spread(model_dir, tmp_path / "offload")
     assert is_offloaded(model) and not is_offloaded(one)
     assert attention_devices(model) == {"meta"}  # every attention weight offloaded
     assert layer_devices(model) == {0: torch.device("cpu"), 1: torch.device("cpu")}
@@ -82,22 +72,22 @@ def test_load_model_spreads_the_layers_and_refuses_unclear_placements(folder, tm
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, one(ids).logits, atol=0, rtol=0)
     with pytest.raises(ValueError, match="both place the model"):
-        load_model(folder, device="cuda:0", device_map="auto")
+        load_model(model_dir, device="cuda:0", device_map="auto")
     with pytest.raises(ValueError, match="device_map must be one of"):
-        load_model(folder, device_map="everywhere")
+        load_model(model_dir, device_map="everywhere")
     with pytest.raises(ValueError, match="pass offload_folder"):
-        load_model(folder, device_map=SPREAD)
+        load_model(model_dir, device_map=SPREAD)
     with pytest.raises(ValueError, match="pass device_map"):
-        load_model(folder, offload_folder=tmp_path / "offload")
+        load_model(model_dir, offload_folder=tmp_path / "offload")
 
 
 @pytest.mark.parametrize("mode", ["pre", "post"])
-def test_lowrank_quantized_recipe_gives_the_logits_and_bytes_of_one_device(folder, tmp_path, mode):
+def test_lowrank_quantized_recipe_gives_the_logits_and_bytes_of_one_device(model_dir, tmp_path, mode):
     recipe = Recipe(lowrank=dataclasses.replace(LOWRANK, rope_mode=mode), kv=KV)
-    one, _ = load_model(folder)
+    one, _ = load_model(model_dir)
     windows = random_windows(one, count=2, length=32)
     reference = eigenkv.apply_recipe(one, recipe, windows, progress=False)
-    model = load_spread(folder, tmp_path / "offload")
+    model = load_spread(model_dir, tmp_path / "offload")
     spread = eigenkv.apply_recipe(model, recipe, windows, progress=False)  # calibrated on the spread model
     assert spread.plan.ranks == reference.plan.ranks
     assert spread.plan.signature == reference.plan.signature
@@ -119,11 +109,11 @@ def test_lowrank_quantized_recipe_gives_the_logits_and_bytes_of_one_device(folde
                        reference.generate(prompt, max_new_tokens=4, do_sample=False))  # fmt: skip
 
 
-def test_a_plan_made_on_one_device_applies_to_the_spread_model(folder, tmp_path):
+def test_a_plan_made_on_one_device_applies_to_the_spread_model(model_dir, tmp_path):
     recipe = Recipe(lowrank=LOWRANK, kv=KV)
-    one, _ = load_model(folder)
+    one, _ = load_model(model_dir)
     reference = eigenkv.apply_recipe(one, recipe, random_windows(one, count=2, length=32), progress=False)
-    model = load_spread(folder, tmp_path / "offload")
+    model = load_spread(model_dir, tmp_path / "offload")
     spread = eigenkv.apply_recipe(model, recipe, plan=reference.plan)  # the weight digests match through offload
     ids = random_tokens(one, batch=1, length=20)
     with reference, spread, torch.no_grad():
@@ -131,14 +121,14 @@ def test_a_plan_made_on_one_device_applies_to_the_spread_model(folder, tmp_path)
         torch.testing.assert_close(model(ids, past_key_values=spread.new_cache(), use_cache=True).logits, expected)
 
 
-def test_an_attention_module_offloaded_as_a_whole(folder):
+def test_an_attention_module_offloaded_as_a_whole(model_dir):
     """accelerate's ``preload_module_classes``: one hook on the attention module loads every projection's
     weights (the projections have no hook of their own); calibration and folding load them through it."""
     recipe = Recipe(lowrank=LOWRANK, kv=KV)
-    one, _ = load_model(folder)
+    one, _ = load_model(model_dir)
     windows = random_windows(one, count=2, length=32)
     reference = eigenkv.apply_recipe(one, recipe, windows, progress=False)
-    model, _ = load_model(folder)
+    model, _ = load_model(model_dir)
     for layer in model.model.layers:
         accelerate.cpu_offload(layer, execution_device="cpu", preload_module_classes=["LlamaAttention"])
     assert attention_devices(model) == {"meta"}
@@ -151,9 +141,9 @@ def test_an_attention_module_offloaded_as_a_whole(folder):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
-def test_calibration_with_gradients_matches_one_device(folder, tmp_path):
-    one, _ = load_model(folder)
-    model = load_spread(folder, tmp_path / "offload")
+def test_calibration_with_gradients_matches_one_device(model_dir, tmp_path):
+    one, _ = load_model(model_dir)
+    model = load_spread(model_dir, tmp_path / "offload")
     windows = random_windows(one, count=2, length=24)
     expected = calibrate(one, windows, gradients=True, progress=False)
     got = calibrate(model, windows, gradients=True, progress=False)
@@ -166,11 +156,11 @@ def test_calibration_with_gradients_matches_one_device(folder, tmp_path):
 
 
 @pytest.mark.parametrize("rotate", [False, True])
-def test_quantization_alone_gives_the_logits_and_bytes_of_one_device(folder, tmp_path, rotate):
+def test_quantization_alone_gives_the_logits_and_bytes_of_one_device(model_dir, tmp_path, rotate):
     recipe = Recipe(kv=KVQuantConfig(bits=4, group_size=16, rotate=rotate))
-    one, _ = load_model(folder)
+    one, _ = load_model(model_dir)
     reference = eigenkv.apply_recipe(one, recipe)
-    spread = eigenkv.apply_recipe(load_spread(folder, tmp_path / "offload"), recipe)
+    spread = eigenkv.apply_recipe(load_spread(model_dir, tmp_path / "offload"), recipe)
     ids = random_tokens(one, batch=2, length=24)
     with reference:
         expected = parallel_and_stepwise(one, reference.new_cache, ids)
@@ -183,8 +173,8 @@ def test_quantization_alone_gives_the_logits_and_bytes_of_one_device(folder, tmp
     assert cache_held_bytes(cache) == counted.total
 
 
-def test_what_cannot_handle_offloaded_weights_refuses_them(folder, tmp_path):
-    model = load_spread(folder, tmp_path / "offload")
+def test_what_cannot_handle_offloaded_weights_refuses_them(model_dir, tmp_path):
+    model = load_spread(model_dir, tmp_path / "offload")
     windows = random_windows(model, count=2, length=24)
     with pytest.raises(ValueError, match="bitsandbytes weight quantization needs every weight in memory"):
         eigenkv.apply_recipe(model, Recipe(lowrank=LOWRANK, kv=KV, weights="int8"), windows, progress=False)
@@ -194,7 +184,7 @@ def test_what_cannot_handle_offloaded_weights_refuses_them(folder, tmp_path):
         compressed.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
     assert "offloaded weights" in _graph_obstacle(model)  # generate_static decodes such a model eagerly
-    assert _graph_obstacle(load_model(folder)[0]) is None
+    assert _graph_obstacle(load_model(model_dir)[0]) is None
 
 
 def test_a_rotated_cache_counts_its_matrix_once_per_device():
@@ -231,24 +221,24 @@ def _tensors(obj, seen=None):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("placement", ["offloaded", "split"])
-def test_layers_on_cpu_and_cuda(folder, placement):
+def test_layers_on_cpu_and_cuda(model_dir, placement):
     """bfloat16, so that the GPU layers take the attention kernels. ``offloaded``: layer 0's weights in CPU
     memory, every layer computing on the GPU (a ``"cpu"`` entry); ``split``: layer 0 computes on the CPU, layer
     1 on the GPU (the model's RoPE on the CPU). Compared with the same plan on one GPU."""
     cuda = torch.device("cuda", torch.cuda.current_device())
     recipe = Recipe(lowrank=LOWRANK, kv=KVQuantConfig(bits=8, group_size=16))
-    calibrated, _ = load_model(folder)  # calibrated once, in float32; the plan serves the bfloat16 copies
+    calibrated, _ = load_model(model_dir)  # calibrated once, in float32; the plan serves the bfloat16 copies
     plan = eigenkv.apply_recipe(calibrated, recipe, random_windows(calibrated, count=2, length=32), progress=False).plan
-    one, _ = load_model(folder, dtype="bfloat16", device=cuda)
+    one, _ = load_model(model_dir, dtype="bfloat16", device=cuda)
     reference = eigenkv.apply_recipe(one, recipe, plan=plan)
     if placement == "offloaded":
         rest = {name: cuda.index for name in SPREAD}
-        model, _ = load_model(folder, dtype="bfloat16", device_map={**rest, "model.layers.0": "cpu"})
+        model, _ = load_model(model_dir, dtype="bfloat16", device_map={**rest, "model.layers.0": "cpu"})
         devices = {0: cuda, 1: cuda}
         tolerance = {"atol": 1e-2, "rtol": 1e-2}  # the same operations on the same device
     else:
         placement_map = {name: "cpu" for name in SPREAD} | {"model.layers.1": cuda.index, "lm_head": cuda.index}
-        model = accelerate.dispatch_model(load_model(folder, dtype="bfloat16")[0], placement_map, main_device="cpu")
+        model = accelerate.dispatch_model(load_model(model_dir, dtype="bfloat16")[0], placement_map, main_device="cpu")
         devices = {0: torch.device("cpu"), 1: cuda}
         tolerance = {"atol": 5e-2, "rtol": 5e-2}  # layer 0 on the CPU's PyTorch path, in bfloat16
     assert layer_devices(model) == devices
@@ -275,7 +265,7 @@ def test_layers_on_cpu_and_cuda(folder, placement):
     else:  # a rotated cache keeps its Hadamard matrix on both devices, and counts both
         assert not spread.generate_static(prompt, 4).graphed  # (the prompt is on the CPU: no graph either way)
         assert "several devices" in _graph_obstacle(model)
-        plain = accelerate.dispatch_model(load_model(folder, dtype="bfloat16")[0], placement_map, main_device="cpu")
+        plain = accelerate.dispatch_model(load_model(model_dir, dtype="bfloat16")[0], placement_map, main_device="cpu")
         quantized = eigenkv.apply_recipe(plain, Recipe(kv=KVQuantConfig(bits=4, group_size=16, rotate=True)))
         with quantized, torch.no_grad():
             cache = quantized.new_cache()

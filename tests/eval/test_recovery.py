@@ -43,15 +43,12 @@ def test_one_training_gives_the_curve_through_the_quantized_cache_and_without_it
     assert (tmp_path / "recovery.png").stat().st_size > 1000
 
 
-def test_cli_finetune_saves_model_adapters_and_curve_that_load_back(tmp_path, capsys):
+def test_cli_finetune_saves_model_adapters_and_curve_that_load_back(model_dir, tmp_path, capsys):
     tok = char_tokenizer()
-    (tmp_path / "model").mkdir()
-    tiny_llama(vocab_size=len(tok)).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     out = tmp_path / "out"
-    argv = ["finetune", "--model", str(tmp_path / "model"), "--ratio", "0.5", "--kv-bits", "2", "--kv-group", "8",
+    argv = ["finetune", "--model", str(model_dir), "--ratio", "0.5", "--kv-bits", "2", "--kv-group", "8",
             "--calib-dataset", str(text), "--calib-windows", "2", "--calib-seq-len", "64", "--steps", "6",
             "--eval-every", "3", "--lr", "1e-2", "--rank", "4", "--train-seq-len", "64", "--eval-dataset", str(text),
             "--eval-start", "30", "--eval-windows", "2", "--eval-seq-len", "64",

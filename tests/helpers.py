@@ -108,15 +108,15 @@ def tiny_mistral(vocab_size: int = 96, seed: int = 0, sliding_window: int = 16):
     return MistralForCausalLM(config).eval()
 
 
-def tiny_gemma2(vocab_size: int = 96, seed: int = 0, softcap: float | None = 0.01):
+def tiny_gemma2(vocab_size: int = 96, seed: int = 0, softcap: float | None = 0.01, head_dim: int = 16):
     """A 2-layer Gemma-2 (sliding then global, 16-token window) whose attention logits are capped at ``softcap``
-    (small, so that the cap changes the outputs of random weights), eval mode."""
+    (small, so that the cap changes the outputs of random weights), heads of ``head_dim``, eval mode."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(seed)
     config = Gemma2Config(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=16, max_position_embeddings=512,
+        num_key_value_heads=2, head_dim=head_dim, sliding_window=16, max_position_embeddings=512,
         attn_logit_softcapping=softcap, layer_types=["sliding_attention", "full_attention"], bos_token_id=1,
         eos_token_id=2, pad_token_id=3,
     )  # fmt: skip
@@ -151,19 +151,29 @@ def tiny_phi3(vocab_size: int = 96, seed: int = 0, partial_rotary_factor: float 
     return Phi3ForCausalLM(config).eval()
 
 
-def tiny_llama3_scaled(vocab_size: int = 96, seed: int = 0, rope_type: str = "llama3"):
-    """A 2-layer Llama with scaled RoPE: Llama-3.1's (frequencies rescaled past 64 original positions) or YaRN's
-    (``rope_type="yarn"``: rescaled frequencies and an attention scale on the angles), eval mode."""
+def tiny_llama3_scaled(vocab_size: int = 96, seed: int = 0, rope_type: str = "llama3", layers: int = 2):
+    """A Llama of ``layers`` layers with scaled RoPE, eval mode: Llama-3.1's (frequencies rescaled past 64
+    original positions), YaRN's (``rope_type="yarn"``: rescaled frequencies and an attention scale on the
+    angles), or one whose frequencies change with the length past 16 positions: dynamic NTK (``"dynamic"``) or
+    LongRoPE (``"longrope"``: short and long factors, an attention scale)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     scaling = {"rope_type": rope_type, "factor": 8.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    max_positions = 512
     if rope_type == "llama3":
         scaling |= {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    elif rope_type == "dynamic":  # grows past max_position_embeddings
+        scaling = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+        max_positions = 16
+    elif rope_type == "longrope":  # head size 16: 8 frequencies, rescaled past 16 original positions
+        factors = {"short_factor": [1.0] * 8, "long_factor": [1.0 + i for i in range(8)]}
+        scaling |= {"factor": 4.0, "original_max_position_embeddings": 16, **factors}
+        max_positions = 64
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rope_parameters=scaling, bos_token_id=1, eos_token_id=2,
-        pad_token_id=3,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_positions, rope_parameters=scaling, bos_token_id=1,
+        eos_token_id=2, pad_token_id=3,
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from eigenkv.kernels.scoring import Scoring
+from eigenkv.kernels.scoring import PRE_MAX_HEAD, Scoring
 from eigenkv.quant import routing
 
 MODES = ("pre", "post", "none")
@@ -286,7 +286,7 @@ class EigenAttention(nn.Module):
 class EigenLlamaAttention(EigenAttention):
     """Rank-space attention of the Llama family (Llama, Mistral, Qwen2; GQA, qkv biases); RoPE pre or post."""
 
-    def __init__(self, original, bases: KeptBases, mode: str, rotary: nn.Module):
+    def __init__(self, original, bases: KeptBases, mode: str, rotary):
         super().__init__(original, bases)
         if mode not in ("pre", "post"):
             raise ValueError(f"Llama-family attention compresses in RoPE mode 'pre' or 'post'; got {mode!r}")
@@ -303,21 +303,19 @@ class EigenLlamaAttention(EigenAttention):
                 f"{type(original).__name__} attends bidirectionally; eigenkv's attention is causal"
             )
         self.softcap = getattr(original, "attn_logit_softcapping", None)  # Gemma-2: capped logits
-        if mode == "pre" and self.sliding_window is not None:
-            raise NotImplementedError(
-                f"{type(original).__name__} uses sliding-window attention: its cache drops old keys, so a key's "
-                "index no longer gives its position for the pre-RoPE rebuild; use rope_mode='post'"
-            )
         q_proj, k_proj, v_proj = split_qkv(original)
         self.q_heads = q_proj.out_features // self.head_dim
         self.kv_heads = k_proj.out_features // self.head_dim
         self.num_key_value_groups = self.q_heads // self.kv_heads
         rope = getattr(original.config, "rope_parameters", None) or {}
         partial = float(rope.get("partial_rotary_factor", getattr(original.config, "partial_rotary_factor", 1.0)))
-        # partial rotary (the first features rotated): the PyTorch path rebuilds and rotates such keys; the
-        # decode kernel's in-register rotation turns whole heads, so these layers do not take the kernels
-        self.whole_head_rope = partial >= 1.0
-        object.__setattr__(self, "_rotary", rotary)  # the model's own; not a submodule of this one
+        # The pre-RoPE kernels rotate whole heads in registers, with the key decoder held per program: partial
+        # rotary (the first features rotated) and heads over 128 features (Gemma's 256: the decoder alone
+        # outgrows an A100's shared memory) take the PyTorch path, which rebuilds and rotates such keys.
+        self.pre_rope_kernels = partial >= 1.0 and self.head_dim <= PRE_MAX_HEAD
+        # pre-RoPE: the RoPE of this layer (``eigenkv.compress.families.LayerRope``: the model's own module,
+        # not a submodule of this one; Gemma-3's sliding layers have their own)
+        object.__setattr__(self, "_rotary", rotary)
         weight = k_proj.weight
         self.q_proj = q_proj
         self.q_norm = getattr(original, "q_norm", None)  # Qwen3, OLMo-2: normalised queries and keys
@@ -347,7 +345,7 @@ class EigenLlamaAttention(EigenAttention):
         """How queries score the cached keys, for the attention kernels."""
         if self.mode == "post":
             return Scoring(self.scaling, softcap=self.softcap)
-        rope_scale = float(getattr(self._rotary, "attention_scaling", 1.0))
+        rope_scale = self._rotary.attention_scaling
         inv_freq = self._rotary.inv_freq.to(self.key_basis.device)  # the model's RoPE may sit on another device
         return Scoring(self.scaling, "pre", self.key_basis, inv_freq, rope_scale, softcap=self.softcap)
 
@@ -357,13 +355,18 @@ class EigenLlamaAttention(EigenAttention):
         cos, sin = self._rotary(hidden, positions)
         return cos.to(hidden.device), sin.to(hidden.device)
 
-    def _rope_table(self, hidden: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(length, device=hidden.device).unsqueeze(0)
-        return self._angles(hidden, positions)  # each (1, length, d)
+    def _rope_table(self, hidden: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(start, stop, device=hidden.device).unsqueeze(0)
+        return self._angles(hidden, positions)  # each (1, stop - start, d)
 
     def rebuild_keys(self, coefficients: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Pre-RoPE keys ``(B, H_kv, S, r_k)`` -> rotated full keys ``(B, H_kv, S, d)``, key ``s`` at position ``s``."""
+        """Pre-RoPE keys ``(B, H_kv, S, r_k)`` -> rotated full keys ``(B, H_kv, S, d)``, key ``s`` by ``cos[:, s]``."""
         return apply_rope(coefficients @ self.key_basis.transpose(-1, -2), cos, sin)
+
+    def _dropped(self, key: torch.Tensor, tokens: int) -> int:
+        """Keys a sliding layer's cache no longer returns of the ``tokens`` seen (0 in full-attention layers,
+        whose caches may hold their counts on the device)."""
+        return 0 if self.sliding_window is None else tokens - routing.packed(key).tokens
 
     def _pre_rope_keys(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE key coefficients ``(B, H_kv, T, r_k)``: the folded projection, or (with a key norm) the
@@ -382,25 +385,27 @@ class EigenLlamaAttention(EigenAttention):
         query = split_heads(self.q_proj(hidden_states), self.q_heads, self.head_dim, self.q_norm).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, self.kv_heads, self.value_rank).transpose(1, 2)
         training = self.training and self.attention_dropout > 0
-        # sliding layers: the mask gives the range; pre-RoPE kernels rotate whole heads only
-        kernel = routing.kernels_apply(query, training, **kwargs) and (self.mode == "post" or self.whole_head_rope)
+        kernel = routing.kernels_apply(query, training, **kwargs) and (self.mode == "post" or self.pre_rope_kernels)
         if self.mode == "pre":
             key = self._pre_rope_keys(hidden_states)
             past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
-            if kernel:  # keys rebuilt and rotated inside the kernels; only the new queries are rotated here
-                cos, sin = self._angles(hidden_states, routing.new_positions(key, past, length))
+            dropped = self._dropped(key, past + length)
+            if kernel:  # keys rebuilt and rotated inside the kernels at their index; the new queries here at theirs
+                cos, sin = self._angles(hidden_states, routing.new_positions(key, past - dropped, length))
                 rotated = apply_rope(query, cos, sin)
-                out = routing.kernel_attention(rotated, key, value, attention_mask, self._scoring())
+                out = routing.kernel_attention(
+                    rotated, key, value, attention_mask, self._scoring(), window=self.sliding_window
+                )
                 if out is not None:
                     return self.o_proj(out.reshape(batch, length, -1)), None
             key, value = routing.resolve(key), routing.resolve(value)
-            # Every position rotates by its index in the cache: scores depend only on position
-            # differences, so this equals the model's rotation for any per-sequence offset
-            # (left padding), and each cached key is rotated at its own position.
-            cos, sin = self._rope_table(hidden_states, key.shape[-2])
-            query = apply_rope(query, cos[:, past : past + length], sin[:, past : past + length])
+            # Every position rotates by its index in the cache (a sliding layer's first held key: its count of
+            # dropped keys): scores depend only on position differences, so this equals the model's rotation
+            # for any per-sequence offset (left padding), and each cached key is rotated at its own position.
+            cos, sin = self._rope_table(hidden_states, dropped, past + length)
+            query = apply_rope(query, cos[:, -length:], sin[:, -length:])
             keys = routing.map_twin(key, self.rebuild_keys(key, cos, sin), lambda k: self.rebuild_keys(k, cos, sin))
         else:
             key = split_heads(self.k_proj(hidden_states), self.kv_heads, self.head_dim, self.k_norm).transpose(1, 2)
@@ -413,7 +418,9 @@ class EigenLlamaAttention(EigenAttention):
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
             if kernel:
-                out = routing.kernel_attention(query, key, value, attention_mask, self._scoring())
+                out = routing.kernel_attention(
+                    query, key, value, attention_mask, self._scoring(), window=self.sliding_window
+                )
                 if out is not None:
                     return self.o_proj(out.reshape(batch, length, -1)), None
             keys, value = routing.resolve(key), routing.resolve(value)

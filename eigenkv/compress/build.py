@@ -23,6 +23,7 @@ from eigenkv.compress.families import (
     build_eigen_attention,
     family_of,
     head_shape,
+    layer_rope,
     output_gram,
     replace,
     rope_rotations,
@@ -31,6 +32,7 @@ from eigenkv.compress.plan import EigenPlan
 from eigenkv.compress.sensitivity import OutputChange
 from eigenkv.compress.signature import check_signature, model_signature
 from eigenkv.data import TokenWindows
+from eigenkv.quant.config import layer_windows
 
 
 @torch.no_grad()
@@ -136,17 +138,26 @@ def _statistics(model, calibration, config: EigenConfig, mode: str, signature: d
 
 def fit_bases(model, sites: list, calib: Calibration, config: EigenConfig, mode: str) -> list:
     """Full-rank bases of every layer (PCA or output-aware), sorted by importance."""
-    rope = None
-    if config.basis == "output-rope":
-        length = int(calib.source["seq_len"])
-        rope = rope_rotations(model, length, head_shape(sites[0].module).head_dim)
+    rotations = {}  # per (RoPE, window): layers of one kind share them (Gemma-3: local and global)
+    windows = layer_windows(model.config) if config.basis == "output-rope" else None
+
+    def rope_of(site):
+        if windows is None:
+            return None
+        rope, window = layer_rope(model, site.layer), windows[site.layer]
+        key = (id(rope.module), rope.layer_type, window)
+        if key not in rotations:
+            length = int(calib.source["seq_len"])
+            rotations[key] = rope_rotations(rope, length, head_shape(site.module).head_dim, window)
+        return rotations[key]
+
     return [
         layer_bases(
             stats,
             mode,
             config.basis,
             value_weight=None if config.basis == "pca" else output_gram(site.module),
-            rope=rope,
+            rope=rope_of(site),
         )
         for stats, site in zip(calib.layers, sites, strict=True)
     ]

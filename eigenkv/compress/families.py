@@ -134,11 +134,50 @@ def project_qkv(module: nn.Module, args: tuple, kwargs: dict, rotated: bool):
     return q, k, v
 
 
-def rotary_module(model: nn.Module) -> nn.Module:
-    """The model's rotary embedding (``model.model.rotary_emb`` in the Llama family)."""
-    for name, module in model.named_modules():
-        if name.endswith("rotary_emb") and hasattr(module, "inv_freq"):
-            return module
+class LayerRope:
+    """The model's rotary embedding as one decoder layer uses it: ``(cos, sin)`` at positions, the inverse
+    frequencies and the attention scaling of that layer's RoPE.
+
+    Most models have one RoPE for every layer (``model.model.rotary_emb``). Gemma-3 has two, a local one for
+    its sliding-window layers and a global one: transformers 5 keeps both in one module (buffers
+    ``sliding_attention_inv_freq``, ``full_attention_inv_freq``, called with the layer type), transformers 4
+    in two (``rotary_emb_local`` for the sliding layers).
+    """
+
+    def __init__(self, module: nn.Module, layer_type: str | None = None):
+        self.module = module
+        self.layer_type = layer_type  # the per-type buffers' prefix; None: the module's own inv_freq
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """``(d_rot / 2,)`` float32, as the model rotates now (dynamic scaling updates it in place)."""
+        return getattr(self.module, "inv_freq" if self.layer_type is None else f"{self.layer_type}_inv_freq")
+
+    @property
+    def attention_scaling(self) -> float:
+        name = "attention_scaling" if self.layer_type is None else f"{self.layer_type}_attention_scaling"
+        return float(getattr(self.module, name, 1.0))
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``(B, T, d_rot)`` in ``x``'s dtype, at int64 ``positions`` ``(B, T)``."""
+        if self.layer_type is None:
+            return self.module(x, positions)
+        return self.module(x, positions, self.layer_type)
+
+
+def layer_rope(model: nn.Module, layer: int) -> LayerRope:
+    """The RoPE decoder layer ``layer`` of ``model`` applies (see :class:`LayerRope`); a clear error without one."""
+    modules = {name.rpartition(".")[2]: module for name, module in model.named_modules()}
+    text = getattr(model.config, "text_config", None) or model.config
+    types = getattr(text, "layer_types", None)
+    layer_type = types[layer] if types is not None else "full_attention"
+    if layer_type == "sliding_attention" and "rotary_emb_local" in modules:
+        return LayerRope(modules["rotary_emb_local"])
+    rotary = modules.get("rotary_emb")
+    if rotary is not None and hasattr(rotary, "inv_freq"):
+        return LayerRope(rotary)
+    if rotary is not None and hasattr(rotary, f"{layer_type}_inv_freq"):
+        return LayerRope(rotary, layer_type)
     raise ValueError(f"{type(model).__name__} has no rotary_emb module; pre-RoPE mode needs the model's RoPE")
 
 
@@ -157,20 +196,25 @@ def output_gram(module: nn.Module) -> torch.Tensor:
     return grams.view(shape.kv_heads, shape.q_heads // shape.kv_heads, shape.head_dim, shape.head_dim).sum(1)
 
 
-def rope_rotations(model: nn.Module, length: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_rotations(
+    rope: LayerRope, length: int, head_dim: int, window: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE rotations of row vectors for offsets ``0..length-1`` ``(length, d, d)`` float64, and each
-    offset's number of (query, key) pairs in a causal window of ``length`` tokens ``(length,)``."""
-    rotary = rotary_module(model)
-    device = execution_device(rotary) or torch.device("cpu")  # the model may be spread over devices
+    offset's number of (query, key) pairs in a causal window of ``length`` tokens ``(length,)`` (a sliding
+    ``window``: none at offsets it never sees)."""
+    device = execution_device(rope.module) or torch.device("cpu")  # the model may be spread over devices
     positions = torch.arange(length, device=device).unsqueeze(0)
     probe = torch.zeros(1, device=device, dtype=torch.float32)
-    cos, sin = (t[0].to(torch.float64).cpu() for t in rotary(probe, positions))
+    cos, sin = (t[0].to(torch.float64).cpu() for t in rope(probe, positions))
     rd = cos.shape[-1]  # rotated features (partial rotary: the first rd; the others pass unrotated)
     eye = torch.eye(rd, dtype=torch.float64)
     rows = torch.cat((-eye[:, rd // 2 :], eye[:, : rd // 2]), dim=-1)  # rotate_half of each basis row
     rotations = torch.eye(head_dim, dtype=torch.float64).repeat(length, 1, 1)
     rotations[:, :rd, :rd] = eye * cos[:, None, :] + rows * sin[:, None, :]
-    return rotations, torch.arange(length, 0, -1, dtype=torch.float64)
+    counts = torch.arange(length, 0, -1, dtype=torch.float64)
+    if window is not None:
+        counts[window:] = 0  # a query sees the keys less than ``window`` positions back
+    return rotations, counts
 
 
 def build_eigen_attention(
@@ -187,7 +231,8 @@ def build_eigen_attention(
     with onloaded(module):
         if family == "llama":
             # post-RoPE attention rotates with the angles the model passes each layer (Gemma-3: two kinds)
-            twin = EigenLlamaAttention(module, bases, mode, rotary_module(model) if mode == "pre" else None)
+            rope = layer_rope(model, module.layer_idx) if mode == "pre" else None
+            twin = EigenLlamaAttention(module, bases, mode, rope)
         elif family == "opt":
             twin = EigenOPTAttention(module, bases)
         else:

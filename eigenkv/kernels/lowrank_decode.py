@@ -907,7 +907,7 @@ def lowrank_decode(
     if keys.tokens != values.tokens:
         raise ValueError(f"keys hold {keys.tokens} tokens but values {values.tokens}")
     key_rank, value_rank = keys.width, values.width
-    scoring.check(query, kv_heads, key_rank)
+    scoring.check_kernel(query, kv_heads, key_rank)
     mode = scoring.mode
     half = width // 2 if mode == "pre" else 0
     decoder, decoder_stride, inv_freq, slopes = scoring.kernel_tensors(query)

@@ -23,11 +23,15 @@ second version; the kernel scores (or weighs) both and keeps the right one per
 Grid ``(cdiv(T, BLOCK_M), B * H)``: one program per block of queries of one
 head, online softmax in base 2 over key tiles up to the block's last position,
 starting at ``starts[b]`` (left padding). Scores are capped as Gemma-2 caps them
-with ``scoring.softcap`` (after the scale, before the bias and the mask).
+with ``scoring.softcap`` (after the scale, before the bias and the mask). A
+sliding-window layer's ``window``: query ``i`` sees only the keys less than
+``window`` positions back (``j > S - T + i - window``, transformers' sliding
+mask), and its program starts at the first key its block can see.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -62,6 +66,7 @@ def lowrank_prefill_reference(
     starts: torch.Tensor | None = None,
     quantized_keys: tuple | None = None,
     quantized_values: tuple | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`lowrank_prefill` (same arguments): matmuls in the query's dtype,
     softmax in float32 (the CPU path, and with float64 inputs the exact oracle)."""
@@ -87,7 +92,10 @@ def lowrank_prefill_reference(
     if scoring.alibi_slopes is not None:
         scores = scores + scoring.bias(positions)[None, :, None, :]
     lo = torch.zeros(batch, dtype=torch.long, device=query.device) if starts is None else starts.long()
-    visible = (positions[None, :] <= query_positions[:, None])[None] & (positions[None, None, :] >= lo[:, None, None])
+    causal = positions[None, :] <= query_positions[:, None]
+    if window is not None:
+        causal &= positions[None, :] > query_positions[:, None] - window
+    visible = causal[None] & (positions[None, None, :] >= lo[:, None, None])
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows without a visible key give zeros
     if quantized_values is None:
@@ -118,8 +126,9 @@ def _prefill_kernel(
     OUT,  # (B, T, H, r_v) contiguous
     STARTS,
     DEC, dec_h, INV_FREQ, rope_scale, SLOPES,
-    q_heads, groups, length, seq, key_rank, value_rank, half, qk_scale,
+    q_heads, groups, length, seq, key_rank, value_rank, half, qk_scale, window,
     PRE: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, K_HELD: tl.constexpr, V_HELD: tl.constexpr,
+    SLIDING: tl.constexpr,
     RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
@@ -149,7 +158,10 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, RV_PAD], tl.float32)
-    lo = (start // BLOCK_N) * BLOCK_N
+    first = start
+    if SLIDING:  # the block's first query sees nothing before its window
+        first = tl.maximum(start, seq - length + pid_m * BLOCK_M - window + 1)
+    lo = (first // BLOCK_N) * BLOCK_N
     hi = tl.minimum(seq, seq - length + (pid_m + 1) * BLOCK_M)
     for n in range(lo, hi, BLOCK_N):
         tok = n + tl.arange(0, BLOCK_N)
@@ -166,6 +178,8 @@ def _prefill_kernel(
         if ALIBI:
             scores += slope * tok.to(tl.float32)[None, :]
         visible = tok_ok[None, :] & (tok[None, :] <= positions[:, None])
+        if SLIDING:
+            visible &= tok[None, :] > positions[:, None] - window
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -232,6 +246,7 @@ def lowrank_prefill(
     starts: torch.Tensor | None = None,
     quantized_keys: tuple | None = None,
     quantized_values: tuple | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Triton causal attention of ``T`` new queries over ``S`` rank-space states -> ``(B, T, H, r_v)``.
 
@@ -242,6 +257,7 @@ def lowrank_prefill(
         starts: ``(B,)`` int32, first valid key per sequence (left padding); default 0.
         quantized_keys, quantized_values: ``(held, bounds)``: query ``i`` reads ``held[..., j, :]`` for
             ``j < bounds[i]`` (module doc); ``bounds`` int32 ``(T,)``.
+        window: a sliding-window layer's window (module doc); None: every earlier key.
     """
     check_kernel_device(query, "lowrank_prefill", "lowrank_prefill_reference")
     if not isinstance(scoring, Scoring):
@@ -260,7 +276,7 @@ def lowrank_prefill(
         raise ValueError(f"{length} queries need at least as many keys; got {seq}")
     _check_states("keys", keys, batch, kv_heads, seq, key_rank, query)
     _check_states("values", values, batch, kv_heads, seq, value_rank, query)
-    scoring.check(query, kv_heads, key_rank)
+    scoring.check_kernel(query, kv_heads, key_rank)
     keys, values = keys.contiguous(), values.contiguous()
     key_held, key_bounds = _held("quantized_keys", quantized_keys, keys, length)
     value_held, value_bounds = _held("quantized_values", quantized_values, values, length)
@@ -268,6 +284,9 @@ def lowrank_prefill(
         starts = torch.zeros(batch, dtype=torch.int32, device=query.device)
     if starts.shape != (batch,) or starts.dtype != torch.int32 or starts.device != query.device:
         raise ValueError(f"starts must be int32 ({batch},) on {query.device}; got {starts.dtype} {tuple(starts.shape)}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int (a sliding layer's tokens) or None; got {window!r}")
+    sliding = window is not None and seq > window  # otherwise the window hides no key
     mode = scoring.mode
     half = query.shape[-1] // 2 if mode == "pre" else 0
     rk_pad, rv_pad = pad_width(key_rank), pad_width(value_rank)
@@ -289,9 +308,9 @@ def lowrank_prefill(
         dummy if decoder is None else decoder, decoder_stride, dummy if inv_freq is None else inv_freq,
         float(scoring.rope_scale), dummy if slopes is None else slopes,
         q_heads, q_heads // kv_heads, length, seq, key_rank, value_rank, half,
-        float(scoring.scaling) * math.log2(math.e),
+        float(scoring.scaling) * math.log2(math.e), window if sliding else 0,
         PRE=mode == "pre", ALIBI=slopes is not None, SOFTCAP=scoring.softcap or 0.0,
-        K_HELD=key_held is not None, V_HELD=value_held is not None,
+        K_HELD=key_held is not None, V_HELD=value_held is not None, SLIDING=sliding,
         RK_PAD=rk_pad, RV_PAD=rv_pad, HALF_PAD=half_pad, DOT_FP32=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
@@ -308,23 +327,24 @@ def _signature(dtype: str) -> dict:
     sig |= {"KB": "*i32", "VB": "*i32", "OUT": f"*{dtype}", "STARTS": "*i32"}
     sig |= {"DEC": f"*{dtype}", "dec_h": "i32", "INV_FREQ": "*fp32", "rope_scale": "fp32", "SLOPES": "*fp32"}
     ints = ("q_heads", "groups", "length", "seq", "key_rank", "value_rank", "half")
-    return sig | {name: "i32" for name in ints} | {"qk_scale": "fp32"}
+    return sig | {name: "i32" for name in ints} | {"qk_scale": "fp32", "window": "i32"}
 
 
 def prefill_spec(
     dtype: str, mode: str, half_pad: int, rk_pad: int, rv_pad: int, held: bool, alibi: bool,
-    softcap: float | None = None,
+    softcap: float | None = None, sliding: bool = False,
 ) -> KernelSpec:  # fmt: skip
     """The compile a launch makes at these tile widths (``held``: with the quantized views of keys and values;
-    ``softcap``: Gemma-2's logit cap)."""
+    ``softcap``: Gemma-2's logit cap; ``sliding``: a window that hides keys)."""
     cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad, held)
     constexprs = {
         "PRE": mode == "pre", "ALIBI": alibi, "SOFTCAP": float(softcap or 0.0), "K_HELD": held, "V_HELD": held,
-        "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False, **cfg.constexprs,
+        "SLIDING": sliding, "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False,
+        **cfg.constexprs,
     }  # fmt: skip
     return KernelSpec(
         name=f"lowrank_prefill[{dtype},{mode},h{half_pad},rk{rk_pad},rv{rv_pad},held{int(held)}"
-        f"{',softcap' if softcap else ''}]",
+        f"{',softcap' if softcap else ''}{',sliding' if sliding else ''}]",
         fn=_prefill_kernel,
         signature=_signature(dtype),
         constexprs=constexprs,
@@ -335,17 +355,19 @@ def prefill_spec(
 
 def compile_specs():
     """The launcher's configurations for the sm_80/sm_90 compile test: every tile shape, with and
-    without the quantized (held) versions of keys and values (ALiBi in rank mode); and capped logits
-    (Gemma-2: rank mode, no ALiBi) at the widest rank tiles."""
+    without the quantized (held) versions of keys and values (ALiBi in rank mode); capped logits
+    (Gemma-2: rank mode, no ALiBi) at the widest rank tiles, sliding windows with them; and sliding
+    windows in pre mode (Mistral, Gemma-3)."""
     tiles = [("rank", 16, 32, 32), ("rank", 16, 64, 64), ("rank", 16, 128, 128), ("pre", 32, 64, 64)]
     tiles += [("pre", 64, 128, 128)]
     for dtype in ("fp16", "bf16"):
         for mode, half_pad, rk_pad, rv_pad in tiles:
             for held in (False, True):
                 yield prefill_spec(dtype, mode, half_pad, rk_pad, rv_pad, held, alibi=mode == "rank")
-        for rk_pad in (128, 256):  # Gemma-2's heads: 128 (27B), 256 (2B, 9B)
-            for held in (False, True):
-                yield prefill_spec(dtype, "rank", 16, rk_pad, rk_pad, held, alibi=False, softcap=50.0)
+        for rk_pad in (128, 256):  # Gemma-2's heads: 128 (27B), 256 (2B, 9B); its sliding layers
+            for held, sliding in itertools.product((False, True), repeat=2):
+                yield prefill_spec(dtype, "rank", 16, rk_pad, rk_pad, held, False, softcap=50.0, sliding=sliding)
+        yield prefill_spec(dtype, "pre", 64, 128, 128, held=True, alibi=False, sliding=True)  # Mistral's heads
 
 
 # --- static roofline cases ---------------------------------------------------------------------
@@ -367,7 +389,8 @@ def roofline_cases(batch: int = 1, length: int = 8192):
             cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad, False)
             constexprs = {
                 "PRE": mode == "pre", "ALIBI": False, "SOFTCAP": 0.0, "K_HELD": False, "V_HELD": False,
-                "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False, **cfg.constexprs,
+                "SLIDING": False, "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False,
+                **cfg.constexprs,
             }  # fmt: skip
             block_m = cfg.constexprs["BLOCK_M"]
             name = f"lowrank_prefill[{shape},{mode},T{length}]"

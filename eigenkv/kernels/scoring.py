@@ -22,6 +22,9 @@ from numbers import Real
 import torch
 
 MODES = ("rank", "pre")
+# Widest head the pre-mode kernels take: a program holds its head's key decoder, which at 256 features outgrows
+# an A100's shared memory (sm_80: 163 KB a block). Wider heads score in PyTorch, or in rank mode (post-RoPE).
+PRE_MAX_HEAD = 128
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,15 @@ class Scoring:
             raise ValueError(f"rank mode: query width {width} must equal the key rank {key_rank}")
         if self.alibi_slopes is not None and tuple(self.alibi_slopes.shape) != (q_heads,):
             raise ValueError(f"alibi_slopes must be ({q_heads},); got {tuple(self.alibi_slopes.shape)}")
+
+    def check_kernel(self, query: torch.Tensor, kv_heads: int, key_rank: int) -> None:
+        """:meth:`check`, and the Triton kernels' limit: pre mode on heads of at most ``PRE_MAX_HEAD`` features."""
+        self.check(query, kv_heads, key_rank)
+        if self.mode == "pre" and query.shape[-1] > PRE_MAX_HEAD:
+            raise ValueError(
+                f"the pre-mode kernels take heads of up to {PRE_MAX_HEAD} features; got {query.shape[-1]}: use the "
+                "reference, or rank mode (a model compressed with rope_mode='post')"
+            )
 
     def kernel_tensors(self, query: torch.Tensor) -> tuple:
         """``(decoder, decoder head stride, inv_freq, slopes)`` on the query's device for a kernel launch

@@ -38,7 +38,8 @@ def quantized_cache_attention(module, query, key, value, attention_mask, scaling
 
     if kernels_apply(query, module.training and dropout > 0, **kwargs):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = kernel_attention(query, key, value, attention_mask, Scoring(scale, softcap=kwargs.get("softcap")))
+        scoring = Scoring(scale, softcap=kwargs.get("softcap"))
+        out = kernel_attention(query, key, value, attention_mask, scoring, window=kwargs.get("sliding_window"))
         if out is not None:
             return out, None
     key, value = resolve(key), resolve(value)

@@ -74,7 +74,7 @@ def kernels_apply(query: torch.Tensor, training: bool = False, **kwargs) -> bool
     )
 
 
-def kernel_attention(query, key, value, attention_mask, scoring, masked_is_true: bool = False):
+def kernel_attention(query, key, value, attention_mask, scoring, masked_is_true: bool = False, window=None):
     """Attention through the kernels -> ``(B, T, H, r_v)``, or None when the mask is not one they handle.
 
     Args:
@@ -82,6 +82,9 @@ def kernel_attention(query, key, value, attention_mask, scoring, masked_is_true:
             or held tensors tagged with their unquantized twins, see ``eigenkv.quant.cache``).
         attention_mask: 4-D mask of the model (or None: causal); ``masked_is_true`` for MPT's convention.
         scoring: a :class:`~eigenkv.kernels.scoring.Scoring` (with the model's ``softcap``, if any).
+        window: the layer's sliding window (None: full attention). A decode step reads the range of keys the
+            mask gives; a prompt whose mask slides goes through the prefill kernel with the window (SDPA has
+            none: such a prompt that would take SDPA returns None, and the caller's SDPA applies the mask).
     """
     if attention_mask is not None and attention_mask.dim() != 4:
         return None
@@ -99,10 +102,12 @@ def kernel_attention(query, key, value, attention_mask, scoring, masked_is_true:
             owner.mask_ok = torch.ones((), dtype=torch.bool, device=query.device)
         out = lowrank_decode(query[:, :, 0], keys, values, scoring, starts=bounds[0], ends=bounds[1])
         return out.unsqueeze(1)
-    rows = causal_starts(attention_mask, batch, length, key.shape[-2], masked_is_true, query.device)
+    rows = causal_starts(attention_mask, batch, length, key.shape[-2], masked_is_true, query.device, window)
     if rows is None:
         return None
     if prefill_through_sdpa(key, value, scoring):
+        if rows.window is not None:
+            return None
         from eigenkv.kernels.sdpa_prefill import sdpa_prefill
 
         return sdpa_prefill(query, key, value, scoring, starts=rows.starts if rows.padded else None)
@@ -114,7 +119,7 @@ def kernel_attention(query, key, value, attention_mask, scoring, masked_is_true:
         views.append((held, None) if twin is None else (twin[0], (held, twin[1].to(torch.int32))))
     (keys, quantized_keys), (values, quantized_values) = views
     quantized = {"quantized_keys": quantized_keys, "quantized_values": quantized_values}
-    return lowrank_prefill(query, keys, values, scoring, starts=rows.starts, **quantized)
+    return lowrank_prefill(query, keys, values, scoring, starts=rows.starts, window=rows.window, **quantized)
 
 
 def prefill_through_sdpa(key: torch.Tensor, value: torch.Tensor, scoring) -> bool:
@@ -136,22 +141,27 @@ def prefill_through_sdpa(key: torch.Tensor, value: torch.Tensor, scoring) -> boo
 
 
 class CausalRows(NamedTuple):
-    """A causal mask of one key range per sequence: its first valid keys, and whether any is past 0."""
+    """A causal mask of one key range per sequence: its first valid keys, whether any is past 0, and the
+    sliding window that hides keys (None: none does)."""
 
     starts: torch.Tensor  # (B,) int32
     padded: bool  # some sequence is left-padded (known from the check's one sync: no layer syncs again)
+    window: int | None = None
 
 
-def causal_starts(attention_mask, batch: int, length: int, seq: int, masked_is_true: bool, device):
+def causal_starts(attention_mask, batch: int, length: int, seq: int, masked_is_true: bool, device, window=None):
     """:class:`CausalRows` when the mask of ``length`` queries over ``seq`` keys is causal attention to
-    ``[start, ...)`` per sequence, else None. Rows of padding queries (no valid key) are not compared.
+    ``[start, ...)`` per sequence (with a sliding ``window``: to the keys less than ``window`` positions back
+    too, as transformers' sliding masks), else None. Rows of padding queries (no valid key) are not compared.
 
     The check costs one device sync, which also tells whether any sequence is padded; the result is
-    kept on the mask, which every layer shares. No mask: causal from 0, no sync.
+    kept on the mask, which every layer of its kind shares. No mask: causal from 0, no sync.
     """
     if attention_mask is None:
         return CausalRows(torch.zeros(batch, dtype=torch.int32, device=device), False)
-    cached = getattr(attention_mask, _BOUNDS_ATTR, None)
+    window = window if window is not None and seq > window else None  # a window that hides no key is none
+    kept = _BOUNDS_ATTR if window is None else f"{_BOUNDS_ATTR}_{window}"
+    cached = getattr(attention_mask, kept, None)
     if cached is not None:
         return cached or None
     rows = attention_mask[:, 0, -length:, :seq]
@@ -160,19 +170,22 @@ def causal_starts(attention_mask, batch: int, length: int, seq: int, masked_is_t
     else:
         visible = rows > torch.finfo(rows.dtype).min / 2
     if visible.shape != (batch, length, seq):
-        setattr(attention_mask, _BOUNDS_ATTR, ())
+        setattr(attention_mask, kept, ())
         return None
     positions = torch.arange(seq, device=device)
     query_positions = seq - length + torch.arange(length, device=device)
-    starts = visible[:, -1].to(torch.int32).argmax(-1).to(torch.int32)  # the last query sees every valid key
-    expected = (positions[None, None, :] <= query_positions[None, :, None]) & (
-        positions[None, None, :] >= starts[:, None, None]
-    )
+    causal = positions[None, :] <= query_positions[:, None]  # (T, S)
+    if window is None:  # the last query sees every valid key
+        starts = visible[:, -1].to(torch.int32).argmax(-1).to(torch.int32)
+    else:  # its window may begin after a sequence's first valid key: the first query that sees a key
+        causal &= positions[None, :] > query_positions[:, None] - window
+        starts = visible.any(1).to(torch.int32).argmax(-1).to(torch.int32)
+    expected = causal[None] & (positions[None, None, :] >= starts[:, None, None])
     compared = (query_positions[None, :] >= starts[:, None])[..., None]  # (B, T, 1): queries with a valid key
     same = ((visible & compared) == (expected & compared)).all()
     ok, padded = torch.stack([same, (starts > 0).any()]).tolist()  # the one sync
-    result = CausalRows(starts, bool(padded)) if ok else ()
-    setattr(attention_mask, _BOUNDS_ATTR, result)
+    result = CausalRows(starts, bool(padded), window) if ok else ()
+    setattr(attention_mask, kept, result)
     return result or None
 
 

@@ -40,11 +40,14 @@ CASES = [
     ("qwen3", tiny_qwen3, "pre"),
     ("qwen3", tiny_qwen3, "post"),
     ("olmo2", tiny_olmo2, "pre"),
-    # sliding-window layers (post-RoPE: a dropped key shifts the cache index off the position); Gemma-3 mixes them
-    # with global layers, each with its own RoPE
+    # sliding-window layers (the cache drops keys before the window: pre-RoPE positions count from the first
+    # key held); Gemma-3 mixes them with global layers, each kind with its own RoPE
+    ("mistral-sliding", tiny_mistral, "pre"),
     ("mistral-sliding", tiny_mistral, "post"),
+    ("gemma3", tiny_gemma3, "pre"),
     ("gemma3", tiny_gemma3, "post"),
-    ("gemma2-softcap", tiny_gemma2, "post"),  # capped attention logits (the PyTorch path)
+    ("gemma2-softcap", tiny_gemma2, "pre"),  # capped attention logits (the PyTorch path)
+    ("gemma2-softcap", tiny_gemma2, "post"),
     # a fused qkv_proj (Phi-3), with RoPE on half of each head (post-RoPE only)
     ("phi3", tiny_phi3, "pre"),
     ("phi3-partial-rope", lambda: tiny_phi3(partial_rotary_factor=0.5), "post"),
@@ -100,8 +103,10 @@ def projected_by_hooks(model, plan):
         p = (encoder.double() @ decoder.double().transpose(-1, -2)).float()  # (heads or 1, d, d)
         return lambda x: torch.einsum("bthd,hde->bthe", x, p.expand(x.shape[2], -1, -1))
 
-    def on_heads(fn, d):
+    def on_heads(fn, d, heads_first=False):
         def hook(module, args, out):
+            if heads_first:  # (B, H, T, d): Gemma-3 normalises keys after moving heads first
+                return fn(out.transpose(1, 2)).transpose(1, 2)
             return fn(out.view(*out.shape[:2], -1, d)).reshape(out.shape)
 
         return hook
@@ -136,7 +141,8 @@ def projected_by_hooks(model, plan):
             handles.append(module.register_forward_pre_hook(lambda mod, args, keys=keys: current.update(keys=keys)))
         else:
             key_output = getattr(module, "k_norm", None) or module.k_proj
-            handles.append(key_output.register_forward_hook(on_heads(keys, d)))
+            heads_first = key_output is not module.k_proj and type(module).__name__ == "Gemma3Attention"
+            handles.append(key_output.register_forward_hook(on_heads(keys, d, heads_first)))
 
     def rotated_then_projected(q, k, cos, sin, *args, **kwargs):
         q, k = rope(q, k, cos, sin, *args, **kwargs)
@@ -180,6 +186,32 @@ def test_cached_decoding_equals_full_forward(name, make, mode):
         for t in range(8, x.shape[1]):
             steps.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_length_dependent_rope_rebuilds_each_step_as_one_forward_over_the_prefix(rope_type):
+    """Dynamic-NTK and LongRoPE scaling change the frequencies with the length (past 16 positions here). The
+    model's own cache keeps each key rotated with the frequencies of its step; the pre-RoPE rebuild rotates every
+    key with the current ones, as one forward over the tokens so far does. One layer: deeper layers' cached
+    inputs come from earlier steps in any cache, which one forward recomputes with the new frequencies."""
+
+    def stepwise(model, x):
+        cache = DynamicCache(config=model.config)
+        steps = [model(x[:, :8], past_key_values=cache).logits[:, -1]]  # a prompt, then one token at a time
+        steps += [model(x[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(8, x.shape[1])]
+        return torch.stack(steps, dim=1)
+
+    def prefixes(model, x):  # shortest first: dynamic NTK's frequencies follow the longest length seen since
+        return torch.stack([model(x[:, : t + 1]).logits[:, -1] for t in range(7, x.shape[1])], dim=1)
+
+    model = tiny_llama3_scaled(rope_type=rope_type, layers=1).double()
+    x = random_tokens(model, batch=2, length=24)
+    with torch.no_grad():
+        original = (stepwise(model, x) - prefixes(model, x)).abs().amax(dim=(0, 2))
+        compress_model(model, random_windows(model), EigenConfig(target_ratio=0.5, rope_mode="pre"), progress=False)
+        compressed, reference = stepwise(model, x), prefixes(model, x)
+    assert original[:9].max() < 1e-12 < 1e-5 < original[9:].min()  # the model's own cache parts past 16 tokens
+    torch.testing.assert_close(compressed, reference, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["pre", "post"])
@@ -285,10 +317,10 @@ def test_output_basis_minimises_the_error_weighted_by_its_reader():
 
 def test_rope_averaged_query_weight_keeps_its_trace_and_symmetry():
     from eigenkv.compress.basis import rope_averaged
-    from eigenkv.compress.families import rope_rotations
+    from eigenkv.compress.families import layer_rope, rope_rotations
 
     model = tiny_llama(kv_heads=2)
-    rotations, counts = rope_rotations(model, 40, 16)
+    rotations, counts = rope_rotations(layer_rope(model, 0), 40, 16)
     torch.testing.assert_close(rotations[0], torch.eye(16, dtype=torch.float64))
     torch.testing.assert_close(
         rotations @ rotations.transpose(-1, -2), torch.eye(16, dtype=torch.float64).expand(40, -1, -1)

@@ -466,10 +466,12 @@ def decode_logits(model, ids, new_cache, steps=3):
 
 MODELS = [(tiny_llama, "pre"), (tiny_llama, "post"), (tiny_opt, "pre"), (tiny_mpt, "pre"), (tiny_qwen3, "pre"),
           (tiny_olmo2, "post"), (tiny_phi3, "pre"), (tiny_llama3_scaled, "pre"),
-          (lambda: tiny_llama3_scaled(rope_type="yarn"), "pre")]  # fmt: skip
+          (lambda: tiny_llama3_scaled(rope_type="yarn"), "pre"),
+          (lambda: tiny_llama3_scaled(rope_type="longrope"), "pre")]  # fmt: skip
 MODEL_IDS = ["llama-pre", "llama-post", "opt", "mpt", "qwen3-pre", "olmo2-post", "phi3-pre", "llama3-rope-scaling-pre",
-             "yarn-rope-scaling-pre"]  # fmt: skip
-PRE_ROPE_KERNEL = {"llama-pre", "qwen3-pre", "phi3-pre", "llama3-rope-scaling-pre", "yarn-rope-scaling-pre"}
+             "yarn-rope-scaling-pre", "longrope-pre"]  # fmt: skip
+PRE_ROPE_KERNEL = {"llama-pre", "qwen3-pre", "phi3-pre", "llama3-rope-scaling-pre", "yarn-rope-scaling-pre",
+                   "longrope-pre"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -591,22 +593,51 @@ def test_a_decode_step_reads_nothing_back_from_the_device(monkeypatch):
         cache.check()  # the flags the steps set: finite states, one range of keys per row
 
 
-@pytest.mark.parametrize("make", [tiny_mistral, tiny_gemma3], ids=["mistral-sliding", "gemma3-mixed"])
-def test_sliding_layers_decode_through_the_kernel(make, counted_kernel, monkeypatch):
-    """Past the 16-token window, a sliding layer's decode step reads its trimmed store through the kernel, the
-    range of keys from the sliding mask: the same logits as the PyTorch path."""
+@pytest.mark.parametrize(
+    ("make", "mode"),
+    [(tiny_mistral, "pre"), (tiny_gemma3, "pre"), (tiny_gemma3, "post")],
+    ids=["mistral-sliding-pre", "gemma3-mixed-pre", "gemma3-mixed-post"],
+)
+def test_sliding_layers_decode_through_the_kernel(make, mode, counted_kernel, monkeypatch):
+    """A 20-token prompt through the prefill kernel (its sliding layers with their 16-token window), then decode
+    steps past the window: a sliding layer's step reads its trimmed store through the kernel, the range of keys
+    from the sliding mask (pre-RoPE: keys rotated at their index in the store, the query at its own). The same
+    logits as the PyTorch path."""
     model = make()
-    compress_model(model, random_windows(model), EigenConfig(target_ratio=0.6, rope_mode="post"), progress=False)
+    compress_model(model, random_windows(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
     model = model.to(DEVICE, torch.float16)
-    ids = random_tokens(model, batch=2, length=12)  # within the window: the prompt through the prefill kernel
+    # then 16 given tokens one at a time (the same tokens on both paths: greedy choices could part on a near
+    # tie); 16-token units drop from token 32 on
+    ids = random_tokens(model, batch=2, length=36)
     results = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("EIGENKV_BACKEND", backend)
-        with QuantizedKV(model, KVQuantConfig(bits=4, group_size=16, residual=3)) as kv:
-            results[backend] = decode_logits(model, ids, kv.new_cache, steps=14)
+        with QuantizedKV(model, KVQuantConfig(bits=4, group_size=16, residual=3)) as kv, torch.no_grad():
+            cache = kv.new_cache()
+            logits = [model(ids[:, :20], past_key_values=cache).logits]
+            logits += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(20, 36)]
+            results[backend] = torch.cat(logits, dim=1).float()
+            assert cache.layers[0].key_stream.dropped == 16
     layers = model.config.num_hidden_layers
-    assert counted_kernel == [("prefill", "rank")] * layers + [("decode", "rank")] * 14 * layers
+    kind = "rank" if mode == "post" else "pre"
+    assert counted_kernel == [("prefill", kind)] * layers + [("decode", kind)] * 16 * layers
     torch.testing.assert_close(results["triton"], results["torch"], atol=2e-2, rtol=2e-2)
+
+
+def test_pre_rope_heads_over_128_features_take_the_pytorch_path(counted_kernel, monkeypatch):
+    """Gemma's 256-feature heads compressed pre-RoPE: the pre-mode kernels take heads of up to 128 features, so
+    the keys are rebuilt and rotated in PyTorch, and attention over them runs in the rank-mode kernels (the
+    quantized cache's attention), as for a model compressed post-RoPE."""
+    monkeypatch.setenv("EIGENKV_BACKEND", "triton")
+    for mode in ("pre", "post"):
+        model = tiny_gemma2(head_dim=256)
+        config = EigenConfig(target_ratio=0.6, rope_mode=mode, basis="pca")  # 192 tokens: too few for output-aware
+        compress_model(model, random_windows(model), config, progress=False)
+        model = model.to(DEVICE, torch.float16)
+        with QuantizedKV(model, KVQuantConfig(bits=4, group_size=16, residual=3)) as kv:
+            logits = decode_logits(model, random_tokens(model, batch=2, length=12), kv.new_cache, steps=2)
+        assert torch.isfinite(logits).all()
+    assert counted_kernel == ([("prefill", "rank")] * 2 + [("decode", "rank")] * 2 * 2) * 2
 
 
 def query_scaled_gemma2(softcap):
@@ -622,7 +653,7 @@ def query_scaled_gemma2(softcap):
 @pytest.mark.parametrize("compressed", [False, True], ids=["quantized-cache", "compressed-post-quantized-cache"])
 def test_capped_logits_run_through_the_kernels(compressed, monkeypatch):
     """Gemma-2 with a quantized cache (plain, and compressed post-RoPE), the kernels forced: the prompt through the
-    prefill kernel and every decode step (past the sliding layer's window too) through the decode kernel, each
+    prefill kernel (its sliding layer with the window) and every decode step through the decode kernel, each
     launched with the model's cap; the logits are the PyTorch path's, and without the cap they would differ."""
     launches = []
     for name, module, function in (
@@ -644,7 +675,7 @@ def test_capped_logits_run_through_the_kernels(compressed, monkeypatch):
             config = EigenConfig(target_ratio=0.6, rope_mode="post")
             compress_model(model, random_windows(model), config, progress=False)
         model = model.to(DEVICE, torch.float16)
-        ids = random_tokens(model, batch=2, length=12)  # within the window: the prompt through the prefill kernel
+        ids = random_tokens(model, batch=2, length=20)  # past the sliding layer's 16-token window
         for backend in backends:
             monkeypatch.setenv("EIGENKV_BACKEND", backend)
             with QuantizedKV(model, quant) as kv:

@@ -11,11 +11,13 @@ from eigenkv.compress import EigenConfig, compress_model
 from eigenkv.kernels import lowrank_prefill as prefill_module
 from eigenkv.kernels import sdpa_prefill as sdpa_module
 from eigenkv.kernels.backend import backend
+from eigenkv.kernels.lowrank_decode import lowrank_decode
 from eigenkv.kernels.lowrank_prefill import lowrank_prefill, lowrank_prefill_reference
 from eigenkv.kernels.scoring import Scoring
 from eigenkv.kernels.sdpa_prefill import sdpa_prefill
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache, routing
 from eigenkv.quant.config import quantized_prefix
+from eigenkv.quant.packing import PackedStream
 from eigenkv.quant.store import QuantizedStream
 from tests.helpers import DEVICE, random_tokens, random_windows, tiny_llama, tiny_mpt, tiny_opt
 from tests.kernels.test_lowrank_decode import ATOL, pre_rope
@@ -97,6 +99,35 @@ def test_capped_logits_match_the_reference(case):
         kwargs["quantized_values"] = (values + 0.2 * torch.randn_like(values), bounds)
     out = check_against_reference(query, keys, values, capped, **kwargs)
     assert (out - lowrank_prefill(query, keys, values, plain, **kwargs)).abs().max() > 0.1  # the cap is applied
+
+
+SLIDING_CASES = [
+    # mode, head size d, groups, key rank, value rank, new tokens T, cached S, quantized view, dtype, window
+    ("rank", 64, 3, 37, 24, 70, 83, True, torch.float16, 16),  # windows inside one key tile
+    ("rank", 128, 2, 77, 64, 45, 45, False, torch.bfloat16, 40),  # across tiles
+    ("pre", 64, 2, 38, 20, 33, 90, True, torch.float16, 24),  # a cached prefix partly outside every window
+    ("pre", 64, 1, 20, 13, 19, 19, False, torch.bfloat16, 1),  # each query sees itself only
+]
+
+
+@pytest.mark.parametrize(
+    "case", SLIDING_CASES, ids=[f"{c[0]}-T{c[5]}-S{c[6]}-w{c[-1]}-held{int(c[7])}" for c in SLIDING_CASES]
+)
+def test_sliding_window_matches_the_reference(case):
+    """A sliding layer's window: query ``i`` sees the keys less than ``window`` positions back, from its
+    sequence's first valid key (the second row left-padded), with and without the quantized view."""
+    *shape, quantized, dtype, window = case
+    query, keys, values, scoring = random_prompt(*shape, dtype)
+    length, seq = shape[5], shape[6]
+    kwargs = {"starts": torch.tensor([0, 6], dtype=torch.int32, device=DEVICE)}
+    if quantized:
+        bounds = torch.arange(length, dtype=torch.int32, device=DEVICE) + seq - length
+        kwargs["quantized_keys"] = (keys + 0.2 * torch.randn_like(keys), (bounds - 4).clamp(min=0))
+        kwargs["quantized_values"] = (values + 0.2 * torch.randn_like(values), bounds)
+    out = check_against_reference(query, keys, values, scoring, window=window, **kwargs)
+    assert (out - lowrank_prefill(query, keys, values, scoring, **kwargs)).abs().max() > 1e-2  # keys were hidden
+    wide = lowrank_prefill(query, keys, values, scoring, window=seq, **kwargs)  # a window that hides nothing
+    torch.testing.assert_close(wide, lowrank_prefill(query, keys, values, scoring, **kwargs), atol=0, rtol=0)
 
 
 # keys and values stored with their own configs: (bits, group, axis, symmetric, residual) of each stream
@@ -184,6 +215,15 @@ def test_kernel_prefill_refuses_bad_dtypes_and_quantized_views():
         lowrank_prefill(query, keys, keys, one, quantized_keys=(keys, torch.zeros(20, dtype=torch.int64)))
     with pytest.raises(ValueError, match="quantized version must match"):
         lowrank_prefill(query, keys, keys, one, quantized_values=(keys[..., :8], torch.zeros(20, dtype=torch.int32)))
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        lowrank_prefill(query, keys, keys, one, window=0)
+    wide = torch.randn(1, 4, 20, 256, device=DEVICE, dtype=torch.float16)  # Gemma's heads, pre mode
+    scoring = pre_rope(1.0, 256, 2, 16, torch.float16, True)
+    with pytest.raises(ValueError, match="heads of up to 128 features"):
+        lowrank_prefill(wide, keys, keys, scoring)
+    with pytest.raises(ValueError, match="heads of up to 128 features"):
+        lowrank_decode(wide[:, :, 0], PackedStream.full_precision(keys), PackedStream.full_precision(keys), scoring)
+    lowrank_prefill_reference(wide, keys, keys, scoring)  # the references take any head size
 
 
 def test_causal_starts_accepts_only_causal_attention_to_one_range():
@@ -204,6 +244,24 @@ def test_causal_starts_accepts_only_causal_attention_to_one_range():
     full = torch.ones_like(mask)  # bidirectional: not causal
     assert routing.causal_starts(full, 2, length, seq, False, "cpu") is None
     assert routing.causal_starts(full, 2, length, seq, False, "cpu") is None  # the verdict is kept too
+
+
+def test_causal_starts_accepts_a_sliding_mask_for_its_window_only():
+    """transformers' sliding mask (key j visible to query p when p - window < j <= p), left padding on the
+    second row: accepted for its window, refused for another or none; a window that hides nothing is none."""
+    length, seq, window = 6, 10, 3
+    positions = torch.arange(seq)
+    query_positions = seq - length + torch.arange(length)
+    causal = positions[None, :] <= query_positions[:, None]
+    sliding = causal & (positions[None, :] > query_positions[:, None] - window)
+    mask = torch.stack([sliding, sliding & (positions >= 5)[None, :]])[:, None]
+    rows = routing.causal_starts(mask, 2, length, seq, False, "cpu", window=window)
+    assert rows.window == window and rows.starts.tolist() == [2, 5]  # the first keys any query sees
+    assert routing.causal_starts(mask, 2, length, seq, False, "cpu", window=window) is rows  # kept, per window
+    assert routing.causal_starts(mask, 2, length, seq, False, "cpu", window=4) is None
+    assert routing.causal_starts(mask, 2, length, seq, False, "cpu") is None  # not plain causal
+    plain = torch.stack([causal, causal])[:, None]
+    assert routing.causal_starts(plain, 2, length, seq, False, "cpu", window=seq).window is None
 
 
 # --- the SDPA path ----------------------------------------------------------------------------------

@@ -83,12 +83,13 @@ CASES = [
     ("pre", 128, 4, 77, 50, 70, 3, 32, ("channel", "token"), 0, 0, torch.bfloat16),
     ("pre", 64, 1, 20, 13, 61, 2, 16, ("token", "token"), 2, 0, torch.float16),
     ("pre", 128, 8, 64, 77, 66, 4, 16, ("channel", "token"), 3, 10, torch.float16),
-    # head sizes 80 / 96 / 256, GQA 16, ranks whose second chunk is masked (112 -> 64 + 64), the main loop at
-    # several tiles per split (group 16), 8-bit and symmetric-free 2-bit codes
+    # head sizes 80 / 96 / 256 (pre mode: up to 128, PRE_MAX_HEAD), GQA 16, ranks whose second chunk is masked
+    # (112 -> 64 + 64, 100 -> 64 + 64), the main loop at several tiles per split (group 16), 8-bit and
+    # symmetric-free 2-bit codes
     ("rank", 80, 16, 80, 48, 70, 2, 16, ("channel", "token"), 2, 0, torch.float16),
     ("pre", 96, 2, 57, 96, 64, 8, 32, ("channel", "token"), 0, 0, torch.bfloat16),
     ("rank", 256, 2, 112, 100, 40, 4, 16, ("token", "channel"), 1, 0, torch.float16),
-    ("pre", 256, 4, 150, 130, 40, 3, 16, ("channel", "token"), 5, 0, torch.float16),
+    ("pre", 128, 4, 100, 110, 40, 3, 16, ("channel", "token"), 5, 0, torch.float16),
     # 64-token tiles holding several blocks of per-channel codes (groups of 16 and 32; 3 bits: two planes a block)
     ("rank", 64, 2, 24, 20, 150, 3, 16, ("channel", "channel"), 4, 0, torch.float16),
     ("pre", 64, 4, 40, 33, 140, 2, 32, ("channel", "channel"), 3, 0, torch.bfloat16),
@@ -601,7 +602,7 @@ def test_a_decode_step_reads_nothing_back_from_the_device(monkeypatch):
 def test_sliding_layers_decode_through_the_kernel(make, mode, counted_kernel, monkeypatch):
     """A 20-token prompt through the prefill kernel (its sliding layers with their 16-token window), then decode
     steps past the window: a sliding layer's step reads its trimmed store through the kernel, the range of keys
-    from the sliding mask (pre-RoPE: keys rotated at their index in the store, the query at its own). The same
+    from the sliding mask (pre-RoPE: keys rotated at their index in the store, the query shifted alike). The same
     logits as the PyTorch path."""
     model = make()
     compress_model(model, random_windows(model), EigenConfig(target_ratio=0.6, rope_mode=mode), progress=False)
@@ -624,7 +625,7 @@ def test_sliding_layers_decode_through_the_kernel(make, mode, counted_kernel, mo
     torch.testing.assert_close(results["triton"], results["torch"], atol=2e-2, rtol=2e-2)
 
 
-def test_pre_rope_heads_over_128_features_take_the_pytorch_path(counted_kernel, monkeypatch):
+def test_pre_rope_heads_over_128_features_rebuild_keys_in_pytorch(counted_kernel, monkeypatch):
     """Gemma's 256-feature heads compressed pre-RoPE: the pre-mode kernels take heads of up to 128 features, so
     the keys are rebuilt and rotated in PyTorch, and attention over them runs in the rank-mode kernels (the
     quantized cache's attention), as for a model compressed post-RoPE."""

@@ -315,6 +315,37 @@ def test_output_basis_minimises_the_error_weighted_by_its_reader():
     assert (x @ output.values[0]).abs().max() <= x.norm(dim=-1).max()
 
 
+def test_each_layer_gets_its_kinds_rope():
+    """Gemma-3's local and global RoPEs: transformers 5 keeps both in one module (per-type buffers, called with the
+    layer type), transformers 4 in two (``rotary_emb_local`` for the sliding layers); one RoPE serves every layer
+    otherwise; a model without one is refused. The local RoPE has a smaller base: faster angles."""
+    import types
+
+    from eigenkv.compress.families import layer_rope
+
+    model = tiny_gemma3()  # sliding, global, sliding
+    ropes = [layer_rope(model, layer) for layer in range(3)]
+    assert [r.layer_type for r in ropes] == ["sliding_attention", "full_attention", "sliding_attention"]
+    local, full = ropes[0].inv_freq, ropes[1].inv_freq
+    assert local.shape == full.shape and (local[1:] > full[1:]).all()
+    cos, _ = ropes[0](torch.zeros(1), torch.arange(5)[None])
+    torch.testing.assert_close(cos[0, :, : local.numel()], torch.cos(torch.arange(5.0)[:, None] * local))
+
+    class Rotary(torch.nn.Module):  # transformers 4's layout: a module per RoPE, each with its inv_freq
+        def __init__(self, base):
+            super().__init__()
+            self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, 16, 2) / 16))
+
+    older = torch.nn.Module()
+    older.config = types.SimpleNamespace(layer_types=["sliding_attention", "full_attention"])
+    older.rotary_emb, older.rotary_emb_local = Rotary(1e6), Rotary(1e4)
+    assert layer_rope(older, 0).module is older.rotary_emb_local and layer_rope(older, 1).module is older.rotary_emb
+    plain = tiny_llama()
+    assert layer_rope(plain, 1).module is plain.model.rotary_emb and layer_rope(plain, 1).layer_type is None
+    with pytest.raises(ValueError, match="no rotary_emb module"):
+        layer_rope(tiny_opt(), 0)
+
+
 def test_rope_averaged_query_weight_keeps_its_trace_and_symmetry():
     from eigenkv.compress.basis import rope_averaged
     from eigenkv.compress.families import layer_rope, rope_rotations

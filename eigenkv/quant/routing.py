@@ -177,7 +177,8 @@ def causal_starts(attention_mask, batch: int, length: int, seq: int, masked_is_t
     causal = positions[None, :] <= query_positions[:, None]  # (T, S)
     if window is None:  # the last query sees every valid key
         starts = visible[:, -1].to(torch.int32).argmax(-1).to(torch.int32)
-    else:  # its window may begin after a sequence's first valid key: the first query that sees a key
+    else:  # the first query's window may begin after a sequence's first valid key: the first key any query
+        # sees (then `padded` also says a start is past 0 without padding; only SDPA reads it, never with a window)
         causal &= positions[None, :] > query_positions[:, None] - window
         starts = visible.any(1).to(torch.int32).argmax(-1).to(torch.int32)
     expected = causal[None] & (positions[None, None, :] >= starts[:, None, None])

@@ -435,10 +435,18 @@ def test_key_bounds_accept_one_range_per_row_only():
 # --- wiring: the models decode through the kernel ------------------------------------------------
 
 
+class Launches(list):
+    """``[("decode" | "prefill", mode)]`` of the kernel launches, and ``scorings``: each launch's Scoring."""
+
+    def __init__(self):
+        super().__init__()
+        self.scorings = []
+
+
 @pytest.fixture
 def counted_kernel(monkeypatch):
-    """Force nothing, count launches: ``[("decode" | "prefill", mode)]``."""
-    calls = []
+    """Force nothing, count launches (:class:`Launches`)."""
+    calls = Launches()
     for name, module, function in (
         ("decode", decode_module, "lowrank_decode"),
         ("prefill", prefill_module, "lowrank_prefill"),
@@ -447,6 +455,7 @@ def counted_kernel(monkeypatch):
 
         def counting(*args, _name=name, _original=original, **kwargs):
             calls.append((_name, args[3].mode))
+            calls.scorings.append(args[3])
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(module, function, counting)
@@ -652,22 +661,10 @@ def query_scaled_gemma2(softcap):
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["quantized-cache", "compressed-post-quantized-cache"])
-def test_capped_logits_run_through_the_kernels(compressed, monkeypatch):
+def test_capped_logits_run_through_the_kernels(compressed, counted_kernel, monkeypatch):
     """Gemma-2 with a quantized cache (plain, and compressed post-RoPE), the kernels forced: the prompt through the
     prefill kernel (its sliding layer with the window) and every decode step through the decode kernel, each
     launched with the model's cap; the logits are the PyTorch path's, and without the cap they would differ."""
-    launches = []
-    for name, module, function in (
-        ("decode", decode_module, "lowrank_decode"),
-        ("prefill", prefill_module, "lowrank_prefill"),
-    ):
-        original = getattr(module, function)
-
-        def counting(*args, _name=name, _original=original, **kwargs):
-            launches.append((_name, args[3].softcap))
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(module, function, counting)
     quant = KVQuantConfig(bits=4, group_size=16, residual=3)
     results = {}
     for softcap, backends in ((1.0, ("torch", "triton")), (None, ("torch",))):
@@ -682,6 +679,7 @@ def test_capped_logits_run_through_the_kernels(compressed, monkeypatch):
             with QuantizedKV(model, quant) as kv:
                 results[softcap, backend] = decode_logits(model, ids, kv.new_cache, steps=6)
     layers = 2
-    assert launches == [("prefill", 1.0)] * layers + [("decode", 1.0)] * 6 * layers
+    assert counted_kernel == [("prefill", "rank")] * layers + [("decode", "rank")] * 6 * layers
+    assert [scoring.softcap for scoring in counted_kernel.scorings] == [1.0] * 7 * layers
     torch.testing.assert_close(results[1.0, "triton"], results[1.0, "torch"], atol=2e-2, rtol=2e-2)
     assert (results[None, "torch"] - results[1.0, "torch"]).abs().max() > 0.1  # the cap matters here

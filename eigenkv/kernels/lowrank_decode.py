@@ -28,14 +28,18 @@ Inside a program (what it issues per stored byte is read from the compiled
 code by ``python -m eigenkv.kernels.roofline``):
 
 - tiles are token-major: scores ``(BLOCK_N tokens, query heads)``, so the
-  tokens are the MMA's M dimension and one warpgroup MMA serves all warps;
+  tokens are the MMA's M dimension (each warp its 16 rows) and the query heads,
+  padded to a power of two of at least 8 (:func:`query_heads_pad`), its N;
 - a stream's features are read as at most two power-of-two chunks
   (:func:`feature_chunks`), their packed rows as aligned vectors copied
   asynchronously (rows cover ``aligned_width`` features, see
-  :mod:`eigenkv.quant.packing`), unpacked whole and dequantized in the model
-  dtype with one fused multiply-add per element, the scales of a block of
-  per-channel codes loaded once per tile (a tile of 64 tokens holds one
-  block, part of one, or several whole ones);
+  :mod:`eigenkv.quant.packing`), converted two codes an instruction (2, 4
+  and 8 bits: the code OR-ed into the mantissa of 1024.0, see :func:`_halves`)
+  and dequantized in the model dtype with one fused multiply-add per two
+  elements, the scales of a block of per-channel codes loaded once per tile (a
+  tile of 64 tokens holds one block, part of one, or several whole ones);
+- the softmax's row sums are kept per tile element and summed once after the
+  main loop (only the running maximum is reduced every tile);
 - a main loop reads the tiles where every key and value is quantized, a tail
   loop the full-precision window and partly quantized tiles element by element;
 - pre mode (pre-RoPE caches) rebuilds key ``t`` as ``rope(c_t D^T, t)``: with
@@ -170,10 +174,46 @@ def _segment(
 
 
 @triton.jit
-def _spread(x, BITS: tl.constexpr):
+def _halves(x, HALF: tl.constexpr, FP32: tl.constexpr):
+    # uint32 words with a code in the low bits of each 16-bit half -> (..., 2) [low half, high half]: the codes
+    # as exact integers in HALF (fp16 or bf16; fp32 when FP32) without an integer-to-float conversion. A code
+    # OR-ed into the low mantissa bits of 1024.0 (fp16 0x6400; bf16 128.0 = 0x4300, whose 7 bits hold codes
+    # below 128) is the float 1024 + code, two per instruction; one two-wide subtraction leaves the code.
+    if tl.bfloat16 == HALF:
+        x = x | 0x43004300
+        bias: tl.constexpr = 128.0
+    else:
+        x = x | 0x64006400
+        bias: tl.constexpr = 1024.0
+    pair = tl.join(x.to(tl.uint16).to(HALF, bitcast=True), (x >> 16).to(tl.uint16).to(HALF, bitcast=True))
+    if FP32:  # the interpreter's bf16 arithmetic is wrong
+        return pair.to(tl.float32) - bias
+    else:
+        return pair - bias
+
+
+@triton.jit
+def _pair_codes(x, BITS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
+    # (F, R) uint8 bytes of 2- or 4-bit codes -> (F, R, 8 // BITS) their codes in order, exact integers in DTYPE
+    # (fp32 when FP32): a multiply copies the byte so that two codes land at bits 0 and 16 (b * 0x1001 puts the
+    # high nibble at bit 16, b * 0x4001 the second 2-bit code), a mask keeps them, _halves converts both
+    b = x.to(tl.uint32)
+    if BITS == 4:
+        return _halves((b * 0x1001) & 0x000F000F, DTYPE, FP32)
+    else:
+        low = _halves((b * 0x4001) & 0x00030003, DTYPE, FP32)  # codes 0, 1
+        high = _halves(((b >> 4) * 0x4001) & 0x00030003, DTYPE, FP32)  # codes 2, 3
+        return tl.permute(tl.join(low, high), (0, 1, 3, 2)).reshape(x.shape[0], x.shape[1], 4)
+
+
+@triton.jit
+def _byte_codes(x, BITS: tl.constexpr, PAIRS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
     # (F, R) uint8, each byte holding 8 // BITS codes along the last axis (first code in the lowest bits)
-    # -> (F, R * 8 // BITS) codes in order: whole bytes shifted and masked, interleaved in registers
-    if BITS == 8:
+    # -> (F, R * 8 // BITS) codes in order: two per instruction in DTYPE when PAIRS (2 and 4 bits), else
+    # integers (bytes shifted and masked, interleaved in registers)
+    if PAIRS:
+        return _pair_codes(x, BITS, DTYPE, FP32).reshape(x.shape[0], x.shape[1] * (8 // BITS))
+    elif BITS == 8:
         return x
     elif BITS == 4:
         return tl.interleave(x & 15, x >> 4)
@@ -186,8 +226,43 @@ def _spread(x, BITS: tl.constexpr):
 
 
 @triton.jit
+def _word_codes(w, DTYPE: tl.constexpr, FP32: tl.constexpr):
+    # uint32 words of 8-bit codes -> (..., 2h, 2a): byte 2h + a of the word (little-endian) as an exact integer
+    # in DTYPE (through fp16: 8-bit codes outgrow bf16's 7 mantissa bits; exact in bf16 after)
+    low = _halves(w & 0x00FF00FF, tl.float16, FP32)
+    high = _halves((w >> 8) & 0x00FF00FF, tl.float16, FP32)
+    return tl.join(low, high).to(DTYPE)
+
+
+@triton.jit
+def _channel_words(C, base, stride_r, n, offset, aligned, N: tl.constexpr, W: tl.constexpr, MASK: tl.constexpr,
+                   DTYPE: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+    # (W, N) 8-bit codes in DTYPE of features [offset, offset + W) for tokens [n, n + N) packed along tokens
+    # (token t in byte row t), read as uint32 words of 4 features of one row (8-byte aligned pairs of words:
+    # rows of a multiple of 8 features, chunks starting at a multiple of 16)
+    rows = (n + tl.arange(0, N)).to(tl.int64)
+    quad = offset // 4 + tl.arange(0, W // 4)
+    offsets = tl.multiple_of(base // 4 + quad[:, None] + rows[None, :] * (stride_r // 4), [2, 1])
+    ptrs = C.to(tl.pointer_type(tl.uint32)) + offsets
+    w = tl.load(ptrs, mask=(4 * quad < aligned)[:, None], other=0) if MASK else tl.load(ptrs)
+    x = _word_codes(w, DTYPE, FP32)  # (W / 4, N, 2h, 2a): feature 4q + 2h + a
+    return tl.permute(x, (0, 2, 3, 1)).reshape(W, N)
+
+
+@triton.jit
+def _token_words(C, rows, offset, aligned, W: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr,
+                 FP32: tl.constexpr):  # fmt: skip
+    # (N, W) 8-bit codes in DTYPE of features [offset, offset + W) of tokens whose rows start at uint32 word
+    # `rows` (N, 1), a word holding 4 features
+    j = tl.arange(0, W // 4)
+    ptrs = C.to(tl.pointer_type(tl.uint32)) + rows + offset // 4 + j[None, :]
+    w = tl.load(ptrs, mask=(offset + 4 * j < aligned)[None, :], other=0) if MASK else tl.load(ptrs)
+    return _word_codes(w, DTYPE, FP32).reshape(rows.shape[0], W)  # (N, W / 4, 2h, 2a): feature 4q + 2h + a
+
+
+@triton.jit
 def _channel_codes(C, base, stride_r, n, col, col_ok, BITS: tl.constexpr, GROUP: tl.constexpr, N: tl.constexpr,
-                   MASK: tl.constexpr):  # fmt: skip
+                   MASK: tl.constexpr, PAIRS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # (W, N) codes of columns `col` (features) for tokens [n, n + N) packed along tokens in blocks of GROUP
     # (one block or several whole ones): rows of a block, each a run of features (rows of a multiple of 8
     # features and chunks starting at a multiple of 16, see eigenkv.quant.packing: 8-byte vectors, told to
@@ -205,18 +280,19 @@ def _channel_codes(C, base, stride_r, n, col, col_ok, BITS: tl.constexpr, GROUP:
         else:
             low = tl.load(low)
             high = tl.load(high)
-        return _spread(low, 2) | (_spread(high, 1) << 2)
+        return _byte_codes(low, 2, False, DTYPE, FP32) | (_byte_codes(high, 1, False, DTYPE, FP32) << 2)
     else:  # blocks of whole bytes lie back to back: token t is in row t * BITS // 8
         rows = (n * BITS // 8 + tl.arange(0, N * BITS // 8)).to(tl.int64)
         ptrs = C + tl.multiple_of(base + col[:, None] + rows[None, :] * stride_r, [8, 1])
         if MASK:
-            return _spread(tl.load(ptrs, mask=col_ok[:, None], other=0), BITS)
+            return _byte_codes(tl.load(ptrs, mask=col_ok[:, None], other=0), BITS, PAIRS, DTYPE, FP32)
         else:
-            return _spread(tl.load(ptrs), BITS)
+            return _byte_codes(tl.load(ptrs), BITS, PAIRS, DTYPE, FP32)
 
 
 @triton.jit
-def _token_codes(C, rows, offset, aligned, BITS: tl.constexpr, W: tl.constexpr, MASK: tl.constexpr):
+def _token_codes(C, rows, offset, aligned, BITS: tl.constexpr, W: tl.constexpr, MASK: tl.constexpr,
+                 PAIRS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # (N, W) codes of features [offset, offset + W) of tokens whose packed rows start at `rows` (N, 1):
     # each row packs `aligned` features along features (3 bits: a 2-bit plane, then a 1-bit plane). Rows hold
     # a multiple of 8 features and chunks start at a multiple of 16, so runs of BITS bytes are aligned for
@@ -233,14 +309,12 @@ def _token_codes(C, rows, offset, aligned, BITS: tl.constexpr, W: tl.constexpr, 
         else:
             low = tl.load(C + low)
             high = tl.load(C + high)
-        return _spread(low, 2) | (_spread(high, 1) << 2)
+        return _byte_codes(low, 2, False, DTYPE, FP32) | (_byte_codes(high, 1, False, DTYPE, FP32) << 2)
     else:
         j = tl.arange(0, W * BITS // 8)
         idx = tl.multiple_of(rows + offset * BITS // 8 + j[None, :], [1, BITS])
-        if MASK:
-            return _spread(tl.load(C + idx, mask=(offset + j * (8 // BITS) < aligned)[None, :], other=0), BITS)
-        else:
-            return _spread(tl.load(C + idx), BITS)
+        x = tl.load(C + idx, mask=(offset + j * (8 // BITS) < aligned)[None, :], other=0) if MASK else tl.load(C + idx)
+        return _byte_codes(x, BITS, PAIRS, DTYPE, FP32)
 
 
 @triton.jit
@@ -293,13 +367,18 @@ def _token_params(S, Z, rows, first, groups, BITS: tl.constexpr, SYMMETRIC: tl.c
 def _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups,
                   DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
                   SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
-                  FP32: tl.constexpr):  # fmt: skip
+                  PAIRS: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # features [offset, offset + W) of a segment for the tokens [n, n + N) of a full tile, dequantized in the
     # model dtype (one fused multiply-add per element, two elements per instruction; fp32 under the
     # interpreter, whose bf16 arithmetic is wrong): (N, W) grouped per token, (W, N) grouped per channel
     # (the layout they are packed in; the tile holds one block of GROUP tokens, part of one, or several)
     if AXIS_TOKEN:
-        codes = _token_codes(C, c_base + tok[:, None].to(tl.int64) * c_r, offset, aligned, BITS, W, MASK)
+        if PAIRS and BITS == 8:
+            words = c_base // 4 + tok[:, None].to(tl.int64) * (c_r // 4)
+            codes = _token_words(C, words, offset, aligned, W, MASK, DTYPE, FP32)
+        else:
+            rows = c_base + tok[:, None].to(tl.int64) * c_r
+            codes = _token_codes(C, rows, offset, aligned, BITS, W, MASK, PAIRS, DTYPE, FP32)
         rows = s_base + tok[:, None].to(tl.int64) * s_r
         if W > GROUP:  # several groups in the chunk: each group's parameters broadcast over its features
             scale, shift = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, W // GROUP)
@@ -310,7 +389,10 @@ def _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, gr
             return _fma(codes, scale, shift, DTYPE, FP32)
     else:
         col = offset + tl.arange(0, W)
-        codes = _channel_codes(C, c_base, c_r, n, col, col < aligned, BITS, GROUP, N, MASK)
+        if PAIRS and BITS == 8:
+            codes = _channel_words(C, c_base, c_r, n, offset, aligned, N, W, MASK, DTYPE, FP32)
+        else:
+            codes = _channel_codes(C, c_base, c_r, n, col, col < aligned, BITS, GROUP, N, MASK, PAIRS, DTYPE, FP32)
         if N > GROUP:  # several blocks in the tile: each block's parameters broadcast over its tokens
             scale, shift = _channel_params(S, Z, s_base, s_r, n, col, aligned, BITS, GROUP, SYMMETRIC, MASK,
                                            N // GROUP)  # fmt: skip
@@ -334,11 +416,11 @@ def _fma(codes, scale, shift, DTYPE: tl.constexpr, FP32: tl.constexpr):
 def _tile_rows(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups,
                DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
                SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
-               FP32: tl.constexpr):  # fmt: skip
+               PAIRS: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # (N, W) token-major chunk of a full tile in the model dtype: keys score as dot(rows, q), values weigh as
     # dot(rows^T, p), pre mode rebuilds keys from them
     x = _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, DTYPE, BITS,
-                      AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, FP32)  # fmt: skip
+                      AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, PAIRS, FP32)  # fmt: skip
     if AXIS_TOKEN:
         return x
     else:
@@ -392,11 +474,11 @@ def _decode_kernel(
     # each stream's grouping (axis, group size, symmetry) is its own: keys and values may be stored with different
     # KVQuantConfigs (e.g. keys per channel in blocks of 128 tokens, values per token in groups of 32 features)
     K_TOKEN: tl.constexpr, K_GROUP: tl.constexpr, K_SYMMETRIC: tl.constexpr,
-    KA_BITS: tl.constexpr, KA_W: tl.constexpr, KA_MASK: tl.constexpr,
-    KB: tl.constexpr, KB_BITS: tl.constexpr, KB_W: tl.constexpr, KB_MASK: tl.constexpr,
+    KA_BITS: tl.constexpr, KA_W: tl.constexpr, KA_MASK: tl.constexpr, KA_PAIRS: tl.constexpr,
+    KB: tl.constexpr, KB_BITS: tl.constexpr, KB_W: tl.constexpr, KB_MASK: tl.constexpr, KB_PAIRS: tl.constexpr,
     V_TOKEN: tl.constexpr, V_GROUP: tl.constexpr, V_SYMMETRIC: tl.constexpr,
-    VA_BITS: tl.constexpr, VA_W: tl.constexpr, VA_MASK: tl.constexpr,
-    VB: tl.constexpr, VB_BITS: tl.constexpr, VB_W: tl.constexpr, VB_MASK: tl.constexpr,
+    VA_BITS: tl.constexpr, VA_W: tl.constexpr, VA_MASK: tl.constexpr, VA_PAIRS: tl.constexpr,
+    VB: tl.constexpr, VB_BITS: tl.constexpr, VB_W: tl.constexpr, VB_MASK: tl.constexpr, VB_PAIRS: tl.constexpr,
     G_PAD: tl.constexpr, RV_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, COUNTS: tl.constexpr,
 ):  # fmt: skip
@@ -462,7 +544,9 @@ def _decode_kernel(
     vb_c = b * vbc_b + h * vbc_h
     vb_s = b * vbs_b + h * vbs_h
     m_i = tl.full([G_PAD], -1.0e30, tl.float32)  # finite: exp2(m_i - m_new) stays 1 (not NaN) while all masked
-    l_i = tl.zeros([G_PAD], tl.float32)
+    # the main loop's softmax sums per tile element, summed over tokens after it: no reduction across the warps
+    # per tile (the running maximum has one)
+    l_tile = tl.zeros([BLOCK_N, G_PAD], tl.float32)
     acc_a = tl.zeros([VA_W, G_PAD], tl.float32)
     acc_b = tl.zeros([VB_W, G_PAD], tl.float32)
 
@@ -482,10 +566,11 @@ def _decode_kernel(
             n = tl.multiple_of(n, BLOCK_N)
             tok = n + tl.arange(0, BLOCK_N)
             ka = _tile_rows(KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off, ka_aligned, ka_groups, dtype,
-                            KA_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KA_W, BLOCK_N, KA_MASK, DOT_FP32)  # fmt: skip
+                            KA_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KA_W, BLOCK_N, KA_MASK, KA_PAIRS,
+                            DOT_FP32)  # fmt: skip
             if KB:
                 kb = _tile_rows(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off, kb_aligned, kb_groups,
-                                dtype, KB_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KB_W, BLOCK_N, KB_MASK,
+                                dtype, KB_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KB_W, BLOCK_N, KB_MASK, KB_PAIRS,
                                 DOT_FP32)  # fmt: skip
             if PRE:
                 a1 = dot(ka, d1a, DOT_FP32)
@@ -522,18 +607,20 @@ def _decode_kernel(
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p, axis=0)
+            l_tile = l_tile * alpha[None, :] + p
             p = p.to(dtype)
             v = _tile_rows(VAC, VAS, VAZ, va_c, va_s, vac_r, vas_r, n, tok, va_off, va_aligned, va_groups, dtype,
-                           VA_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VA_W, BLOCK_N, VA_MASK, DOT_FP32)  # fmt: skip
+                           VA_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VA_W, BLOCK_N, VA_MASK, VA_PAIRS,
+                           DOT_FP32)  # fmt: skip
             acc_a = acc_a * alpha[None, :] + dot(tl.trans(v), p, DOT_FP32)
             if VB:
                 v = _tile_rows(VBC, VBS, VBZ, vb_c, vb_s, vbc_r, vbs_r, n, tok, vb_off, vb_aligned, vb_groups,
-                               dtype, VB_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VB_W, BLOCK_N, VB_MASK,
+                               dtype, VB_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VB_W, BLOCK_N, VB_MASK, VB_PAIRS,
                                DOT_FP32)  # fmt: skip
                 acc_b = acc_b * alpha[None, :] + dot(tl.trans(v), p, DOT_FP32)
             m_i = m_new
 
+    l_i = tl.sum(l_tile, axis=0)
     # tail: the full-precision window and partly quantized tiles, element by element
     kw = b * kw_b + h * kw_h
     vw = b * vw_b + h * vw_h
@@ -683,14 +770,14 @@ def launch_config(mode: str, group: int) -> KernelConfig:
     """Tokens per tile, warps, pipeline stages and register cap (``group``: see :func:`tile_group`; it does not
     change them).
 
-    Tiles of 64 tokens: the M of one warpgroup MMA (smaller tiles leave the tensor cores' rows idle, and
-    64-token tiles are what the GPU correctness check runs); four warps and three stages keep two tiles of
-    loads in flight while one is used. The kernel is latency-bound at two programs per SM (255 registers a
-    thread), so rank mode caps registers at 128: four programs per SM (measured on an H200 at Llama-3-8B
-    B=8 x 32k, 4 bits: 0.31 -> 0.25 ms), although the capped compile spills (a stack of 0.6-3.8 KB a thread
-    at head size 128; configs that keep the occupancy without spilling are open work). Pre mode keeps the
-    compiler's choice: capped, its rotation ran twice as slow. ``python -m eigenkv.kernels.roofline`` reports
-    both compiles.
+    Tiles of 64 tokens: the MMAs' M, 16 rows for each of the four warps (smaller tiles leave the tensor
+    cores' rows idle, and 64-token tiles are what the GPU correctness check runs); four warps and three
+    stages keep two tiles of loads in flight while one is used. The kernel is latency-bound at two programs
+    per SM (255 registers a thread), so rank mode caps registers at 128: four programs per SM (measured on an
+    H200 at Llama-3-8B B=8 x 32k, 4 bits: 0.31 -> 0.25 ms), although the capped compile spills (a stack of
+    0.5-3.0 KB a thread at head size 128; configs that keep the occupancy without spilling are open work).
+    Pre mode keeps the compiler's choice: capped, its rotation ran twice as slow. ``python -m
+    eigenkv.kernels.roofline`` reports both compiles.
     """
     if mode == "rank":
         return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=128)
@@ -837,6 +924,21 @@ def _check_stream(name: str, stream: PackedStream, batch: int, kv_heads: int, qu
                 raise ValueError(f"{name}: packed tensors must be on {query.device} with a unit last stride")
 
 
+def query_heads_pad(groups: int) -> int:
+    """Query heads of a KV head as the kernel's tiles hold them (the MMA's N): a power of two, at least 8."""
+    return max(8, next_power_of_2(groups))
+
+
+def unpacks_pairs(bits: int, codes: torch.Tensor | None = None) -> bool:
+    """Whether the main loop converts a segment's codes two an instruction: 2, 4 and 8 bits, 8-bit codes read
+    as pairs of uint32 words, so their ``codes`` (when given) must start and stride on multiples of 8 bytes
+    (the store's always do: rows of a multiple of 8 features; a view off that is read byte by byte). 3-bit
+    codes take shifts, masks and an integer-to-float conversion per code."""
+    if bits not in (2, 4, 8):
+        return False
+    return bits < 8 or codes is None or (codes.data_ptr() % 8 == 0 and all(st % 8 == 0 for st in codes.stride()[:3]))
+
+
 def _stream_args(stream: PackedStream, prefix: str) -> tuple[tuple, dict]:
     """Kernel arguments of a stream's two chunks and window, and their constexprs (``prefix`` K or V)."""
     segments = list(stream.segments)
@@ -852,12 +954,13 @@ def _stream_args(stream: PackedStream, prefix: str) -> tuple[tuple, dict]:
             zero = seg.scale if seg.zero is None else seg.zero
             args += [seg.codes, seg.scale, zero, *seg.codes.stride()[:3], *seg.scale.stride()[:3]]
             bits = seg.bits
+            pairs = unpacks_pairs(bits, seg.codes)
         else:  # nothing quantized: point at the window, never read
             args += [stream.window] * 3 + [0] * 6
-            bits = 0
+            bits, pairs = 0, False
         args += [chunk.offset // 16, chunk.feature, width, aligned_width(width), -(-width // stream.group_size)]
         constexprs |= {f"{prefix}{name}_BITS": bits, f"{prefix}{name}_W": chunk.width}
-        constexprs |= {f"{prefix}{name}_MASK": chunk.masked}
+        constexprs |= {f"{prefix}{name}_MASK": chunk.masked, f"{prefix}{name}_PAIRS": pairs}
     w = stream.window
     args += [w, *w.stride()[:3], stream.quantized_tokens, stream.ring]
     return tuple(args), constexprs
@@ -957,7 +1060,7 @@ def lowrank_decode(
         tokens_per_split, n_splits, main_tokens,
         PRE=mode == "pre", ALIBI=slopes is not None, SOFTCAP=scoring.softcap or 0.0,
         **key_constexprs, **value_constexprs,
-        G_PAD=pad_width(groups), RV_PAD=rv_pad, HALF_PAD=pad_width(half) if mode == "pre" else 16,
+        G_PAD=query_heads_pad(groups), RV_PAD=rv_pad, HALF_PAD=pad_width(half) if mode == "pre" else 16,
         DOT_FP32=interpreting(), COUNTS=device_counts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **cfg.constexprs,
     )  # fmt: skip
@@ -1014,9 +1117,10 @@ def decode_spec(
         constexprs |= {f"{prefix}_GROUP": g, f"{prefix}_SYMMETRIC": sym}
         for c, chunk in zip("AB", chunks + chunks[:1] * (2 - len(chunks)), strict=True):
             constexprs |= {f"{prefix}{c}_BITS": b, f"{prefix}{c}_W": chunk.width, f"{prefix}{c}_MASK": chunk.masked}
+            constexprs |= {f"{prefix}{c}_PAIRS": unpacks_pairs(b)}
             if axis == "channel" and aligned_width(width) % 16 == 0:  # a launch specializes these strides
                 aligned += [f"{(prefix + c).lower()}{t}_{a}" for t in ("c", "s") for a in ("b", "h", "r")]
-    constexprs |= {"G_PAD": pad_width(heads // kv_heads), "RV_PAD": pad_width(value_rank)}
+    constexprs |= {"G_PAD": query_heads_pad(heads // kv_heads), "RV_PAD": pad_width(value_rank)}
     constexprs |= {"HALF_PAD": pad_width(head_dim // 2) if mode == "pre" else 16, "DOT_FP32": False}
     signature = _decode_signature(dtype)
     aligned += [arg for arg, kind in signature.items() if kind.startswith("*")]

@@ -38,11 +38,13 @@ def test_every_spec_compiled_for_both_targets(reports):
 # at 128 registers (four programs per SM, measured faster on an H200 than 255 registers without spills), and
 # both attention kernels spill at 255 registers in pre mode and at head size 256. Open work: configs that keep
 # their occupancy without spilling, measured on a GPU. A kernel not listed must not spill at all, and no
-# config may spill more than its kernel does today.
+# config may spill more than its kernel does today (the decode kernel's two-codes-an-instruction conversion took
+# its largest frame below 256 features from 3824 to 2960 bytes; at 256 features the row sums it keeps per tile
+# element cost the bf16 capped-logits compile on sm_90 216 bytes more, 5632 to 5848).
 # Keyed by (kernel, head size 256).
 SPILL_BUDGET = {
-    ("lowrank_decode", False): 3824,
-    ("lowrank_decode", True): 5632,
+    ("lowrank_decode", False): 2960,
+    ("lowrank_decode", True): 5848,
     ("lowrank_prefill", False): 464,
     ("lowrank_prefill", True): 6264,
     ("quantize_pack", False): 8,

@@ -17,7 +17,7 @@ from eigenkv.compress import EigenConfig, compress_model
 from eigenkv.kernels import lowrank_decode as decode_module
 from eigenkv.kernels import lowrank_prefill as prefill_module
 from eigenkv.kernels.backend import interpreting
-from eigenkv.kernels.lowrank_decode import lowrank_decode, lowrank_decode_reference
+from eigenkv.kernels.lowrank_decode import lowrank_decode, lowrank_decode_reference, unpacks_pairs
 from eigenkv.kernels.scoring import Scoring
 from eigenkv.quant import KVQuantConfig, QuantizedKV, QuantizedKVCache, routing
 from eigenkv.quant.config import MixedKVQuantConfig
@@ -143,6 +143,31 @@ def test_matches_reference_over_odd_shapes(case, checked_alignment):
     claims_made = "channel" in (axis_k, axis_v) or bits != 3  # 3-bit rows per token claim nothing
     if checked_alignment is not None and claims_made and min(keys.quantized_tokens, values.quantized_tokens) >= 64:
         assert checked_alignment, "the main loop ran without its alignment claims being checked"
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_8bit_codes_off_word_alignment_are_read_byte_by_byte(axis, checked_alignment):
+    """8-bit codes are read as uint32 words when they start and stride on multiples of 8 bytes (the store's
+    always do); codes moved one byte off (a view a caller might build) take the byte path, same output."""
+    torch.manual_seed(0)
+    config = KVQuantConfig(bits=8, group_size=64, axis_k=axis, axis_v=axis, residual=0)
+    keys = make_stream(torch.randn(1, 2, 128, 40, device=DEVICE, dtype=torch.float16), config, axis)
+    values = make_stream(torch.randn(1, 2, 128, 24, device=DEVICE, dtype=torch.float16), config, axis)
+    query = torch.randn(1, 4, 40, device=DEVICE, dtype=torch.float16)
+    aligned = lowrank_decode(query, keys, values, Scoring(0.125))
+
+    def off_by_one(stream):
+        segment = stream.segments[0]
+        buffer = torch.zeros(segment.codes.numel() + 1, dtype=torch.uint8, device=DEVICE)
+        codes = buffer[1:].view(segment.codes.shape)
+        codes.copy_(segment.codes)
+        return dataclasses.replace(stream, segments=(dataclasses.replace(segment, codes=codes),))
+
+    moved_keys, moved_values = off_by_one(keys), off_by_one(values)
+    assert unpacks_pairs(8, keys.segments[0].codes) and unpacks_pairs(8, values.segments[0].codes)
+    assert not unpacks_pairs(8, moved_keys.segments[0].codes) and not unpacks_pairs(8, moved_values.segments[0].codes)
+    moved = check_against_reference(query, moved_keys, moved_values, Scoring(0.125))
+    assert torch.equal(moved, aligned)
 
 
 @pytest.mark.parametrize(

@@ -230,10 +230,11 @@ def test_sass_dump_is_the_hot_loop(decode_case, decode_report):
 
 # The default decode config (Llama-3-8B shapes at 0.6x, 4-bit, group 64, keys per channel, values per token):
 # what its hot loop issues per stored byte, read from the sm_90 SASS. The bounds are where the kernel stands
-# (0.60 rank, capped at 128 registers, which costs 44 moves a tile and doubles the programs per SM; 0.78 pre; the
-# old kernel issued 6.3 and 10.5) with a little room: a change that makes the loop heavier fails here. The issue
-# rate of an H100 over its bandwidth is about 0.3 per byte: below that the loop is memory-bound.
-DECODE_TARGETS = {"lowrank_decode[llama3-8b,rank,4bit,g64]": 0.65, "lowrank_decode[llama3-8b,pre,4bit,g64]": 0.85}
+# (0.52 rank, capped at 128 registers, which doubles the programs per SM; 0.68 pre; before the two-codes-an-
+# instruction conversion, the query heads padded to 8 and the row sums kept per element: 0.60 and 0.78; the first
+# kernel issued 6.3 and 10.5) with a little room: a change that makes the loop heavier fails here. The issue rate
+# of an H100 over its bandwidth is about 0.3 per byte: below that the loop is memory-bound.
+DECODE_TARGETS = {"lowrank_decode[llama3-8b,rank,4bit,g64]": 0.55, "lowrank_decode[llama3-8b,pre,4bit,g64]": 0.72}
 
 
 def test_default_decode_config_stays_under_its_target(tmp_path):

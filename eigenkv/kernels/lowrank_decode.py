@@ -175,27 +175,37 @@ def _segment(
 
 @triton.jit
 def _halves(x, HALF: tl.constexpr, FP32: tl.constexpr):
-    # uint32 words with a code in the low bits of each 16-bit half -> (..., 2) [low half, high half]: the codes
-    # as exact integers in HALF (fp16 or bf16; fp32 when FP32) without an integer-to-float conversion. A code
-    # OR-ed into the low mantissa bits of 1024.0 (fp16 0x6400; bf16 128.0 = 0x4300, whose 7 bits hold codes
-    # below 128) is the float 1024 + code, two per instruction; one two-wide subtraction leaves the code.
-    if tl.bfloat16 == HALF:
-        x = x | 0x43004300
-        bias: tl.constexpr = 128.0
-    else:
-        x = x | 0x64006400
-        bias: tl.constexpr = 1024.0
+    # uint32 words with a code in the low bits of each 16-bit half -> (..., 2) [low half, high half]: each code
+    # plus _code_bias, exact in HALF (fp16 or bf16; fp32 when FP32), without an integer-to-float conversion. A
+    # code OR-ed into the low mantissa bits of 1024.0 (fp16 0x6400; bf16 128.0 = 0x4300, whose 7 bits hold codes
+    # below 128) is the float 1024 + code, two per instruction. The bias stays: a fold carries it in fp32
+    # (_code_bias), a dequantization subtracts it exactly first (_dequantize), never inside a rounded product.
+    x = x | (0x43004300 if tl.bfloat16 == HALF else 0x64006400)
     pair = tl.join(x.to(tl.uint16).to(HALF, bitcast=True), (x >> 16).to(tl.uint16).to(HALF, bitcast=True))
     if FP32:  # the interpreter's bf16 arithmetic is wrong
-        return pair.to(tl.float32) - bias
+        return pair.to(tl.float32)
     else:
-        return pair - bias
+        return pair
+
+
+@triton.jit
+def _code_bias(BITS: tl.constexpr, PAIRS: tl.constexpr, DTYPE: tl.constexpr):
+    # what the main loop's codes of a segment carry above the code: 1024 (fp16) or 128 (bf16) when converted
+    # two an instruction (_halves), except 8-bit codes in bf16 (they outgrow its mantissa: unbiased in fp16,
+    # _word_codes); none for codes unpacked one by one
+    if PAIRS and not (BITS == 8 and tl.bfloat16 == DTYPE):
+        if tl.bfloat16 == DTYPE:
+            return 128.0
+        else:
+            return 1024.0
+    else:
+        return 0.0
 
 
 @triton.jit
 def _pair_codes(x, BITS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
-    # (F, R) uint8 bytes of 2- or 4-bit codes -> (F, R, 8 // BITS) their codes in order, exact integers in DTYPE
-    # (fp32 when FP32): a multiply copies the byte so that two codes land at bits 0 and 16 (b * 0x1001 puts the
+    # (F, R) uint8 bytes of 2- or 4-bit codes -> (F, R, 8 // BITS) their codes in order plus _code_bias, exact in
+    # DTYPE (fp32 when FP32): a multiply copies the byte so that two codes land at bits 0 and 16 (b * 0x1001 puts the
     # high nibble at bit 16, b * 0x4001 the second 2-bit code), a mask keeps them, _halves converts both
     b = x.to(tl.uint32)
     if BITS == 4:
@@ -209,8 +219,8 @@ def _pair_codes(x, BITS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
 @triton.jit
 def _byte_codes(x, BITS: tl.constexpr, PAIRS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
     # (F, R) uint8, each byte holding 8 // BITS codes along the last axis (first code in the lowest bits)
-    # -> (F, R * 8 // BITS) codes in order: two per instruction in DTYPE when PAIRS (2 and 4 bits), else
-    # integers (bytes shifted and masked, interleaved in registers)
+    # -> (F, R * 8 // BITS) codes in order: two per instruction in DTYPE when PAIRS (2 and 4 bits, plus
+    # _code_bias), else integers (bytes shifted and masked, interleaved in registers)
     if PAIRS:
         return _pair_codes(x, BITS, DTYPE, FP32).reshape(x.shape[0], x.shape[1] * (8 // BITS))
     elif BITS == 8:
@@ -227,11 +237,15 @@ def _byte_codes(x, BITS: tl.constexpr, PAIRS: tl.constexpr, DTYPE: tl.constexpr,
 
 @triton.jit
 def _word_codes(w, DTYPE: tl.constexpr, FP32: tl.constexpr):
-    # uint32 words of 8-bit codes -> (..., 2h, 2a): byte 2h + a of the word (little-endian) as an exact integer
-    # in DTYPE (through fp16: 8-bit codes outgrow bf16's 7 mantissa bits; exact in bf16 after)
+    # uint32 words of 8-bit codes -> (..., 2h, 2a): byte 2h + a of the word (little-endian) plus _code_bias,
+    # exact in DTYPE (through fp16: 8-bit codes outgrow bf16's 7 mantissa bits, so in bf16 the bias is
+    # subtracted in fp16 first; exact in bf16 after)
     low = _halves(w & 0x00FF00FF, tl.float16, FP32)
     high = _halves((w >> 8) & 0x00FF00FF, tl.float16, FP32)
-    return tl.join(low, high).to(DTYPE)
+    x = tl.join(low, high)
+    if tl.bfloat16 == DTYPE:
+        x = x - 1024.0
+    return x.to(DTYPE)
 
 
 @triton.jit
@@ -364,52 +378,69 @@ def _token_params(S, Z, rows, first, groups, BITS: tl.constexpr, SYMMETRIC: tl.c
 
 
 @triton.jit
+def _chunk_codes(C, c_base, c_r, n, tok, offset, aligned, DTYPE: tl.constexpr, BITS: tl.constexpr,
+                 AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
+                 PAIRS: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+    # codes of features [offset, offset + W) of a segment for the tokens [n, n + N) of a full tile, in the layout
+    # they are packed in: (N, W) grouped per token, (W, N) grouped per channel; in DTYPE plus _code_bias when
+    # PAIRS, else integers
+    if AXIS_TOKEN:
+        if PAIRS and BITS == 8:
+            words = c_base // 4 + tok[:, None].to(tl.int64) * (c_r // 4)
+            return _token_words(C, words, offset, aligned, W, MASK, DTYPE, FP32)
+        else:
+            rows = c_base + tok[:, None].to(tl.int64) * c_r
+            return _token_codes(C, rows, offset, aligned, BITS, W, MASK, PAIRS, DTYPE, FP32)
+    else:
+        if PAIRS and BITS == 8:
+            return _channel_words(C, c_base, c_r, n, offset, aligned, N, W, MASK, DTYPE, FP32)
+        else:
+            col = offset + tl.arange(0, W)
+            return _channel_codes(C, c_base, c_r, n, col, col < aligned, BITS, GROUP, N, MASK, PAIRS, DTYPE, FP32)
+
+
+@triton.jit
 def _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups,
                   DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
                   SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
                   PAIRS: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
-    # features [offset, offset + W) of a segment for the tokens [n, n + N) of a full tile, dequantized in the
-    # model dtype (one fused multiply-add per element, two elements per instruction; fp32 under the
-    # interpreter, whose bf16 arithmetic is wrong): (N, W) grouped per token, (W, N) grouped per channel
-    # (the layout they are packed in; the tile holds one block of GROUP tokens, part of one, or several)
+    # the chunk of _chunk_codes dequantized in the model dtype (one fused multiply-add per element, two elements
+    # per instruction; fp32 under the interpreter, whose bf16 arithmetic is wrong), in the same layout (a
+    # per-channel tile holds one block of GROUP tokens, part of one, or several)
+    codes = _chunk_codes(C, c_base, c_r, n, tok, offset, aligned, DTYPE, BITS, AXIS_TOKEN, GROUP, W, N, MASK, PAIRS,
+                         FP32)  # fmt: skip
+    bias = _code_bias(BITS, PAIRS, DTYPE)
     if AXIS_TOKEN:
-        if PAIRS and BITS == 8:
-            words = c_base // 4 + tok[:, None].to(tl.int64) * (c_r // 4)
-            codes = _token_words(C, words, offset, aligned, W, MASK, DTYPE, FP32)
-        else:
-            rows = c_base + tok[:, None].to(tl.int64) * c_r
-            codes = _token_codes(C, rows, offset, aligned, BITS, W, MASK, PAIRS, DTYPE, FP32)
         rows = s_base + tok[:, None].to(tl.int64) * s_r
         if W > GROUP:  # several groups in the chunk: each group's parameters broadcast over its features
             scale, shift = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, W // GROUP)
-            x = _fma(codes.reshape(N, W // GROUP, GROUP), scale[:, :, None], shift[:, :, None], DTYPE, FP32)
+            x = _dequantize(codes.reshape(N, W // GROUP, GROUP), bias, scale[:, :, None], shift[:, :, None], DTYPE,
+                            FP32)  # fmt: skip
             return x.reshape(N, W)
         else:
             scale, shift = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, 1)
-            return _fma(codes, scale, shift, DTYPE, FP32)
+            return _dequantize(codes, bias, scale, shift, DTYPE, FP32)
     else:
         col = offset + tl.arange(0, W)
-        if PAIRS and BITS == 8:
-            codes = _channel_words(C, c_base, c_r, n, offset, aligned, N, W, MASK, DTYPE, FP32)
-        else:
-            codes = _channel_codes(C, c_base, c_r, n, col, col < aligned, BITS, GROUP, N, MASK, PAIRS, DTYPE, FP32)
         if N > GROUP:  # several blocks in the tile: each block's parameters broadcast over its tokens
             scale, shift = _channel_params(S, Z, s_base, s_r, n, col, aligned, BITS, GROUP, SYMMETRIC, MASK,
                                            N // GROUP)  # fmt: skip
-            x = _fma(codes.reshape(W, N // GROUP, GROUP), scale[:, :, None], shift[:, :, None], DTYPE, FP32)
+            x = _dequantize(codes.reshape(W, N // GROUP, GROUP), bias, scale[:, :, None], shift[:, :, None], DTYPE,
+                            FP32)  # fmt: skip
             return x.reshape(W, N)
         else:
             scale, shift = _channel_params(S, Z, s_base, s_r, n, col, aligned, BITS, GROUP, SYMMETRIC, MASK, 1)
-            return _fma(codes, scale[:, None], shift[:, None], DTYPE, FP32)
+            return _dequantize(codes, bias, scale[:, None], shift[:, None], DTYPE, FP32)
 
 
 @triton.jit
-def _fma(codes, scale, shift, DTYPE: tl.constexpr, FP32: tl.constexpr):
-    # scale * codes + shift in DTYPE (small integer codes are exact in fp16 and bf16)
+def _dequantize(codes, bias, scale, shift, DTYPE: tl.constexpr, FP32: tl.constexpr):
+    # scale * (codes - bias) + shift in DTYPE: the bias (_code_bias) comes off exactly first (small integer codes
+    # are exact in fp16 and bf16), then one fused multiply-add
     if FP32:
-        return (codes.to(tl.float32) * scale.to(tl.float32) + shift.to(tl.float32)).to(DTYPE)
+        return ((codes.to(tl.float32) - bias) * scale.to(tl.float32) + shift.to(tl.float32)).to(DTYPE)
     else:
-        return codes.to(DTYPE) * scale.to(DTYPE) + shift.to(DTYPE)
+        return (codes.to(DTYPE) - bias.to(DTYPE)) * scale.to(DTYPE) + shift.to(DTYPE)
 
 
 @triton.jit
@@ -425,6 +456,56 @@ def _tile_rows(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, group
         return x
     else:
         return tl.trans(x)
+
+
+@triton.jit
+def _operand(codes, DTYPE: tl.constexpr, FP32: tl.constexpr):
+    # codes as an MMA operand: in DTYPE (integer codes converted), or fp32 under the interpreter (whose
+    # integer-to-bf16 conversion is wrong; exact in fp32)
+    if FP32:
+        return codes.to(tl.float32)
+    else:
+        return codes.to(DTYPE)
+
+
+@triton.jit
+def _score_folded(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, q, q_sum,
+                  DTYPE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr, PAIRS: tl.constexpr,
+                  FP32: tl.constexpr):  # fmt: skip
+    # (N, M) fp32 scores of the key chunk of a full tile of per-token codes against its query features q (W, M)
+    # (rank mode), the chunk in one group of each token: sum_f q_f (s_t c_f + o_t) = s_t (sum_f q_f c_f) +
+    # o_t q_sum, with q_sum (M,) = sum_f q_f. The MMA takes the codes as converted (plus _code_bias, b, taken
+    # off as b q_sum in fp32); the scale and offset cost a multiply-add per score, none per element.
+    # (Per-channel keys keep their dequantization: their fold would need a per-head bias from every block's
+    # offsets, a reduction across the warps each tile that costs more than the elementwise work it saves.)
+    codes = _chunk_codes(C, c_base, c_r, n, tok, offset, aligned, DTYPE, BITS, True, GROUP, W, N, MASK, PAIRS,
+                         FP32)  # fmt: skip
+    rows = s_base + tok[:, None].to(tl.int64) * s_r
+    scale, offset_t = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, 1)  # (N, 1) fp32
+    raw = dot(_operand(codes, DTYPE, FP32), q, FP32) - _code_bias(BITS, PAIRS, DTYPE) * q_sum[None, :]
+    return scale * raw + offset_t * q_sum[None, :]
+
+
+@triton.jit
+def _weigh_folded(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, p, alpha, acc, shift_sum,
+                  DTYPE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr, PAIRS: tl.constexpr,
+                  FP32: tl.constexpr):  # fmt: skip
+    # acc (W, M) rescaled by alpha (M,) plus the value chunk of a full tile of per-token codes weighed by the
+    # probabilities p (N, M) fp32, the chunk in one group of each token: sum_t p_t (s_t c_t + o_t) =
+    # sum_t (p_t s_t) c_t + sum_t p_t o_t. The MMA weighs the codes as converted (plus _code_bias, b) by
+    # p_t s_t rounded to DTYPE; shift_sum (N, M) fp32 keeps p_t o_t - b (p_t s_t) per token, with the very
+    # rounded weights, so that the bias cancels in fp32 (summed over tokens after the loop, as the row sums)
+    codes = _chunk_codes(C, c_base, c_r, n, tok, offset, aligned, DTYPE, BITS, True, GROUP, W, N, MASK, PAIRS,
+                         FP32)  # fmt: skip
+    rows = s_base + tok[:, None].to(tl.int64) * s_r
+    scale, offset_t = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, 1)  # (N, 1) fp32
+    weights = (p * scale).to(DTYPE)
+    acc = acc * alpha[None, :] + dot(tl.trans(_operand(codes, DTYPE, FP32)), weights, FP32)
+    bias = _code_bias(BITS, PAIRS, DTYPE)
+    shift_sum = shift_sum * alpha[None, :] + (p * offset_t - bias * weights.to(tl.float32))
+    return acc, shift_sum
 
 
 @triton.jit
@@ -549,6 +630,20 @@ def _decode_kernel(
     l_tile = tl.zeros([BLOCK_N, G_PAD], tl.float32)
     acc_a = tl.zeros([VA_W, G_PAD], tl.float32)
     acc_b = tl.zeros([VB_W, G_PAD], tl.float32)
+    # Per-token streams fold their scales and offsets out of the elements where a chunk lies in one group of each
+    # token: rank-mode keys into the scores (_score_folded), values into the probabilities and a per-head sum
+    # kept per tile element like the row sums (_weigh_folded); the MMAs take the codes as converted (2, 4 and
+    # 8 bits). A fold trades work per element (W a token) for work per score (G_PAD a token): it pays where
+    # W >= 8 G_PAD (at 4 bits, GQA 4-8: a 64-feature chunk 770 -> 702 loop instructions, 128 features
+    # 1057 -> 842; a 16-feature chunk, or GQA 16 at 64 features, lose 20-50).
+    KA_FOLD: tl.constexpr = not PRE and K_TOKEN and KA_PAIRS and KA_W <= K_GROUP and KA_W >= 8 * G_PAD
+    KB_FOLD: tl.constexpr = not PRE and K_TOKEN and KB_PAIRS and KB_W <= K_GROUP and KB_W >= 8 * G_PAD
+    qa_sum = tl.sum(qa.to(tl.float32), axis=0) if KA_FOLD else tl.zeros([G_PAD], tl.float32)
+    qb_sum = tl.sum(qb.to(tl.float32), axis=0) if KB_FOLD and KB else tl.zeros([G_PAD], tl.float32)
+    VA_FOLD: tl.constexpr = V_TOKEN and VA_PAIRS and VA_W <= V_GROUP and VA_W >= 8 * G_PAD
+    VB_FOLD: tl.constexpr = V_TOKEN and VB_PAIRS and VB_W <= V_GROUP and VB_W >= 8 * G_PAD
+    va_shift = tl.zeros([BLOCK_N, G_PAD], tl.float32)
+    vb_shift = tl.zeros([BLOCK_N, G_PAD], tl.float32)
 
     # main loop: tiles where every key and value is quantized (no load masked by token)
     if KA_BITS > 0 and VA_BITS > 0:
@@ -565,10 +660,19 @@ def _decode_kernel(
         for n in range(lo, tl.minimum(hi, main_tokens), BLOCK_N):
             n = tl.multiple_of(n, BLOCK_N)
             tok = n + tl.arange(0, BLOCK_N)
-            ka = _tile_rows(KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off, ka_aligned, ka_groups, dtype,
-                            KA_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KA_W, BLOCK_N, KA_MASK, KA_PAIRS,
-                            DOT_FP32)  # fmt: skip
-            if KB:
+            if KA_FOLD:
+                scores = _score_folded(KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off, ka_aligned, ka_groups,
+                                       qa, qa_sum, dtype, KA_BITS, K_GROUP, K_SYMMETRIC, KA_W, BLOCK_N, KA_MASK,
+                                       KA_PAIRS, DOT_FP32)  # fmt: skip
+            else:
+                ka = _tile_rows(KAC, KAS, KAZ, ka_c, ka_s, kac_r, kas_r, n, tok, ka_off, ka_aligned, ka_groups, dtype,
+                                KA_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KA_W, BLOCK_N, KA_MASK, KA_PAIRS,
+                                DOT_FP32)  # fmt: skip
+            if KB and KB_FOLD:
+                scores_b = _score_folded(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off, kb_aligned, kb_groups,
+                                         qb, qb_sum, dtype, KB_BITS, K_GROUP, K_SYMMETRIC, KB_W, BLOCK_N, KB_MASK,
+                                         KB_PAIRS, DOT_FP32)  # fmt: skip
+            elif KB:
                 kb = _tile_rows(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, n, tok, kb_off, kb_aligned, kb_groups,
                                 dtype, KB_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KB_W, BLOCK_N, KB_MASK, KB_PAIRS,
                                 DOT_FP32)  # fmt: skip
@@ -595,9 +699,10 @@ def _decode_kernel(
                 scores = dot(k1, qr1, DOT_FP32) + dot(k2, qr2, DOT_FP32)
                 cos_n, sin_n = cos_n * cos_step - sin_n * sin_step, sin_n * cos_step + cos_n * sin_step
             else:
-                scores = dot(ka, qa, DOT_FP32)
+                if not KA_FOLD:
+                    scores = dot(ka, qa, DOT_FP32)
                 if KB:
-                    scores += dot(kb, qb, DOT_FP32)
+                    scores += scores_b if KB_FOLD else dot(kb, qb, DOT_FP32)
             scores = scores * qk_scale
             if SOFTCAP > 0:  # Gemma-2: capped after the scale, before the bias and the mask
                 scores = soft_cap(scores, SOFTCAP)
@@ -608,19 +713,33 @@ def _decode_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[None, :])
             l_tile = l_tile * alpha[None, :] + p
-            p = p.to(dtype)
-            v = _tile_rows(VAC, VAS, VAZ, va_c, va_s, vac_r, vas_r, n, tok, va_off, va_aligned, va_groups, dtype,
-                           VA_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VA_W, BLOCK_N, VA_MASK, VA_PAIRS,
-                           DOT_FP32)  # fmt: skip
-            acc_a = acc_a * alpha[None, :] + dot(tl.trans(v), p, DOT_FP32)
-            if VB:
-                v = _tile_rows(VBC, VBS, VBZ, vb_c, vb_s, vbc_r, vbs_r, n, tok, vb_off, vb_aligned, vb_groups,
-                               dtype, VB_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VB_W, BLOCK_N, VB_MASK, VB_PAIRS,
+            if VA_FOLD:
+                acc_a, va_shift = _weigh_folded(VAC, VAS, VAZ, va_c, va_s, vac_r, vas_r, n, tok, va_off, va_aligned,
+                                                va_groups, p, alpha, acc_a, va_shift, dtype, VA_BITS, V_GROUP,
+                                                V_SYMMETRIC, VA_W, BLOCK_N, VA_MASK, VA_PAIRS, DOT_FP32)  # fmt: skip
+            else:
+                v = _tile_rows(VAC, VAS, VAZ, va_c, va_s, vac_r, vas_r, n, tok, va_off, va_aligned, va_groups, dtype,
+                               VA_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VA_W, BLOCK_N, VA_MASK, VA_PAIRS,
                                DOT_FP32)  # fmt: skip
-                acc_b = acc_b * alpha[None, :] + dot(tl.trans(v), p, DOT_FP32)
+                acc_a = acc_a * alpha[None, :] + dot(tl.trans(v), p.to(dtype), DOT_FP32)
+            if VB:
+                if VB_FOLD:
+                    acc_b, vb_shift = _weigh_folded(VBC, VBS, VBZ, vb_c, vb_s, vbc_r, vbs_r, n, tok, vb_off,
+                                                    vb_aligned, vb_groups, p, alpha, acc_b, vb_shift, dtype, VB_BITS,
+                                                    V_GROUP, V_SYMMETRIC, VB_W, BLOCK_N, VB_MASK, VB_PAIRS,
+                                                    DOT_FP32)  # fmt: skip
+                else:
+                    v = _tile_rows(VBC, VBS, VBZ, vb_c, vb_s, vbc_r, vbs_r, n, tok, vb_off, vb_aligned, vb_groups,
+                                   dtype, VB_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VB_W, BLOCK_N, VB_MASK, VB_PAIRS,
+                                   DOT_FP32)  # fmt: skip
+                    acc_b = acc_b * alpha[None, :] + dot(tl.trans(v), p.to(dtype), DOT_FP32)
             m_i = m_new
 
     l_i = tl.sum(l_tile, axis=0)
+    if VA_FOLD:
+        acc_a += tl.sum(va_shift, axis=0)[None, :]
+    if VB_FOLD:
+        acc_b += tl.sum(vb_shift, axis=0)[None, :]
     # tail: the full-precision window and partly quantized tiles, element by element
     kw = b * kw_b + h * kw_h
     vw = b * vw_b + h * vw_h
@@ -1241,6 +1360,11 @@ def roofline_cases():
                 slots = H100_SMS * programs_per_sm(launch_config(mode, group))
                 programs = batch * kv_heads * num_splits(context, batch * kv_heads, block_n, slots)
                 decoders = kv_heads * head_dim * key_rank * 2 if mode == "pre" else 0
+                c = spec.constexprs  # MMA widths per token: keys (rebuilt in pre mode), then values
+                key_w = c["KA_W"] + c["KB_W"] * c["KB"]
+                per_token_flops = 2 * c["G_PAD"] * (
+                    (2 * c["HALF_PAD"] if mode == "pre" else key_w) + c["VA_W"] + c["VB_W"] * c["VB"]
+                ) + (2 * key_w * 2 * c["HALF_PAD"] if mode == "pre" else 0)
                 yield RooflineCase(
                     name=name,
                     spec=spec,
@@ -1249,6 +1373,8 @@ def roofline_cases():
                     total_bytes=batch * kv_heads * context * per_token + decoders,
                     sdpa_bytes=batch * kv_heads * context * 2 * head_dim * 2,
                     programs=programs,
+                    flops=batch * kv_heads * context * per_token_flops,
+                    sdpa_flops=batch * heads * context * 2 * 2 * head_dim,
                     loop=0,  # the main loop comes first; the tail loop after it runs at most twice per program
                     workload={
                         "shape": shape, "mode": mode, "batch": batch, "context": context, "heads": heads,

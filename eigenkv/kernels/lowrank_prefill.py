@@ -381,7 +381,7 @@ def roofline_cases(batch: int = 1, length: int = 8192):
 
     A program holds BLOCK_M queries of one head and reads the keys and values before them: per key token
     it reads ``(r_k + r_v) * 2`` bytes (fp16 rank-space states); the launch reads them about ``T / (2 BLOCK_M)``
-    times per query head (causal)."""
+    times per query head (causal). The work is the MMAs': the estimate is bound by their FLOPs (and SDPA's)."""
     for shape, heads, kv_heads, head_dim, key_rank, value_rank in ROOFLINE_SHAPES:
         for mode in ("rank", "pre"):
             rk_pad, rv_pad = pad_width(key_rank), pad_width(value_rank)
@@ -393,6 +393,10 @@ def roofline_cases(batch: int = 1, length: int = 8192):
                 **cfg.constexprs,
             }  # fmt: skip
             block_m = cfg.constexprs["BLOCK_M"]
+            # MMA FLOPs per key token a program reads: scores over the query or key width, values over RV_PAD,
+            # and in pre mode the key's rebuild from its codes (both halves of the head)
+            score_width = 2 * half_pad if mode == "pre" else rk_pad
+            per_key = 2 * block_m * (score_width + rv_pad) + (2 * rk_pad * 2 * half_pad if mode == "pre" else 0)
             name = f"lowrank_prefill[{shape},{mode},T{length}]"
             spec = KernelSpec(name, _prefill_kernel, _signature("fp16"), constexprs, cfg.num_warps, cfg.num_stages)
             per_token = (key_rank + value_rank) * 2
@@ -405,6 +409,8 @@ def roofline_cases(batch: int = 1, length: int = 8192):
                 total_bytes=batch * heads * query_blocks * (length / 2) * per_token,
                 sdpa_bytes=batch * kv_heads * length * 2 * head_dim * 2,
                 programs=batch * heads * query_blocks,
+                flops=batch * heads * query_blocks * (length / 2) * per_key,
+                sdpa_flops=batch * heads * length * length * 2 * head_dim,  # causal: half of 4 T^2 d a head
                 workload={
                     "shape": shape, "mode": mode, "batch": batch, "context": length, "heads": heads,
                     "kv_heads": kv_heads, "head_dim": head_dim, "key_rank": key_rank, "value_rank": value_rank,

@@ -3,8 +3,8 @@
 ``python -m eigenkv.kernels.roofline [--out DIR] [--cases SUBSTRING]`` compiles every
 :class:`~eigenkv.kernels.utils.RooflineCase` of the attention kernels (their ``roofline_cases()``: the
 benchmark workloads) for sm_90, finds the hot loop in the SASS, counts what one iteration issues, and
-estimates the launch time on an H100 SXM and an H200 from the bytes the launch reads and the
-instructions it issues per byte, next to fp16 SDPA reading uncompressed K and V. It writes
+estimates the launch time on an H100 SXM and an H200 from the bytes the launch reads, the
+instructions it issues per byte and its tensor-core work, next to fp16 SDPA on uncompressed K and V. It writes
 ``roofline_sm90.csv`` and ``roofline_sm90.md`` and prints the tables.
 ``--sass NAME`` prints the hot-loop SASS of one case instead (for optimizing a kernel).
 
@@ -52,7 +52,9 @@ class DeviceSpec:
     issues one warp-instruction per clock). SMs and nominal bandwidths are NVIDIA's datasheets (H100 SXM5:
     132 SMs, 3.35 TB/s HBM3; H200: the same 132-SM GH100 with 4.8 TB/s HBM3e). The copy bandwidths are
     device-to-device copies measured here (2,940 GB/s on an H100 80GB HBM3, 4,102 GB/s on an H200: the
-    "device copy" column of the quantize/pack benchmarks in docs/kernels.md), rounded. The clock is a
+    "device copy" column of the quantize/pack benchmarks in docs/kernels.md), rounded. The tensor-core rate
+    is the datasheets' dense fp16/bf16 peak with fp32 accumulation (989 TFLOP/s on both; attention kernels
+    reach 50-75% of it), which bounds compute-heavy work such as prefill. The clock is a
     sustained boost clock assumed for both (the SXM parts may clock up to 1.98 GHz), so the issue bound
     errs on the slow side.
     """
@@ -63,6 +65,7 @@ class DeviceSpec:
     clock_hz: float
     nominal_bandwidth: float
     copy_bandwidth: float
+    tensor_flops: float = 989.4e12
     schedulers_per_sm: int = 4
     registers_per_sm: int = 65536
     register_granularity: int = 8  # per thread, rounded up to a multiple of this
@@ -298,20 +301,32 @@ def bytes_in_flight(ctas: int, tokens: int, bytes_per_token: float, num_stages: 
 
 
 def estimate(
-    total_bytes: float, sdpa_bytes: float, wipb: float, programs: int | None, ctas: int, device: DeviceSpec
+    total_bytes: float,
+    sdpa_bytes: float,
+    wipb: float,
+    programs: int | None,
+    ctas: int,
+    device: DeviceSpec,
+    flops: float = 0.0,
+    sdpa_flops: float = 0.0,
 ) -> dict:
-    """Time estimate on ``device``: the kernel takes ``max(bytes / copy bandwidth, wipb x bytes / issue rate)``
-    times the wave factor; SDPA in fp16 takes ``sdpa_bytes / copy bandwidth``. Times in microseconds;
-    None when no block fits on an SM."""
-    memory_s = total_bytes / device.copy_bandwidth
-    issue_s = wipb * total_bytes / device.issue_rate
-    sdpa_s = sdpa_bytes / device.copy_bandwidth
+    """Time estimate on ``device``: the kernel takes the longest of ``bytes / copy bandwidth``,
+    ``wipb x bytes / issue rate`` and ``flops / tensor rate``, times the wave factor; SDPA in fp16 takes the
+    longer of ``sdpa_bytes / copy bandwidth`` and ``sdpa_flops / tensor rate``. Times in microseconds; None
+    when no block fits on an SM."""
+    bounds = {
+        "memory": total_bytes / device.copy_bandwidth,
+        "issue": wipb * total_bytes / device.issue_rate,
+        "tensor": flops / device.tensor_flops,
+    }
+    sdpa_s = max(sdpa_bytes / device.copy_bandwidth, sdpa_flops / device.tensor_flops)
     if ctas < 1:
         return {"bound": "no fit", "wave_factor": None, "kernel_us": None, "sdpa_us": sdpa_s * 1e6, "speedup": None}
     factor = wave_factor(programs, device.sms * ctas)
-    kernel_s = max(memory_s, issue_s) * factor
+    bound = max(bounds, key=bounds.get)  # the first of equals: memory
+    kernel_s = bounds[bound] * factor
     return {
-        "bound": "memory" if memory_s >= issue_s else "issue",
+        "bound": bound,
         "wave_factor": factor,
         "kernel_us": kernel_s * 1e6,
         "sdpa_us": sdpa_s * 1e6,
@@ -354,6 +369,8 @@ def report(case: RooflineCase, sass: str, ttgir: str, registers: int, spill_byte
         "bytes_per_token": case.bytes_per_token,
         "total_bytes": case.total_bytes,
         "sdpa_bytes": case.sdpa_bytes,
+        "flops": case.flops,
+        "sdpa_flops": case.sdpa_flops,
         "programs": case.programs,
         "warp_instr_per_byte": wipb,
         "bytes_in_flight_per_sm": bytes_in_flight(
@@ -361,7 +378,9 @@ def report(case: RooflineCase, sass: str, ttgir: str, registers: int, spill_byte
         ),
     }
     for device in DEVICES:
-        times = estimate(case.total_bytes, case.sdpa_bytes, wipb, case.programs, ctas, device)
+        times = estimate(
+            case.total_bytes, case.sdpa_bytes, wipb, case.programs, ctas, device, case.flops, case.sdpa_flops
+        )
         row |= {f"{device.key}_{field}": times[field] for field in ESTIMATE_FIELDS}
     row["opcodes"] = opcode_histogram(loop.body)
     return row
@@ -431,6 +450,8 @@ COLUMNS = {
     "bytes_per_token": "bytes one program reads per key token in the loop",
     "total_bytes": "bytes the launch reads",
     "sdpa_bytes": "bytes fp16 SDPA reads for the same attention",
+    "flops": "tensor-core FLOPs the launch does (its MMAs at their padded tile sizes)",
+    "sdpa_flops": "FLOPs of fp16 SDPA for the same attention (causal: the half it computes)",
     "programs": "programs the launch starts",
     "warp_instr_per_byte": "loop_instructions x num_warps / (tokens_per_iteration x bytes_per_token)",
     "bytes_in_flight_per_sm": "ctas_per_sm x tokens_per_iteration x bytes_per_token x (num_stages - 1 if "
@@ -440,7 +461,7 @@ COLUMNS |= {
     f"{device.key}_{field}": f"{device.name}: {doc}"
     for device in DEVICES
     for field, doc in (
-        ("bound", "what the kernel time is bound by: memory or issue"),
+        ("bound", "what the kernel time is bound by: memory, issue or tensor"),
         ("wave_factor", "ceil(waves) / waves, waves = programs / (SMs x ctas_per_sm)"),
         ("kernel_us", "estimated kernel time (us)"),
         ("sdpa_us", "estimated fp16 SDPA time (us)"),
@@ -530,7 +551,8 @@ def _device_lines() -> list[str]:
     return [
         f"- {d.name}: {d.sms} SMs at {d.clock_hz / 1e9:.3f} GHz, issue rate {d.sms} x {d.schedulers_per_sm} x "
         f"{d.clock_hz / 1e9:.3f}e9 = {d.issue_rate:.3e} warp-instructions/s; {d.nominal_bandwidth / 1e12:.2f} TB/s "
-        f"nominal, {d.copy_bandwidth / 1e12:.2f} TB/s used (measured copy)."
+        f"nominal, {d.copy_bandwidth / 1e12:.2f} TB/s used (measured copy); {d.tensor_flops / 1e12:.0f} TFLOP/s "
+        "dense fp16 tensor-core peak."
         for d in DEVICES
     ]
 
@@ -566,11 +588,13 @@ def markdown(rows: list[dict], command: str) -> str:
         "- **wipb**: warp-instructions per stored byte = loop instr x warps / (tokens x B/token).",
         "- **KB in flight/SM**: CTAs/SM x tokens x B/token x (stages - 1 with async copies, else 1).",
         "- **wave x**: ceil(waves) / waves, waves = programs / (SMs x CTAs/SM) (the same SM count on both GPUs).",
-        "- **kernel us** = max(total bytes / bandwidth, wipb x total bytes / issue rate) x wave x, bound by "
-        "memory or issue; **SDPA us** = fp16 SDPA bytes (uncompressed K and V) / bandwidth; **speed-up** = "
-        "SDPA us / kernel us.",
-        "- A model, not a measurement: it ignores latency (beyond showing bytes in flight), tensor-core throughput "
-        "and the split-merge kernel, and the prefill rows compare with SDPA reading K and V once.",
+        "- **kernel us** = max(total bytes / bandwidth, wipb x total bytes / issue rate, tensor FLOPs / tensor "
+        "rate) x wave x, bound by memory, issue or tensor; **SDPA us** = max(fp16 SDPA bytes (uncompressed K and "
+        "V) / bandwidth, SDPA FLOPs / tensor rate); **speed-up** = SDPA us / kernel us. Prefill is bound by its "
+        "FLOPs: there SDPA's estimate is its causal FLOPs at the tensor-core peak, which real kernels reach "
+        "50-75% of, so the speed-ups of rows bound otherwise are low by as much.",
+        "- A model, not a measurement: it ignores latency (beyond showing bytes in flight), the MMAs' operand "
+        "moves and the split-merge kernel.",
         "",
         *_device_lines(),
         "",

@@ -73,6 +73,8 @@ class RooflineCase:
         total_bytes: bytes the whole launch reads (every program), for the time estimate.
         sdpa_bytes: bytes fp16 SDPA reads for the same attention (uncompressed K and V), for comparison.
         programs: programs the launch starts.
+        flops: tensor-core FLOPs of the whole launch (its MMAs at their padded tile sizes).
+        sdpa_flops: FLOPs of fp16 SDPA for the same attention (causal: the half it computes).
         workload: the shape, for the report (batch, heads, kv_heads, head_dim, context, ranks, bits, ...).
         loop: which loop is the hot one (``eigenkv.kernels.roofline.hot_loop``); None: the largest.
     """
@@ -84,6 +86,8 @@ class RooflineCase:
     total_bytes: float
     sdpa_bytes: float
     programs: int
+    flops: float = 0.0
+    sdpa_flops: float = 0.0
     workload: dict = field(default_factory=dict)
     loop: int | None = None
 

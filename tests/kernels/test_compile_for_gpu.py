@@ -1,33 +1,27 @@
 """Every kernel compiles for sm_80 and sm_90 at its launch configs, within its spill budget and shared memory.
 
-Runs ``python -m eigenkv.kernels.compile_check`` in a child process with
-TRITON_INTERPRET unset (interpreted kernels cannot be compiled), no GPU needed.
+The check (``python -m eigenkv.kernels.compile_check``, no GPU needed) runs in a child process that this folder's
+conftest starts at collection, beside the other tests.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from eigenkv.kernels import compile_check
+from eigenkv.kernels import compile_check as check_module
 
 
 @pytest.fixture(scope="module")
-def reports():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "eigenkv.kernels.compile_check"], env=env, capture_output=True, text=True, timeout=900
-    )
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+def reports(compile_check):
+    code, stdout, stderr = compile_check.wait(timeout=850)  # within the suite's 900 s a test
+    reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     errors = [r for r in reports if "error" in r]
-    assert proc.returncode == 0 and not errors, f"compile check failed: {errors[:5]}\n{proc.stderr[-4000:]}"
+    assert code == 0 and not errors, f"compile check failed: {errors[:5]}\n{stderr[-4000:]}"
     return reports
 
 
 def test_every_spec_compiled_for_both_targets(reports):
-    expected = {spec.name for spec in compile_check.all_specs()}
+    expected = {spec.name for spec in check_module.all_specs()}
     assert expected, "no kernel declares compile specs"
     for target in ("sm_80", "sm_90"):
         assert {r["kernel"] for r in reports if r["target"] == target} == expected
@@ -40,11 +34,12 @@ def test_every_spec_compiled_for_both_targets(reports):
 # their occupancy without spilling, measured on a GPU. A kernel not listed must not spill at all, and no
 # config may spill more than its kernel does today (the decode kernel's two-codes-an-instruction conversion took
 # its largest frame below 256 features from 3824 to 2960 bytes; at 256 features the row sums it keeps per tile
-# element cost the bf16 capped-logits compile on sm_90 216 bytes more, 5632 to 5848).
+# element cost the bf16 capped-logits compile on sm_90 216 bytes more, 5632 to 5848; folding the scales out of the
+# elements took it to 5816).
 # Keyed by (kernel, head size 256).
 SPILL_BUDGET = {
     ("lowrank_decode", False): 2960,
-    ("lowrank_decode", True): 5848,
+    ("lowrank_decode", True): 5816,
     ("lowrank_prefill", False): 464,
     ("lowrank_prefill", True): 6264,
     ("quantize_pack", False): 8,

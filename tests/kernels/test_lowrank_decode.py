@@ -145,16 +145,51 @@ def test_matches_reference_over_odd_shapes(case, checked_alignment):
         assert checked_alignment, "the main loop ran without its alignment claims being checked"
 
 
+# Per-token chunks of at least 8 x (query heads padded) features inside one group take the folded path (scales and
+# offsets out of the elements): GQA 4 pads to 8, so ranks 77 (chunks 64 + 16) and 128 with groups of 64 / 128
+FOLDED = [
+    # key rank, value rank, bits, group, key axis, symmetric, dtype
+    (77, 77, 4, 64, "token", False, torch.float16),
+    (77, 64, 8, 64, "channel", False, torch.bfloat16),
+    (128, 100, 2, 128, "token", True, torch.float16),
+    (70, 128, 4, 128, "token", False, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", FOLDED, ids=[f"r{c[0]}x{c[1]}-b{c[2]}-g{c[3]}-k{c[4]}-s{int(c[5])}" for c in FOLDED])
+def test_folded_scales_match_the_reference(case, monkeypatch):
+    """The folded path: the MMAs weigh the codes as converted (1024 or 128 above the code), the scales go into the
+    probabilities (values) or multiply the scores (per-token keys), the offsets and that bias come off in fp32."""
+    key_rank, value_rank, bits, group, axis_k, symmetric, dtype = case
+    torch.manual_seed(1)
+    config = KVQuantConfig(bits=bits, group_size=group, axis_k=axis_k, axis_v="token", residual=3, symmetric=symmetric)
+    tokens = 2 * group + 40  # two full tiles of 64 tokens at least, then partly quantized tiles and the window
+    keys = make_stream(torch.randn(2, 2, tokens, key_rank, device=DEVICE, dtype=dtype) * 3, config, axis_k)
+    values = make_stream(torch.randn(2, 2, tokens, value_rank, device=DEVICE, dtype=dtype), config, "token")
+    query = torch.randn(2, 8, key_rank, device=DEVICE, dtype=dtype)
+    folded = []
+    if interpreting():  # count the folded calls (on a GPU the compile holds them)
+        for name in ("_score_folded", "_weigh_folded"):
+            original = getattr(decode_module, name)
+            monkeypatch.setattr(decode_module, name, lambda *a, _f=original, _n=name: folded.append(_n) or _f(*a))
+    starts = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
+    for splits in (1, 2):
+        check_against_reference(query, keys, values, Scoring(key_rank**-0.5), starts=starts, splits=splits)
+    if interpreting():
+        assert "_weigh_folded" in folded and ("_score_folded" in folded) == (axis_k == "token"), set(folded)
+
+
 @pytest.mark.parametrize("axis", ["channel", "token"])
 def test_8bit_codes_off_word_alignment_are_read_byte_by_byte(axis, checked_alignment):
     """8-bit codes are read as uint32 words when they start and stride on multiples of 8 bytes (the store's
-    always do); codes moved one byte off (a view a caller might build) take the byte path, same output."""
+    always do); codes moved one byte off (a view a caller might build) take the byte path. Both match the
+    reference, and each other to fp32 rounding (the word path's codes carry a bias a fold takes off in fp32)."""
     torch.manual_seed(0)
     config = KVQuantConfig(bits=8, group_size=64, axis_k=axis, axis_v=axis, residual=0)
     keys = make_stream(torch.randn(1, 2, 128, 40, device=DEVICE, dtype=torch.float16), config, axis)
     values = make_stream(torch.randn(1, 2, 128, 24, device=DEVICE, dtype=torch.float16), config, axis)
     query = torch.randn(1, 4, 40, device=DEVICE, dtype=torch.float16)
-    aligned = lowrank_decode(query, keys, values, Scoring(0.125))
+    aligned = check_against_reference(query, keys, values, Scoring(0.125))
 
     def off_by_one(stream):
         segment = stream.segments[0]
@@ -167,7 +202,7 @@ def test_8bit_codes_off_word_alignment_are_read_byte_by_byte(axis, checked_align
     assert unpacks_pairs(8, keys.segments[0].codes) and unpacks_pairs(8, values.segments[0].codes)
     assert not unpacks_pairs(8, moved_keys.segments[0].codes) and not unpacks_pairs(8, moved_values.segments[0].codes)
     moved = check_against_reference(query, moved_keys, moved_values, Scoring(0.125))
-    assert torch.equal(moved, aligned)
+    torch.testing.assert_close(moved, aligned, rtol=0, atol=2e-3)
 
 
 @pytest.mark.parametrize(

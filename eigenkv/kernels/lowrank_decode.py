@@ -33,8 +33,9 @@ code by ``python -m eigenkv.kernels.roofline``):
 - a stream's features are read as at most two power-of-two chunks
   (:func:`feature_chunks`), their packed rows as aligned vectors copied
   asynchronously (rows cover ``aligned_width`` features, see
-  :mod:`eigenkv.quant.packing`), converted two codes an instruction (2, 4
-  and 8 bits: the code OR-ed into the mantissa of 1024.0, see :func:`_halves`)
+  :mod:`eigenkv.quant.packing`), converted without an integer-to-float
+  conversion (2, 4 and 8 bits: the code OR-ed into the mantissa of 1024.0, see
+  :func:`_halves` and :func:`unpack_ptx`)
   and dequantized in the model dtype with one fused multiply-add per two
   elements, the scales of a block of per-channel codes loaded once per tile (a
   tile of 64 tokens holds one block, part of one, or several whole ones);
@@ -80,6 +81,33 @@ from eigenkv.quant.packing import PackedStream, aligned_width, packed_length
 SCALE_DTYPE = torch.float16
 GROUP_SIZES = (16, 32, 64, 128)
 MAX_SPLITS = 128
+
+
+def unpack_ptx(bits: int, magic: int) -> str:
+    """PTX that unpacks four bytes of 2- or 4-bit codes (``$N``, N = 2 * 8 // bits: byte i of the register is
+    element i, as Triton packs them) into ``8 // bits`` outputs of two registers each: output k holds code k
+    of each byte (codes from the lowest bits), element i in half i % 2 of register i // 2, each as the 16-bit
+    float ``magic + code`` (0x6400, 1024.0 in fp16; 0x4300, 128.0 in bf16, exact for codes below 128).
+
+    One byte permutation spreads two bytes to bits 0 and 16, then per code a shift (but the first) and one
+    ``lop3`` (mask, then OR the magic): 1-1.25 instructions a code, where converting byte by byte costs 2."""
+    if bits not in (2, 4):
+        raise ValueError(f"unpack_ptx converts 2- or 4-bit codes, not {bits}-bit")
+    codes = 8 // bits
+    mask = ((1 << bits) - 1) * 0x00010001
+    lines = [f"prmt.b32 lo, ${2 * codes}, 0, 0x7170;", f"prmt.b32 hi, ${2 * codes}, 0, 0x7372;"]  # bytes 0,1 / 2,3
+    for k in range(codes):
+        if k:
+            lines += [f"shr.b32 lo, lo, {bits};", f"shr.b32 hi, hi, {bits};"]
+        for j, reg in enumerate(("lo", "hi")):  # 0xea: (a & b) | c
+            lines.append(f"lop3.b32 ${2 * k + j}, {reg}, {mask:#010x}, {magic * 0x00010001:#010x}, 0xea;")
+    return "{ .reg .b32 lo, hi; " + " ".join(lines) + " }"
+
+
+_PTX_4_F16 = tl.constexpr(unpack_ptx(4, 0x6400))
+_PTX_4_BF16 = tl.constexpr(unpack_ptx(4, 0x4300))
+_PTX_2_F16 = tl.constexpr(unpack_ptx(2, 0x6400))
+_PTX_2_BF16 = tl.constexpr(unpack_ptx(2, 0x4300))
 
 
 # --- reference -------------------------------------------------------------------------------
@@ -217,11 +245,38 @@ def _pair_codes(x, BITS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
 
 
 @triton.jit
+def _unpack_bytes(x, BITS: tl.constexpr, DTYPE: tl.constexpr):
+    # (F, R) uint8 bytes of 2- or 4-bit codes -> (F, R, 8 // BITS) their codes in order plus _code_bias, in DTYPE,
+    # by the PTX of unpack_ptx, four bytes an instance (GPU only: the interpreter runs no PTX). It maps each
+    # byte to its own codes, so it is right whichever bytes Triton packs together, and its pairs come out as
+    # the MMA's operands hold them (the multiply of _pair_codes pairs a byte's two codes, a register that
+    # ptxas then takes apart).
+    if BITS == 4:
+        if tl.bfloat16 == DTYPE:
+            c0, c1 = tl.inline_asm_elementwise(_PTX_4_BF16, "=r,=r,=r,=r,r", [x], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)  # fmt: skip
+        else:
+            c0, c1 = tl.inline_asm_elementwise(_PTX_4_F16, "=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)  # fmt: skip
+        return tl.join(c0, c1)
+    else:
+        if tl.bfloat16 == DTYPE:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(_PTX_2_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+                                                       dtype=(tl.bfloat16,) * 4, is_pure=True, pack=4)  # fmt: skip
+        else:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(_PTX_2_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+                                                       dtype=(tl.float16,) * 4, is_pure=True, pack=4)  # fmt: skip
+        return tl.join(tl.join(c0, c1), tl.join(c2, c3)).reshape(x.shape[0], x.shape[1], 4)
+
+
+@triton.jit
 def _byte_codes(x, BITS: tl.constexpr, PAIRS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
     # (F, R) uint8, each byte holding 8 // BITS codes along the last axis (first code in the lowest bits)
     # -> (F, R * 8 // BITS) codes in order: two per instruction in DTYPE when PAIRS (2 and 4 bits, plus
     # _code_bias), else integers (bytes shifted and masked, interleaved in registers)
-    if PAIRS:
+    if PAIRS and not FP32:
+        return _unpack_bytes(x, BITS, DTYPE).reshape(x.shape[0], x.shape[1] * (8 // BITS))
+    elif PAIRS:  # the interpreter's conversion (the same codes, by the multiply of _pair_codes)
         return _pair_codes(x, BITS, DTYPE, FP32).reshape(x.shape[0], x.shape[1] * (8 // BITS))
     elif BITS == 8:
         return x

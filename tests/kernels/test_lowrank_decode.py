@@ -179,6 +179,65 @@ def test_folded_scales_match_the_reference(case, monkeypatch):
         assert "_weigh_folded" in folded and ("_score_folded" in folded) == (axis_k == "token"), set(folded)
 
 
+def run_ptx(ptx: str, word: np.ndarray, outputs: int) -> np.ndarray:
+    """Runs the ``prmt`` / ``shr`` / ``lop3`` PTX of ``unpack_ptx`` on uint32 ``word`` (n,): (outputs, n) uint32."""
+    regs = {f"${outputs}": word.astype(np.uint64)}
+
+    def value(token: str) -> np.ndarray:
+        return regs[token] if token in regs else np.full_like(word, int(token, 0), dtype=np.uint64)
+
+    body = ptx.strip("{} ").split(";")
+    assert body[0].strip() == ".reg .b32 lo, hi", body[0]
+    for line in filter(str.strip, body[1:]):
+        op, args = line.split(None, 1)
+        d, *src = (a.strip() for a in args.split(","))
+        if op == "prmt.b32":  # bytes 0-3 of a, 4-7 of b; selector nibble i picks byte i of the result
+            a, b, sel = value(src[0]), value(src[1]), int(src[2], 0)
+            pool = a | (b << 32)
+            out = np.zeros_like(pool)
+            for i in range(4):
+                pick = (sel >> 4 * i) & 0xF
+                assert pick < 8, "sign replication is not used"
+                out |= ((pool >> (8 * pick)) & 0xFF) << (8 * i)
+            regs[d] = out
+        elif op == "shr.b32":
+            regs[d] = value(src[0]) >> int(src[1])
+        elif op == "lop3.b32":  # result bit = bit (4a + 2b + c) of the table
+            a, b, c, lut = value(src[0]), value(src[1]), value(src[2]), int(src[3], 0)
+            out = np.zeros_like(a)
+            for index in range(8):
+                if lut >> index & 1:
+                    term = np.full_like(a, 0xFFFFFFFF)
+                    for bit, x in zip((4, 2, 1), (a, b, c), strict=True):
+                        term &= x if index & bit else ~x & 0xFFFFFFFF
+                    out |= term
+            regs[d] = out
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+    return np.stack([regs[f"${k}"] for k in range(outputs)]).astype(np.uint32)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unpack_ptx_gives_every_code_of_every_byte(bits, dtype):
+    # what the GPU runs in place of the interpreter's conversion: element i of four packed bytes -> code k of
+    # that byte as magic + code, in half i % 2 of output register (2k + i // 2)
+    magic = 0x6400 if dtype == torch.float16 else 0x4300
+    values = np.arange(256, dtype=np.uint64)
+    words = values | ((values * 7 + 3) % 256) << 8 | (255 - values) << 16 | ((values * 13 + 5) % 256) << 24
+    codes = 8 // bits
+    regs = run_ptx(decode_module.unpack_ptx(bits, magic), words, 2 * codes)  # (2 codes, 256)
+    halves = np.stack([regs & 0xFFFF, regs >> 16], axis=-1).reshape(codes, 2, 256, 2)  # (k, i // 2, word, i % 2)
+    got = torch.from_numpy(halves.astype(np.int16)).view(dtype).float()
+    for i in range(4):
+        byte = (words >> (8 * i)) & 0xFF
+        for k in range(codes):
+            code = torch.from_numpy(((byte >> (bits * k)) & ((1 << bits) - 1)).astype(np.float32))
+            torch.testing.assert_close(got[k, i // 2, :, i % 2], code + (1024.0 if magic == 0x6400 else 128.0))
+    with pytest.raises(ValueError, match="2- or 4-bit"):
+        decode_module.unpack_ptx(3, magic)
+
+
 @pytest.mark.parametrize("axis", ["channel", "token"])
 def test_8bit_codes_off_word_alignment_are_read_byte_by_byte(axis, checked_alignment):
     """8-bit codes are read as uint32 words when they start and stride on multiples of 8 bytes (the store's

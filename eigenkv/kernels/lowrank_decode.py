@@ -524,6 +524,20 @@ def _operand(codes, DTYPE: tl.constexpr, FP32: tl.constexpr):
 
 
 @triton.jit
+def _folded_chunk(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups,
+                  DTYPE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr, PAIRS: tl.constexpr,
+                  FP32: tl.constexpr):  # fmt: skip
+    # a chunk of per-token codes of a full tile as an MMA operand (N, W) (_operand: plus _code_bias), with each
+    # token's scale and offset (N, 1) fp32, the chunk in one group of each token
+    codes = _chunk_codes(C, c_base, c_r, n, tok, offset, aligned, DTYPE, BITS, True, GROUP, W, N, MASK, PAIRS,
+                         FP32)  # fmt: skip
+    rows = s_base + tok[:, None].to(tl.int64) * s_r
+    scale, offset_t = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, 1)
+    return _operand(codes, DTYPE, FP32), scale, offset_t
+
+
+@triton.jit
 def _score_folded(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, q, q_sum,
                   DTYPE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                   W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr, PAIRS: tl.constexpr,
@@ -534,11 +548,9 @@ def _score_folded(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, gr
     # off as b q_sum in fp32); the scale and offset cost a multiply-add per score, none per element.
     # (Per-channel keys keep their dequantization: their fold would need a per-head bias from every block's
     # offsets, a reduction across the warps each tile that costs more than the elementwise work it saves.)
-    codes = _chunk_codes(C, c_base, c_r, n, tok, offset, aligned, DTYPE, BITS, True, GROUP, W, N, MASK, PAIRS,
-                         FP32)  # fmt: skip
-    rows = s_base + tok[:, None].to(tl.int64) * s_r
-    scale, offset_t = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, 1)  # (N, 1) fp32
-    raw = dot(_operand(codes, DTYPE, FP32), q, FP32) - _code_bias(BITS, PAIRS, DTYPE) * q_sum[None, :]
+    codes, scale, offset_t = _folded_chunk(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, DTYPE,
+                                           BITS, GROUP, SYMMETRIC, W, N, MASK, PAIRS, FP32)  # fmt: skip
+    raw = dot(codes, q, FP32) - _code_bias(BITS, PAIRS, DTYPE) * q_sum[None, :]
     return scale * raw + offset_t * q_sum[None, :]
 
 
@@ -552,12 +564,10 @@ def _weigh_folded(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, gr
     # sum_t (p_t s_t) c_t + sum_t p_t o_t. The MMA weighs the codes as converted (plus _code_bias, b) by
     # p_t s_t rounded to DTYPE; shift_sum (N, M) fp32 keeps p_t o_t - b (p_t s_t) per token, with the very
     # rounded weights, so that the bias cancels in fp32 (summed over tokens after the loop, as the row sums)
-    codes = _chunk_codes(C, c_base, c_r, n, tok, offset, aligned, DTYPE, BITS, True, GROUP, W, N, MASK, PAIRS,
-                         FP32)  # fmt: skip
-    rows = s_base + tok[:, None].to(tl.int64) * s_r
-    scale, offset_t = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, 1)  # (N, 1) fp32
+    codes, scale, offset_t = _folded_chunk(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, DTYPE,
+                                           BITS, GROUP, SYMMETRIC, W, N, MASK, PAIRS, FP32)  # fmt: skip
     weights = (p * scale).to(DTYPE)
-    acc = acc * alpha[None, :] + dot(tl.trans(_operand(codes, DTYPE, FP32)), weights, FP32)
+    acc = acc * alpha[None, :] + dot(tl.trans(codes), weights, FP32)
     bias = _code_bias(BITS, PAIRS, DTYPE)
     shift_sum = shift_sum * alpha[None, :] + (p * offset_t - bias * weights.to(tl.float32))
     return acc, shift_sum

@@ -231,34 +231,29 @@ def _code_bias(BITS: tl.constexpr, PAIRS: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _pair_codes(x, BITS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
-    # (F, R) uint8 bytes of 2- or 4-bit codes -> (F, R, 8 // BITS) their codes in order plus _code_bias, exact in
-    # DTYPE (fp32 when FP32): a multiply copies the byte so that two codes land at bits 0 and 16 (b * 0x1001 puts the
-    # high nibble at bit 16, b * 0x4001 the second 2-bit code), a mask keeps them, _halves converts both
-    b = x.to(tl.uint32)
-    if BITS == 4:
-        return _halves((b * 0x1001) & 0x000F000F, DTYPE, FP32)
-    else:
-        low = _halves((b * 0x4001) & 0x00030003, DTYPE, FP32)  # codes 0, 1
-        high = _halves(((b >> 4) * 0x4001) & 0x00030003, DTYPE, FP32)  # codes 2, 3
-        return tl.permute(tl.join(low, high), (0, 1, 3, 2)).reshape(x.shape[0], x.shape[1], 4)
-
-
-@triton.jit
-def _unpack_bytes(x, BITS: tl.constexpr, DTYPE: tl.constexpr):
-    # (F, R) uint8 bytes of 2- or 4-bit codes -> (F, R, 8 // BITS) their codes in order plus _code_bias, in DTYPE,
-    # by the PTX of unpack_ptx, four bytes an instance (GPU only: the interpreter runs no PTX). It maps each
-    # byte to its own codes, so it is right whichever bytes Triton packs together, and its pairs come out as
-    # the MMA's operands hold them (the multiply of _pair_codes pairs a byte's two codes, a register that
-    # ptxas then takes apart).
-    if BITS == 4:
+def _code_planes(x, BITS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
+    # (F, R) uint8 bytes of 2- or 4-bit codes -> code k of each byte (F, R), k < 8 // BITS (four tensors: the
+    # last two repeat the first two at 4 bits), plus _code_bias, in DTYPE. On the GPU by the PTX of unpack_ptx,
+    # four bytes an instance: it maps each byte to its own codes, so it is right whichever bytes Triton packs
+    # together. The interpreter runs no PTX: there each code is shifted out and converted in fp32 (exact).
+    if FP32:
+        b = x.to(tl.int32)
+        bias = _code_bias(BITS, True, DTYPE)
+        mask: tl.constexpr = (1 << BITS) - 1
+        c0 = (b & mask).to(tl.float32) + bias
+        c1 = ((b >> BITS) & mask).to(tl.float32) + bias
+        if BITS == 4:
+            return c0, c1, c0, c1
+        else:
+            return c0, c1, ((b >> 4) & mask).to(tl.float32) + bias, (b >> 6).to(tl.float32) + bias
+    elif BITS == 4:
         if tl.bfloat16 == DTYPE:
             c0, c1 = tl.inline_asm_elementwise(_PTX_4_BF16, "=r,=r,=r,=r,r", [x], dtype=(tl.bfloat16, tl.bfloat16),
                                                is_pure=True, pack=4)  # fmt: skip
         else:
             c0, c1 = tl.inline_asm_elementwise(_PTX_4_F16, "=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16),
                                                is_pure=True, pack=4)  # fmt: skip
-        return tl.join(c0, c1)
+        return c0, c1, c0, c1
     else:
         if tl.bfloat16 == DTYPE:
             c0, c1, c2, c3 = tl.inline_asm_elementwise(_PTX_2_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
@@ -266,7 +261,18 @@ def _unpack_bytes(x, BITS: tl.constexpr, DTYPE: tl.constexpr):
         else:
             c0, c1, c2, c3 = tl.inline_asm_elementwise(_PTX_2_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
                                                        dtype=(tl.float16,) * 4, is_pure=True, pack=4)  # fmt: skip
-        return tl.join(tl.join(c0, c1), tl.join(c2, c3)).reshape(x.shape[0], x.shape[1], 4)
+        return c0, c1, c2, c3
+
+
+@triton.jit
+def _in_order(c0, c1, c2, c3, BITS: tl.constexpr):
+    # the code planes of _code_planes (F, R) -> (F, R * 8 // BITS): code k of byte r at r * 8 // BITS + k. A join
+    # adds its pair as the last axis, so the 2-bit codes join as (c0, c2), (c1, c3), then pairs of those: the
+    # element [r, i, j] (at 4 r + 2 i + j) is code 2 i + j
+    if BITS == 4:
+        return tl.join(c0, c1).reshape(c0.shape[0], c0.shape[1] * 2)
+    else:
+        return tl.join(tl.join(c0, c2), tl.join(c1, c3)).reshape(c0.shape[0], c0.shape[1] * 4)
 
 
 @triton.jit
@@ -274,10 +280,9 @@ def _byte_codes(x, BITS: tl.constexpr, PAIRS: tl.constexpr, DTYPE: tl.constexpr,
     # (F, R) uint8, each byte holding 8 // BITS codes along the last axis (first code in the lowest bits)
     # -> (F, R * 8 // BITS) codes in order: two per instruction in DTYPE when PAIRS (2 and 4 bits, plus
     # _code_bias), else integers (bytes shifted and masked, interleaved in registers)
-    if PAIRS and not FP32:
-        return _unpack_bytes(x, BITS, DTYPE).reshape(x.shape[0], x.shape[1] * (8 // BITS))
-    elif PAIRS:  # the interpreter's conversion (the same codes, by the multiply of _pair_codes)
-        return _pair_codes(x, BITS, DTYPE, FP32).reshape(x.shape[0], x.shape[1] * (8 // BITS))
+    if PAIRS:
+        c0, c1, c2, c3 = _code_planes(x, BITS, DTYPE, FP32)
+        return _in_order(c0, c1, c2, c3, BITS)
     elif BITS == 8:
         return x
     elif BITS == 4:
@@ -508,9 +513,21 @@ def _tile_rows(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, group
     x = _chunk_states(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, groups, DTYPE, BITS,
                       AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, PAIRS, FP32)  # fmt: skip
     if AXIS_TOKEN:
+        return _mma_operand(x, FP32)
+    else:
+        return _mma_operand(tl.trans(x), FP32)
+
+
+@triton.jit
+def _mma_operand(x, FP32: tl.constexpr):
+    # x (16-bit floats) unchanged, through a PTX move that Triton must keep (not pure): an MMA operand computed
+    # from bytes is otherwise laid out for 8-bit elements (8 fp16 a thread along K, where ldmatrix gives 2 a
+    # register: a move per register regroups them, ~70 a tile at Llama-3-8B 4 bits); past the move Triton sees
+    # a 16-bit operand and loads it straight into the MMA's registers (ptxas drops the move). Interpreter: x.
+    if FP32:
         return x
     else:
-        return tl.trans(x)
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
 
 
 @triton.jit
@@ -534,7 +551,7 @@ def _folded_chunk(C, S, Z, c_base, s_base, c_r, s_r, n, tok, offset, aligned, gr
                          FP32)  # fmt: skip
     rows = s_base + tok[:, None].to(tl.int64) * s_r
     scale, offset_t = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, 1)
-    return _operand(codes, DTYPE, FP32), scale, offset_t
+    return _mma_operand(_operand(codes, DTYPE, FP32), FP32), scale, offset_t
 
 
 @triton.jit

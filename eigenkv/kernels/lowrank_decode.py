@@ -104,10 +104,37 @@ def unpack_ptx(bits: int, magic: int) -> str:
     return "{ .reg .b32 lo, hi; " + " ".join(lines) + " }"
 
 
+def unpack_ptx3(magic: int) -> str:
+    """PTX that unpacks 3-bit codes from four bytes of their 2-bit plane (``$8``: byte i is element i, four codes
+    from the lowest bits) and the matching high bits (``$9``: byte i holds the third bit of element i's four
+    codes in bits 0-3) into four outputs of two registers each, laid out as :func:`unpack_ptx`'s: output k
+    holds ``magic + code k`` of each element.
+
+    ``prmt`` spreads two bytes of each input to bits 0 and 16; per code, the low bits are shifted down (but the
+    first) and masked with the magic by one ``lop3``, the high bit shifted to bit 2 (but the third) and OR-ed
+    in by a second: about 2 instructions a code, where shifts, masks and a conversion per code cost 5-6."""
+    lines = ["prmt.b32 lo, $8, 0, 0x7170;", "prmt.b32 hi, $8, 0, 0x7372;"]
+    lines += ["prmt.b32 hl, $9, 0, 0x7170;", "prmt.b32 hh, $9, 0, 0x7372;"]
+    for k in range(4):
+        if k:
+            lines += ["shr.b32 lo, lo, 2;", "shr.b32 hi, hi, 2;"]
+        for j, (reg, high) in enumerate((("lo", "hl"), ("hi", "hh"))):
+            lines.append(f"lop3.b32 t, {reg}, 0x00030003, {magic * 0x00010001:#010x}, 0xea;")  # (a & b) | c
+            if k == 2:
+                bit = high
+            else:
+                lines.append(f"{'shl' if k < 2 else 'shr'}.b32 u, {high}, {abs(2 - k)};")  # bit k to bit 2
+                bit = "u"
+            lines.append(f"lop3.b32 ${2 * k + j}, {bit}, 0x00040004, t, 0xea;")
+    return "{ .reg .b32 lo, hi, hl, hh, t, u; " + " ".join(lines) + " }"
+
+
 _PTX_4_F16 = tl.constexpr(unpack_ptx(4, 0x6400))
 _PTX_4_BF16 = tl.constexpr(unpack_ptx(4, 0x4300))
 _PTX_2_F16 = tl.constexpr(unpack_ptx(2, 0x6400))
 _PTX_2_BF16 = tl.constexpr(unpack_ptx(2, 0x4300))
+_PTX_3_F16 = tl.constexpr(unpack_ptx3(0x6400))
+_PTX_3_BF16 = tl.constexpr(unpack_ptx3(0x4300))
 
 
 # --- reference -------------------------------------------------------------------------------
@@ -265,6 +292,30 @@ def _code_planes(x, BITS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr)
 
 
 @triton.jit
+def _code_planes3(low, high, DTYPE: tl.constexpr, FP32: tl.constexpr):
+    # 3-bit codes: (F, R) bytes of the 2-bit plane and (F, R // 2) of the 1-bit plane (a byte of it holds the
+    # third bits of two 2-bit bytes' codes, four each) -> code k of each 2-bit byte (F, R), k < 4, plus
+    # _code_bias, in DTYPE: the high bits are first spread to a byte per 2-bit byte (a join), then the GPU merges
+    # the planes with the PTX of unpack_ptx3; the interpreter shifts each code out in fp32
+    h = tl.join(high & 15, high >> 4).reshape(low.shape[0], low.shape[1])
+    if FP32:
+        b = low.to(tl.int32)
+        t = h.to(tl.int32)
+        bias = _code_bias(3, True, DTYPE)
+        c0 = ((b & 3) | ((t & 1) << 2)).to(tl.float32) + bias
+        c1 = (((b >> 2) & 3) | (((t >> 1) & 1) << 2)).to(tl.float32) + bias
+        c2 = (((b >> 4) & 3) | (((t >> 2) & 1) << 2)).to(tl.float32) + bias
+        c3 = ((b >> 6) | (((t >> 3) & 1) << 2)).to(tl.float32) + bias
+        return c0, c1, c2, c3
+    elif tl.bfloat16 == DTYPE:
+        return tl.inline_asm_elementwise(_PTX_3_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [low, h],
+                                         dtype=(tl.bfloat16,) * 4, is_pure=True, pack=4)  # fmt: skip
+    else:
+        return tl.inline_asm_elementwise(_PTX_3_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [low, h],
+                                         dtype=(tl.float16,) * 4, is_pure=True, pack=4)  # fmt: skip
+
+
+@triton.jit
 def _in_order(c0, c1, c2, c3, BITS: tl.constexpr):
     # the code planes of _code_planes (F, R) -> (F, R * 8 // BITS): code k of byte r at r * 8 // BITS + k. A join
     # adds its pair as the last axis, so the 2-bit codes join as (c0, c2), (c1, c3), then pairs of those: the
@@ -293,6 +344,17 @@ def _byte_codes(x, BITS: tl.constexpr, PAIRS: tl.constexpr, DTYPE: tl.constexpr,
         even = tl.interleave(tl.interleave(x & 1, (x >> 4) & 1), tl.interleave((x >> 2) & 1, (x >> 6) & 1))
         odd = tl.interleave(tl.interleave((x >> 1) & 1, (x >> 5) & 1), tl.interleave((x >> 3) & 1, x >> 7))
         return tl.interleave(even, odd)
+
+
+@triton.jit
+def _three_bit_codes(low, high, PAIRS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
+    # (F, R) bytes of a 2-bit plane and (F, R // 2) of the matching 1-bit plane -> (F, 4 R) 3-bit codes in
+    # order: in DTYPE plus _code_bias when PAIRS, else integers
+    if PAIRS:
+        c0, c1, c2, c3 = _code_planes3(low, high, DTYPE, FP32)
+        return _in_order(c0, c1, c2, c3, 2)
+    else:
+        return _byte_codes(low, 2, False, DTYPE, FP32) | (_byte_codes(high, 1, False, DTYPE, FP32) << 2)
 
 
 @triton.jit
@@ -354,7 +416,7 @@ def _channel_codes(C, stride_r, n, col, col_ok, BITS: tl.constexpr, GROUP: tl.co
         else:
             low = tl.load(low)
             high = tl.load(high)
-        return _byte_codes(low, 2, False, DTYPE, FP32) | (_byte_codes(high, 1, False, DTYPE, FP32) << 2)
+        return _three_bit_codes(low, high, PAIRS, DTYPE, FP32)
     else:  # blocks of whole bytes lie back to back: token t is in row t * BITS // 8
         rows = n * BITS // 8 + tl.arange(0, N * BITS // 8)
         ptrs = C + tl.multiple_of(col[:, None] + rows[None, :] * stride_r, [8, 1])
@@ -383,7 +445,7 @@ def _token_codes(C, rows, offset, aligned, BITS: tl.constexpr, W: tl.constexpr, 
         else:
             low = tl.load(C + low)
             high = tl.load(C + high)
-        return _byte_codes(low, 2, False, DTYPE, FP32) | (_byte_codes(high, 1, False, DTYPE, FP32) << 2)
+        return _three_bit_codes(low, high, PAIRS, DTYPE, FP32)
     else:
         j = tl.arange(0, W * BITS // 8)
         idx = tl.multiple_of(rows + offset * BITS // 8 + j[None, :], [1, BITS])
@@ -1161,11 +1223,12 @@ def query_heads_pad(groups: int) -> int:
 
 
 def unpacks_pairs(bits: int, codes: torch.Tensor | None = None) -> bool:
-    """Whether the main loop converts a segment's codes two an instruction: 2, 4 and 8 bits, 8-bit codes read
-    as pairs of uint32 words, so their ``codes`` (when given) must start and stride on multiples of 8 bytes
-    (the store's always do: rows of a multiple of 8 features; a view off that is read byte by byte). 3-bit
-    codes take shifts, masks and an integer-to-float conversion per code."""
-    if bits not in (2, 4, 8):
+    """Whether the main loop converts a segment's codes to 16-bit floats without an integer-to-float conversion
+    (``1024 + code``, two an instruction): 2, 3 and 4 bits by PTX (:func:`unpack_ptx`, :func:`unpack_ptx3`), 8
+    bits read as pairs of uint32 words, so their ``codes`` (when given) must start and stride on multiples of 8
+    bytes (the store's always do: rows of a multiple of 8 features; a view off that is read byte by byte, its
+    codes shifted out and converted one by one)."""
+    if bits not in (2, 3, 4, 8):
         return False
     return bits < 8 or codes is None or (codes.data_ptr() % 8 == 0 and all(st % 8 == 0 for st in codes.stride()[:3]))
 

@@ -179,15 +179,16 @@ def test_folded_scales_match_the_reference(case, monkeypatch):
         assert "_weigh_folded" in folded and ("_score_folded" in folded) == (axis_k == "token"), set(folded)
 
 
-def run_ptx(ptx: str, word: np.ndarray, outputs: int) -> np.ndarray:
-    """Runs the ``prmt`` / ``shr`` / ``lop3`` PTX of ``unpack_ptx`` on uint32 ``word`` (n,): (outputs, n) uint32."""
-    regs = {f"${outputs}": word.astype(np.uint64)}
+def run_ptx(ptx: str, words: list[np.ndarray], outputs: int) -> np.ndarray:
+    """Runs the ``prmt`` / ``shr`` / ``shl`` / ``lop3`` PTX of ``unpack_ptx`` (``unpack_ptx3``) on its uint32
+    inputs ``words`` (n,) each (``$outputs``, ``$outputs + 1``): (outputs, n) uint32."""
+    regs = {f"${outputs + i}": w.astype(np.uint64) for i, w in enumerate(words)}
 
     def value(token: str) -> np.ndarray:
-        return regs[token] if token in regs else np.full_like(word, int(token, 0), dtype=np.uint64)
+        return regs[token] if token in regs else np.full_like(words[0], int(token, 0), dtype=np.uint64)
 
     body = ptx.strip("{} ").split(";")
-    assert body[0].strip() == ".reg .b32 lo, hi", body[0]
+    assert body[0].strip().startswith(".reg .b32 lo, hi"), body[0]
     for line in filter(str.strip, body[1:]):
         op, args = line.split(None, 1)
         d, *src = (a.strip() for a in args.split(","))
@@ -202,6 +203,8 @@ def run_ptx(ptx: str, word: np.ndarray, outputs: int) -> np.ndarray:
             regs[d] = out
         elif op == "shr.b32":
             regs[d] = value(src[0]) >> int(src[1])
+        elif op == "shl.b32":
+            regs[d] = (value(src[0]) << int(src[1])) & 0xFFFFFFFF
         elif op == "lop3.b32":  # result bit = bit (4a + 2b + c) of the table
             a, b, c, lut = value(src[0]), value(src[1]), value(src[2]), int(src[3], 0)
             out = np.zeros_like(a)
@@ -226,7 +229,7 @@ def test_unpack_ptx_gives_every_code_of_every_byte(bits, dtype):
     values = np.arange(256, dtype=np.uint64)
     words = values | ((values * 7 + 3) % 256) << 8 | (255 - values) << 16 | ((values * 13 + 5) % 256) << 24
     codes = 8 // bits
-    regs = run_ptx(decode_module.unpack_ptx(bits, magic), words, 2 * codes)  # (2 codes, 256)
+    regs = run_ptx(decode_module.unpack_ptx(bits, magic), [words], 2 * codes)  # (2 codes, 256)
     halves = np.stack([regs & 0xFFFF, regs >> 16], axis=-1).reshape(codes, 2, 256, 2)  # (k, i // 2, word, i % 2)
     got = torch.from_numpy(halves.astype(np.int16)).view(dtype).float()
     for i in range(4):
@@ -236,6 +239,27 @@ def test_unpack_ptx_gives_every_code_of_every_byte(bits, dtype):
             torch.testing.assert_close(got[k, i // 2, :, i % 2], code + (1024.0 if magic == 0x6400 else 128.0))
     with pytest.raises(ValueError, match="2- or 4-bit"):
         decode_module.unpack_ptx(3, magic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unpack_ptx3_merges_the_planes_of_every_byte(dtype):
+    # 3 bits: element i of four bytes of the 2-bit plane and of their high nibbles -> code k of element i, its
+    # two low bits (2k, 2k + 1) of the byte and its third bit (bit k of the nibble), as magic + code
+    magic = 0x6400 if dtype == torch.float16 else 0x4300
+    low = np.repeat(np.arange(256, dtype=np.uint64), 16)  # every byte with every nibble
+    nibble = np.tile(np.arange(16, dtype=np.uint64), 256)
+    words = low | ((low * 7 + 3) % 256) << 8 | (255 - low) << 16 | ((low * 13 + 5) % 256) << 24
+    highs = nibble | ((nibble * 5 + 1) % 16) << 8 | (15 - nibble) << 16 | ((nibble * 3 + 7) % 16) << 24
+    regs = run_ptx(decode_module.unpack_ptx3(magic), [words, highs], 8)  # (8, n)
+    n = low.size
+    halves = np.stack([regs & 0xFFFF, regs >> 16], axis=-1).reshape(4, 2, n, 2)  # (k, i // 2, word, i % 2)
+    got = torch.from_numpy(halves.astype(np.int16)).view(dtype).float()
+    for i in range(4):
+        byte, high = (words >> (8 * i)) & 0xFF, (highs >> (8 * i)) & 0xF
+        for k in range(4):
+            code = ((byte >> (2 * k)) & 3) | (((high >> k) & 1) << 2)
+            want = torch.from_numpy(code.astype(np.float32)) + (1024.0 if magic == 0x6400 else 128.0)
+            torch.testing.assert_close(got[k, i // 2, :, i % 2], want)
 
 
 @pytest.mark.parametrize("axis", ["channel", "token"])

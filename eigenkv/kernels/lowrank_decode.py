@@ -33,12 +33,14 @@ code by ``python -m eigenkv.kernels.roofline``):
 - a stream's features are read as at most two power-of-two chunks
   (:func:`feature_chunks`), their packed rows as aligned vectors copied
   asynchronously (rows cover ``aligned_width`` features, see
-  :mod:`eigenkv.quant.packing`), converted without an integer-to-float
-  conversion (2, 4 and 8 bits: the code OR-ed into the mantissa of 1024.0, see
-  :func:`_halves` and :func:`unpack_ptx`)
-  and dequantized in the model dtype with one fused multiply-add per two
-  elements, the scales of a block of per-channel codes loaded once per tile (a
-  tile of 64 tokens holds one block, part of one, or several whole ones);
+  :mod:`eigenkv.quant.packing`; each (batch, head) slice addressed with 32-bit
+  offsets), converted without an integer-to-float conversion (the code OR-ed
+  into the mantissa of 1024.0: 2, 3 and 4 bits by :func:`unpack_ptx` and
+  :func:`unpack_ptx3`, 8 bits by :func:`_halves`) into 16-bit MMA operands
+  (:func:`_mma_operand`), and dequantized in the model dtype with one fused
+  multiply-add per two elements, the scales of a block of per-channel codes
+  loaded once per tile (a tile of 64 tokens holds one block, part of one, or
+  several whole ones), or folded out of the elements;
 - the softmax's row sums are kept per tile element and summed once after the
   main loop (only the running maximum is reduced every tile);
 - a main loop reads the tiles where every key and value is quantized, a tail
@@ -1245,13 +1247,12 @@ def codes_alignment(bits: int, axis: str, pairs: bool) -> int:
     return bits if bits in (2, 4) else 1
 
 
-def slice_alignment(claim: int, *tensors: torch.Tensor | None) -> int:
-    """``claim`` when every (batch, head) slice of each tensor (B, H, ...) starts on a multiple of ``claim``
-    elements (its address and its batch and head strides), else 1: the main loop then reads without vector loads
-    (it tells the compiler the slices' alignment, and a false claim faults)."""
-    for t in tensors:
-        if t is not None and (t.data_ptr() % (claim * t.element_size()) or any(st % claim for st in t.stride()[:2])):
-            return 1
+def slice_alignment(claim: int, codes: torch.Tensor) -> int:
+    """``claim`` when every row of ``codes`` (B, H, rows, bytes) starts on a multiple of ``claim`` bytes (its
+    address and its batch, head and row strides), else 1: the main loop then reads without vector loads (it
+    tells the compiler how the slices and rows are aligned, and a false claim faults)."""
+    if codes.data_ptr() % claim or any(stride % claim for stride in codes.stride()[:3]):
+        return 1
     return claim
 
 

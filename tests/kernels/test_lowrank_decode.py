@@ -289,9 +289,9 @@ def test_8bit_codes_off_word_alignment_are_read_byte_by_byte(axis, checked_align
 
 
 def test_slices_claim_the_alignment_they_have_and_fit_32_bit_offsets():
-    """The main loop tells the compiler that each (batch, head) slice of codes starts on a multiple of
-    codes_alignment bytes: the launcher claims it only where the address and the batch and head strides bear it
-    out (a false claim faults on the GPU), and refuses slices past what its 32-bit offsets reach."""
+    """The main loop tells the compiler that each (batch, head) slice and row of codes starts on a multiple of
+    codes_alignment bytes: the launcher claims it only where the address and the strides bear it out (a false
+    claim faults on the GPU), and refuses slices past what its 32-bit offsets reach."""
     assert decode_module.codes_alignment(4, "channel", True) == 8
     assert [decode_module.codes_alignment(b, "token", b != 3) for b in (2, 3, 4, 8)] == [2, 1, 4, 8]
     assert decode_module.codes_alignment(8, "token", False) == 1
@@ -300,10 +300,7 @@ def test_slices_claim_the_alignment_they_have_and_fit_32_bit_offsets():
     assert decode_module.slice_alignment(8, torch.zeros(64 * 40 * 6 + 1, dtype=torch.uint8)[1:].view(2, 3, 64, 40)) == 1
     assert decode_module.slice_alignment(8, torch.zeros(2, 3, 65, 20, dtype=torch.uint8)[:, :, :64]) == 1  # 1300 B
     assert decode_module.slice_alignment(4, torch.zeros(2, 3, 65, 20, dtype=torch.uint8)[:, :, :64]) == 4
-    scale = torch.zeros(2, 3, 64, 2, dtype=torch.float16)
-    assert decode_module.slice_alignment(8, codes, scale) == 8  # 128 fp16 a head: a multiple of 8 elements
-    assert decode_module.slice_alignment(8, codes, scale[:, :, :, :1]) == 8
-    assert decode_module.slice_alignment(8, torch.zeros(2, 3, 63, 2, dtype=torch.float16)) == 1
+    assert decode_module.slice_alignment(8, torch.zeros(2, 3, 64, 44, dtype=torch.uint8)[..., :40]) == 1  # rows
     decode_module.check_slice_extent("keys codes", torch.empty(1, 1, 2**20, 40, dtype=torch.uint8, device="meta"))
     huge = torch.empty(1, 1, 2**26, 40, dtype=torch.uint8, device="meta")
     with pytest.raises(ValueError, match=r"keys codes: one \(batch, head\) slice spans 2684354560 elements.*fewer"):

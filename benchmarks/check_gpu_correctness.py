@@ -5,7 +5,8 @@
   heads, 8 KV heads, head size 128, ranks 77 / 77, 4-bit codes, groups 64 and 16, keys
   per channel, values per token, a full-precision window of ``--residual``
   tokens), stored through the library's ``QuantizedStream``; rank and pre modes,
-  fp16 and bf16;
+  fp16 and bf16; then the other code widths of ``--bits`` (each converted by its
+  own PTX or word path) at the first group, rank mode;
 - prefill: :func:`lowrank_prefill` of ``--prefill-tokens`` new tokens, rank and
   pre modes, fp16 and bf16.
 
@@ -90,11 +91,11 @@ def run_check(log: RowLog, common: dict, outputs) -> bool:
 
 
 def check_decode(
-    log: RowLog, dtype_name: str, modes: list[str], batch: int, tokens: int, group: int, args, device
+    log: RowLog, dtype_name: str, modes: list[str], batch: int, tokens: int, group: int, args, device, bits: int = 4
 ) -> bool:
-    """Decode kernel vs reference in each mode, on one cache (stored once per dtype and group)."""
+    """Decode kernel vs reference in each mode, on one cache (stored once per dtype, group and width)."""
     dtype = DTYPES[dtype_name]
-    config = KVQuantConfig(bits=4, group_size=group, axis_k="channel", axis_v="token", residual=args.residual)
+    config = KVQuantConfig(bits=bits, group_size=group, axis_k="channel", axis_v="token", residual=args.residual)
     case = decode_case(SHAPE, batch, tokens, RATIO, config, dtype, device, query_scale=args.query_scale)
 
     def outputs(mode):
@@ -107,7 +108,8 @@ def check_decode(
 
     ok = True
     for mode in modes:
-        common = {"step": "correct", "shape": f"{SHAPE},g{group}", "dtype": dtype_name, "method": "lowrank_decode"}
+        shape = f"{SHAPE},g{group}" + ("" if bits == 4 else f",b{bits}")
+        common = {"step": "correct", "shape": shape, "dtype": dtype_name, "method": "lowrank_decode"}
         common["mode"] = mode
         ok &= run_check(log, common | {"batch": batch, "context": tokens}, lambda m=mode: outputs(m))
     return ok
@@ -164,6 +166,9 @@ def main() -> int:
     parser.add_argument(
         "--groups", default="64,16", help="decode: group sizes (16: 64-token tiles holding four blocks of keys)"
     )
+    parser.add_argument(
+        "--bits", default="2,3,8", help="decode: code widths checked after 4 bits (rank mode, first group)"
+    )
     parser.add_argument("--modes", default="rank,pre")
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--query-scale", type=float, default=4.0)
@@ -187,6 +192,9 @@ def main() -> int:
     for dtype_name in dtypes if "decode" not in skip else []:
         for group in groups:
             ok &= check_decode(log, dtype_name, modes, batch, tokens, group, args, device)
+    for bits in [int(b) for b in args.bits.split(",") if b] if "decode" not in skip else []:
+        for dtype_name in dtypes:
+            ok &= check_decode(log, dtype_name, modes[:1], batch, tokens, groups[0], args, device, bits)
     for dtype_name in dtypes if "prefill" not in skip else []:
         ok &= check_prefill(log, dtype_name, modes, args.prefill_batch, length, args, device)
     print(f"correctness: {'all PASS' if ok else 'FAILURES above'}; rows in {log.path}")

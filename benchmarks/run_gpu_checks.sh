@@ -3,8 +3,8 @@
 # installed (nothing is installed here). Steps, most valuable first, each under its own timeout cut to
 # the time left:
 #   a. versions and the GPU (nvidia-smi)
-#   b. correctness: decode kernel vs its reference (Llama-3-8B shape, 4k tokens, rank/pre, fp16/bf16, groups 64/16),
-#      prefill kernel vs its reference (1k tokens)            -> correct_<gpu>.csv
+#   b. correctness: decode kernel vs its reference (Llama-3-8B shape, 4k tokens, rank/pre, fp16/bf16, groups 64/16,
+#      4 bits; then 2, 3 and 8 bits in rank mode), prefill kernel vs its reference (1k tokens) -> correct_<gpu>.csv
 #   c. decode timing: B=8 x 32k, B=1 x 32k, B=8 x 4k; eigenkv rank/pre vs SDPA fp16 (each backend that runs)
 #      and the copy bandwidth; plain and CUDA-graph timing   -> decode_<gpu>.csv
 #   d. prefill timing at 8k and 32k vs SDPA fp16             -> prefill_<gpu>.csv

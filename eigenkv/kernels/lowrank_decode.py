@@ -493,12 +493,20 @@ def _channel_params(S, Z, stride_r, n, col, aligned, BITS: tl.constexpr, GROUP: 
 
 @triton.jit
 def _token_params(S, Z, rows, first, groups, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NG: tl.constexpr):
-    # (N, NG) fp32 scales and offsets of groups [first, first + NG) of tokens whose parameter rows start at `rows`
+    # (N, NG) fp32 scales and offsets of groups [first, first + NG) of tokens whose parameter rows start at `rows`.
+    # One group is always stored (a chunk starts inside its segment): its loads need no mask (nor predication)
     g = first + tl.arange(0, NG)
-    ok = (g < groups)[None, :]
     ptrs = rows + g[None, :]
-    scale = tl.load(S + ptrs, mask=ok, other=0.0).to(tl.float32)
-    return scale, _offset(S, Z, ptrs, ok, scale, BITS, SYMMETRIC)
+    if NG == 1:
+        scale = tl.load(S + ptrs).to(tl.float32)
+        if SYMMETRIC:
+            return scale, -scale * (1 << (BITS - 1))
+        else:
+            return scale, tl.load(Z + ptrs).to(tl.float32)
+    else:
+        ok = (g < groups)[None, :]
+        scale = tl.load(S + ptrs, mask=ok, other=0.0).to(tl.float32)
+        return scale, _offset(S, Z, ptrs, ok, scale, BITS, SYMMETRIC)
 
 
 @triton.jit

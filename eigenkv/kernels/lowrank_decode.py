@@ -830,21 +830,22 @@ def _decode_kernel(
             sin_i = tl.sin(offset_angle).to(dtype)
         for n in range(lo, tl.minimum(hi, main_tokens), BLOCK_N):
             n = tl.multiple_of(n, BLOCK_N)
+            nu = n.to(tl.uint32)  # the tile's first token, unsigned: its blocks and rows are shifts, not divisions
             tok = n + tl.arange(0, BLOCK_N)
             if KA_FOLD:
-                scores = _score_folded(ka_cp, ka_sp, ka_zp, kac_r, kas_r, n, tok, ka_off, ka_aligned, ka_groups,
+                scores = _score_folded(ka_cp, ka_sp, ka_zp, kac_r, kas_r, nu, tok, ka_off, ka_aligned, ka_groups,
                                        qa, qa_sum, dtype, KA_BITS, K_GROUP, K_SYMMETRIC, KA_W, BLOCK_N, KA_MASK,
                                        KA_PAIRS, DOT_FP32)  # fmt: skip
             else:
-                ka = _tile_rows(ka_cp, ka_sp, ka_zp, kac_r, kas_r, n, tok, ka_off, ka_aligned, ka_groups, dtype,
+                ka = _tile_rows(ka_cp, ka_sp, ka_zp, kac_r, kas_r, nu, tok, ka_off, ka_aligned, ka_groups, dtype,
                                 KA_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KA_W, BLOCK_N, KA_MASK, KA_PAIRS,
                                 DOT_FP32)  # fmt: skip
             if KB and KB_FOLD:
-                scores_b = _score_folded(kb_cp, kb_sp, kb_zp, kbc_r, kbs_r, n, tok, kb_off, kb_aligned, kb_groups,
+                scores_b = _score_folded(kb_cp, kb_sp, kb_zp, kbc_r, kbs_r, nu, tok, kb_off, kb_aligned, kb_groups,
                                          qb, qb_sum, dtype, KB_BITS, K_GROUP, K_SYMMETRIC, KB_W, BLOCK_N, KB_MASK,
                                          KB_PAIRS, DOT_FP32)  # fmt: skip
             elif KB:
-                kb = _tile_rows(kb_cp, kb_sp, kb_zp, kbc_r, kbs_r, n, tok, kb_off, kb_aligned, kb_groups,
+                kb = _tile_rows(kb_cp, kb_sp, kb_zp, kbc_r, kbs_r, nu, tok, kb_off, kb_aligned, kb_groups,
                                 dtype, KB_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KB_W, BLOCK_N, KB_MASK, KB_PAIRS,
                                 DOT_FP32)  # fmt: skip
             if PRE:
@@ -885,22 +886,22 @@ def _decode_kernel(
             p = tl.exp2(scores - m_new[None, :])
             l_tile = l_tile * alpha[None, :] + p
             if VA_FOLD:
-                acc_a, va_shift = _weigh_folded(va_cp, va_sp, va_zp, vac_r, vas_r, n, tok, va_off, va_aligned,
+                acc_a, va_shift = _weigh_folded(va_cp, va_sp, va_zp, vac_r, vas_r, nu, tok, va_off, va_aligned,
                                                 va_groups, p, alpha, acc_a, va_shift, dtype, VA_BITS, V_GROUP,
                                                 V_SYMMETRIC, VA_W, BLOCK_N, VA_MASK, VA_PAIRS, DOT_FP32)  # fmt: skip
             else:
-                v = _tile_rows(va_cp, va_sp, va_zp, vac_r, vas_r, n, tok, va_off, va_aligned, va_groups, dtype,
+                v = _tile_rows(va_cp, va_sp, va_zp, vac_r, vas_r, nu, tok, va_off, va_aligned, va_groups, dtype,
                                VA_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VA_W, BLOCK_N, VA_MASK, VA_PAIRS,
                                DOT_FP32)  # fmt: skip
                 acc_a = acc_a * alpha[None, :] + dot(tl.trans(v), p.to(dtype), DOT_FP32)
             if VB:
                 if VB_FOLD:
-                    acc_b, vb_shift = _weigh_folded(vb_cp, vb_sp, vb_zp, vbc_r, vbs_r, n, tok, vb_off,
+                    acc_b, vb_shift = _weigh_folded(vb_cp, vb_sp, vb_zp, vbc_r, vbs_r, nu, tok, vb_off,
                                                     vb_aligned, vb_groups, p, alpha, acc_b, vb_shift, dtype, VB_BITS,
                                                     V_GROUP, V_SYMMETRIC, VB_W, BLOCK_N, VB_MASK, VB_PAIRS,
                                                     DOT_FP32)  # fmt: skip
                 else:
-                    v = _tile_rows(vb_cp, vb_sp, vb_zp, vbc_r, vbs_r, n, tok, vb_off, vb_aligned, vb_groups,
+                    v = _tile_rows(vb_cp, vb_sp, vb_zp, vbc_r, vbs_r, nu, tok, vb_off, vb_aligned, vb_groups,
                                    dtype, VB_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VB_W, BLOCK_N, VB_MASK, VB_PAIRS,
                                    DOT_FP32)  # fmt: skip
                     acc_b = acc_b * alpha[None, :] + dot(tl.trans(v), p.to(dtype), DOT_FP32)

@@ -430,12 +430,12 @@ def _channel_codes(C, stride_r, n, col, col_ok, BITS: tl.constexpr, GROUP: tl.co
 
 @triton.jit
 def _token_codes(C, rows, offset, aligned, BITS: tl.constexpr, W: tl.constexpr, MASK: tl.constexpr,
-                 PAIRS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+                 PAIRS: tl.constexpr, ALIGN: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # (N, W) codes of features [offset, offset + W) of tokens whose packed rows start at `rows` (N, 1):
-    # each row packs `aligned` features along features (3 bits: a 2-bit plane, then a 1-bit plane). Rows hold
-    # a multiple of 8 features and chunks start at a multiple of 16, so runs of BITS bytes are aligned for
-    # 2, 4 and 8 bits; a 3-bit row is 3 * aligned / 8 bytes, odd when aligned / 8 is: no claim there (a false
-    # one faults on the GPU with a misaligned address)
+    # each row packs `aligned` features along features (3 bits: a 2-bit plane, then a 1-bit plane). At 2 and 4
+    # bits a row and the chunk start on a multiple of ALIGN bytes (codes_alignment: what the row's bytes and a
+    # chunk offset of a multiple of 16 features bear, checked by the launcher); a 3-bit row is 3 * aligned / 8
+    # bytes, odd when aligned / 8 is: no claim there (a false one faults on the GPU with a misaligned address)
     if BITS == 3:
         j4 = tl.arange(0, W // 4)
         j8 = tl.arange(0, W // 8)
@@ -450,7 +450,7 @@ def _token_codes(C, rows, offset, aligned, BITS: tl.constexpr, W: tl.constexpr, 
         return _three_bit_codes(low, high, PAIRS, DTYPE, FP32)
     else:
         j = tl.arange(0, W * BITS // 8)
-        idx = tl.multiple_of(rows + offset * BITS // 8 + j[None, :], [1, BITS])
+        idx = tl.multiple_of(rows + offset * BITS // 8 + j[None, :], [1, ALIGN])
         x = tl.load(C + idx, mask=(offset + j * (8 // BITS) < aligned)[None, :], other=0) if MASK else tl.load(C + idx)
         return _byte_codes(x, BITS, PAIRS, DTYPE, FP32)
 
@@ -512,7 +512,7 @@ def _token_params(S, Z, rows, first, groups, BITS: tl.constexpr, SYMMETRIC: tl.c
 @triton.jit
 def _chunk_codes(C, c_r, n, tok, offset, aligned, DTYPE: tl.constexpr, BITS: tl.constexpr,
                  AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
-                 PAIRS: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+                 PAIRS: tl.constexpr, ALIGN: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # codes of features [offset, offset + W) of a segment for the tokens [n, n + N) of a full tile, in the layout
     # they are packed in: (N, W) grouped per token, (W, N) grouped per channel; in DTYPE plus _code_bias when
     # PAIRS, else integers
@@ -522,7 +522,7 @@ def _chunk_codes(C, c_r, n, tok, offset, aligned, DTYPE: tl.constexpr, BITS: tl.
             return _token_words(C, words, offset, aligned, W, MASK, DTYPE, FP32)
         else:
             rows = tok[:, None] * c_r
-            return _token_codes(C, rows, offset, aligned, BITS, W, MASK, PAIRS, DTYPE, FP32)
+            return _token_codes(C, rows, offset, aligned, BITS, W, MASK, PAIRS, ALIGN, DTYPE, FP32)
     else:
         if PAIRS and BITS == 8:
             return _channel_words(C, c_r, n, offset, aligned, N, W, MASK, DTYPE, FP32)
@@ -535,11 +535,11 @@ def _chunk_codes(C, c_r, n, tok, offset, aligned, DTYPE: tl.constexpr, BITS: tl.
 def _chunk_states(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups,
                   DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
                   SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
-                  PAIRS: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+                  PAIRS: tl.constexpr, ALIGN: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # the chunk of _chunk_codes dequantized in the model dtype (one fused multiply-add per element, two elements
     # per instruction; fp32 under the interpreter, whose bf16 arithmetic is wrong), in the same layout (a
     # per-channel tile holds one block of GROUP tokens, part of one, or several)
-    codes = _chunk_codes(C, c_r, n, tok, offset, aligned, DTYPE, BITS, AXIS_TOKEN, GROUP, W, N, MASK, PAIRS,
+    codes = _chunk_codes(C, c_r, n, tok, offset, aligned, DTYPE, BITS, AXIS_TOKEN, GROUP, W, N, MASK, PAIRS, ALIGN,
                          FP32)  # fmt: skip
     bias = _code_bias(BITS, PAIRS, DTYPE)
     if AXIS_TOKEN:
@@ -579,11 +579,11 @@ def _dequantize(codes, bias, scale, shift, DTYPE: tl.constexpr, FP32: tl.constex
 def _tile_rows(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups,
                DTYPE: tl.constexpr, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
                SYMMETRIC: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
-               PAIRS: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+               PAIRS: tl.constexpr, ALIGN: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # (N, W) token-major chunk of a full tile in the model dtype: keys score as dot(rows, q), values weigh as
     # dot(rows^T, p), pre mode rebuilds keys from them
     x = _chunk_states(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups, DTYPE, BITS,
-                      AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, PAIRS, FP32)  # fmt: skip
+                      AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, PAIRS, ALIGN, FP32)  # fmt: skip
     if AXIS_TOKEN:
         return _mma_operand(x, FP32)
     else:
@@ -616,10 +616,10 @@ def _operand(codes, DTYPE: tl.constexpr, FP32: tl.constexpr):
 def _folded_chunk(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups,
                   DTYPE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                   W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr, PAIRS: tl.constexpr,
-                  FP32: tl.constexpr):  # fmt: skip
+                  ALIGN: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # a chunk of per-token codes of a full tile as an MMA operand (N, W) (_operand: plus _code_bias), with each
     # token's scale and offset (N, 1) fp32, the chunk in one group of each token
-    codes = _chunk_codes(C, c_r, n, tok, offset, aligned, DTYPE, BITS, True, GROUP, W, N, MASK, PAIRS,
+    codes = _chunk_codes(C, c_r, n, tok, offset, aligned, DTYPE, BITS, True, GROUP, W, N, MASK, PAIRS, ALIGN,
                          FP32)  # fmt: skip
     rows = tok[:, None] * s_r
     scale, offset_t = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, 1)
@@ -630,7 +630,7 @@ def _folded_chunk(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups,
 def _score_folded(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups, q, q_sum,
                   DTYPE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                   W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr, PAIRS: tl.constexpr,
-                  FP32: tl.constexpr):  # fmt: skip
+                  ALIGN: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # (N, M) fp32 scores of the key chunk of a full tile of per-token codes against its query features q (W, M)
     # (rank mode), the chunk in one group of each token: sum_f q_f (s_t c_f + o_t) = s_t (sum_f q_f c_f) +
     # o_t q_sum, with q_sum (M,) = sum_f q_f. The MMA takes the codes as converted (plus _code_bias, b, taken
@@ -638,7 +638,7 @@ def _score_folded(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups, q, q_sum,
     # (Per-channel keys keep their dequantization: their fold would need a per-head bias from every block's
     # offsets, a reduction across the warps each tile that costs more than the elementwise work it saves.)
     codes, scale, offset_t = _folded_chunk(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups, DTYPE,
-                                           BITS, GROUP, SYMMETRIC, W, N, MASK, PAIRS, FP32)  # fmt: skip
+                                           BITS, GROUP, SYMMETRIC, W, N, MASK, PAIRS, ALIGN, FP32)  # fmt: skip
     raw = dot(codes, q, FP32) - _code_bias(BITS, PAIRS, DTYPE) * q_sum[None, :]
     return scale * raw + offset_t * q_sum[None, :]
 
@@ -647,14 +647,14 @@ def _score_folded(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups, q, q_sum,
 def _weigh_folded(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups, p, alpha, acc, shift_sum,
                   DTYPE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                   W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr, PAIRS: tl.constexpr,
-                  FP32: tl.constexpr):  # fmt: skip
+                  ALIGN: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # acc (W, M) rescaled by alpha (M,) plus the value chunk of a full tile of per-token codes weighed by the
     # probabilities p (N, M) fp32, the chunk in one group of each token: sum_t p_t (s_t c_t + o_t) =
     # sum_t (p_t s_t) c_t + sum_t p_t o_t. The MMA weighs the codes as converted (plus _code_bias, b) by
     # p_t s_t rounded to DTYPE; shift_sum (N, M) fp32 keeps p_t o_t - b (p_t s_t) per token, with the very
     # rounded weights, so that the bias cancels in fp32 (summed over tokens after the loop, as the row sums)
     codes, scale, offset_t = _folded_chunk(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups, DTYPE,
-                                           BITS, GROUP, SYMMETRIC, W, N, MASK, PAIRS, FP32)  # fmt: skip
+                                           BITS, GROUP, SYMMETRIC, W, N, MASK, PAIRS, ALIGN, FP32)  # fmt: skip
     weights = (p * scale).to(DTYPE)
     acc = acc * alpha[None, :] + dot(tl.trans(codes), weights, FP32)
     bias = _code_bias(BITS, PAIRS, DTYPE)
@@ -835,19 +835,19 @@ def _decode_kernel(
             if KA_FOLD:
                 scores = _score_folded(ka_cp, ka_sp, ka_zp, kac_r, kas_r, nu, tok, ka_off, ka_aligned, ka_groups,
                                        qa, qa_sum, dtype, KA_BITS, K_GROUP, K_SYMMETRIC, KA_W, BLOCK_N, KA_MASK,
-                                       KA_PAIRS, DOT_FP32)  # fmt: skip
+                                       KA_PAIRS, KA_ALIGN, DOT_FP32)  # fmt: skip
             else:
                 ka = _tile_rows(ka_cp, ka_sp, ka_zp, kac_r, kas_r, nu, tok, ka_off, ka_aligned, ka_groups, dtype,
-                                KA_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KA_W, BLOCK_N, KA_MASK, KA_PAIRS,
+                                KA_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KA_W, BLOCK_N, KA_MASK, KA_PAIRS, KA_ALIGN,
                                 DOT_FP32)  # fmt: skip
             if KB and KB_FOLD:
                 scores_b = _score_folded(kb_cp, kb_sp, kb_zp, kbc_r, kbs_r, nu, tok, kb_off, kb_aligned, kb_groups,
                                          qb, qb_sum, dtype, KB_BITS, K_GROUP, K_SYMMETRIC, KB_W, BLOCK_N, KB_MASK,
-                                         KB_PAIRS, DOT_FP32)  # fmt: skip
+                                         KB_PAIRS, KB_ALIGN, DOT_FP32)  # fmt: skip
             elif KB:
                 kb = _tile_rows(kb_cp, kb_sp, kb_zp, kbc_r, kbs_r, nu, tok, kb_off, kb_aligned, kb_groups,
                                 dtype, KB_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KB_W, BLOCK_N, KB_MASK, KB_PAIRS,
-                                DOT_FP32)  # fmt: skip
+                                KB_ALIGN, DOT_FP32)  # fmt: skip
             if PRE:
                 a1 = dot(ka, d1a, DOT_FP32)
                 a2 = dot(ka, d2a, DOT_FP32)
@@ -888,22 +888,23 @@ def _decode_kernel(
             if VA_FOLD:
                 acc_a, va_shift = _weigh_folded(va_cp, va_sp, va_zp, vac_r, vas_r, nu, tok, va_off, va_aligned,
                                                 va_groups, p, alpha, acc_a, va_shift, dtype, VA_BITS, V_GROUP,
-                                                V_SYMMETRIC, VA_W, BLOCK_N, VA_MASK, VA_PAIRS, DOT_FP32)  # fmt: skip
+                                                V_SYMMETRIC, VA_W, BLOCK_N, VA_MASK, VA_PAIRS, VA_ALIGN,
+                                                DOT_FP32)  # fmt: skip
             else:
                 v = _tile_rows(va_cp, va_sp, va_zp, vac_r, vas_r, nu, tok, va_off, va_aligned, va_groups, dtype,
-                               VA_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VA_W, BLOCK_N, VA_MASK, VA_PAIRS,
+                               VA_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VA_W, BLOCK_N, VA_MASK, VA_PAIRS, VA_ALIGN,
                                DOT_FP32)  # fmt: skip
                 acc_a = acc_a * alpha[None, :] + dot(tl.trans(v), p.to(dtype), DOT_FP32)
             if VB:
                 if VB_FOLD:
                     acc_b, vb_shift = _weigh_folded(vb_cp, vb_sp, vb_zp, vbc_r, vbs_r, nu, tok, vb_off,
                                                     vb_aligned, vb_groups, p, alpha, acc_b, vb_shift, dtype, VB_BITS,
-                                                    V_GROUP, V_SYMMETRIC, VB_W, BLOCK_N, VB_MASK, VB_PAIRS,
+                                                    V_GROUP, V_SYMMETRIC, VB_W, BLOCK_N, VB_MASK, VB_PAIRS, VB_ALIGN,
                                                     DOT_FP32)  # fmt: skip
                 else:
                     v = _tile_rows(vb_cp, vb_sp, vb_zp, vbc_r, vbs_r, nu, tok, vb_off, vb_aligned, vb_groups,
                                    dtype, VB_BITS, V_TOKEN, V_GROUP, V_SYMMETRIC, VB_W, BLOCK_N, VB_MASK, VB_PAIRS,
-                                   DOT_FP32)  # fmt: skip
+                                   VB_ALIGN, DOT_FP32)  # fmt: skip
                     acc_b = acc_b * alpha[None, :] + dot(tl.trans(v), p.to(dtype), DOT_FP32)
             m_i = m_new
 
@@ -1244,24 +1245,30 @@ def unpacks_pairs(bits: int, codes: torch.Tensor | None = None) -> bool:
     return bits < 8 or codes is None or (codes.data_ptr() % 8 == 0 and all(st % 8 == 0 for st in codes.stride()[:3]))
 
 
-def codes_alignment(bits: int, axis: str, pairs: bool) -> int:
-    """Bytes a (batch, head) slice of a segment's codes starts on a multiple of, as the main loop's vector loads
-    take it in the layouts of :mod:`eigenkv.quant.packing`: per-channel rows of a multiple of 8 features (8
-    bytes); per-token rows of a multiple of 8 features hold a multiple of ``bits`` bytes (8 for 8-bit codes read
-    as words, ``pairs``); 3-bit rows and 8-bit ones read byte by byte claim nothing (1)."""
+def codes_alignment(bits: int, axis: str, pairs: bool, width: int) -> int:
+    """Bytes a (batch, head) slice of a segment of ``width`` features, and each of its rows, start on a multiple
+    of, as the main loop's vector loads take them in the layouts of :mod:`eigenkv.quant.packing`: per-channel
+    rows of a multiple of 8 features (8 bytes); 8-bit per-token rows read as words (``pairs``), 8; 2- and 4-bit
+    per-token rows, the largest power of two that divides their bytes, at most ``2 * bits`` (the second chunk of
+    a row starts at a multiple of 16 features): 8 for 4-bit rows of a multiple of 16 features (two 8-byte
+    copies a 64-feature row, where 4-byte claims take four), else ``bits``; 3-bit rows and 8-bit ones read byte
+    by byte claim nothing (1)."""
     if axis == "channel":
         return 8
     if bits == 8:
         return 8 if pairs else 1
-    return bits if bits in (2, 4) else 1
+    if bits not in (2, 4):
+        return 1
+    row = packed_length(aligned_width(width), bits)
+    return min(row & -row, 2 * bits)
 
 
 def slice_alignment(claim: int, codes: torch.Tensor) -> int:
-    """``claim`` when every row of ``codes`` (B, H, rows, bytes) starts on a multiple of ``claim`` bytes (its
-    address and its batch, head and row strides), else 1: the main loop then reads without vector loads (it
-    tells the compiler how the slices and rows are aligned, and a false claim faults)."""
-    if codes.data_ptr() % claim or any(stride % claim for stride in codes.stride()[:3]):
-        return 1
+    """The largest power of two up to ``claim`` that every row of ``codes`` (B, H, rows, bytes) starts on a
+    multiple of (its address and its batch, head and row strides, in bytes): what the main loop may tell the
+    compiler about the alignment of its vector loads (a false claim faults)."""
+    while claim > 1 and (codes.data_ptr() % claim or any(stride % claim for stride in codes.stride()[:3])):
+        claim //= 2
     return claim
 
 
@@ -1281,7 +1288,7 @@ def _stream_args(stream: PackedStream, prefix: str) -> tuple[tuple, dict]:
             args += [seg.codes, seg.scale, zero, *seg.codes.stride()[:3], *seg.scale.stride()[:3]]
             bits = seg.bits
             pairs = unpacks_pairs(bits, seg.codes)
-            align = slice_alignment(codes_alignment(bits, stream.axis, pairs), seg.codes)
+            align = slice_alignment(codes_alignment(bits, stream.axis, pairs, seg.width), seg.codes)
         else:  # nothing quantized: point at the window, never read
             args += [stream.window] * 3 + [0] * 6
             bits, pairs, align = 0, False, 1
@@ -1446,7 +1453,7 @@ def decode_spec(
         for c, chunk in zip("AB", chunks + chunks[:1] * (2 - len(chunks)), strict=True):
             constexprs |= {f"{prefix}{c}_BITS": b, f"{prefix}{c}_W": chunk.width, f"{prefix}{c}_MASK": chunk.masked}
             constexprs |= {f"{prefix}{c}_PAIRS": unpacks_pairs(b)}
-            constexprs |= {f"{prefix}{c}_ALIGN": codes_alignment(b, axis, unpacks_pairs(b)) if b else 1}
+            constexprs |= {f"{prefix}{c}_ALIGN": codes_alignment(b, axis, unpacks_pairs(b), width) if b else 1}
             if axis == "channel" and aligned_width(width) % 16 == 0:  # a launch specializes these strides
                 aligned += [f"{(prefix + c).lower()}{t}_{a}" for t in ("c", "s") for a in ("b", "h", "r")]
     constexprs |= {"G_PAD": query_heads_pad(heads // kv_heads), "RV_PAD": pad_width(value_rank)}

@@ -292,15 +292,19 @@ def test_slices_claim_the_alignment_they_have_and_fit_32_bit_offsets():
     """The main loop tells the compiler that each (batch, head) slice and row of codes starts on a multiple of
     codes_alignment bytes: the launcher claims it only where the address and the strides bear it out (a false
     claim faults on the GPU), and refuses slices past what its 32-bit offsets reach."""
-    assert decode_module.codes_alignment(4, "channel", True) == 8
-    assert [decode_module.codes_alignment(b, "token", b != 3) for b in (2, 3, 4, 8)] == [2, 1, 4, 8]
-    assert decode_module.codes_alignment(8, "token", False) == 1
+    assert decode_module.codes_alignment(4, "channel", True, 77) == 8
+    # rank 77, stored 80: 4-bit rows of 40 bytes take 8-byte copies, 2-bit rows of 20 bytes 4-byte ones
+    assert [decode_module.codes_alignment(b, "token", b != 3, 77) for b in (2, 3, 4, 8)] == [4, 1, 8, 8]
+    # 72 features: rows of 18 and 36 bytes
+    assert [decode_module.codes_alignment(b, "token", b != 3, 72) for b in (2, 3, 4, 8)] == [2, 1, 4, 8]
+    assert decode_module.codes_alignment(8, "token", False, 77) == 1
     codes = torch.zeros(2, 3, 64, 40, dtype=torch.uint8)
     assert decode_module.slice_alignment(8, codes) == 8
     assert decode_module.slice_alignment(8, torch.zeros(64 * 40 * 6 + 1, dtype=torch.uint8)[1:].view(2, 3, 64, 40)) == 1
-    assert decode_module.slice_alignment(8, torch.zeros(2, 3, 65, 20, dtype=torch.uint8)[:, :, :64]) == 1  # 1300 B
-    assert decode_module.slice_alignment(4, torch.zeros(2, 3, 65, 20, dtype=torch.uint8)[:, :, :64]) == 4
-    assert decode_module.slice_alignment(8, torch.zeros(2, 3, 64, 44, dtype=torch.uint8)[..., :40]) == 1  # rows
+    assert decode_module.slice_alignment(8, torch.zeros(2, 3, 65, 20, dtype=torch.uint8)[:, :, :64]) == 4  # 1300 B
+    assert decode_module.slice_alignment(2, torch.zeros(2, 3, 65, 20, dtype=torch.uint8)[:, :, :64]) == 2
+    assert decode_module.slice_alignment(8, torch.zeros(2, 3, 64, 44, dtype=torch.uint8)[..., :40]) == 4  # rows
+    assert decode_module.slice_alignment(8, torch.zeros(2, 3, 64, 42, dtype=torch.uint8)[..., :40]) == 2
     decode_module.check_slice_extent("keys codes", torch.empty(1, 1, 2**20, 40, dtype=torch.uint8, device="meta"))
     huge = torch.empty(1, 1, 2**26, 40, dtype=torch.uint8, device="meta")
     with pytest.raises(ValueError, match=r"keys codes: one \(batch, head\) slice spans 2684354560 elements.*fewer"):

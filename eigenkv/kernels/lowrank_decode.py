@@ -184,9 +184,12 @@ def _codes(
 ):
     # int32 codes (BLOCK_N, F) of tokens `tok` and segment-local features `feat`, one element at a time
     # (layouts: eigenkv.quant.packing; `aligned`: features a code row covers)
-    if AXIS_TOKEN:  # a token's codes packed along features
+    if AXIS_TOKEN:  # a token's codes packed along features, in paired rows
         row = base + tok[:, None].to(tl.int64) * stride_row
         along = feat[None, :]
+        if BITS < 8:  # feature 2 s + i of a run of RUN is stored at position i * RUN / 2 + s of the run
+            RUN: tl.constexpr = 8 if BITS == 3 else 16 // BITS
+            along = along // RUN * RUN + (along % 2) * (RUN // 2) + (along % RUN) // 2
         if BITS == 3:
             low = tl.load(C + row + along // 4, mask=ok, other=0).to(tl.int32)
             high = tl.load(C + row + aligned // 4 + along // 8, mask=ok, other=0).to(tl.int32)
@@ -319,9 +322,11 @@ def _code_planes3(low, high, DTYPE: tl.constexpr, FP32: tl.constexpr):
 
 @triton.jit
 def _in_order(c0, c1, c2, c3, BITS: tl.constexpr):
-    # the code planes of _code_planes (F, R) -> (F, R * 8 // BITS): code k of byte r at r * 8 // BITS + k. A join
-    # adds its pair as the last axis, so the 2-bit codes join as (c0, c2), (c1, c3), then pairs of those: the
-    # element [r, i, j] (at 4 r + 2 i + j) is code 2 i + j
+    # the code planes of _code_planes (F, R) of plain bytes (code k of byte r is element r * 8 // BITS + k)
+    # -> (F, R * 8 // BITS) in order. A join adds its pair as the last axis, so the 2-bit codes join as
+    # (c0, c2), (c1, c3), then pairs of those: the element [r, i, j] (at 4 r + 2 i + j) is code 2 i + j. The
+    # join's axis is the fastest in registers, where each output register of the PTX holds code k of two bytes:
+    # a byte permutation per register regroups them (per-channel blocks; per-token rows are paired)
     if BITS == 4:
         return tl.join(c0, c1).reshape(c0.shape[0], c0.shape[1] * 2)
     else:
@@ -329,34 +334,52 @@ def _in_order(c0, c1, c2, c3, BITS: tl.constexpr):
 
 
 @triton.jit
-def _byte_codes(x, BITS: tl.constexpr, PAIRS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
-    # (F, R) uint8, each byte holding 8 // BITS codes along the last axis (first code in the lowest bits)
-    # -> (F, R * 8 // BITS) codes in order: two per instruction in DTYPE when PAIRS (2 and 4 bits, plus
-    # _code_bias), else integers (bytes shifted and masked, interleaved in registers)
-    if PAIRS:
-        c0, c1, c2, c3 = _code_planes(x, BITS, DTYPE, FP32)
-        return _in_order(c0, c1, c2, c3, BITS)
-    elif BITS == 8:
-        return x
-    elif BITS == 4:
-        return tl.interleave(x & 15, x >> 4)
-    elif BITS == 2:
-        return tl.interleave(tl.interleave(x & 3, (x >> 4) & 3), tl.interleave((x >> 2) & 3, x >> 6))
-    else:
-        even = tl.interleave(tl.interleave(x & 1, (x >> 4) & 1), tl.interleave((x >> 2) & 1, (x >> 6) & 1))
-        odd = tl.interleave(tl.interleave((x >> 1) & 1, (x >> 5) & 1), tl.interleave((x >> 3) & 1, x >> 7))
-        return tl.interleave(even, odd)
+def _paired_order(c0, c1, c2, c3, BITS: tl.constexpr):
+    # the code planes of _code_planes (F, R) of paired bytes (eigenkv.quant.packing: code k of bytes 2a and
+    # 2a + 1 is element 2 k + 0 / 1 of their run) -> (F, R * 8 // BITS) in order. Each code plane splits into
+    # its even and odd bytes; the last join pairs them, so that the fastest axis in registers is the byte of
+    # the pair, as the PTX's output registers hold it: two adjacent elements a register, stored to shared
+    # memory as they are (no byte permutation)
+    F: tl.constexpr = c0.shape[0]
+    R: tl.constexpr = c0.shape[1]
+    e0, o0 = tl.split(c0.reshape(F, R // 2, 2))
+    e1, o1 = tl.split(c1.reshape(F, R // 2, 2))
+    if BITS == 4:  # [a, k, byte]: element 4 a + 2 k + byte
+        return tl.join(tl.join(e0, e1), tl.join(o0, o1)).reshape(F, R * 2)
+    else:  # [a, i, j, byte] (k = 2 i + j, as _in_order joins): element 8 a + 2 k + byte
+        e2, o2 = tl.split(c2.reshape(F, R // 2, 2))
+        e3, o3 = tl.split(c3.reshape(F, R // 2, 2))
+        even = tl.join(tl.join(e0, e2), tl.join(e1, e3))
+        odd = tl.join(tl.join(o0, o2), tl.join(o1, o3))
+        return tl.join(even, odd).reshape(F, R * 4)
 
 
 @triton.jit
-def _three_bit_codes(low, high, PAIRS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
-    # (F, R) bytes of a 2-bit plane and (F, R // 2) of the matching 1-bit plane -> (F, 4 R) 3-bit codes in
-    # order: in DTYPE plus _code_bias when PAIRS, else integers
+def _byte_codes(x, BITS: tl.constexpr, PAIRS: tl.constexpr, PAIRED: tl.constexpr, DTYPE: tl.constexpr,
+                FP32: tl.constexpr):  # fmt: skip
+    # (F, R) uint8, each byte holding 8 // BITS codes along the last axis (first code in the lowest bits; PAIRED:
+    # paired rows) -> (F, R * 8 // BITS) codes in order: two per instruction in DTYPE plus _code_bias when PAIRS
+    # (2 and 4 bits always, unpacks_pairs), else 8-bit codes as they are
     if PAIRS:
-        c0, c1, c2, c3 = _code_planes3(low, high, DTYPE, FP32)
-        return _in_order(c0, c1, c2, c3, 2)
+        c0, c1, c2, c3 = _code_planes(x, BITS, DTYPE, FP32)
+        if PAIRED:
+            return _paired_order(c0, c1, c2, c3, BITS)
+        else:
+            return _in_order(c0, c1, c2, c3, BITS)
     else:
-        return _byte_codes(low, 2, False, DTYPE, FP32) | (_byte_codes(high, 1, False, DTYPE, FP32) << 2)
+        tl.static_assert(BITS == 8, "2- and 4-bit codes are always converted in pairs")
+        return x
+
+
+@triton.jit
+def _three_bit_codes(low, high, PAIRED: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
+    # (F, R) bytes of a 2-bit plane and (F, R // 2) of the matching 1-bit plane (PAIRED: of paired rows) -> (F, 4 R)
+    # 3-bit codes in order, in DTYPE plus _code_bias
+    c0, c1, c2, c3 = _code_planes3(low, high, DTYPE, FP32)
+    if PAIRED:
+        return _paired_order(c0, c1, c2, c3, 2)
+    else:
+        return _in_order(c0, c1, c2, c3, 2)
 
 
 @triton.jit
@@ -418,14 +441,14 @@ def _channel_codes(C, stride_r, n, col, col_ok, BITS: tl.constexpr, GROUP: tl.co
         else:
             low = tl.load(low)
             high = tl.load(high)
-        return _three_bit_codes(low, high, PAIRS, DTYPE, FP32)
+        return _three_bit_codes(low, high, False, DTYPE, FP32)
     else:  # blocks of whole bytes lie back to back: token t is in row t * BITS // 8
         rows = n * BITS // 8 + tl.arange(0, N * BITS // 8)
         ptrs = C + tl.multiple_of(col[:, None] + rows[None, :] * stride_r, [8, 1])
         if MASK:
-            return _byte_codes(tl.load(ptrs, mask=col_ok[:, None], other=0), BITS, PAIRS, DTYPE, FP32)
+            return _byte_codes(tl.load(ptrs, mask=col_ok[:, None], other=0), BITS, PAIRS, False, DTYPE, FP32)
         else:
-            return _byte_codes(tl.load(ptrs), BITS, PAIRS, DTYPE, FP32)
+            return _byte_codes(tl.load(ptrs), BITS, PAIRS, False, DTYPE, FP32)
 
 
 @triton.jit
@@ -447,12 +470,12 @@ def _token_codes(C, rows, offset, aligned, BITS: tl.constexpr, W: tl.constexpr, 
         else:
             low = tl.load(C + low)
             high = tl.load(C + high)
-        return _three_bit_codes(low, high, PAIRS, DTYPE, FP32)
+        return _three_bit_codes(low, high, True, DTYPE, FP32)
     else:
         j = tl.arange(0, W * BITS // 8)
         idx = tl.multiple_of(rows + offset * BITS // 8 + j[None, :], [1, ALIGN])
         x = tl.load(C + idx, mask=(offset + j * (8 // BITS) < aligned)[None, :], other=0) if MASK else tl.load(C + idx)
-        return _byte_codes(x, BITS, PAIRS, DTYPE, FP32)
+        return _byte_codes(x, BITS, PAIRS, True, DTYPE, FP32)
 
 
 @triton.jit

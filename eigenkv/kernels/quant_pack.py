@@ -4,7 +4,8 @@ Both operate on a 2-D view ``x`` of shape ``(R, C)``: groups of ``G`` consecutiv
 elements of a row share a scale (and zero point), and codes are packed along
 the row in the layout of :mod:`eigenkv.quant.packing` (4 and 2 bits: several
 codes per byte, first code in the low bits; 3 bits: a 2-bit plane of the whole
-row followed by a 1-bit plane). The math is that of
+row followed by a 1-bit plane; ``paired`` rows store each run of two bytes' codes even
+features first, see ``paired_run``). The math is that of
 :func:`eigenkv.quant.reference.quantize` (round half to even, codes computed
 from the stored, rounded scale and zero); the references are
 ``pack(quantize(x, bits, G).codes)`` and ``dequantize(unpack(...))``.
@@ -29,7 +30,7 @@ import triton.language as tl
 from eigenkv.kernels.backend import check_kernel_device
 from eigenkv.kernels.utils import KernelConfig, KernelSpec, cdiv, on_input_device
 from eigenkv.quant.config import KVQuantConfig
-from eigenkv.quant.packing import aligned_width, pack, pack_aligned, packed_length, unpack_aligned
+from eigenkv.quant.packing import aligned_width, pack, pack_aligned, packed_length, paired_run, unpack_aligned
 from eigenkv.quant.reference import NON_FINITE_MESSAGE, QuantizedGroups, check_quant_args, dequantize, quantize
 
 KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -40,15 +41,15 @@ SCALE_DTYPE = torch.float16
 _TILE_ELEMENTS = 2048
 
 
-def quantize_pack_reference(x, bits, group_size, *, symmetric=False, scale_dtype=torch.float16):
+def quantize_pack_reference(x, bits, group_size, *, symmetric=False, scale_dtype=torch.float16, paired=False):
     """Reference of :func:`quantize_pack` (any group size, remainder groups included)."""
     q = quantize(x, bits, group_size, -1, symmetric=symmetric, scale_dtype=scale_dtype)
-    return pack_aligned(q.codes, bits, dim=-1), q.scale, q.zero
+    return pack_aligned(q.codes, bits, dim=-1, paired=paired), q.scale, q.zero
 
 
-def unpack_dequantize_reference(packed, scale, zero, bits, group_size, n, dtype=torch.float16):
+def unpack_dequantize_reference(packed, scale, zero, bits, group_size, n, dtype=torch.float16, *, paired=False):
     """Reference of :func:`unpack_dequantize`."""
-    codes = unpack_aligned(packed, bits, n, dim=-1)
+    codes = unpack_aligned(packed, bits, n, dim=-1, paired=paired)
     q = QuantizedGroups(codes, scale, zero, bits, group_size, codes.dim() - 1, zero is None)
     return dequantize(q, dtype)
 
@@ -87,6 +88,19 @@ def _quantize_tile(x, valid, S, Z, AXIS: tl.constexpr, BITS: tl.constexpr, SYMME
 
 
 @triton.jit
+def _paired(codes, BITS: tl.constexpr, INVERSE: tl.constexpr):
+    # (R, W) codes in feature order -> the paired order of eigenkv.quant.packing (each run of RUN features: the
+    # even ones, then the odd ones), or back when INVERSE; W a multiple of RUN (groups of at least 16)
+    if BITS == 8:
+        return codes
+    RUN: tl.constexpr = 8 if BITS == 3 else 16 // BITS
+    R: tl.constexpr = codes.shape[0]
+    W: tl.constexpr = codes.shape[1]
+    shape: tl.constexpr = (R, W // RUN, 2, RUN // 2) if INVERSE else (R, W // RUN, RUN // 2, 2)
+    return tl.reshape(tl.permute(tl.reshape(codes, shape), (0, 1, 3, 2)), (R, W))
+
+
+@triton.jit
 def _pack_store(codes, P, rows, row_ok, col0, limit, stride_p, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr,
                 BITS: tl.constexpr):  # fmt: skip
     # codes: (BLOCK_R, WIDTH) int32 < 2^BITS -> bytes at columns col0 .. col0 + WIDTH * BITS / 8 of P, those
@@ -115,6 +129,7 @@ def _quantize_pack_kernel(
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     SYMMETRIC: tl.constexpr,
+    PAIRED: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -136,6 +151,8 @@ def _quantize_pack_kernel(
     if not SYMMETRIC:
         tl.store(Z + out, zero, mask=row_ok)
     tl.store(S + out, scale, mask=row_ok)
+    if PAIRED:  # runs of 4 or 8 features lie inside a group
+        codes = _paired(codes, BITS, False)
     if BITS == 3:
         # low 2-bit plane of the aligned row first, then the high-bit plane
         _pack_store(codes & 3, P, rows, row_ok, g * (GROUP // 4), aligned // 4, stride_p, BLOCK_R, GROUP, 2)
@@ -173,6 +190,7 @@ def _unpack_dequantize_kernel(
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     SYMMETRIC: tl.constexpr,
+    PAIRED: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -188,6 +206,8 @@ def _unpack_dequantize_kernel(
     else:
         limit = aligned * BITS // 8
         codes = _unpack_load(P, rows, row_ok, g * (GROUP * BITS // 8), limit, stride_p, BLOCK_R, GROUP, BITS)
+    if PAIRED:
+        codes = _paired(codes, BITS, True)
     params = rows.to(tl.int64) * n_groups + g
     s = tl.load(S + params, mask=row_ok, other=0.0).to(tl.float32)
     if SYMMETRIC:
@@ -241,6 +261,7 @@ def _ring_append_kernel(
         if not SYMMETRIC:
             tl.store(Z + params + tl.arange(0, 1), zero, mask=write)
         row = C + b * c_b + h * c_h + first.to(tl.int64) * c_r
+        codes = _paired(codes, BITS, False)  # a cache's per-token rows are paired
         zeros = tl.zeros([1], tl.int32)
         ones = (zeros == 0) & write
         if BITS == 3:
@@ -293,11 +314,14 @@ def launch_config(group_size: int) -> KernelConfig:
     return KernelConfig(constexprs={"BLOCK_R": max(1, _TILE_ELEMENTS // group_size)}, num_warps=4)
 
 
-def _launch(kernel, args: tuple, n_rows: int, n_cols: int, bits: int, group_size: int, symmetric: bool) -> None:
-    """Launch a row kernel: one program per (BLOCK_R rows, group of the row)."""
+def _launch(
+    kernel, args: tuple, n_rows: int, n_cols: int, bits: int, group_size: int, symmetric: bool, paired: bool
+) -> None:
+    """Launch a row kernel: one program per (BLOCK_R rows, group of the row); 8-bit rows are paired as they are."""
     cfg = launch_config(group_size)
     grid = (cdiv(n_rows, cfg.constexprs["BLOCK_R"]), cdiv(n_cols, group_size))
-    kernel[grid](*args, BITS=bits, GROUP=group_size, SYMMETRIC=symmetric, num_warps=cfg.num_warps, **cfg.constexprs)
+    kernel[grid](*args, BITS=bits, GROUP=group_size, SYMMETRIC=symmetric, PAIRED=paired and paired_run(bits) > 1,
+                 num_warps=cfg.num_warps, **cfg.constexprs)  # fmt: skip
 
 
 def kernel_supports(n_cols: int, group_size: int, scale_dtype: torch.dtype) -> bool:
@@ -324,14 +348,15 @@ def quantize_pack(
     symmetric: bool = False,
     scale_dtype: torch.dtype = torch.float16,
     check_finite: bool = True,
+    paired: bool = False,
 ):
     """Triton: ``x`` (R, C) fp16/bf16/fp32 -> ``(packed, scale, zero)``.
 
     ``packed`` is uint8 (R, packed_length(aligned_width(C), bits)): the row's codes followed by zero codes up to
     a multiple of 8 features (the stored layout, ``eigenkv.quant.packing.pack_aligned``; the dense packing when
-    8 divides C). ``scale`` and ``zero`` are float16 (R, ceil(C / G)) (a remainder group has its own), ``zero``
-    None when symmetric. NaN/Inf raise (one 4-byte device-to-host read) unless ``check_finite=False``
-    (callers that flag them on the device).
+    8 divides C), in the paired order when ``paired`` (a cache's per-token rows). ``scale`` and ``zero`` are
+    float16 (R, ceil(C / G)) (a remainder group has its own), ``zero`` None when symmetric. NaN/Inf raise (one
+    4-byte device-to-host read) unless ``check_finite=False`` (callers that flag them on the device).
 
     ``x`` needs a unit stride along its last axis; CUDA, or CPU under ``TRITON_INTERPRET=1``.
     """
@@ -361,7 +386,7 @@ def quantize_pack(
             x.stride(0),
             packed.stride(0),
         )
-        _launch(_quantize_pack_kernel, args, n_rows, n_cols, bits, group_size, symmetric)
+        _launch(_quantize_pack_kernel, args, n_rows, n_cols, bits, group_size, symmetric, paired)
         if check_finite and non_finite.item():  # one 4-byte read
             raise ValueError(NON_FINITE_MESSAGE)
     return packed, scale, zero
@@ -376,8 +401,10 @@ def unpack_dequantize(
     group_size: int,
     n: int,
     dtype: torch.dtype = torch.float16,
+    *,
+    paired: bool = False,
 ) -> torch.Tensor:
-    """Triton: inverse of :func:`quantize_pack` -> ``(R, n)`` in ``dtype``."""
+    """Triton: inverse of :func:`quantize_pack` -> ``(R, n)`` in ``dtype`` (``paired``: rows in the paired order)."""
     check_kernel_device(packed, "unpack_dequantize", "unpack_dequantize_reference")
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"output dtype must be fp16, bf16 or fp32; got {dtype}")
@@ -407,7 +434,7 @@ def unpack_dequantize(
             packed.stride(0),
             out.stride(0),
         )
-        _launch(_unpack_dequantize_kernel, args, n_rows, n, bits, group_size, zero is None)
+        _launch(_unpack_dequantize_kernel, args, n_rows, n, bits, group_size, zero is None, paired)
     return out
 
 
@@ -455,7 +482,7 @@ def ring_append_reference(x: torch.Tensor, buffers: RingBuffers, config: KVQuant
         first = (held - residual).clamp(min=0)
         unit = ring.index_select(2, first % slots).to(x.dtype)  # (B, H, 1, D)
         q = quantize(unit, bits, group_size, -1, symmetric=symmetric, scale_dtype=scale.dtype, check_finite=False)
-        write(codes, first, pack_aligned(q.codes, bits, dim=-1, check=False))
+        write(codes, first, pack_aligned(q.codes, bits, dim=-1, check=False, paired=True))
         write(scale, first, q.scale)
         write(zero, first, q.zero)
         quantized = old
@@ -575,18 +602,22 @@ def ring_append_specs():
 
 
 def compile_specs():
-    """Every configuration the launchers can use, for the sm_80/sm_90 compile test."""
+    """Every configuration the launchers can use, for the sm_80/sm_90 compile test: plain rows at every width,
+    group, symmetry and dtype; paired rows (a cache's per-token rows) at 2, 3 and 4 bits (8-bit rows are the
+    same either way), every group, asymmetric, in fp16 and bf16 (the pairing is code of its own, independent of
+    the symmetry and the dtype)."""
     yield from ring_append_specs()
-    for dtype in ("fp16", "bf16", "fp32"):
+    variants = [(dtype, bits, group, symmetric, False) for dtype in ("fp16", "bf16", "fp32") for bits in (2, 3, 4, 8)
+                for group in GROUP_SIZES for symmetric in (False, True)]  # fmt: skip
+    variants += [(dtype, bits, group, False, True) for dtype in ("fp16", "bf16") for bits in (2, 3, 4)
+                 for group in GROUP_SIZES]  # fmt: skip
+    for dtype, bits, group, symmetric, paired in variants:
         for name, (kernel, signature) in _signatures(dtype).items():
-            for bits in (2, 3, 4, 8):
-                for group in GROUP_SIZES:
-                    for symmetric in (False, True):
-                        cfg = launch_config(group)
-                        yield KernelSpec(
-                            name=f"{name}[{dtype},b={bits},G={group},sym={int(symmetric)}]",
-                            fn=kernel,
-                            signature=signature,
-                            constexprs={"BITS": bits, "GROUP": group, "SYMMETRIC": symmetric, **cfg.constexprs},
-                            num_warps=cfg.num_warps,
-                        )
+            cfg = launch_config(group)
+            yield KernelSpec(
+                name=f"{name}[{dtype},b={bits},G={group},sym={int(symmetric)}{',paired' if paired else ''}]",
+                fn=kernel,
+                signature=signature,
+                constexprs={"BITS": bits, "GROUP": group, "SYMMETRIC": symmetric, "PAIRED": paired, **cfg.constexprs},
+                num_warps=cfg.num_warps,
+            )

@@ -24,6 +24,13 @@ a rank of 38 is stored as 40 features, not 48; the padding is real memory. ``pac
 ``unpack_aligned`` go between ``n`` codes and that padded form (the fused
 kernel ``eigenkv.kernels.quant_pack`` writes it directly). For 3 bits each plane is padded: the low plane
 has ``aligned_width(n) / 4`` bytes, then the high plane ``aligned_width(n) / 8``.
+
+Paired rows (``paired=True``; a cache's per-token rows, packed along features): the codes of each run of
+``2k`` features (``k`` codes a byte; 3 bits: runs of 8, the 2-bit plane's) are stored even features first, so
+that the first byte of the run holds features ``0, 2, .., 2k - 2`` and the second ``1, 3, .., 2k - 1``: code
+``j`` of the two bytes is features ``2j`` and ``2j + 1``, the adjacent pair a 16-bit matrix operand register
+holds (the decode kernel converts two bytes at once into such pairs, where the plain order needs a byte
+permutation per register to regroup them). 8-bit rows are the same either way.
 """
 
 from __future__ import annotations
@@ -121,15 +128,53 @@ def _pad_codes(codes: torch.Tensor, n_to: int, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(codes.movedim(dim, -1), (0, n_to - n)).movedim(-1, dim)
 
 
-def pack_aligned(codes: torch.Tensor, bits: int, dim: int = -1, *, check: bool = True) -> torch.Tensor:
+def paired_run(bits: int) -> int:
+    """Features a run of paired rows reorders (module doc): two bytes' worth, 8 at 3 bits, 1 at 8 bits."""
+    packed_length(1, bits)  # validates bits
+    return 8 if bits == 3 else 2 * (8 // bits) if bits < 8 else 1
+
+
+def pair_runs(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Codes in feature order -> the paired order along ``dim`` (its length a multiple of ``paired_run``):
+    in each run, the even features, then the odd ones."""
+    run = paired_run(bits)
+    if run == 1:  # 8 bits: a code a byte, nothing to pair
+        return codes
+    c = codes.movedim(dim, -1)
+    n = c.shape[-1]
+    if n % run:
+        raise ValueError(f"paired rows hold runs of {run} features at {bits} bits; got {n} features")
+    c = c.reshape(*c.shape[:-1], n // run, run // 2, 2).transpose(-1, -2).reshape(c.shape)
+    return c.movedim(-1, dim)
+
+
+def unpair_runs(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of :func:`pair_runs`."""
+    run = paired_run(bits)
+    if run == 1:  # 8 bits: a code a byte, nothing to pair
+        return codes
+    c = codes.movedim(dim, -1)
+    n = c.shape[-1]
+    if n % run:
+        raise ValueError(f"paired rows hold runs of {run} features at {bits} bits; got {n} features")
+    c = c.reshape(*c.shape[:-1], n // run, 2, run // 2).transpose(-1, -2).reshape(c.shape)
+    return c.movedim(-1, dim)
+
+
+def pack_aligned(
+    codes: torch.Tensor, bits: int, dim: int = -1, *, check: bool = True, paired: bool = False
+) -> torch.Tensor:
     """Pack ``n`` codes along ``dim`` padded with zero codes to ``aligned_width(n)``:
-    that axis becomes ``packed_length(aligned_width(n), bits)`` bytes."""
-    return pack(_pad_codes(codes, aligned_width(codes.shape[dim]), dim), bits, dim=dim, check=check)
+    that axis becomes ``packed_length(aligned_width(n), bits)`` bytes (``paired``: in the paired order)."""
+    codes = _pad_codes(codes, aligned_width(codes.shape[dim]), dim)
+    return pack(pair_runs(codes, bits, dim) if paired else codes, bits, dim=dim, check=check)
 
 
-def unpack_aligned(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
+def unpack_aligned(packed: torch.Tensor, bits: int, n: int, dim: int = -1, *, paired: bool = False) -> torch.Tensor:
     """Inverse of ``pack_aligned``: the first ``n`` codes along ``dim`` (the padding dropped)."""
     codes = unpack(packed, bits, aligned_width(n), dim=dim)
+    if paired:
+        codes = unpair_runs(codes, bits, dim)
     return codes.narrow(dim, 0, n).contiguous()
 
 
@@ -139,8 +184,8 @@ class Segment:
 
     Attributes:
         codes: uint8 covering ``aligned_width(width)`` features, the padding codes zero: per token
-            ``(B, H, T_q, packed_length(aligned_width(width), bits))`` (packed along features, see
-            ``pack_aligned``), per channel ``(B, H, T_q / G * packed_length(G, bits), aligned_width(width))``
+            ``(B, H, T_q, packed_length(aligned_width(width), bits))`` (packed along features in the paired
+            order, see ``pack_aligned``), per channel ``(B, H, T_q / G * packed_length(G, bits), aligned_width(width))``
             (each block of ``G`` tokens packed along tokens).
         scale, zero: ``(B, H, T_q, ceil(width / G))`` per token, ``(B, H, T_q / G, aligned_width(width))`` per
             channel (the padding features' zero, so a row of them loads as vectors too);
@@ -227,7 +272,7 @@ class PackedStream:
         for segment in self.segments:
             n, g = self.quantized_tokens, self.group_size
             if self.axis == "token":
-                codes, dim = unpack_aligned(segment.codes, segment.bits, segment.width, dim=-1), 3
+                codes, dim = unpack_aligned(segment.codes, segment.bits, segment.width, dim=-1, paired=True), 3
             else:
                 b, h = segment.codes.shape[:2]
                 blocks = segment.codes.view(b, h, n // g, packed_length(g, segment.bits), aligned_width(segment.width))

@@ -17,8 +17,9 @@ following this rule (``R`` = ``residual``, ``G`` = group size, ``m`` tokens held
 Storage layouts, per stream (``B`` batch, ``H`` KV heads, ``D`` head size, ``b`` bits,
 ``D' = aligned_width(D)``: ``D`` rounded up to a multiple of 8):
 
-- per token:   codes ``(B, H, T_q, packed_length(D', b))`` uint8 packed along features,
-  scales / zeros ``(B, H, T_q, ceil(D / G))``;
+- per token:   codes ``(B, H, T_q, packed_length(D', b))`` uint8 packed along features in the
+  paired order (``pack_aligned(..., paired=True)``: code ``j`` of two bytes is two adjacent
+  features), scales / zeros ``(B, H, T_q, ceil(D / G))``;
 - per channel: codes ``(B, H, T_q / G * packed_length(G, b), D')`` uint8, each block of
   ``G`` tokens packed along tokens (the axis a decode tile reads), scales / zeros
   ``(B, H, T_q / G, D')`` (the padding features' zero);
@@ -330,8 +331,9 @@ class QuantizedStream:
 
             if self.axis == "token":  # rows = tokens
                 codes, scale, zero = quantize_pack(
-                    x.reshape(-1, d), cfg.bits, cfg.group_size, symmetric=cfg.symmetric, check_finite=False
-                )
+                    x.reshape(-1, d), cfg.bits, cfg.group_size, symmetric=cfg.symmetric, check_finite=False,
+                    paired=True,
+                )  # fmt: skip
                 shape = (b, h, t, -1)  # rows already cover aligned_width(d) features
                 return codes.view(shape), scale.view(shape), None if zero is None else zero.view(shape)
             # rows = (block, feature): G tokens of one feature, packed along tokens
@@ -354,7 +356,7 @@ class QuantizedStream:
             check_finite=False,
         )  # fmt: skip
         if self.axis == "token":
-            return pack_aligned(q.codes, cfg.bits, dim=-1, check=False), q.scale, q.zero
+            return pack_aligned(q.codes, cfg.bits, dim=-1, check=False, paired=True), q.scale, q.zero
         # per channel: t is a multiple of G; pack each block of G tokens along tokens
         blocks = q.codes.view(b, h, t // cfg.group_size, cfg.group_size, d)
         codes = _pad_features(pack(blocks, cfg.bits, dim=-2, check=False).flatten(2, 3), padded)
@@ -381,6 +383,7 @@ class QuantizedStream:
                     cfg.group_size,
                     d,
                     dtype,
+                    paired=True,
                 )
                 return self._unrotate(rows.view(b, h, tokens, d))
             nblocks = tokens // cfg.group_size
@@ -398,7 +401,7 @@ class QuantizedStream:
                 rows.view(b, h, nblocks, d, cfg.group_size).transpose(-1, -2).reshape(b, h, tokens, d)
             )
         if self.axis == "token":
-            codes = unpack_aligned(codes, cfg.bits, d, dim=-1)
+            codes = unpack_aligned(codes, cfg.bits, d, dim=-1, paired=True)
             dim = 3
         else:
             b, h = codes.shape[:2]

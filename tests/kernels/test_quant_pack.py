@@ -26,12 +26,12 @@ CASES = [
 
 @pytest.mark.parametrize("rows, cols, group", CASES)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_quantize_pack_matches_reference_bit_for_bit(rows, cols, group, bits, symmetric):
+@pytest.mark.parametrize("symmetric, paired", [(False, False), (True, False), (False, True)])
+def test_quantize_pack_matches_reference_bit_for_bit(rows, cols, group, bits, symmetric, paired):
     x = torch.randn(rows, cols, device=DEVICE) * 3
     x[0, :group] = 1.5  # a constant group (scale 0)
-    packed, scale, zero = quantize_pack(x, bits, group, symmetric=symmetric)
-    ref_packed, ref_scale, ref_zero = quantize_pack_reference(x, bits, group, symmetric=symmetric)
+    packed, scale, zero = quantize_pack(x, bits, group, symmetric=symmetric, paired=paired)
+    ref_packed, ref_scale, ref_zero = quantize_pack_reference(x, bits, group, symmetric=symmetric, paired=paired)
     assert torch.equal(packed, ref_packed)
     assert torch.equal(scale, ref_scale)
     assert (zero is None) == symmetric and (zero is None or torch.equal(zero, ref_zero))
@@ -39,12 +39,14 @@ def test_quantize_pack_matches_reference_bit_for_bit(rows, cols, group, bits, sy
 
 @pytest.mark.parametrize("cols, group", [(77, 64), (38, 16)])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_remainder_groups_round_trip(cols, group, bits):
+@pytest.mark.parametrize("paired", [False, True])
+def test_remainder_groups_round_trip(cols, group, bits, paired):
     x = torch.randn(6, cols, device=DEVICE)
-    packed, scale, zero = quantize_pack(x, bits, group)
+    packed, scale, zero = quantize_pack(x, bits, group, paired=paired)
     assert scale.shape == (6, -(-cols // group))
-    out = unpack_dequantize(packed, scale, zero, bits, group, cols, torch.float32)
-    assert torch.equal(out, unpack_dequantize_reference(packed, scale, zero, bits, group, cols, torch.float32))
+    out = unpack_dequantize(packed, scale, zero, bits, group, cols, torch.float32, paired=paired)
+    ref = unpack_dequantize_reference(packed, scale, zero, bits, group, cols, torch.float32, paired=paired)
+    assert torch.equal(out, ref)
     assert (out - x).abs().max() <= scale.float().max() / 2 + 1e-6  # within half a step of each group
 
 

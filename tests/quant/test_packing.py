@@ -7,8 +7,11 @@ from eigenkv.quant.packing import (
     pack,
     pack_aligned,
     packed_length,
+    pair_runs,
+    paired_run,
     unpack,
     unpack_aligned,
+    unpair_runs,
 )
 
 
@@ -36,6 +39,35 @@ def test_layout_is_little_endian_within_a_byte():
         sum(h << i for i, h in enumerate(high)),
     ]
     assert pack(codes, 3).tolist() == expected
+
+
+def test_paired_rows_hold_adjacent_features_in_code_j_of_two_bytes():
+    """Paired rows: in each run of two bytes, the first holds the even features and the second the odd ones, so
+    code j of the two bytes is features 2j and 2j + 1 (3 bits: runs of 8, in both planes)."""
+    assert [paired_run(b) for b in (2, 3, 4, 8)] == [8, 8, 4, 1]
+    features = torch.arange(8, dtype=torch.uint8)  # code = feature index (< 8: fits 3 and 4 bits)
+    assert pair_runs(features, 4).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    four = pack_aligned(features, 4, paired=True).tolist()
+    assert four == [0 | 2 << 4, 1 | 3 << 4, 4 | 6 << 4, 5 | 7 << 4]
+    two = pack_aligned(features % 4, 2, paired=True).tolist()  # features 0..7: codes 0 1 2 3 0 1 2 3
+    assert two == [0 | 2 << 2 | 0 << 4 | 2 << 6, 1 | 3 << 2 | 1 << 4 | 3 << 6]
+    three = pack_aligned(features, 3, paired=True).tolist()  # low plane as at 2 bits, then the high bits
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    assert three[:2] == two and three[2] == sum((f >> 2) << i for i, f in enumerate(order))
+    assert torch.equal(pack_aligned(features, 8, paired=True), features)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 5, 16, 38, 77])
+def test_paired_rows_round_trip(bits, n):
+    codes = torch.randint(0, 2**bits, (3, 5, n), dtype=torch.uint8)
+    packed = pack_aligned(codes, bits, paired=True)
+    assert packed.shape[-1] == packed_length(aligned_width(n), bits)
+    assert torch.equal(unpack_aligned(packed, bits, n, paired=True), codes)
+    padded = torch.nn.functional.pad(codes, (0, aligned_width(n) - n))
+    assert torch.equal(unpair_runs(pair_runs(padded, bits), bits), padded)
+    with pytest.raises(ValueError, match="runs of 8 features at 2 bits; got 12 features"):
+        pair_runs(torch.zeros(12, dtype=torch.uint8), 2)
 
 
 def test_exact_bits_per_code():

@@ -5,7 +5,7 @@ import torch
 
 from eigenkv.quant import KVQuantConfig
 from eigenkv.quant.config import quantized_prefix
-from eigenkv.quant.packing import aligned_width, pack, packed_length, unpack
+from eigenkv.quant.packing import aligned_width, pack, packed_length, pair_runs, unpack, unpair_runs
 from eigenkv.quant.reference import dequantize, quantize
 from eigenkv.quant.store import QuantizedStream, SegmentedStream
 
@@ -21,7 +21,7 @@ def reference(x: torch.Tensor, config: KVQuantConfig, axis: str):
     q = quantize(x[..., :tq, :], config.bits, g, dim, symmetric=config.symmetric, scale_dtype=config.torch_scale_dtype)
     pad = aligned_width(d) - d
     if axis == "token":
-        codes = pack(torch.nn.functional.pad(q.codes, (0, pad)), config.bits, dim=-1)
+        codes = pack(pair_runs(torch.nn.functional.pad(q.codes, (0, pad)), config.bits), config.bits, dim=-1)
         assert codes.shape == (b, h, tq, packed_length(aligned_width(d), config.bits))
     else:
         codes = pack(q.codes.view(b, h, tq // g, g, d), config.bits, dim=-2).flatten(2, 3)
@@ -33,7 +33,7 @@ def reference(x: torch.Tensor, config: KVQuantConfig, axis: str):
 def padding_codes(codes: torch.Tensor, config: KVQuantConfig, axis: str, width: int) -> torch.Tensor:
     """The codes of the padding features ``width .. aligned_width(width)`` of a stored tensor."""
     if axis == "token":
-        return unpack(codes, config.bits, aligned_width(width), dim=-1)[..., width:]
+        return unpair_runs(unpack(codes, config.bits, aligned_width(width), dim=-1), config.bits)[..., width:]
     return codes[..., width:]  # packed along tokens: a padding feature's bytes are its codes' bytes
 
 

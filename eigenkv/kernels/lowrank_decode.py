@@ -43,8 +43,10 @@ code by ``python -m eigenkv.kernels.roofline``):
   several whole ones), or folded out of the elements;
 - the softmax's row sums are kept per tile element and summed once after the
   main loop (only the running maximum is reduced every tile);
-- a main loop reads the tiles where every key and value is quantized, a tail
-  loop the full-precision window and partly quantized tiles element by element;
+- a main loop reads the whole tiles where every key and value is quantized and
+  valid, with no mask on a load or a score; a tail loop reads the rest element
+  by element (a left-padded sequence's partial first tile, partly quantized or
+  partly valid tiles, the full-precision window);
 - pre mode (pre-RoPE caches) rebuilds key ``t`` as ``rope(c_t D^T, t)``: with
   ``D = [D_1 D_2]`` split at ``d / 2``, ``a_i = c_t D_i^T`` on tensor cores,
   rotated as Hugging Face's ``rotate_half`` does. In the main loop the tile's
@@ -839,19 +841,22 @@ def _decode_kernel(
     va_shift = tl.zeros([BLOCK_N, G_PAD], tl.float32)
     vb_shift = tl.zeros([BLOCK_N, G_PAD], tl.float32)
 
-    # main loop: tiles where every key and value is quantized (no load masked by token)
+    # main loop: whole tiles where every key and value is quantized and valid (from the first tile at or after
+    # `start` to the last that ends by `hi`; partial tiles go to the tail loop): no load and no score masked
+    main_lo = tl.maximum(lo, (start + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
+    main_hi = tl.maximum(tl.minimum(hi, main_tokens) // BLOCK_N * BLOCK_N, main_lo)
     if KA_BITS > 0 and VA_BITS > 0:
         if PRE:  # turns of the first tile (fp32 angles, as the model's), of one tile, and of each offset in a tile
             q1f = q1.to(tl.float32) * rope_scale
             q2f = q2.to(tl.float32) * rope_scale
-            cos_n = tl.cos(lo.to(tl.float32) * inv_freq)[:, None]
-            sin_n = tl.sin(lo.to(tl.float32) * inv_freq)[:, None]
+            cos_n = tl.cos(main_lo.to(tl.float32) * inv_freq)[:, None]
+            sin_n = tl.sin(main_lo.to(tl.float32) * inv_freq)[:, None]
             cos_step = tl.cos(BLOCK_N * inv_freq)[:, None]
             sin_step = tl.sin(BLOCK_N * inv_freq)[:, None]
             offset_angle = tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * inv_freq[None, :]
             cos_i = tl.cos(offset_angle).to(dtype)
             sin_i = tl.sin(offset_angle).to(dtype)
-        for n in range(lo, tl.minimum(hi, main_tokens), BLOCK_N):
+        for n in range(main_lo, main_hi, BLOCK_N):
             n = tl.multiple_of(n, BLOCK_N)
             nu = n.to(tl.uint32)  # the tile's first token, unsigned: its blocks and rows are shifts, not divisions
             tok = n + tl.arange(0, BLOCK_N)
@@ -903,7 +908,6 @@ def _decode_kernel(
                 scores = soft_cap(scores, SOFTCAP)
             if ALIBI:
                 scores += tok.to(tl.float32)[:, None] * slopes[None, :]
-            scores = tl.where(((tok >= start) & (tok < hi))[:, None], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[None, :])
@@ -936,10 +940,13 @@ def _decode_kernel(
         acc_a += tl.sum(va_shift, axis=0)[None, :]
     if VB_FOLD:
         acc_b += tl.sum(vb_shift, axis=0)[None, :]
-    # tail: the full-precision window and partly quantized tiles, element by element
+    # tail, element by element: the tile before main_lo (a sequence's partial first tile, when it has one: at
+    # most one) and the tiles from main_hi on (the full-precision window and partly quantized tiles)
     kw = b * kw_b + h * kw_h
     vw = b * vw_b + h * vw_h
-    for n in range(tl.maximum(lo, main_tokens), hi, BLOCK_N):
+    n_lead = tl.cdiv(tl.maximum(tl.minimum(main_lo, hi) - lo, 0), BLOCK_N)
+    for i in range(0, n_lead + tl.cdiv(tl.maximum(hi - main_hi, 0), BLOCK_N)):
+        n = tl.where(i < n_lead, lo + i * BLOCK_N, main_hi + (i - n_lead) * BLOCK_N)
         tok = n + tl.arange(0, BLOCK_N)
         tok_ok = (tok >= start) & (tok < hi)
         k = _chunk_tail(
@@ -1615,7 +1622,7 @@ def roofline_cases():
                     programs=programs,
                     flops=batch * kv_heads * context * per_token_flops,
                     sdpa_flops=batch * heads * context * 2 * 2 * head_dim,
-                    loop=0,  # the main loop comes first; the tail loop after it runs at most twice per program
+                    loop=0,  # the main loop comes first; the tail loop after it runs a few times per program
                     workload={
                         "shape": shape, "mode": mode, "batch": batch, "context": context, "heads": heads,
                         "kv_heads": kv_heads, "head_dim": head_dim, "key_rank": key_rank, "value_rank": value_rank,

@@ -167,7 +167,7 @@ def hot_loop(instructions: list[Instruction], index: int | None = None) -> Loop 
 
     ``index``: instead, the ``index``-th outermost loop of at least ``MIN_LOOP`` instructions in address
     order (a kernel whose hot loop is not its largest, e.g. decode, whose tail loop reads the last tiles
-    element by element but runs at most twice per program).
+    element by element but runs a few times per program).
 
     Nested loops: the outermost region contains its inner loops, so it is the one chosen, and an inner body
     counts once per outer iteration. The count is static: both sides of a forward branch inside the region

@@ -944,9 +944,9 @@ def _decode_kernel(
     # most one) and the tiles from main_hi on (the full-precision window and partly quantized tiles)
     kw = b * kw_b + h * kw_h
     vw = b * vw_b + h * vw_h
-    n_lead = tl.cdiv(tl.maximum(tl.minimum(main_lo, hi) - lo, 0), BLOCK_N)
-    for i in range(0, n_lead + tl.cdiv(tl.maximum(hi - main_hi, 0), BLOCK_N)):
-        n = tl.where(i < n_lead, lo + i * BLOCK_N, main_hi + (i - n_lead) * BLOCK_N)
+    lead = (lo < main_lo) & (lo < hi)
+    for n in range(tl.where(lead, main_hi - BLOCK_N, main_hi), hi, BLOCK_N):
+        n = tl.where(n < main_hi, lo, n)  # the lead tile takes the iteration before main_hi
         tok = n + tl.arange(0, BLOCK_N)
         tok_ok = (tok >= start) & (tok < hi)
         k = _chunk_tail(

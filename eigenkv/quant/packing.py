@@ -134,9 +134,9 @@ def paired_run(bits: int) -> int:
     return 8 if bits == 3 else 2 * (8 // bits) if bits < 8 else 1
 
 
-def pair_runs(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
-    """Codes in feature order -> the paired order along ``dim`` (its length a multiple of ``paired_run``):
-    in each run, the even features, then the odd ones."""
+def pair_runs(codes: torch.Tensor, bits: int, dim: int = -1, *, inverse: bool = False) -> torch.Tensor:
+    """Codes in feature order -> the paired order along ``dim`` (its length a multiple of ``paired_run``): in
+    each run, the even features, then the odd ones; ``inverse``: back to feature order."""
     run = paired_run(bits)
     if run == 1:  # 8 bits: a code a byte, nothing to pair
         return codes
@@ -144,21 +144,8 @@ def pair_runs(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     n = c.shape[-1]
     if n % run:
         raise ValueError(f"paired rows hold runs of {run} features at {bits} bits; got {n} features")
-    c = c.reshape(*c.shape[:-1], n // run, run // 2, 2).transpose(-1, -2).reshape(c.shape)
-    return c.movedim(-1, dim)
-
-
-def unpair_runs(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
-    """Inverse of :func:`pair_runs`."""
-    run = paired_run(bits)
-    if run == 1:  # 8 bits: a code a byte, nothing to pair
-        return codes
-    c = codes.movedim(dim, -1)
-    n = c.shape[-1]
-    if n % run:
-        raise ValueError(f"paired rows hold runs of {run} features at {bits} bits; got {n} features")
-    c = c.reshape(*c.shape[:-1], n // run, 2, run // 2).transpose(-1, -2).reshape(c.shape)
-    return c.movedim(-1, dim)
+    runs = (n // run, 2, run // 2) if inverse else (n // run, run // 2, 2)
+    return c.reshape(*c.shape[:-1], *runs).transpose(-1, -2).reshape(c.shape).movedim(-1, dim)
 
 
 def pack_aligned(
@@ -174,7 +161,7 @@ def unpack_aligned(packed: torch.Tensor, bits: int, n: int, dim: int = -1, *, pa
     """Inverse of ``pack_aligned``: the first ``n`` codes along ``dim`` (the padding dropped)."""
     codes = unpack(packed, bits, aligned_width(n), dim=dim)
     if paired:
-        codes = unpair_runs(codes, bits, dim)
+        codes = pair_runs(codes, bits, dim, inverse=True)
     return codes.narrow(dim, 0, n).contiguous()
 
 

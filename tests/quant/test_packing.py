@@ -11,7 +11,6 @@ from eigenkv.quant.packing import (
     paired_run,
     unpack,
     unpack_aligned,
-    unpair_runs,
 )
 
 
@@ -65,7 +64,7 @@ def test_paired_rows_round_trip(bits, n):
     assert packed.shape[-1] == packed_length(aligned_width(n), bits)
     assert torch.equal(unpack_aligned(packed, bits, n, paired=True), codes)
     padded = torch.nn.functional.pad(codes, (0, aligned_width(n) - n))
-    assert torch.equal(unpair_runs(pair_runs(padded, bits), bits), padded)
+    assert torch.equal(pair_runs(pair_runs(padded, bits), bits, inverse=True), padded)
     with pytest.raises(ValueError, match="runs of 8 features at 2 bits; got 12 features"):
         pair_runs(torch.zeros(12, dtype=torch.uint8), 2)
 

@@ -5,7 +5,7 @@ import torch
 
 from eigenkv.quant import KVQuantConfig
 from eigenkv.quant.config import quantized_prefix
-from eigenkv.quant.packing import aligned_width, pack, packed_length, pair_runs, unpack, unpair_runs
+from eigenkv.quant.packing import aligned_width, pack, packed_length, pair_runs, unpack
 from eigenkv.quant.reference import dequantize, quantize
 from eigenkv.quant.store import QuantizedStream, SegmentedStream
 
@@ -33,7 +33,8 @@ def reference(x: torch.Tensor, config: KVQuantConfig, axis: str):
 def padding_codes(codes: torch.Tensor, config: KVQuantConfig, axis: str, width: int) -> torch.Tensor:
     """The codes of the padding features ``width .. aligned_width(width)`` of a stored tensor."""
     if axis == "token":
-        return unpair_runs(unpack(codes, config.bits, aligned_width(width), dim=-1), config.bits)[..., width:]
+        codes = unpack(codes, config.bits, aligned_width(width), dim=-1)
+        return pair_runs(codes, config.bits, inverse=True)[..., width:]
     return codes[..., width:]  # packed along tokens: a padding feature's bytes are its codes' bytes
 
 

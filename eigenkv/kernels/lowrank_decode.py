@@ -1280,9 +1280,9 @@ def codes_alignment(bits: int, axis: str, pairs: bool, width: int) -> int:
     of, as the main loop's vector loads take them in the layouts of :mod:`eigenkv.quant.packing`: per-channel
     rows of a multiple of 8 features (8 bytes); 8-bit per-token rows read as words (``pairs``), 8; 2- and 4-bit
     per-token rows, the largest power of two that divides their bytes, at most ``2 * bits`` (the second chunk of
-    a row starts at a multiple of 16 features): 8 for 4-bit rows of a multiple of 16 features (two 8-byte
-    copies a 64-feature row, where 4-byte claims take four), else ``bits``; 3-bit rows and 8-bit ones read byte
-    by byte claim nothing (1)."""
+    a row starts at a multiple of 16 features), e.g. 8 for 4-bit rows of a multiple of 16 features (two 8-byte
+    copies a 64-feature row, where 4-byte claims take four); 3-bit rows and 8-bit ones read byte by byte claim
+    nothing (1)."""
     if axis == "channel":
         return 8
     if bits == 8:

@@ -10,10 +10,9 @@ bytes a real cache holds (:func:`cache_tensor_bytes`):
 - quantized caches (:class:`QuantizedStorage`), per KV head and sequence of
   ``n`` tokens with ``T_q = quantized_prefix(n)`` quantized tokens (``b`` bits,
   group ``G``, width ``D``, codes stored for ``D' = aligned_width(D)``
-  features, ``D`` rounded up to a multiple of 8): per token, codes
-  ``T_q * packed_length(D', b)`` bytes and ``T_q * ceil(D / G)`` scales and
-  zeros; per channel, codes ``T_q / G * packed_length(G, b) * D'`` bytes and
-  ``T_q / G * D'`` scales and zeros; the window ``(n - T_q) * D`` values of the
+  features, ``D`` rounded up to a multiple of 8): codes ``T_q *
+  packed_length(D', b)`` bytes; per token ``T_q * ceil(D / G)`` scales and
+  zeros, per channel ``T_q / G * D'``; the window ``(n - T_q) * D`` values of the
   model's dtype; plus, when a stream has ``rotate``, one ``D x D`` float32
   Hadamard matrix (one per device, for a model whose rotating layers are
   spread over several devices). Each stream is counted with its own quantizer
@@ -289,13 +288,11 @@ class QuantizedStorage:
         total = quantized_prefix(tokens, self.axis, cfg.group_size, cfg.residual)
         quantized = total - (0 if self.sliding is None else self.sliding.dropped(tokens))
         scale_size = cfg.torch_scale_dtype.itemsize
+        codes = quantized * packed_length(aligned_width(self.width), cfg.bits)  # the padding codes count
         if self.axis == "token":
-            codes = quantized * packed_length(aligned_width(self.width), cfg.bits)  # the padding codes count
             params = quantized * num_groups(self.width, cfg.group_size)
-        else:
-            blocks = quantized // cfg.group_size
-            codes = blocks * packed_length(cfg.group_size, cfg.bits) * aligned_width(self.width)
-            params = blocks * aligned_width(self.width)  # scales and zeros of the padding features too
+        else:  # scales and zeros of the padding features too
+            params = quantized // cfg.group_size * aligned_width(self.width)
         return {
             "codes": codes,
             "scales": params * scale_size,

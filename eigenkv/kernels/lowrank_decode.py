@@ -40,7 +40,9 @@ code by ``python -m eigenkv.kernels.roofline``):
   (:func:`_mma_operand`), and dequantized in the model dtype with one fused
   multiply-add per two elements, the scales of a block of per-channel codes
   loaded once per tile (a tile of 64 tokens holds one block, part of one, or
-  several whole ones), or folded out of the elements;
+  several whole ones), or folded out of the elements. Codes are a row per
+  token whichever the grouping, so a register of two converted codes holds
+  two adjacent features of a token, as the MMA operand does;
 - the softmax's row sums are kept per tile element and summed once after the
   main loop (only the running maximum is reduced every tile);
 - a main loop reads the whole tiles where every key and value is quantized and
@@ -181,36 +183,22 @@ def lowrank_decode_reference(
 
 
 @triton.jit
-def _codes(
-    C, base, stride_row, tok, feat, ok, aligned, AXIS_TOKEN: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr
-):
-    # int32 codes (BLOCK_N, F) of tokens `tok` and segment-local features `feat`, one element at a time
-    # (layouts: eigenkv.quant.packing; `aligned`: features a code row covers)
-    if AXIS_TOKEN:  # a token's codes packed along features, in paired rows
-        row = base + tok[:, None].to(tl.int64) * stride_row
-        along = feat[None, :]
-        if BITS < 8:  # feature 2 s + i of a run of RUN is stored at position i * RUN / 2 + s of the run
-            RUN: tl.constexpr = 8 if BITS == 3 else 16 // BITS
-            along = along // RUN * RUN + (along % 2) * (RUN // 2) + (along % RUN) // 2
-        if BITS == 3:
-            low = tl.load(C + row + along // 4, mask=ok, other=0).to(tl.int32)
-            high = tl.load(C + row + aligned // 4 + along // 8, mask=ok, other=0).to(tl.int32)
-            return ((low >> ((along % 4) * 2)) & 3) | (((high >> (along % 8)) & 1) << 2)
-        else:
-            byte = tl.load(C + row + along // (8 // BITS), mask=ok, other=0).to(tl.int32)
-            return (byte >> ((along % (8 // BITS)) * BITS)) & ((1 << BITS) - 1)
-    else:  # blocks of GROUP tokens, each feature's codes packed along tokens
-        along = (tok % GROUP)[:, None]
-        col = base + feat[None, :]
-        if BITS == 3:
-            block = (tok // GROUP)[:, None].to(tl.int64) * (GROUP // 4 + GROUP // 8)
-            low = tl.load(C + col + (block + along // 4) * stride_row, mask=ok, other=0).to(tl.int32)
-            high = tl.load(C + col + (block + GROUP // 4 + along // 8) * stride_row, mask=ok, other=0).to(tl.int32)
-            return ((low >> ((along % 4) * 2)) & 3) | (((high >> (along % 8)) & 1) << 2)
-        else:
-            block = (tok // GROUP)[:, None].to(tl.int64) * (GROUP * BITS // 8)
-            byte = tl.load(C + col + (block + along // (8 // BITS)) * stride_row, mask=ok, other=0).to(tl.int32)
-            return (byte >> ((along % (8 // BITS)) * BITS)) & ((1 << BITS) - 1)
+def _codes(C, base, stride_row, tok, feat, ok, aligned, BITS: tl.constexpr):
+    # int32 codes (BLOCK_N, F) of tokens `tok` and segment-local features `feat`, one element at a time: a token's
+    # codes packed along features in a paired row, whichever the grouping (layouts: eigenkv.quant.packing;
+    # `aligned`: features a code row covers)
+    row = base + tok[:, None].to(tl.int64) * stride_row
+    along = feat[None, :]
+    if BITS < 8:  # feature 2 s + i of a run of RUN is stored at position i * RUN / 2 + s of the run
+        RUN: tl.constexpr = 8 if BITS == 3 else 16 // BITS
+        along = along // RUN * RUN + (along % 2) * (RUN // 2) + (along % RUN) // 2
+    if BITS == 3:
+        low = tl.load(C + row + along // 4, mask=ok, other=0).to(tl.int32)
+        high = tl.load(C + row + aligned // 4 + along // 8, mask=ok, other=0).to(tl.int32)
+        return ((low >> ((along % 4) * 2)) & 3) | (((high >> (along % 8)) & 1) << 2)
+    else:
+        byte = tl.load(C + row + along // (8 // BITS), mask=ok, other=0).to(tl.int32)
+        return (byte >> ((along % (8 // BITS)) * BITS)) & ((1 << BITS) - 1)
 
 
 @triton.jit
@@ -223,7 +211,7 @@ def _segment(
     feat_ok = (local >= 0) & (local < width)
     local = tl.where(feat_ok, local, 0)
     ok = tok_ok[:, None] & feat_ok[None, :]
-    codes = _codes(C, c_base, stride_cr, tok, local, ok, aligned, AXIS_TOKEN, BITS, GROUP).to(tl.float32)
+    codes = _codes(C, c_base, stride_cr, tok, local, ok, aligned, BITS).to(tl.float32)
     if AXIS_TOKEN:
         params = s_base + tok[:, None].to(tl.int64) * stride_sr + (local // GROUP)[None, :]
     else:
@@ -323,32 +311,19 @@ def _code_planes3(low, high, DTYPE: tl.constexpr, FP32: tl.constexpr):
 
 
 @triton.jit
-def _in_order(c0, c1, c2, c3, BITS: tl.constexpr):
-    # the code planes of _code_planes (F, R) of plain bytes (code k of byte r is element r * 8 // BITS + k)
-    # -> (F, R * 8 // BITS) in order. A join adds its pair as the last axis, so the 2-bit codes join as
-    # (c0, c2), (c1, c3), then pairs of those: the element [r, i, j] (at 4 r + 2 i + j) is code 2 i + j. The
-    # join's axis is the fastest in registers, where each output register of the PTX holds code k of two bytes:
-    # a byte permutation per register regroups them (per-channel blocks; per-token rows are paired)
-    if BITS == 4:
-        return tl.join(c0, c1).reshape(c0.shape[0], c0.shape[1] * 2)
-    else:
-        return tl.join(tl.join(c0, c2), tl.join(c1, c3)).reshape(c0.shape[0], c0.shape[1] * 4)
-
-
-@triton.jit
 def _paired_order(c0, c1, c2, c3, BITS: tl.constexpr):
     # the code planes of _code_planes (F, R) of paired bytes (eigenkv.quant.packing: code k of bytes 2a and
     # 2a + 1 is element 2 k + 0 / 1 of their run) -> (F, R * 8 // BITS) in order. Each code plane splits into
     # its even and odd bytes; the last join pairs them, so that the fastest axis in registers is the byte of
     # the pair, as the PTX's output registers hold it: two adjacent elements a register, stored to shared
-    # memory as they are (no byte permutation)
+    # memory as they are (plain bytes would need a byte permutation per register to regroup the pairs)
     F: tl.constexpr = c0.shape[0]
     R: tl.constexpr = c0.shape[1]
     e0, o0 = tl.split(c0.reshape(F, R // 2, 2))
     e1, o1 = tl.split(c1.reshape(F, R // 2, 2))
     if BITS == 4:  # [a, k, byte]: element 4 a + 2 k + byte
         return tl.join(tl.join(e0, e1), tl.join(o0, o1)).reshape(F, R * 2)
-    else:  # [a, i, j, byte] (k = 2 i + j, as _in_order joins): element 8 a + 2 k + byte
+    else:  # [a, i, j, byte] (k = 2 i + j: the 2-bit codes join as (c0, c2), (c1, c3)): element 8 a + 2 k + byte
         e2, o2 = tl.split(c2.reshape(F, R // 2, 2))
         e3, o3 = tl.split(c3.reshape(F, R // 2, 2))
         even = tl.join(tl.join(e0, e2), tl.join(e1, e3))
@@ -357,31 +332,24 @@ def _paired_order(c0, c1, c2, c3, BITS: tl.constexpr):
 
 
 @triton.jit
-def _byte_codes(x, BITS: tl.constexpr, PAIRS: tl.constexpr, PAIRED: tl.constexpr, DTYPE: tl.constexpr,
-                FP32: tl.constexpr):  # fmt: skip
-    # (F, R) uint8, each byte holding 8 // BITS codes along the last axis (first code in the lowest bits; PAIRED:
-    # paired rows) -> (F, R * 8 // BITS) codes in order: two per instruction in DTYPE plus _code_bias when PAIRS
-    # (2 and 4 bits always, unpacks_pairs), else 8-bit codes as they are
+def _byte_codes(x, BITS: tl.constexpr, PAIRS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
+    # (F, R) uint8 of paired rows, each byte holding 8 // BITS codes along the last axis (first code in the lowest
+    # bits) -> (F, R * 8 // BITS) codes in order: two per instruction in DTYPE plus _code_bias when PAIRS (2 and
+    # 4 bits always, unpacks_pairs), else 8-bit codes as they are
     if PAIRS:
         c0, c1, c2, c3 = _code_planes(x, BITS, DTYPE, FP32)
-        if PAIRED:
-            return _paired_order(c0, c1, c2, c3, BITS)
-        else:
-            return _in_order(c0, c1, c2, c3, BITS)
+        return _paired_order(c0, c1, c2, c3, BITS)
     else:
         tl.static_assert(BITS == 8, "2- and 4-bit codes are always converted in pairs")
         return x
 
 
 @triton.jit
-def _three_bit_codes(low, high, PAIRED: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):
-    # (F, R) bytes of a 2-bit plane and (F, R // 2) of the matching 1-bit plane (PAIRED: of paired rows) -> (F, 4 R)
+def _three_bit_codes(low, high, DTYPE: tl.constexpr, FP32: tl.constexpr):
+    # (F, R) bytes of a 2-bit plane and (F, R // 2) of the matching 1-bit plane, of paired rows -> (F, 4 R)
     # 3-bit codes in order, in DTYPE plus _code_bias
     c0, c1, c2, c3 = _code_planes3(low, high, DTYPE, FP32)
-    if PAIRED:
-        return _paired_order(c0, c1, c2, c3, 2)
-    else:
-        return _in_order(c0, c1, c2, c3, 2)
+    return _paired_order(c0, c1, c2, c3, 2)
 
 
 @triton.jit
@@ -398,21 +366,6 @@ def _word_codes(w, DTYPE: tl.constexpr, FP32: tl.constexpr):
 
 
 @triton.jit
-def _channel_words(C, stride_r, n, offset, aligned, N: tl.constexpr, W: tl.constexpr, MASK: tl.constexpr,
-                   DTYPE: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
-    # (W, N) 8-bit codes in DTYPE of features [offset, offset + W) for tokens [n, n + N) packed along tokens
-    # (token t in byte row t), read as uint32 words of 4 features of one row (8-byte aligned pairs of words:
-    # rows of a multiple of 8 features, chunks starting at a multiple of 16)
-    rows = n + tl.arange(0, N)
-    quad = offset // 4 + tl.arange(0, W // 4)
-    offsets = tl.multiple_of(quad[:, None] + rows[None, :] * (stride_r // 4), [2, 1])
-    ptrs = C.to(tl.pointer_type(tl.uint32)) + offsets
-    w = tl.load(ptrs, mask=(4 * quad < aligned)[:, None], other=0) if MASK else tl.load(ptrs)
-    x = _word_codes(w, DTYPE, FP32)  # (W / 4, N, 2h, 2a): feature 4q + 2h + a
-    return tl.permute(x, (0, 2, 3, 1)).reshape(W, N)
-
-
-@triton.jit
 def _token_words(C, rows, offset, aligned, W: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr,
                  FP32: tl.constexpr):  # fmt: skip
     # (N, W) 8-bit codes in DTYPE of features [offset, offset + W) of tokens whose rows start at uint32 word
@@ -424,60 +377,30 @@ def _token_words(C, rows, offset, aligned, W: tl.constexpr, MASK: tl.constexpr, 
 
 
 @triton.jit
-def _channel_codes(C, stride_r, n, col, col_ok, BITS: tl.constexpr, GROUP: tl.constexpr, N: tl.constexpr,
-                   MASK: tl.constexpr, PAIRS: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
-    # (W, N) codes of columns `col` (features) for tokens [n, n + N) packed along tokens in blocks of GROUP
-    # (one block or several whole ones): rows of a block, each a run of features (rows of a multiple of 8
-    # features and chunks starting at a multiple of 16, see eigenkv.quant.packing: 8-byte vectors, told to
-    # the compiler). A byte holds 8 // BITS tokens of one block; the row of the byte starting at token t:
-    if BITS == 3:  # each block: a 2-bit plane of GROUP // 4 rows, then a 1-bit plane of GROUP // 8
-        t4 = n + 4 * tl.arange(0, N // 4)
-        t8 = n + 8 * tl.arange(0, N // 8)
-        low_rows = (t4 // GROUP) * (GROUP // 4 + GROUP // 8) + (t4 % GROUP) // 4
-        high_rows = (t8 // GROUP) * (GROUP // 4 + GROUP // 8) + GROUP // 4 + (t8 % GROUP) // 8
-        low = C + tl.multiple_of(col[:, None] + low_rows[None, :] * stride_r, [8, 1])
-        high = C + tl.multiple_of(col[:, None] + high_rows[None, :] * stride_r, [8, 1])
-        if MASK:
-            low = tl.load(low, mask=col_ok[:, None], other=0)
-            high = tl.load(high, mask=col_ok[:, None], other=0)
-        else:
-            low = tl.load(low)
-            high = tl.load(high)
-        return _three_bit_codes(low, high, False, DTYPE, FP32)
-    else:  # blocks of whole bytes lie back to back: token t is in row t * BITS // 8
-        rows = n * BITS // 8 + tl.arange(0, N * BITS // 8)
-        ptrs = C + tl.multiple_of(col[:, None] + rows[None, :] * stride_r, [8, 1])
-        if MASK:
-            return _byte_codes(tl.load(ptrs, mask=col_ok[:, None], other=0), BITS, PAIRS, False, DTYPE, FP32)
-        else:
-            return _byte_codes(tl.load(ptrs), BITS, PAIRS, False, DTYPE, FP32)
-
-
-@triton.jit
 def _token_codes(C, rows, offset, aligned, BITS: tl.constexpr, W: tl.constexpr, MASK: tl.constexpr,
                  PAIRS: tl.constexpr, ALIGN: tl.constexpr, DTYPE: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # (N, W) codes of features [offset, offset + W) of tokens whose packed rows start at `rows` (N, 1):
-    # each row packs `aligned` features along features (3 bits: a 2-bit plane, then a 1-bit plane). At 2 and 4
-    # bits a row and the chunk start on a multiple of ALIGN bytes (codes_alignment: what the row's bytes and a
-    # chunk offset of a multiple of 16 features bear, checked by the launcher); a 3-bit row is 3 * aligned / 8
-    # bytes, odd when aligned / 8 is: no claim there (a false one faults on the GPU with a misaligned address)
+    # each row packs `aligned` features along features (3 bits: a 2-bit plane, then a 1-bit plane). A row and
+    # the chunk start on a multiple of ALIGN bytes (codes_alignment: what the row's bytes and a chunk offset of a
+    # multiple of 16 features bear, checked by the launcher; a false claim faults on the GPU with a misaligned
+    # address); at 3 bits the 1-bit plane starts `aligned / 4` bytes in, and its chunk `offset / 8` (even)
     if BITS == 3:
         j4 = tl.arange(0, W // 4)
         j8 = tl.arange(0, W // 8)
-        low = rows + offset // 4 + j4[None, :]
-        high = rows + aligned // 4 + offset // 8 + j8[None, :]
+        low = tl.multiple_of(rows + offset // 4 + j4[None, :], [1, ALIGN])
+        high = tl.multiple_of(rows + aligned // 4 + offset // 8 + j8[None, :], [1, min(ALIGN, 2)])
         if MASK:
             low = tl.load(C + low, mask=(offset + 4 * j4 < aligned)[None, :], other=0)
             high = tl.load(C + high, mask=(offset + 8 * j8 < aligned)[None, :], other=0)
         else:
             low = tl.load(C + low)
             high = tl.load(C + high)
-        return _three_bit_codes(low, high, True, DTYPE, FP32)
+        return _three_bit_codes(low, high, DTYPE, FP32)
     else:
         j = tl.arange(0, W * BITS // 8)
         idx = tl.multiple_of(rows + offset * BITS // 8 + j[None, :], [1, ALIGN])
         x = tl.load(C + idx, mask=(offset + j * (8 // BITS) < aligned)[None, :], other=0) if MASK else tl.load(C + idx)
-        return _byte_codes(x, BITS, PAIRS, True, DTYPE, FP32)
+        return _byte_codes(x, BITS, PAIRS, DTYPE, FP32)
 
 
 @triton.jit
@@ -493,15 +416,15 @@ def _offset(S, Z, ptrs, ok, scale, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
 def _channel_params(S, Z, stride_r, n, col, aligned, BITS: tl.constexpr, GROUP: tl.constexpr,
                     SYMMETRIC: tl.constexpr, MASK: tl.constexpr, NG: tl.constexpr):  # fmt: skip
     # scale and offset of columns `col` for the NG blocks of GROUP tokens from token n: (W,) when NG == 1 (one
-    # row of parameters), else (W, NG); rows are stored for the aligned features (16-byte vector loads; the
+    # row of parameters), else (NG, W); rows are stored for the aligned features (16-byte vector loads; the
     # padding features' are zero)
     if NG == 1:
         ptrs = tl.multiple_of((n // GROUP) * stride_r + col, 8)
         ok = col < aligned
     else:
         block = n // GROUP + tl.arange(0, NG)
-        ptrs = tl.multiple_of(block[None, :] * stride_r + col[:, None], [8, 1])
-        ok = (col < aligned)[:, None]
+        ptrs = tl.multiple_of(block[:, None] * stride_r + col[None, :], [1, 8])
+        ok = (col < aligned)[None, :]
     if MASK:
         scale = tl.load(S + ptrs, mask=ok, other=0.0)
         if SYMMETRIC:
@@ -535,25 +458,14 @@ def _token_params(S, Z, rows, first, groups, BITS: tl.constexpr, SYMMETRIC: tl.c
 
 
 @triton.jit
-def _chunk_codes(C, c_r, n, tok, offset, aligned, DTYPE: tl.constexpr, BITS: tl.constexpr,
-                 AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr,
-                 PAIRS: tl.constexpr, ALIGN: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
-    # codes of features [offset, offset + W) of a segment for the tokens [n, n + N) of a full tile, in the layout
-    # they are packed in: (N, W) grouped per token, (W, N) grouped per channel; in DTYPE plus _code_bias when
-    # PAIRS, else integers
-    if AXIS_TOKEN:
-        if PAIRS and BITS == 8:
-            words = tok[:, None] * (c_r // 4)
-            return _token_words(C, words, offset, aligned, W, MASK, DTYPE, FP32)
-        else:
-            rows = tok[:, None] * c_r
-            return _token_codes(C, rows, offset, aligned, BITS, W, MASK, PAIRS, ALIGN, DTYPE, FP32)
+def _chunk_codes(C, c_r, tok, offset, aligned, DTYPE: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr,
+                 MASK: tl.constexpr, PAIRS: tl.constexpr, ALIGN: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+    # (N, W) codes of features [offset, offset + W) of a segment for the tokens `tok` (N,) of a full tile, a row
+    # per token whichever the grouping; in DTYPE plus _code_bias when PAIRS, else integers
+    if PAIRS and BITS == 8:
+        return _token_words(C, tok[:, None] * (c_r // 4), offset, aligned, W, MASK, DTYPE, FP32)
     else:
-        if PAIRS and BITS == 8:
-            return _channel_words(C, c_r, n, offset, aligned, N, W, MASK, DTYPE, FP32)
-        else:
-            col = offset + tl.arange(0, W)
-            return _channel_codes(C, c_r, n, col, col < aligned, BITS, GROUP, N, MASK, PAIRS, DTYPE, FP32)
+        return _token_codes(C, tok[:, None] * c_r, offset, aligned, BITS, W, MASK, PAIRS, ALIGN, DTYPE, FP32)
 
 
 @triton.jit
@@ -564,8 +476,7 @@ def _chunk_states(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups,
     # the chunk of _chunk_codes dequantized in the model dtype (one fused multiply-add per element, two elements
     # per instruction; fp32 under the interpreter, whose bf16 arithmetic is wrong), in the same layout (a
     # per-channel tile holds one block of GROUP tokens, part of one, or several)
-    codes = _chunk_codes(C, c_r, n, tok, offset, aligned, DTYPE, BITS, AXIS_TOKEN, GROUP, W, N, MASK, PAIRS, ALIGN,
-                         FP32)  # fmt: skip
+    codes = _chunk_codes(C, c_r, tok, offset, aligned, DTYPE, BITS, W, MASK, PAIRS, ALIGN, FP32)
     bias = _code_bias(BITS, PAIRS, DTYPE)
     if AXIS_TOKEN:
         rows = tok[:, None] * s_r
@@ -582,12 +493,12 @@ def _chunk_states(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups,
         if N > GROUP:  # several blocks in the tile: each block's parameters broadcast over its tokens
             scale, shift = _channel_params(S, Z, s_r, n, col, aligned, BITS, GROUP, SYMMETRIC, MASK,
                                            N // GROUP)  # fmt: skip
-            x = _dequantize(codes.reshape(W, N // GROUP, GROUP), bias, scale[:, :, None], shift[:, :, None], DTYPE,
+            x = _dequantize(codes.reshape(N // GROUP, GROUP, W), bias, scale[:, None, :], shift[:, None, :], DTYPE,
                             FP32)  # fmt: skip
-            return x.reshape(W, N)
+            return x.reshape(N, W)
         else:
             scale, shift = _channel_params(S, Z, s_r, n, col, aligned, BITS, GROUP, SYMMETRIC, MASK, 1)
-            return _dequantize(codes, bias, scale[:, None], shift[:, None], DTYPE, FP32)
+            return _dequantize(codes, bias, scale[None, :], shift[None, :], DTYPE, FP32)
 
 
 @triton.jit
@@ -609,10 +520,7 @@ def _tile_rows(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups,
     # dot(rows^T, p), pre mode rebuilds keys from them
     x = _chunk_states(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups, DTYPE, BITS,
                       AXIS_TOKEN, GROUP, SYMMETRIC, W, N, MASK, PAIRS, ALIGN, FP32)  # fmt: skip
-    if AXIS_TOKEN:
-        return _mma_operand(x, FP32)
-    else:
-        return _mma_operand(tl.trans(x), FP32)
+    return _mma_operand(x, FP32)
 
 
 @triton.jit
@@ -644,8 +552,7 @@ def _folded_chunk(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups,
                   ALIGN: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     # a chunk of per-token codes of a full tile as an MMA operand (N, W) (_operand: plus _code_bias), with each
     # token's scale and offset (N, 1) fp32, the chunk in one group of each token
-    codes = _chunk_codes(C, c_r, n, tok, offset, aligned, DTYPE, BITS, True, GROUP, W, N, MASK, PAIRS, ALIGN,
-                         FP32)  # fmt: skip
+    codes = _chunk_codes(C, c_r, tok, offset, aligned, DTYPE, BITS, W, MASK, PAIRS, ALIGN, FP32)
     rows = tok[:, None] * s_r
     scale, offset_t = _token_params(S, Z, rows, offset // GROUP, groups, BITS, SYMMETRIC, 1)
     return _mma_operand(_operand(codes, DTYPE, FP32), FP32), scale, offset_t
@@ -1221,12 +1128,11 @@ def _check_stream(name: str, stream: PackedStream, batch: int, kv_heads: int, qu
         raise ValueError(f"{name}: per-channel groups hold whole blocks of {g} tokens; got {tq} quantized tokens")
     for segment in stream.segments:
         stored = aligned_width(segment.width)
-        rows = tq if stream.axis == "token" else tq // g * packed_length(g, segment.bits)
-        cols = packed_length(stored, segment.bits) if stream.axis == "token" else stored
+        cols = packed_length(stored, segment.bits)
         params = (tq, -(-segment.width // g)) if stream.axis == "token" else (tq // g, stored)
-        if segment.codes.dtype != torch.uint8 or tuple(segment.codes.shape) != (batch, kv_heads, rows, cols):
+        if segment.codes.dtype != torch.uint8 or tuple(segment.codes.shape) != (batch, kv_heads, tq, cols):
             raise ValueError(
-                f"{name} codes must be uint8 {(batch, kv_heads, rows, cols)} for {tq} tokens of "
+                f"{name} codes must be uint8 {(batch, kv_heads, tq, cols)} for {tq} tokens of "
                 f"{segment.width} features (stored {stored}) at {segment.bits} bits; "
                 f"got {segment.codes.dtype} {tuple(segment.codes.shape)}"
             )
@@ -1275,22 +1181,19 @@ def unpacks_pairs(bits: int, codes: torch.Tensor | None = None) -> bool:
     return bits < 8 or codes is None or (codes.data_ptr() % 8 == 0 and all(st % 8 == 0 for st in codes.stride()[:3]))
 
 
-def codes_alignment(bits: int, axis: str, pairs: bool, width: int) -> int:
+def codes_alignment(bits: int, pairs: bool, width: int) -> int:
     """Bytes a (batch, head) slice of a segment of ``width`` features, and each of its rows, start on a multiple
-    of, as the main loop's vector loads take them in the layouts of :mod:`eigenkv.quant.packing`: per-channel
-    rows of a multiple of 8 features (8 bytes); 8-bit per-token rows read as words (``pairs``), 8; 2- and 4-bit
-    per-token rows, the largest power of two that divides their bytes, at most ``2 * bits`` (the second chunk of
-    a row starts at a multiple of 16 features), e.g. 8 for 4-bit rows of a multiple of 16 features (two 8-byte
-    copies a 64-feature row, where 4-byte claims take four); 3-bit rows and 8-bit ones read byte by byte claim
+    of, as the main loop's vector loads take them (rows of :mod:`eigenkv.quant.packing`, one per token, whichever
+    the grouping): 8-bit rows read as words (``pairs``), 8; 2-, 3- and 4-bit rows, the largest power of two that
+    divides their bytes, at most ``2 * bits`` (the second chunk of a row starts at a multiple of 16 features),
+    e.g. 8 for 4-bit rows of a multiple of 16 features (two 8-byte copies a 64-feature row, where 4-byte claims
+    take four); 3-bit rows (``3 * aligned / 8`` bytes) the same, at most 4 (their 2-bit plane's chunks start at
+    multiples of 4 bytes; the 1-bit plane's are read at most 2 bytes wide); 8-bit rows read byte by byte claim
     nothing (1)."""
-    if axis == "channel":
-        return 8
     if bits == 8:
         return 8 if pairs else 1
-    if bits not in (2, 4):
-        return 1
     row = packed_length(aligned_width(width), bits)
-    return min(row & -row, 2 * bits)
+    return min(row & -row, 4 if bits == 3 else 2 * bits)
 
 
 def slice_alignment(claim: int, codes: torch.Tensor) -> int:
@@ -1318,7 +1221,7 @@ def _stream_args(stream: PackedStream, prefix: str) -> tuple[tuple, dict]:
             args += [seg.codes, seg.scale, zero, *seg.codes.stride()[:3], *seg.scale.stride()[:3]]
             bits = seg.bits
             pairs = unpacks_pairs(bits, seg.codes)
-            align = slice_alignment(codes_alignment(bits, stream.axis, pairs, seg.width), seg.codes)
+            align = slice_alignment(codes_alignment(bits, pairs, seg.width), seg.codes)
         else:  # nothing quantized: point at the window, never read
             args += [stream.window] * 3 + [0] * 6
             bits, pairs, align = 0, False, 1
@@ -1467,7 +1370,7 @@ def decode_spec(
     (``counts``: streams in device form, a capturable cache; ``softcap``: Gemma-2's logit cap). ``group`` and
     ``symmetric``: both streams', or (keys, values) when each is stored with its own config.
 
-    Arguments the launcher always passes as multiples of 16 (pointers, the row strides of per-channel codes)
+    Arguments the launcher always passes as multiples of 16 (pointers, the strides of rows of a multiple of 16)
     are declared so, as Triton specializes them at a real launch (token counts are never specialized)."""
     groups = group if isinstance(group, tuple) else (group, group)
     symmetries = symmetric if isinstance(symmetric, tuple) else (symmetric, symmetric)
@@ -1483,9 +1386,12 @@ def decode_spec(
         for c, chunk in zip("AB", chunks + chunks[:1] * (2 - len(chunks)), strict=True):
             constexprs |= {f"{prefix}{c}_BITS": b, f"{prefix}{c}_W": chunk.width, f"{prefix}{c}_MASK": chunk.masked}
             constexprs |= {f"{prefix}{c}_PAIRS": unpacks_pairs(b)}
-            constexprs |= {f"{prefix}{c}_ALIGN": codes_alignment(b, axis, unpacks_pairs(b), width) if b else 1}
-            if axis == "channel" and aligned_width(width) % 16 == 0:  # a launch specializes these strides
-                aligned += [f"{(prefix + c).lower()}{t}_{a}" for t in ("c", "s") for a in ("b", "h", "r")]
+            constexprs |= {f"{prefix}{c}_ALIGN": codes_alignment(b, unpacks_pairs(b), width) if b else 1}
+            # a launch specializes the strides of rows of a multiple of 16 bytes (codes) or elements (per-channel
+            # parameters of a multiple of 16 features)
+            strides = ("c",) if b and packed_length(aligned_width(width), b) % 16 == 0 else ()
+            strides += ("s",) if b and axis == "channel" and aligned_width(width) % 16 == 0 else ()
+            aligned += [f"{(prefix + c).lower()}{t}_{a}" for t in strides for a in ("b", "h", "r")]
     constexprs |= {"G_PAD": query_heads_pad(heads // kv_heads), "RV_PAD": pad_width(value_rank)}
     constexprs |= {"HALF_PAD": pad_width(head_dim // 2) if mode == "pre" else 16, "DOT_FP32": False}
     signature = _decode_signature(dtype)
@@ -1585,9 +1491,8 @@ def stream_bytes_per_token(width: int, bits: int, group: int, axis: str, symmetr
     ``aligned_width``, fp16 scales and zeros)."""
     params = 1 if symmetric else 2
     stored = aligned_width(width)
-    if axis == "token":
-        return packed_length(stored, bits) + params * 2 * -(-width // group)
-    return packed_length(group, bits) * stored / group + params * 2 * stored / group
+    groups = -(-width // group) if axis == "token" else stored / group
+    return packed_length(stored, bits) + params * 2 * groups
 
 
 def roofline_cases():

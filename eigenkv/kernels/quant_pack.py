@@ -10,8 +10,11 @@ features first, see ``paired_run``). The math is that of
 from the stored, rounded scale and zero); the references are
 ``pack(quantize(x, bits, G).codes)`` and ``dequantize(unpack(...))``.
 
-Per-channel grouping (G tokens of one feature) is the same operation on the
-transposed block; the cache transposes before calling.
+Per-channel grouping (``axis="channel"``: groups of G consecutive rows, the
+tokens, of each column, the features) quantizes along the rows and packs along
+the columns, as per-token grouping does: a cache stores both in the same rows
+of codes, one per token, and only the scales and zeros differ, ``(R / G, C')``
+(``C'`` the aligned width, the padding columns' zero).
 
 :func:`ring_append` is the one-token append of a capturable cache in one launch:
 the new states into their ring slot, and the newest quantization unit quantized
@@ -30,7 +33,7 @@ import triton.language as tl
 from eigenkv.kernels.backend import check_kernel_device
 from eigenkv.kernels.utils import KernelConfig, KernelSpec, cdiv, on_input_device
 from eigenkv.quant.config import KVQuantConfig
-from eigenkv.quant.packing import aligned_width, pack, pack_aligned, packed_length, paired_run, unpack_aligned
+from eigenkv.quant.packing import aligned_width, pack_aligned, packed_length, paired_run, unpack_aligned
 from eigenkv.quant.reference import NON_FINITE_MESSAGE, QuantizedGroups, check_quant_args, dequantize, quantize
 
 KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -41,17 +44,40 @@ SCALE_DTYPE = torch.float16
 _TILE_ELEMENTS = 2048
 
 
-def quantize_pack_reference(x, bits, group_size, *, symmetric=False, scale_dtype=torch.float16, paired=False):
-    """Reference of :func:`quantize_pack` (any group size, remainder groups included)."""
-    q = quantize(x, bits, group_size, -1, symmetric=symmetric, scale_dtype=scale_dtype)
-    return pack_aligned(q.codes, bits, dim=-1, paired=paired), q.scale, q.zero
+def quantize_pack_reference(
+    x, bits, group_size, *, symmetric=False, scale_dtype=torch.float16, paired=False, axis="token"
+):
+    """Reference of :func:`quantize_pack` (any group size, remainder groups included per token)."""
+    token = _check_axis(axis, x.shape[-2], group_size)
+    q = quantize(x, bits, group_size, -1 if token else -2, symmetric=symmetric, scale_dtype=scale_dtype)
+    packed = pack_aligned(q.codes, bits, dim=-1, paired=paired)
+    if token:
+        return packed, q.scale, q.zero
+    pad = (0, aligned_width(x.shape[-1]) - x.shape[-1])  # the padding columns' parameters are zero
+    zero = None if q.zero is None else torch.nn.functional.pad(q.zero, pad)
+    return packed, torch.nn.functional.pad(q.scale, pad), zero
 
 
-def unpack_dequantize_reference(packed, scale, zero, bits, group_size, n, dtype=torch.float16, *, paired=False):
+def unpack_dequantize_reference(
+    packed, scale, zero, bits, group_size, n, dtype=torch.float16, *, paired=False, axis="token"
+):
     """Reference of :func:`unpack_dequantize`."""
+    token = _check_axis(axis, packed.shape[-2], group_size)
     codes = unpack_aligned(packed, bits, n, dim=-1, paired=paired)
-    q = QuantizedGroups(codes, scale, zero, bits, group_size, codes.dim() - 1, zero is None)
+    if not token:  # parameters of the aligned columns
+        scale = scale[..., :n]
+        zero = None if zero is None else zero[..., :n]
+    q = QuantizedGroups(codes, scale, zero, bits, group_size, codes.dim() - (1 if token else 2), zero is None)
     return dequantize(q, dtype)
+
+
+def _check_axis(axis: str, rows: int, group_size: int) -> bool:
+    """Whether ``axis`` is per token (else per channel, whose ``rows`` must be whole groups)."""
+    if axis not in ("token", "channel"):
+        raise ValueError(f'axis must be "token" or "channel"; got {axis!r}')
+    if axis == "channel" and rows % group_size:
+        raise ValueError(f"per-channel groups take {group_size} consecutive rows; got {rows} rows (pass whole groups)")
+    return axis == "token"
 
 
 @triton.jit
@@ -115,6 +141,23 @@ def _pack_store(codes, P, rows, row_ok, col0, limit, stride_p, BLOCK_R: tl.const
 
 
 @triton.jit
+def _pack_rows(codes, P, rows, row_ok, first, aligned, stride_p, BITS: tl.constexpr, PAIRED: tl.constexpr):
+    # codes (BLOCK_R, W) int32 of columns [first, first + W) (first and W multiples of 8) of rows `rows` -> their
+    # bytes in the packed rows of P (row r at P + r * stride_p, paired when PAIRED; 3 bits: the 2-bit plane of
+    # the aligned row, then the 1-bit plane); bytes past the aligned row are not stored
+    R: tl.constexpr = codes.shape[0]
+    W: tl.constexpr = codes.shape[1]
+    if PAIRED:
+        codes = _paired(codes, BITS, False)
+    if BITS == 3:
+        _pack_store(codes & 3, P, rows, row_ok, first // 4, aligned // 4, stride_p, R, W, 2)
+        _pack_store(codes >> 2, P, rows, row_ok, aligned // 4 + first // 8, aligned // 4 + aligned // 8, stride_p,
+                    R, W, 1)  # fmt: skip
+    else:
+        _pack_store(codes, P, rows, row_ok, first * BITS // 8, aligned * BITS // 8, stride_p, R, W, BITS)
+
+
+@triton.jit
 def _quantize_pack_kernel(
     X,  # (R, C), unit column stride
     P,  # (R, packed bytes per row) uint8
@@ -151,16 +194,41 @@ def _quantize_pack_kernel(
     if not SYMMETRIC:
         tl.store(Z + out, zero, mask=row_ok)
     tl.store(S + out, scale, mask=row_ok)
-    if PAIRED:  # runs of 4 or 8 features lie inside a group
-        codes = _paired(codes, BITS, False)
-    if BITS == 3:
-        # low 2-bit plane of the aligned row first, then the high-bit plane
-        _pack_store(codes & 3, P, rows, row_ok, g * (GROUP // 4), aligned // 4, stride_p, BLOCK_R, GROUP, 2)
-        _pack_store(codes >> 2, P, rows, row_ok, aligned // 4 + g * (GROUP // 8), aligned // 4 + aligned // 8,
-                    stride_p, BLOCK_R, GROUP, 1)  # fmt: skip
-    else:
-        limit = aligned * BITS // 8
-        _pack_store(codes, P, rows, row_ok, g * (GROUP * BITS // 8), limit, stride_p, BLOCK_R, GROUP, BITS)
+    _pack_rows(codes, P, rows, row_ok, g * GROUP, aligned, stride_p, BITS, PAIRED)  # runs lie inside a group
+
+
+@triton.jit
+def _quantize_pack_blocks_kernel(
+    X,  # (R, C), unit column stride; R a multiple of GROUP
+    P,  # (R, packed bytes per row) uint8
+    S,  # (R / GROUP, aligned)
+    Z,  # (R / GROUP, aligned); unused when SYMMETRIC
+    NON_FINITE,  # (1,) int32, set to 1 when x holds NaN or Inf
+    n_cols,
+    aligned,  # columns a packed row covers: n_cols rounded up to a multiple of 8
+    stride_x,
+    stride_p,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    PAIRED: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    # per channel: program (block of GROUP rows, tile of BLOCK_F columns), each column's GROUP codes one group
+    block = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    col_ok = cols < n_cols
+    rows = block * GROUP + tl.arange(0, GROUP)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=col_ok[None, :], other=0.0).to(tl.float32)
+    non_finite = tl.max(tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1), axis=0)
+    tl.atomic_max(NON_FINITE, non_finite, mask=non_finite > 0)
+    rows_ok = rows >= 0  # every row of a block is stored
+    codes, scale, zero = _quantize_tile(x, col_ok[None, :] & rows_ok[:, None], S, Z, 0, BITS, SYMMETRIC)
+    params = block * aligned + cols
+    tl.store(S + params, tl.where(col_ok, scale, 0.0), mask=cols < aligned)  # padding columns: zero
+    if not SYMMETRIC:
+        tl.store(Z + params, tl.where(col_ok, zero, 0.0), mask=cols < aligned)
+    _pack_rows(codes, P, rows, rows_ok, tl.program_id(1) * BLOCK_F, aligned, stride_p, BITS, PAIRED)
 
 
 @triton.jit
@@ -174,6 +242,22 @@ def _unpack_load(P, rows, row_ok, col0, limit, stride_p, BLOCK_R: tl.constexpr, 
     shifts = tl.arange(0, PER) * BITS
     codes = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(codes, (BLOCK_R, WIDTH))
+
+
+@triton.jit
+def _unpack_rows(P, rows, row_ok, first, aligned, stride_p, BLOCK_R: tl.constexpr, W: tl.constexpr,
+                 BITS: tl.constexpr, PAIRED: tl.constexpr):  # fmt: skip
+    # inverse of _pack_rows: (BLOCK_R, W) int32 codes of columns [first, first + W)
+    if BITS == 3:
+        low = _unpack_load(P, rows, row_ok, first // 4, aligned // 4, stride_p, BLOCK_R, W, 2)
+        high = _unpack_load(P, rows, row_ok, aligned // 4 + first // 8, aligned // 4 + aligned // 8, stride_p,
+                            BLOCK_R, W, 1)  # fmt: skip
+        codes = low | (high << 2)
+    else:
+        codes = _unpack_load(P, rows, row_ok, first * BITS // 8, aligned * BITS // 8, stride_p, BLOCK_R, W, BITS)
+    if PAIRED:
+        codes = _paired(codes, BITS, True)
+    return codes
 
 
 @triton.jit
@@ -198,16 +282,7 @@ def _unpack_dequantize_kernel(
     n_groups = (n_cols + GROUP - 1) // GROUP  # the last group may be a remainder
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    if BITS == 3:
-        low = _unpack_load(P, rows, row_ok, g * (GROUP // 4), aligned // 4, stride_p, BLOCK_R, GROUP, 2)
-        high = _unpack_load(P, rows, row_ok, aligned // 4 + g * (GROUP // 8), aligned // 4 + aligned // 8, stride_p,
-                            BLOCK_R, GROUP, 1)  # fmt: skip
-        codes = low | (high << 2)
-    else:
-        limit = aligned * BITS // 8
-        codes = _unpack_load(P, rows, row_ok, g * (GROUP * BITS // 8), limit, stride_p, BLOCK_R, GROUP, BITS)
-    if PAIRED:
-        codes = _paired(codes, BITS, True)
+    codes = _unpack_rows(P, rows, row_ok, g * GROUP, aligned, stride_p, BLOCK_R, GROUP, BITS, PAIRED)
     params = rows.to(tl.int64) * n_groups + g
     s = tl.load(S + params, mask=row_ok, other=0.0).to(tl.float32)
     if SYMMETRIC:
@@ -218,6 +293,39 @@ def _unpack_dequantize_kernel(
     cols = g * GROUP + tl.arange(0, GROUP)
     ok = row_ok[:, None] & (cols < n_cols)[None, :]
     tl.store(OUT + rows[:, None].to(tl.int64) * stride_out + cols[None, :], x.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _unpack_dequantize_blocks_kernel(
+    P,  # (R, packed bytes per row) uint8; R a multiple of GROUP
+    S,  # (R / GROUP, aligned)
+    Z,  # (R / GROUP, aligned); unused when SYMMETRIC
+    OUT,  # (R, C)
+    n_cols,
+    aligned,  # columns a packed row covers: n_cols rounded up to a multiple of 8
+    stride_p,
+    stride_out,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    PAIRED: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    # inverse of _quantize_pack_blocks_kernel, program (block of GROUP rows, tile of BLOCK_F columns)
+    block = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    rows = block * GROUP + tl.arange(0, GROUP)
+    rows_ok = rows >= 0
+    codes = _unpack_rows(P, rows, rows_ok, tl.program_id(1) * BLOCK_F, aligned, stride_p, GROUP, BLOCK_F, BITS,
+                         PAIRED)  # fmt: skip
+    col_ok = cols < n_cols
+    s = tl.load(S + block * aligned + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if SYMMETRIC:
+        x = s * (codes.to(tl.float32) - (1 << (BITS - 1)))
+    else:
+        z = tl.load(Z + block * aligned + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        x = s * codes.to(tl.float32) + z
+    tl.store(OUT + rows[:, None] * stride_out + cols[None, :], x.to(OUT.dtype.element_ty), mask=col_ok[None, :])
 
 
 @triton.jit
@@ -260,16 +368,10 @@ def _ring_append_kernel(
         tl.store(S + params + tl.arange(0, 1), scale, mask=write)
         if not SYMMETRIC:
             tl.store(Z + params + tl.arange(0, 1), zero, mask=write)
-        row = C + b * c_b + h * c_h + first.to(tl.int64) * c_r
-        codes = _paired(codes, BITS, False)  # a cache's per-token rows are paired
-        zeros = tl.zeros([1], tl.int32)
-        ones = (zeros == 0) & write
-        if BITS == 3:
-            _pack_store(codes & 3, row, zeros, ones, j * (GROUP // 4), aligned // 4, 0, 1, GROUP, 2)
-            _pack_store(codes >> 2, row, zeros, ones, aligned // 4 + j * (GROUP // 8), aligned // 4 + aligned // 8,
-                        0, 1, GROUP, 1)  # fmt: skip
-        else:
-            _pack_store(codes, row, zeros, ones, j * (GROUP * BITS // 8), aligned * BITS // 8, 0, 1, GROUP, BITS)
+        first_row = first + tl.zeros([1], tl.int32)
+        _pack_rows(
+            codes, C + b * c_b + h * c_h, first_row, write & (first_row >= 0), j * GROUP, aligned, c_r, BITS, True
+        )  # fmt: skip  (a cache's rows are paired)
         quantized = old
     else:  # the block of GROUP tokens that this step completes, when it completes one
         write = (old > 0) & (old % GROUP == 0)
@@ -285,41 +387,32 @@ def _ring_append_kernel(
         tl.store(S + params, tl.where(f_ok, scale, 0.0), mask=(feats < aligned) & write)
         if not SYMMETRIC:
             tl.store(Z + params, tl.where(f_ok, zero, 0.0), mask=(feats < aligned) & write)
-        # bytes along tokens: byte k of a block holds tokens k * PER .. (3 bits: the 2-bit plane, then the 1-bit)
-        rows = C + b * c_b + h * c_h + feats[None, :]
-        stored = (feats < aligned)[None, :] & write
-        if BITS == 3:
-            first_row = block.to(tl.int64) * (GROUP // 4 + GROUP // 8)
-            low = tl.sum(tl.reshape(codes & 3, (GROUP // 4, 4, BLOCK_F)) << (tl.arange(0, 4) * 2)[None, :, None], 1)
-            k = tl.arange(0, GROUP // 4)
-            tl.store(rows + (first_row + k)[:, None] * c_r, low.to(tl.uint8), mask=stored)
-            high = tl.sum(tl.reshape(codes >> 2, (GROUP // 8, 8, BLOCK_F)) << tl.arange(0, 8)[None, :, None], 1)
-            k = GROUP // 4 + tl.arange(0, GROUP // 8)
-            tl.store(rows + (first_row + k)[:, None] * c_r, high.to(tl.uint8), mask=stored)
-        else:
-            PER: tl.constexpr = 8 // BITS
-            packed = tl.sum(
-                tl.reshape(codes, (GROUP // PER, PER, BLOCK_F)) << (tl.arange(0, PER) * BITS)[None, :, None], 1
-            )
-            k = block.to(tl.int64) * (GROUP // PER) + tl.arange(0, GROUP // PER)
-            tl.store(rows + k[:, None] * c_r, packed.to(tl.uint8), mask=stored)
+        _pack_rows(codes, C + b * c_b + h * c_h, toks, write & (toks >= 0), j * BLOCK_F, aligned, c_r, BITS, True)
         quantized = old // GROUP * GROUP
     if (pid == 0) & (j == 0):
         tl.store(NEXT, quantized)
         tl.store(NEXT + 1, after)
 
 
-def launch_config(group_size: int) -> KernelConfig:
-    """Rows per program for a group size (the compile test checks every one)."""
-    return KernelConfig(constexprs={"BLOCK_R": max(1, _TILE_ELEMENTS // group_size)}, num_warps=4)
+def launch_config(group_size: int, axis: str = "token") -> KernelConfig:
+    """Tile of a program for a group size (the compile test checks every one): BLOCK_R rows of one group per
+    token, BLOCK_F columns of a block of GROUP rows per channel."""
+    if axis == "token":
+        return KernelConfig(constexprs={"BLOCK_R": max(1, _TILE_ELEMENTS // group_size)}, num_warps=4)
+    return KernelConfig(constexprs={"BLOCK_F": max(16, _TILE_ELEMENTS // group_size)}, num_warps=4)
 
 
 def _launch(
-    kernel, args: tuple, n_rows: int, n_cols: int, bits: int, group_size: int, symmetric: bool, paired: bool
-) -> None:
-    """Launch a row kernel: one program per (BLOCK_R rows, group of the row); 8-bit rows are paired as they are."""
-    cfg = launch_config(group_size)
-    grid = (cdiv(n_rows, cfg.constexprs["BLOCK_R"]), cdiv(n_cols, group_size))
+    kernels: tuple, args: tuple, n_rows: int, n_cols: int, bits: int, group_size: int, symmetric: bool,
+    paired: bool, axis: str,
+) -> None:  # fmt: skip
+    """Launch kernels[0] per token: one program per (BLOCK_R rows, group of the row); kernels[1] per channel: one
+    per (block of GROUP rows, BLOCK_F columns of the aligned row). 8-bit rows are paired as they are."""
+    cfg = launch_config(group_size, axis)
+    if axis == "token":
+        kernel, grid = kernels[0], (cdiv(n_rows, cfg.constexprs["BLOCK_R"]), cdiv(n_cols, group_size))
+    else:
+        kernel, grid = kernels[1], (n_rows // group_size, cdiv(aligned_width(n_cols), cfg.constexprs["BLOCK_F"]))
     kernel[grid](*args, BITS=bits, GROUP=group_size, SYMMETRIC=symmetric, PAIRED=paired and paired_run(bits) > 1,
                  num_warps=cfg.num_warps, **cfg.constexprs)  # fmt: skip
 
@@ -349,13 +442,16 @@ def quantize_pack(
     scale_dtype: torch.dtype = torch.float16,
     check_finite: bool = True,
     paired: bool = False,
+    axis: str = "token",
 ):
     """Triton: ``x`` (R, C) fp16/bf16/fp32 -> ``(packed, scale, zero)``.
 
     ``packed`` is uint8 (R, packed_length(aligned_width(C), bits)): the row's codes followed by zero codes up to
     a multiple of 8 features (the stored layout, ``eigenkv.quant.packing.pack_aligned``; the dense packing when
-    8 divides C), in the paired order when ``paired`` (a cache's per-token rows). ``scale`` and ``zero`` are
-    float16 (R, ceil(C / G)) (a remainder group has its own), ``zero`` None when symmetric. NaN/Inf raise (one
+    8 divides C), in the paired order when ``paired`` (a cache's rows). Per token (``axis="token"``), groups of
+    G columns: ``scale`` and ``zero`` are float16 (R, ceil(C / G)) (a remainder group has its own). Per channel
+    (``"channel"``), groups of G consecutive rows of each column (R a multiple of G): float16
+    (R / G, aligned_width(C)), the padding columns' zero. ``zero`` is None when symmetric. NaN/Inf raise (one
     4-byte device-to-host read) unless ``check_finite=False`` (callers that flag them on the device).
 
     ``x`` needs a unit stride along its last axis; CUDA, or CPU under ``TRITON_INTERPRET=1``.
@@ -368,25 +464,19 @@ def quantize_pack(
         x = x.contiguous()
     n_rows, n_cols = x.shape
     _check_kernel_group(group_size, scale_dtype)
+    token = _check_axis(axis, n_rows, group_size)
     aligned = aligned_width(n_cols)
     packed = torch.empty((n_rows, packed_length(aligned, bits)), dtype=torch.uint8, device=x.device)
-    scale = torch.empty((n_rows, cdiv(n_cols, group_size)), dtype=scale_dtype, device=x.device)
+    params = (n_rows, cdiv(n_cols, group_size)) if token else (n_rows // group_size, aligned)
+    scale = torch.empty(params, dtype=scale_dtype, device=x.device)
     zero = None if symmetric else torch.empty_like(scale)
     non_finite = torch.zeros(1, dtype=torch.int32, device=x.device)
     if n_rows:
-        args = (
-            x,
-            packed,
-            scale,
-            scale if zero is None else zero,
-            non_finite,
-            n_rows,
-            n_cols,
-            aligned,
-            x.stride(0),
-            packed.stride(0),
-        )
-        _launch(_quantize_pack_kernel, args, n_rows, n_cols, bits, group_size, symmetric, paired)
+        rows = (n_rows,) if token else ()  # a block kernel's rows are whole blocks: its grid bounds them
+        args = (x, packed, scale, scale if zero is None else zero, non_finite, *rows, n_cols, aligned, x.stride(0),
+                packed.stride(0))  # fmt: skip
+        kernels = (_quantize_pack_kernel, _quantize_pack_blocks_kernel)
+        _launch(kernels, args, n_rows, n_cols, bits, group_size, symmetric, paired, axis)
         if check_finite and non_finite.item():  # one 4-byte read
             raise ValueError(NON_FINITE_MESSAGE)
     return packed, scale, zero
@@ -403,8 +493,10 @@ def unpack_dequantize(
     dtype: torch.dtype = torch.float16,
     *,
     paired: bool = False,
+    axis: str = "token",
 ) -> torch.Tensor:
-    """Triton: inverse of :func:`quantize_pack` -> ``(R, n)`` in ``dtype`` (``paired``: rows in the paired order)."""
+    """Triton: inverse of :func:`quantize_pack` -> ``(R, n)`` in ``dtype`` (``paired``: rows in the paired order;
+    ``axis``: the grouping, and the parameters' shape, of :func:`quantize_pack`)."""
     check_kernel_device(packed, "unpack_dequantize", "unpack_dequantize_reference")
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"output dtype must be fp16, bf16 or fp32; got {dtype}")
@@ -416,25 +508,19 @@ def unpack_dequantize(
             f"(padded to {aligned}); got {packed.dtype} {tuple(packed.shape)}"
         )
     n_rows = packed.shape[0]
-    expected = (n_rows, cdiv(n, group_size))
+    token = _check_axis(axis, n_rows, group_size)
+    expected = (n_rows, cdiv(n, group_size)) if token else (n_rows // group_size, aligned)
     if tuple(scale.shape) != expected or (zero is not None and tuple(zero.shape) != expected):
-        raise ValueError(f"scale and zero must have shape {expected}")
+        raise ValueError(f"scale and zero must have shape {expected} (per {axis})")
     packed, scale = packed.contiguous(), scale.contiguous()
     zero = None if zero is None else zero.contiguous()
     out = torch.empty((n_rows, n), dtype=dtype, device=packed.device)
     if n_rows:
-        args = (
-            packed,
-            scale,
-            scale if zero is None else zero,
-            out,
-            n_rows,
-            n,
-            aligned,
-            packed.stride(0),
-            out.stride(0),
-        )
-        _launch(_unpack_dequantize_kernel, args, n_rows, n, bits, group_size, zero is None, paired)
+        rows = (n_rows,) if token else ()
+        args = (packed, scale, scale if zero is None else zero, out, *rows, n, aligned, packed.stride(0),
+                out.stride(0))  # fmt: skip
+        kernels = (_unpack_dequantize_kernel, _unpack_dequantize_blocks_kernel)
+        _launch(kernels, args, n_rows, n, bits, group_size, zero is None, paired, axis)
     return out
 
 
@@ -443,7 +529,7 @@ class RingBuffers(NamedTuple):
 
     Attributes:
         ring: ``(B, H, slots, D)`` full-precision tokens, token ``j`` in slot ``j % slots``.
-        codes: uint8 packed codes: per token ``(B, H, T, bytes)``, per channel ``(B, H, T / G * bytes(G), D')``.
+        codes: uint8 packed codes ``(B, H, T, bytes)``, a paired row per token (either grouping).
         scale, zero: per token ``(B, H, T, groups)``, per channel ``(B, H, T / G, D')``; ``zero`` None when
             symmetric.
         counts: int32 ``(2,)``: ``[T_q, S]``, read and advanced on the device.
@@ -493,8 +579,7 @@ def ring_append_reference(x: torch.Tensor, buffers: RingBuffers, config: KVQuant
         unit = ring.index_select(2, tokens % slots).to(x.dtype)  # (B, H, G, D)
         q = quantize(unit, bits, group_size, -2, symmetric=symmetric, scale_dtype=scale.dtype, check_finite=False)
         pad = (0, aligned_width(d) - d)  # padding features: zero codes, scales and zero points
-        packed = torch.nn.functional.pad(pack(q.codes, bits, dim=-2, check=False), pad)  # (B, H, plen, D')
-        write(codes, block * packed.shape[2] + torch.arange(packed.shape[2], device=x.device), packed)
+        write(codes, tokens, pack_aligned(q.codes, bits, dim=-1, check=False, paired=True))
         write(scale, block, torch.nn.functional.pad(q.scale, pad))
         write(zero, block, None if q.zero is None else torch.nn.functional.pad(q.zero, pad))
         quantized = old // group_size * group_size
@@ -539,12 +624,20 @@ def ring_append(x: torch.Tensor, buffers: RingBuffers, config: KVQuantConfig, ax
     counts.copy_(next_counts)
 
 
-def _signatures(dtype: str) -> dict:
-    """Argument types of each kernel for activations of ``dtype`` (fp16 scales, as the launchers require)."""
-    ints = {"n_rows": "i32", "n_cols": "i32", "aligned": "i32"}
+def _signatures(dtype: str, axis: str = "token") -> dict:
+    """Argument types of each kernel for activations of ``dtype`` (fp16 scales, as the launchers require), per
+    token (the row kernels) or per channel (the block kernels)."""
+    ints = (
+        {"n_rows": "i32", "n_cols": "i32", "aligned": "i32"} if axis == "token" else {"n_cols": "i32", "aligned": "i32"}
+    )
+    kernels = (
+        (_quantize_pack_kernel, _unpack_dequantize_kernel)
+        if axis == "token"
+        else (_quantize_pack_blocks_kernel, _unpack_dequantize_blocks_kernel)
+    )
     return {
         "quantize_pack": (
-            _quantize_pack_kernel,
+            kernels[0],
             {
                 "X": f"*{dtype}",
                 "P": "*u8",
@@ -555,9 +648,9 @@ def _signatures(dtype: str) -> dict:
                 "stride_x": "i32",
                 "stride_p": "i32",
             },
-        ),
+        ),  # fmt: skip
         "unpack_dequantize": (
-            _unpack_dequantize_kernel,
+            kernels[1],
             {
                 "P": "*u8",
                 "S": "*fp16",
@@ -567,7 +660,7 @@ def _signatures(dtype: str) -> dict:
                 "stride_p": "i32",
                 "stride_out": "i32",
             },
-        ),
+        ),  # fmt: skip
     }
 
 
@@ -602,20 +695,24 @@ def ring_append_specs():
 
 
 def compile_specs():
-    """Every configuration the launchers can use, for the sm_80/sm_90 compile test: plain rows at every width,
-    group, symmetry and dtype; paired rows (a cache's per-token rows) at 2, 3 and 4 bits (8-bit rows are the
-    same either way), every group, asymmetric, in fp16 and bf16 (the pairing is code of its own, independent of
-    the symmetry and the dtype)."""
+    """Every configuration the launchers can use, for the sm_80/sm_90 compile test. Per token: plain rows at
+    every width, group, symmetry and dtype; paired rows (a cache's) at 2, 3 and 4 bits (8-bit rows are the same
+    either way), every group, asymmetric, in fp16 and bf16 (the pairing is code of its own, independent of the
+    symmetry and the dtype). Per channel (a cache's paired rows): every width at group 64 in fp16 and bf16, every
+    group, symmetric codes and plain rows at 4 bits (a block's tile is GROUP x 2048 / GROUP whatever the group)."""
     yield from ring_append_specs()
-    variants = [(dtype, bits, group, symmetric, False) for dtype in ("fp16", "bf16", "fp32") for bits in (2, 3, 4, 8)
-                for group in GROUP_SIZES for symmetric in (False, True)]  # fmt: skip
-    variants += [(dtype, bits, group, False, True) for dtype in ("fp16", "bf16") for bits in (2, 3, 4)
+    variants = [(dtype, bits, group, symmetric, False, "token") for dtype in ("fp16", "bf16", "fp32")
+                for bits in (2, 3, 4, 8) for group in GROUP_SIZES for symmetric in (False, True)]  # fmt: skip
+    variants += [(dtype, bits, group, False, True, "token") for dtype in ("fp16", "bf16") for bits in (2, 3, 4)
                  for group in GROUP_SIZES]  # fmt: skip
-    for dtype, bits, group, symmetric, paired in variants:
-        for name, (kernel, signature) in _signatures(dtype).items():
-            cfg = launch_config(group)
+    variants += [(dtype, bits, 64, False, True, "channel") for dtype in ("fp16", "bf16") for bits in (2, 3, 4, 8)]
+    variants += [("fp16", 4, group, False, True, "channel") for group in GROUP_SIZES if group != 64]
+    variants += [("fp16", 4, 64, True, True, "channel"), ("fp16", 4, 64, False, False, "channel")]
+    for dtype, bits, group, symmetric, paired, axis in variants:
+        for name, (kernel, signature) in _signatures(dtype, axis).items():
+            cfg = launch_config(group, axis)
             yield KernelSpec(
-                name=f"{name}[{dtype},b={bits},G={group},sym={int(symmetric)}{',paired' if paired else ''}]",
+                name=f"{name}[{dtype},{axis},b={bits},G={group},sym={int(symmetric)}{',paired' if paired else ''}]",
                 fn=kernel,
                 signature=signature,
                 constexprs={"BITS": bits, "GROUP": group, "SYMMETRIC": symmetric, "PAIRED": paired, **cfg.constexprs},

@@ -18,19 +18,19 @@ is completed with zero codes; ``unpack`` takes ``n`` to drop them.
 Feature alignment (what a cache stores): rows of features are stored as if they
 had ``aligned_width(n)`` features (``n`` rounded up to a multiple of
 ``FEATURE_ALIGN = 8``), the padding codes zero, so that a kernel reads every
-row with vector loads and asynchronous copies (8 bytes per channel-grouped
-row, ``bits`` bytes per token-grouped row at 2/4/8 bits). Eight, not sixteen:
+row with vector loads and asynchronous copies (``bits`` bytes per row at
+2/4/8 bits). Eight, not sixteen:
 a rank of 38 is stored as 40 features, not 48; the padding is real memory. ``pack_aligned`` /
 ``unpack_aligned`` go between ``n`` codes and that padded form (the fused
 kernel ``eigenkv.kernels.quant_pack`` writes it directly). For 3 bits each plane is padded: the low plane
 has ``aligned_width(n) / 4`` bytes, then the high plane ``aligned_width(n) / 8``.
 
-Paired rows (``paired=True``; a cache's per-token rows, packed along features): the codes of each run of
-``2k`` features (``k`` codes a byte; 3 bits: runs of 8, the 2-bit plane's) are stored even features first, so
-that the first byte of the run holds features ``0, 2, .., 2k - 2`` and the second ``1, 3, .., 2k - 1``: code
-``j`` of the two bytes is features ``2j`` and ``2j + 1``, the adjacent pair a 16-bit matrix operand register
-holds (the decode kernel converts two bytes at once into such pairs, where the plain order needs a byte
-permutation per register to regroup them). 8-bit rows are the same either way.
+Paired rows (``paired=True``; a cache's rows, one per token packed along features, whichever the grouping):
+the codes of each run of ``2k`` features (``k`` codes a byte; 3 bits: runs of 8, the 2-bit plane's) are
+stored even features first, so that the first byte of the run holds features ``0, 2, .., 2k - 2`` and the
+second ``1, 3, .., 2k - 1``: code ``j`` of the two bytes is features ``2j`` and ``2j + 1``, the adjacent pair
+a 16-bit matrix operand register holds (the decode kernel converts two bytes at once into such pairs, where
+the plain order needs a byte permutation per register to regroup them). 8-bit rows are the same either way.
 """
 
 from __future__ import annotations
@@ -170,10 +170,9 @@ class Segment:
     """Quantized features of a stream in the layout of ``eigenkv.quant.store`` (one precision).
 
     Attributes:
-        codes: uint8 covering ``aligned_width(width)`` features, the padding codes zero: per token
-            ``(B, H, T_q, packed_length(aligned_width(width), bits))`` (packed along features in the paired
-            order, see ``pack_aligned``), per channel ``(B, H, T_q / G * packed_length(G, bits), aligned_width(width))``
-            (each block of ``G`` tokens packed along tokens).
+        codes: uint8 ``(B, H, T_q, packed_length(aligned_width(width), bits))``: a row per token, packed along
+            features in the paired order (see ``pack_aligned``), the padding codes zero; the same rows for
+            either grouping.
         scale, zero: ``(B, H, T_q, ceil(width / G))`` per token, ``(B, H, T_q / G, aligned_width(width))`` per
             channel (the padding features' zero, so a row of them loads as vectors too);
             ``zero`` None when symmetric.
@@ -226,8 +225,7 @@ class PackedStream:
     @property
     def capacity(self) -> int:
         """Device form: tokens the segments' buffers hold room for."""
-        rows = self.segments[0].scale.shape[2]
-        return rows if self.axis == "token" else rows * self.group_size
+        return self.segments[0].codes.shape[2]
 
     @property
     def width(self) -> int:
@@ -241,12 +239,9 @@ class PackedStream:
         g = self.group_size
         segments = []
         for s in self.segments:
-            if self.axis == "token":
-                code_rows, param_rows = quantized, quantized
-            else:
-                code_rows, param_rows = quantized // g * packed_length(g, s.bits), quantized // g
+            param_rows = quantized if self.axis == "token" else quantized // g
             zero = None if s.zero is None else s.zero[:, :, :param_rows]
-            segments.append(Segment(s.codes[:, :, :code_rows], s.scale[:, :, :param_rows], zero, s.bits, s.width))
+            segments.append(Segment(s.codes[:, :, :quantized], s.scale[:, :, :param_rows], zero, s.bits, s.width))
         slots = torch.arange(quantized, tokens, device=self.window.device) % self.ring
         window = self.window.index_select(2, slots)
         return PackedStream(tuple(segments), window, quantized, self.axis, g, self.symmetric)
@@ -257,18 +252,13 @@ class PackedStream:
             return self.host_form().dequantize(dtype)
         parts = []
         for segment in self.segments:
-            n, g = self.quantized_tokens, self.group_size
-            if self.axis == "token":
-                codes, dim = unpack_aligned(segment.codes, segment.bits, segment.width, dim=-1, paired=True), 3
-            else:
-                b, h = segment.codes.shape[:2]
-                blocks = segment.codes.view(b, h, n // g, packed_length(g, segment.bits), aligned_width(segment.width))
-                codes, dim = unpack(blocks, segment.bits, g, dim=-2).flatten(2, 3)[..., : segment.width], 2
+            codes = unpack_aligned(segment.codes, segment.bits, segment.width, dim=-1, paired=True)
             scale, zero = segment.scale, segment.zero
             if self.axis == "channel":  # parameters are stored for the aligned features too
                 scale = scale[..., : segment.width]
                 zero = None if zero is None else zero[..., : segment.width]
-            q = QuantizedGroups(codes, scale, zero, segment.bits, g, dim, self.symmetric)
+            dim = 3 if self.axis == "token" else 2
+            q = QuantizedGroups(codes, scale, zero, segment.bits, self.group_size, dim, self.symmetric)
             parts.append(dequantize(q, dtype))
         window = self.window.to(dtype)
         if not parts:

@@ -17,12 +17,12 @@ following this rule (``R`` = ``residual``, ``G`` = group size, ``m`` tokens held
 Storage layouts, per stream (``B`` batch, ``H`` KV heads, ``D`` head size, ``b`` bits,
 ``D' = aligned_width(D)``: ``D`` rounded up to a multiple of 8):
 
-- per token:   codes ``(B, H, T_q, packed_length(D', b))`` uint8 packed along features in the
-  paired order (``pack_aligned(..., paired=True)``: code ``j`` of two bytes is two adjacent
-  features), scales / zeros ``(B, H, T_q, ceil(D / G))``;
-- per channel: codes ``(B, H, T_q / G * packed_length(G, b), D')`` uint8, each block of
-  ``G`` tokens packed along tokens (the axis a decode tile reads), scales / zeros
-  ``(B, H, T_q / G, D')`` (the padding features' zero);
+- codes (either grouping): ``(B, H, T_q, packed_length(D', b))`` uint8, a row per token
+  packed along features in the paired order (``pack_aligned(..., paired=True)``: code ``j``
+  of two bytes is two adjacent features, the pair a matrix operand register of a decode tile
+  holds);
+- per token:   scales / zeros ``(B, H, T_q, ceil(D / G))``;
+- per channel: scales / zeros ``(B, H, T_q / G, D')`` (the padding features' zero);
 - window:      ``(B, H, m - T_q, D)`` in the model's dtype.
 
 Codes (and per-channel scales and zeros) cover ``D'`` features so that a kernel
@@ -62,10 +62,7 @@ from eigenkv.quant.packing import (
     PackedStream,
     Segment,
     aligned_width,
-    pack,
     pack_aligned,
-    packed_length,
-    unpack,
     unpack_aligned,
 )
 from eigenkv.quant.reference import QuantizedGroups, dequantize, quantize
@@ -200,10 +197,10 @@ class SlidingWindow:
         return 0 if b is None else b.numel() * b.element_size() - self.held_bytes()
 
 
-def _pad_features(codes: torch.Tensor, width: int) -> torch.Tensor:
-    """Per-channel codes, scales or zeros ``(..., D)`` -> contiguous ``(..., width)``, the added features zero."""
-    pad = width - codes.shape[-1]
-    return (torch.nn.functional.pad(codes, (0, pad)) if pad else codes).contiguous()
+def _pad_features(params: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-channel scales or zeros ``(..., D)`` -> contiguous ``(..., width)``, the added features zero."""
+    pad = width - params.shape[-1]
+    return (torch.nn.functional.pad(params, (0, pad)) if pad else params).contiguous()
 
 
 class QuantizedStream:
@@ -269,10 +266,7 @@ class QuantizedStream:
 
     def _rows(self, tokens: int) -> tuple[int, int]:
         """Rows of codes and of scales/zeros that ``tokens`` quantized tokens take."""
-        if self.axis == "token":
-            return tokens, tokens
-        g = self.config.group_size
-        return tokens // g * packed_length(g, self.config.bits), tokens // g
+        return tokens, tokens if self.axis == "token" else tokens // self.config.group_size
 
     def reserve(self, tokens: int) -> None:
         """Reserve room for ``tokens`` tokens (codes, scales, zeros), so that appends up to that length
@@ -329,37 +323,23 @@ class QuantizedStream:
         if self._kernels(x, row_length, x.dtype):
             from eigenkv.kernels.quant_pack import quantize_pack
 
-            if self.axis == "token":  # rows = tokens
-                codes, scale, zero = quantize_pack(
-                    x.reshape(-1, d), cfg.bits, cfg.group_size, symmetric=cfg.symmetric, check_finite=False,
-                    paired=True,
-                )  # fmt: skip
-                shape = (b, h, t, -1)  # rows already cover aligned_width(d) features
-                return codes.view(shape), scale.view(shape), None if zero is None else zero.view(shape)
-            # rows = (block, feature): G tokens of one feature, packed along tokens
-            blocks = x.view(b, h, t // cfg.group_size, cfg.group_size, d).transpose(-1, -2).reshape(-1, cfg.group_size)
+            # rows = tokens, groups along them (per channel: t is a multiple of G, and blocks never straddle
+            # two (batch, head) rows); the rows cover aligned_width(d) features
             codes, scale, zero = quantize_pack(
-                blocks, cfg.bits, cfg.group_size, symmetric=cfg.symmetric, check_finite=False
-            )
-            codes = codes.view(b, h, t // cfg.group_size, d, -1).transpose(-1, -2).reshape(b, h, -1, d)
-            codes = _pad_features(codes, padded)
-            scale = _pad_features(scale.view(b, h, t // cfg.group_size, d), padded)
-            return (
-                codes,
-                scale,
-                None if zero is None else _pad_features(zero.view(b, h, t // cfg.group_size, d), padded),
-            )
+                x.reshape(-1, d), cfg.bits, cfg.group_size, symmetric=cfg.symmetric, check_finite=False,
+                paired=True, axis=self.axis,
+            )  # fmt: skip
+            shape = (b, h, t if self.axis == "token" else t // cfg.group_size, -1)
+            return codes.view(b, h, t, -1), scale.view(shape), None if zero is None else zero.view(shape)
         dim = -1 if self.axis == "token" else -2
         # NaN/Inf are flagged by the caller on the device, and codes come in range: nothing checked on the host
         q = quantize(
             x, cfg.bits, cfg.group_size, dim, symmetric=cfg.symmetric, scale_dtype=cfg.torch_scale_dtype,
             check_finite=False,
         )  # fmt: skip
+        codes = pack_aligned(q.codes, cfg.bits, dim=-1, check=False, paired=True)
         if self.axis == "token":
-            return pack_aligned(q.codes, cfg.bits, dim=-1, check=False, paired=True), q.scale, q.zero
-        # per channel: t is a multiple of G; pack each block of G tokens along tokens
-        blocks = q.codes.view(b, h, t // cfg.group_size, cfg.group_size, d)
-        codes = _pad_features(pack(blocks, cfg.bits, dim=-2, check=False).flatten(2, 3), padded)
+            return codes, q.scale, q.zero
         return codes, _pad_features(q.scale, padded), None if q.zero is None else _pad_features(q.zero, padded)
 
     def _decode(self, codes, scale, zero, tokens: int, dtype: torch.dtype) -> torch.Tensor:
@@ -367,47 +347,28 @@ class QuantizedStream:
         cfg = self.config
         d = self.head_dim
         row_length = d if self.axis == "token" else cfg.group_size
-        if self.axis == "channel":  # drop the padding features: the dense per-channel layout
-            codes, scale = codes[..., :d], scale[..., :d]
-            zero = None if zero is None else zero[..., :d]
+        b, h = codes.shape[:2]
         if self._kernels(scale, row_length, dtype):
             from eigenkv.kernels.quant_pack import unpack_dequantize
 
-            b, h = codes.shape[:2]
-            if self.axis == "token":  # the stored rows are what the kernel reads (aligned_width(d) features)
-                rows = unpack_dequantize(
-                    codes.reshape(b * h * tokens, -1),
-                    scale.reshape(b * h * tokens, -1),
-                    None if zero is None else zero.reshape(b * h * tokens, -1),
-                    cfg.bits,
-                    cfg.group_size,
-                    d,
-                    dtype,
-                    paired=True,
-                )
-                return self._unrotate(rows.view(b, h, tokens, d))
-            nblocks = tokens // cfg.group_size
-            packed = codes.reshape(b, h, nblocks, -1, d).transpose(-1, -2).reshape(b * h * nblocks * d, -1)
+            params = scale.shape[2] * b * h
             rows = unpack_dequantize(
-                packed,
-                scale.reshape(-1, 1),
-                None if zero is None else zero.reshape(-1, 1),
+                codes.reshape(b * h * tokens, -1),
+                scale.reshape(params, -1),
+                None if zero is None else zero.reshape(params, -1),
                 cfg.bits,
                 cfg.group_size,
-                cfg.group_size,
+                d,
                 dtype,
+                paired=True,
+                axis=self.axis,
             )
-            return self._unrotate(
-                rows.view(b, h, nblocks, d, cfg.group_size).transpose(-1, -2).reshape(b, h, tokens, d)
-            )
-        if self.axis == "token":
-            codes = unpack_aligned(codes, cfg.bits, d, dim=-1, paired=True)
-            dim = 3
-        else:
-            b, h = codes.shape[:2]
-            blocks = codes.reshape(b, h, tokens // cfg.group_size, packed_length(cfg.group_size, cfg.bits), d)
-            codes = unpack(blocks, cfg.bits, cfg.group_size, dim=-2).flatten(2, 3)
-            dim = 2
+            return self._unrotate(rows.view(b, h, tokens, d))
+        codes = unpack_aligned(codes, cfg.bits, d, dim=-1, paired=True)
+        if self.axis == "channel":  # drop the padding features' parameters
+            scale = scale[..., :d]
+            zero = None if zero is None else zero[..., :d]
+        dim = 3 if self.axis == "token" else 2
         q = QuantizedGroups(codes, scale, zero, cfg.bits, cfg.group_size, dim, cfg.symmetric)
         return self._unrotate(dequantize(q, dtype))
 

@@ -140,8 +140,7 @@ def test_matches_reference_over_odd_shapes(case, checked_alignment):
     ends = torch.tensor([tokens, tokens - 3], dtype=torch.int32, device=DEVICE)
     for splits in (1, 3):
         check_against_reference(query, keys, values, scoring, starts=starts, ends=ends, splits=splits)
-    claims_made = "channel" in (axis_k, axis_v) or bits != 3  # 3-bit rows per token claim nothing
-    if checked_alignment is not None and claims_made and min(keys.quantized_tokens, values.quantized_tokens) >= 64:
+    if checked_alignment is not None and min(keys.quantized_tokens, values.quantized_tokens) >= 64:
         assert checked_alignment, "the main loop ran without its alignment claims being checked"
 
 
@@ -292,12 +291,13 @@ def test_slices_claim_the_alignment_they_have_and_fit_32_bit_offsets():
     """The main loop tells the compiler that each (batch, head) slice and row of codes starts on a multiple of
     codes_alignment bytes: the launcher claims it only where the address and the strides bear it out (a false
     claim faults on the GPU), and refuses slices past what its 32-bit offsets reach."""
-    assert decode_module.codes_alignment(4, "channel", True, 77) == 8
-    # rank 77, stored 80: 4-bit rows of 40 bytes take 8-byte copies, 2-bit rows of 20 bytes 4-byte ones
-    assert [decode_module.codes_alignment(b, "token", b != 3, 77) for b in (2, 3, 4, 8)] == [4, 1, 8, 8]
-    # 72 features: rows of 18 and 36 bytes
-    assert [decode_module.codes_alignment(b, "token", b != 3, 72) for b in (2, 3, 4, 8)] == [2, 1, 4, 8]
-    assert decode_module.codes_alignment(8, "token", False, 77) == 1
+    # rank 77, stored 80: 4-bit rows of 40 bytes take 8-byte copies, 2-bit rows of 20 bytes 4-byte ones, 3-bit
+    # rows of 30 bytes 2-byte ones
+    assert [decode_module.codes_alignment(b, True, 77) for b in (2, 3, 4, 8)] == [4, 2, 8, 8]
+    # 72 features: rows of 18, 27 and 36 bytes; 128 features: 32, 48 and 64 (3 bits: at most 4)
+    assert [decode_module.codes_alignment(b, True, 72) for b in (2, 3, 4, 8)] == [2, 1, 4, 8]
+    assert [decode_module.codes_alignment(b, True, 128) for b in (2, 3, 4, 8)] == [4, 4, 8, 8]
+    assert decode_module.codes_alignment(8, False, 77) == 1
     codes = torch.zeros(2, 3, 64, 40, dtype=torch.uint8)
     assert decode_module.slice_alignment(8, codes) == 8
     assert decode_module.slice_alignment(8, torch.zeros(64 * 40 * 6 + 1, dtype=torch.uint8)[1:].view(2, 3, 64, 40)) == 1

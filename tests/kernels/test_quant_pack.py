@@ -50,6 +50,46 @@ def test_remainder_groups_round_trip(cols, group, bits, paired):
     assert (out - x).abs().max() <= scale.float().max() / 2 + 1e-6  # within half a step of each group
 
 
+# per channel: (rows, cols, group), rows whole groups; 77 and 38 columns are stored padded to 80 and 40
+CHANNEL_CASES = [(64, 77, 64), (48, 38, 16), (64, 128, 32), (128, 16, 128)]
+
+
+@pytest.mark.parametrize("rows, cols, group", CHANNEL_CASES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric, paired", [(False, True), (True, True), (False, False)])
+def test_per_channel_matches_reference_bit_for_bit(rows, cols, group, bits, symmetric, paired):
+    """Groups of `group` consecutive rows of each column: the same packed rows as per token, parameters
+    (rows / group, aligned columns) with the padding columns' zero; the round trip is the reference's and
+    within half a step of each group."""
+    x = torch.randn(rows, cols, device=DEVICE) * 3
+    x[:group, 0] = -0.5  # a constant group (scale 0)
+    packed, scale, zero = quantize_pack(x, bits, group, symmetric=symmetric, paired=paired, axis="channel")
+    ref = quantize_pack_reference(x, bits, group, symmetric=symmetric, paired=paired, axis="channel")
+    assert torch.equal(packed, ref[0]) and torch.equal(scale, ref[1])
+    assert (zero is None) == symmetric and (zero is None or torch.equal(zero, ref[2]))
+    stored = -(-cols // 8) * 8
+    assert scale.shape == (rows // group, stored) and not scale[:, cols:].any()
+    assert packed.shape == quantize_pack(x, bits, group, paired=paired)[0].shape  # the per-token rows' bytes
+    out = unpack_dequantize(packed, scale, zero, bits, group, cols, torch.float32, paired=paired, axis="channel")
+    expected = unpack_dequantize_reference(
+        packed, scale, zero, bits, group, cols, torch.float32, paired=paired, axis="channel"
+    )
+    assert torch.equal(out, expected)
+    step = scale[:, :cols].float().repeat_interleave(group, dim=0)
+    assert ((out - x).abs() <= step / 2 + 1e-5).all() if not symmetric else ((out - x).abs() <= step + 1e-5).all()
+
+
+def test_per_channel_rejects_partial_groups_and_unknown_axes():
+    x = torch.randn(40, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="32 consecutive rows; got 40 rows"):
+        quantize_pack(x, 4, 32, axis="channel")
+    with pytest.raises(ValueError, match='axis must be "token" or "channel"'):
+        quantize_pack(x, 4, 32, axis="feature")
+    packed, scale, zero = quantize_pack(x[:32], 4, 32, axis="channel")
+    with pytest.raises(ValueError, match=r"scale and zero must have shape \(1, 16\) \(per channel\)"):
+        unpack_dequantize(packed, scale[:, :8], zero, 4, 32, 16, axis="channel")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_round_trip_in_each_dtype(dtype, bits):
@@ -122,10 +162,8 @@ def test_ring_append_matches_reference_bit_for_bit(case):
     unit = group if axis == "channel" else 1
     slots = residual + unit  # what a capturable stream holds
     stored = aligned_width(width)
-    if axis == "token":
-        code_shape, param_shape = (capacity, packed_length(stored, bits)), (capacity, -(-width // group))
-    else:
-        code_shape, param_shape = (capacity // group * packed_length(group, bits), stored), (capacity // group, stored)
+    code_shape = (capacity, packed_length(stored, bits))  # a row per token, whichever the grouping
+    param_shape = (capacity, -(-width // group)) if axis == "token" else (capacity // group, stored)
     x = torch.randn(batch, heads, 1, width, device=DEVICE, dtype=torch.float16)
     buffers = RingBuffers(
         ring=torch.randn(batch, heads, slots, width, device=DEVICE, dtype=torch.float16),

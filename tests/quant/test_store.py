@@ -20,22 +20,16 @@ def reference(x: torch.Tensor, config: KVQuantConfig, axis: str):
     dim = -1 if axis == "token" else -2
     q = quantize(x[..., :tq, :], config.bits, g, dim, symmetric=config.symmetric, scale_dtype=config.torch_scale_dtype)
     pad = aligned_width(d) - d
-    if axis == "token":
-        codes = pack(pair_runs(torch.nn.functional.pad(q.codes, (0, pad)), config.bits), config.bits, dim=-1)
-        assert codes.shape == (b, h, tq, packed_length(aligned_width(d), config.bits))
-    else:
-        codes = pack(q.codes.view(b, h, tq // g, g, d), config.bits, dim=-2).flatten(2, 3)
-        codes = torch.nn.functional.pad(codes, (0, pad))
-        assert codes.shape == (b, h, tq // g * packed_length(g, config.bits), aligned_width(d))
+    # a row per token packed along features in the paired order, whichever the grouping
+    codes = pack(pair_runs(torch.nn.functional.pad(q.codes, (0, pad)), config.bits), config.bits, dim=-1)
+    assert codes.shape == (b, h, tq, packed_length(aligned_width(d), config.bits))
     return tq, q, codes
 
 
-def padding_codes(codes: torch.Tensor, config: KVQuantConfig, axis: str, width: int) -> torch.Tensor:
+def padding_codes(codes: torch.Tensor, config: KVQuantConfig, width: int) -> torch.Tensor:
     """The codes of the padding features ``width .. aligned_width(width)`` of a stored tensor."""
-    if axis == "token":
-        codes = unpack(codes, config.bits, aligned_width(width), dim=-1)
-        return pair_runs(codes, config.bits, inverse=True)[..., width:]
-    return codes[..., width:]  # packed along tokens: a padding feature's bytes are its codes' bytes
+    codes = unpack(codes, config.bits, aligned_width(width), dim=-1)
+    return pair_runs(codes, config.bits, inverse=True)[..., width:]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -62,7 +56,7 @@ def test_padded_layout_round_trips_exactly(bits, axis, symmetric, width, backend
     tq, q, codes = reference(x, config, axis)
     assert stream.quantized_tokens == tq > 0
     assert torch.equal(stream.codes, codes)
-    assert not padding_codes(stream.codes, config, axis, width).any()
+    assert not padding_codes(stream.codes, config, width).any()
     # per channel, scales and zeros are stored for the aligned features too, the padding ones zero
     pad = (0, aligned_width(width) - width) if axis == "channel" else (0, 0)
     assert torch.equal(stream.scale, torch.nn.functional.pad(q.scale, pad))
@@ -94,7 +88,7 @@ def test_segments_each_pad_their_own_width(axis):
     for segment, part, config, width in zip(packed.segments, parts, configs, widths, strict=True):
         tq, q, codes = reference(part, config, axis)
         assert segment.width == width and torch.equal(segment.codes, codes)  # 8 and 40 features of codes
-        assert not padding_codes(segment.codes, config, axis, width).any()
+        assert not padding_codes(segment.codes, config, width).any()
         expected.append(dequantize(q, torch.float32))
     expected = torch.cat([torch.cat(expected, dim=-1), x[..., tq:, :]], dim=-2)
     assert torch.equal(packed.dequantize(torch.float32), expected)

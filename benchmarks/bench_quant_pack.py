@@ -1,7 +1,8 @@
 """Benchmark the fused quantize+pack and unpack+dequantize kernels against their torch references.
 
 Shapes are KV-cache flushes and reads: rows = tokens x KV heads, a row of
-head size 128 (per-token groups) or a group of G tokens (per-channel). Writes
+head size 128, grouped per token (G features of a row) or per channel (G
+consecutive rows of a feature; the same packed rows). Writes
 a long-format CSV and a plot of achieved GB/s (bytes read + written) under
 benchmarks/results/, named after the device; "copy" is the device's
 practical bandwidth ceiling. Without CUDA only the references are timed.
@@ -29,7 +30,6 @@ from eigenkv.kernels.quant_pack import (  # noqa: E402
     unpack_dequantize,
     unpack_dequantize_reference,
 )
-from eigenkv.quant.packing import packed_length  # noqa: E402
 
 
 def main() -> None:
@@ -43,44 +43,45 @@ def main() -> None:
     token_counts = (1024, 8192, 32768, 131072) if cuda else (1024, 8192)
     rows_out = []
     for tokens in token_counts:
-        for bits in (2, 3, 4, 8):
-            for group in (32, 64, 128):
-                n_rows, n_cols = tokens * 8, 128  # 8 KV heads of head size 128 (Llama-3-8B)
-                x = torch.randn(n_rows, n_cols, device=device, dtype=torch.float16)
-                packed, scale, zero = quantize_pack_reference(x, bits, group)
-                small = n_rows * (packed_length(n_cols, bits) + 2 * 2 * (n_cols // group))
-                big = x.numel() * 2
-                quant_args = (x, bits, group)
-                dequant_args = (packed, scale, zero, bits, group, n_cols, torch.float16)
-                providers = {
-                    ("quantize_pack", "torch"): partial(quantize_pack_reference, *quant_args),
-                    ("unpack_dequantize", "torch"): partial(unpack_dequantize_reference, *dequant_args),
+        for bits, group, axis in [(b, g, a) for b in (2, 3, 4, 8) for g in (32, 64, 128) for a in ("token", "channel")]:
+            n_rows, n_cols = tokens * 8, 128  # 8 KV heads of head size 128 (Llama-3-8B)
+            x = torch.randn(n_rows, n_cols, device=device, dtype=torch.float16)
+            packed, scale, zero = quantize_pack_reference(x, bits, group, axis=axis, paired=True)
+            small = packed.numel() + 2 * (scale.numel() + zero.numel())
+            big = x.numel() * 2
+            quant_args = (x, bits, group)
+            options = {"axis": axis, "paired": True}
+            dequant_args = (packed, scale, zero, bits, group, n_cols, torch.float16)
+            providers = {
+                ("quantize_pack", "torch"): partial(quantize_pack_reference, *quant_args, **options),
+                ("unpack_dequantize", "torch"): partial(unpack_dequantize_reference, *dequant_args, **options),
+            }
+            if cuda:
+                providers[("quantize_pack", "triton")] = partial(quantize_pack, *quant_args, **options)
+                providers[("unpack_dequantize", "triton")] = partial(unpack_dequantize, *dequant_args, **options)
+                providers[("copy", "torch")] = x.clone
+            for (op, provider), fn in providers.items():
+                ms = time_ms(fn)
+                moved = 2 * big if op == "copy" else big + small
+                common = {
+                    "op": op,
+                    "provider": provider,
+                    "tokens": tokens,
+                    "rows": n_rows,
+                    "cols": n_cols,
+                    "bits": bits,
+                    "group": group,
+                    "axis": axis,
+                    "dtype": "float16",
+                    "device": device_name(),
                 }
-                if cuda:
-                    providers[("quantize_pack", "triton")] = partial(quantize_pack, *quant_args)
-                    providers[("unpack_dequantize", "triton")] = partial(unpack_dequantize, *dequant_args)
-                    providers[("copy", "torch")] = x.clone
-                for (op, provider), fn in providers.items():
-                    ms = time_ms(fn)
-                    moved = 2 * big if op == "copy" else big + small
-                    common = {
-                        "op": op,
-                        "provider": provider,
-                        "tokens": tokens,
-                        "rows": n_rows,
-                        "cols": n_cols,
-                        "bits": bits,
-                        "group": group,
-                        "dtype": "float16",
-                        "device": device_name(),
-                    }
-                    rows_out.append({**common, "metric": "ms", "value": round(ms, 5)})
-                    rows_out.append({**common, "metric": "GB/s", "value": round(moved / ms / 1e6, 2)})
-                    print(
-                        f"{op:18s} {provider:6s} tokens={tokens:6d} b={bits} G={group:3d} {ms:9.4f} ms "
-                        f"{moved / ms / 1e6:8.1f} GB/s",
-                        flush=True,
-                    )
+                rows_out.append({**common, "metric": "ms", "value": round(ms, 5)})
+                rows_out.append({**common, "metric": "GB/s", "value": round(moved / ms / 1e6, 2)})
+                print(
+                    f"{op:18s} {provider:6s} tokens={tokens:6d} b={bits} G={group:3d} {axis:7s} {ms:9.4f} ms "
+                    f"{moved / ms / 1e6:8.1f} GB/s",
+                    flush=True,
+                )
     out = write_csv(rows_out, Path(args.out) if args.out else RESULTS / f"quant_pack_{device_slug()}.csv")
     print(f"wrote {out}")
     _plot(rows_out, out.with_suffix(".png"))
@@ -101,10 +102,11 @@ def _plot(rows: list[dict], path: Path) -> None:
             and r["metric"] == "GB/s"
             and r["bits"] == 4
             and r["group"] == 64
+            and r["axis"] == "token"
         ]
         ax.plot([r["tokens"] for r in pts], [r["value"] for r in pts], marker="o", label=f"{op} ({provider})")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens (8 KV heads x 128, fp16, 4-bit, group 64)")
+    ax.set_xlabel("tokens (8 KV heads x 128, fp16, 4-bit, group 64 per token)")
     ax.set_ylabel("achieved GB/s (read + written)")
     ax.set_title(f"quantize/pack kernels on {rows[0]['device']}")
     ax.legend(fontsize=8)

@@ -112,16 +112,20 @@ def lowrank_prefill_reference(
 
 
 @triton.jit
-def _tile(X, x_b, x_h, b, h, tok, tok_ok, feat, width):
-    # (BLOCK_N, F) of a (B, H_kv, S, width) tensor, zero outside
-    mask = tok_ok[:, None] & (feat < width)[None, :]
-    return tl.load(X + b * x_b + h * x_h + tok[:, None].to(tl.int64) * width + feat[None, :], mask=mask, other=0.0)
+def _tile(X, x_b, x_h, x_r, b, h, tok, tok_ok, feat):
+    # (BLOCK_N, F) of a contiguous (B, H_kv, S, x_r) tensor, zero outside. Its rows hold a multiple of 8 features
+    # (the launcher pads them with zeros, _padded_rows), so the compiler may read them as 16-byte vectors (and
+    # copy them asynchronously) where rows of an odd rank take a 2-byte load per element
+    x_r = x_r // 8 * 8  # a multiple of 8, in terms the compiler's alignment analysis follows
+    base = b * (x_b // 8 * 8) + h * (x_h // 8 * 8)
+    mask = tok_ok[:, None] & (feat < x_r)[None, :]
+    return tl.load(X + base + tok[:, None].to(tl.int64) * x_r + feat[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def _prefill_kernel(
     Q, q_b, q_h, q_t,
-    K, KH, V, VH, kv_b, kv_h, v_b, v_h,  # full and held (quantized) versions share strides
+    K, KH, V, VH, kv_b, kv_h, k_r, v_b, v_h, v_r,  # full and held (quantized) versions share strides
     KB, VB,  # (T,) int32 bounds: query i reads the held version of keys/values j < bound
     OUT,  # (B, T, H, r_v) contiguous
     STARTS,
@@ -166,10 +170,10 @@ def _prefill_kernel(
     for n in range(lo, hi, BLOCK_N):
         tok = n + tl.arange(0, BLOCK_N)
         tok_ok = (tok >= start) & (tok < seq)
-        k = _tile(K, kv_b, kv_h, b, h, tok, tok_ok, rk, key_rank).to(dtype)
+        k = _tile(K, kv_b, kv_h, k_r, b, h, tok, tok_ok, rk).to(dtype)
         scores = qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
         if K_HELD:
-            k = _tile(KH, kv_b, kv_h, b, h, tok, tok_ok, rk, key_rank).to(dtype)
+            k = _tile(KH, kv_b, kv_h, k_r, b, h, tok, tok_ok, rk).to(dtype)
             held = qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
             scores = tl.where(tok[None, :] < k_bound[:, None], held, scores)
         scores = scores * qk_scale
@@ -186,11 +190,11 @@ def _prefill_kernel(
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
-        v = _tile(V, v_b, v_h, b, h, tok, tok_ok, rv, value_rank).to(dtype)
+        v = _tile(V, v_b, v_h, v_r, b, h, tok, tok_ok, rv).to(dtype)
         if V_HELD:
             from_held = tok[None, :] < v_bound[:, None]
             acc += dot(tl.where(from_held, 0.0, p).to(dtype), v, DOT_FP32)
-            v = _tile(VH, v_b, v_h, b, h, tok, tok_ok, rv, value_rank).to(dtype)
+            v = _tile(VH, v_b, v_h, v_r, b, h, tok, tok_ok, rv).to(dtype)
             acc += dot(tl.where(from_held, p, 0.0).to(dtype), v, DOT_FP32)
         else:
             acc += dot(p.to(dtype), v, DOT_FP32)
@@ -222,8 +226,15 @@ def _check_states(name: str, x: torch.Tensor, batch: int, kv_heads: int, seq: in
         raise ValueError(f"{name} must be {query.dtype} on {query.device}; got {x.dtype} on {x.device}")
 
 
+def _padded_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, H_kv, S, r) -> contiguous (B, H_kv, S, r') with r' = r rounded up to a multiple of 8, the added
+    features zero: rows the kernel reads as 16-byte vectors (a copy when r is not a multiple of 8 already)."""
+    pad = -x.shape[-1] % 8
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
+
+
 def _held(name: str, view, full: torch.Tensor, length: int):
-    """Validated ``(held, bounds)`` of a quantized view (made contiguous like ``full``), or (None, None)."""
+    """Validated ``(held, bounds)`` of a quantized view (rows padded like ``full``'s), or (None, None)."""
     if view is None:
         return None, None
     held, bounds = view
@@ -233,7 +244,7 @@ def _held(name: str, view, full: torch.Tensor, length: int):
         raise ValueError(
             f"{name}: bounds must be int32 ({length},) on {full.device}; got {bounds.dtype} {tuple(bounds.shape)}"
         )
-    return held.contiguous(), bounds.contiguous()
+    return _padded_rows(held), bounds.contiguous()
 
 
 @on_input_device
@@ -277,9 +288,12 @@ def lowrank_prefill(
     _check_states("keys", keys, batch, kv_heads, seq, key_rank, query)
     _check_states("values", values, batch, kv_heads, seq, value_rank, query)
     scoring.check_kernel(query, kv_heads, key_rank)
-    keys, values = keys.contiguous(), values.contiguous()
     key_held, key_bounds = _held("quantized_keys", quantized_keys, keys, length)
     value_held, value_bounds = _held("quantized_values", quantized_values, values, length)
+    keys, values = _padded_rows(keys), _padded_rows(values)
+    # the kernel reads every row (and slice) as starting on a multiple of 8 elements (_tile; a dimension of one
+    # index contributes nothing)
+    assert all(st % 8 == 0 or n == 1 for x in (keys, values) for n, st in zip(x.shape[:3], x.stride()[:3], strict=True))
     if starts is None:
         starts = torch.zeros(batch, dtype=torch.int32, device=query.device)
     if starts.shape != (batch,) or starts.dtype != torch.int32 or starts.device != query.device:
@@ -302,7 +316,7 @@ def lowrank_prefill(
     _prefill_kernel[grid](
         query, query.stride(0), query.stride(1), query.stride(2),
         keys, keys if key_held is None else key_held, values, values if value_held is None else value_held,
-        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         dummy if key_bounds is None else key_bounds, dummy if value_bounds is None else value_bounds,
         out, starts.contiguous(),
         dummy if decoder is None else decoder, decoder_stride, dummy if inv_freq is None else inv_freq,
@@ -323,11 +337,17 @@ def lowrank_prefill(
 def _signature(dtype: str) -> dict:
     sig = {"Q": f"*{dtype}", "q_b": "i32", "q_h": "i32", "q_t": "i32"}
     sig |= {name: f"*{dtype}" for name in ("K", "KH", "V", "VH")}
-    sig |= {name: "i32" for name in ("kv_b", "kv_h", "v_b", "v_h")}
+    sig |= {name: "i32" for name in ("kv_b", "kv_h", "k_r", "v_b", "v_h", "v_r")}
     sig |= {"KB": "*i32", "VB": "*i32", "OUT": f"*{dtype}", "STARTS": "*i32"}
     sig |= {"DEC": f"*{dtype}", "dec_h": "i32", "INV_FREQ": "*fp32", "rope_scale": "fp32", "SLOPES": "*fp32"}
     ints = ("q_heads", "groups", "length", "seq", "key_rank", "value_rank", "half")
     return sig | {name: "i32" for name in ints} | {"qk_scale": "fp32", "window": "i32"}
+
+
+def _pointers(signature: dict) -> tuple[str, ...]:
+    """The pointer arguments, which a launch passes 16-byte aligned (torch's allocations; Triton specializes
+    them): declared so in the compiles, as the launch's code has them."""
+    return tuple(arg for arg, kind in signature.items() if kind.startswith("*"))
 
 
 def prefill_spec(
@@ -350,6 +370,7 @@ def prefill_spec(
         constexprs=constexprs,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        aligned=_pointers(_signature(dtype)),
     )
 
 
@@ -398,7 +419,9 @@ def roofline_cases(batch: int = 1, length: int = 8192):
             score_width = 2 * half_pad if mode == "pre" else rk_pad
             per_key = 2 * block_m * (score_width + rv_pad) + (2 * rk_pad * 2 * half_pad if mode == "pre" else 0)
             name = f"lowrank_prefill[{shape},{mode},T{length}]"
-            spec = KernelSpec(name, _prefill_kernel, _signature("fp16"), constexprs, cfg.num_warps, cfg.num_stages)
+            signature = _signature("fp16")
+            spec = KernelSpec(name, _prefill_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages,
+                              aligned=_pointers(signature))  # fmt: skip
             per_token = (key_rank + value_rank) * 2
             query_blocks = cdiv(length, block_m)
             yield RooflineCase(

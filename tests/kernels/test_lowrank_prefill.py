@@ -75,6 +75,33 @@ def test_matches_reference_over_odd_shapes(case):
         assert (out - plain).abs().max() > 1e-2  # the quantized versions are read
 
 
+def test_rows_are_padded_with_zeros_not_read_past_their_features(monkeypatch):
+    """The kernel reads rows of a multiple of 8 features as 16-byte vectors: states of an odd rank, or views of
+    a wider tensor, reach it as padded copies whose added features are zero, never the memory beyond the view
+    (NaN there would poison the scores)."""
+    query, keys, values, scoring = random_prompt("rank", 64, 2, 37, 24, 40, 70, torch.float16)
+    wide_keys = torch.full((*keys.shape[:3], 48), float("nan"), device=DEVICE, dtype=keys.dtype)
+    wide_values = torch.full((*values.shape[:3], 40), float("nan"), device=DEVICE, dtype=values.dtype)
+    wide_keys[..., :37], wide_values[..., :24] = keys, values
+    seen = []
+    original = prefill_module._prefill_kernel
+
+    class Spy:  # records the states the kernel gets, then launches it
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.extend(args[4:8])
+                return original[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(prefill_module, "_prefill_kernel", Spy())
+    out = check_against_reference(query, wide_keys[..., :37], wide_values[..., :24], scoring)
+    assert out.isfinite().all()
+    k, _, v, _ = seen
+    assert k.shape[-1] == 40 and v.shape[-1] == 24 and k.is_contiguous() and v.is_contiguous()
+    assert not k[..., 37:].any() and torch.equal(k[..., :37], keys)
+
+
 CAPPED_CASES = [
     # mode, head size d, groups, key rank, value rank, new tokens T, cached S, quantized view, dtype
     ("rank", 64, 3, 37, 24, 45, 83, True, torch.float16),

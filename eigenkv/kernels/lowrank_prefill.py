@@ -116,7 +116,7 @@ def _tile(X, x_b, x_h, x_r, b, h, tok, tok_ok, feat):
     # (BLOCK_N, F) of a contiguous (B, H_kv, S, x_r) tensor, zero outside. Its rows hold a multiple of 8 features
     # (the launcher pads them with zeros, _padded_rows), so the compiler may read them as 16-byte vectors (and
     # copy them asynchronously) where rows of an odd rank take a 2-byte load per element
-    x_r = x_r // 8 * 8  # a multiple of 8, in terms the compiler's alignment analysis follows
+    x_r = x_r // 8 * 8  # a multiple of 8 (_padded_rows), in terms the compiler's alignment analysis follows
     base = b * (x_b // 8 * 8) + h * (x_h // 8 * 8)
     mask = tok_ok[:, None] & (feat < x_r)[None, :]
     return tl.load(X + base + tok[:, None].to(tl.int64) * x_r + feat[None, :], mask=mask, other=0.0)
@@ -227,10 +227,14 @@ def _check_states(name: str, x: torch.Tensor, batch: int, kv_heads: int, seq: in
 
 
 def _padded_rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, H_kv, S, r) -> contiguous (B, H_kv, S, r') with r' = r rounded up to a multiple of 8, the added
-    features zero: rows the kernel reads as 16-byte vectors (a copy when r is not a multiple of 8 already)."""
+    """(B, H_kv, S, r) -> (B, H_kv, S, r') with r' = r rounded up to a multiple of 8, the added features zero,
+    in the canonical contiguous strides (every row and slice starts on a multiple of 8 elements): rows the
+    kernel reads as 16-byte vectors. ``x`` itself when it already is so, else a copy."""
     pad = -x.shape[-1] % 8
-    return torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
+    if pad:
+        return torch.nn.functional.pad(x, (0, pad))
+    canonical = torch.empty(x.shape, device="meta").stride()  # a contiguous view may stride a size-1 axis oddly
+    return x if x.stride() == canonical else torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
 
 
 def _held(name: str, view, full: torch.Tensor, length: int):
@@ -291,9 +295,6 @@ def lowrank_prefill(
     key_held, key_bounds = _held("quantized_keys", quantized_keys, keys, length)
     value_held, value_bounds = _held("quantized_values", quantized_values, values, length)
     keys, values = _padded_rows(keys), _padded_rows(values)
-    # the kernel reads every row (and slice) as starting on a multiple of 8 elements (_tile; a dimension of one
-    # index contributes nothing)
-    assert all(st % 8 == 0 or n == 1 for x in (keys, values) for n, st in zip(x.shape[:3], x.stride()[:3], strict=True))
     if starts is None:
         starts = torch.zeros(batch, dtype=torch.int32, device=query.device)
     if starts.shape != (batch,) or starts.dtype != torch.int32 or starts.device != query.device:

@@ -100,6 +100,10 @@ def test_rows_are_padded_with_zeros_not_read_past_their_features(monkeypatch):
     k, _, v, _ = seen
     assert k.shape[-1] == 40 and v.shape[-1] == 24 and k.is_contiguous() and v.is_contiguous()
     assert not k[..., 37:].any() and torch.equal(k[..., :37], keys)
+    # a "contiguous" tensor may stride an axis of size one oddly: the kernel gets the canonical strides
+    odd = torch.empty_strided((1, 1, 1, 16), (1, 1, 7, 1), device=DEVICE)
+    assert prefill_module._padded_rows(odd).stride() == (16, 16, 16, 1)
+    assert prefill_module._padded_rows(keys[..., :32]).stride() == (2 * 70 * 32, 70 * 32, 32, 1)
 
 
 CAPPED_CASES = [

@@ -7,8 +7,10 @@ Shapes (``B`` batch, ``H`` query heads, ``H_kv`` KV heads, ``T`` new tokens,
   ``S - T + i``); ``e = r_k`` in ``"rank"`` mode, rotated full queries (``e = d``)
   in ``"pre"`` mode (see :mod:`eigenkv.kernels.scoring`);
 - ``keys`` (B, H_kv, S, r_k), ``values`` (B, H_kv, S, r_v): rank-space states in
-  the query's dtype (pre mode: key coefficients, rebuilt and rotated at their
-  own positions in the kernel, as in decoding);
+  the query's dtype (pre mode: key coefficients, which the launcher rebuilds and
+  rotates once, ``Scoring.keys``, as ``sdpa_prefill`` does: every block of
+  queries reads the same keys, so rebuilding them per block in the kernel cost
+  a decoder product and a rotation per tile and per block);
 - output (B, T, H, r_v) in the query's dtype (the layout the folded output
   projection reads after a reshape).
 
@@ -49,8 +51,6 @@ from eigenkv.kernels.utils import (
     dot,
     on_input_device,
     pad_width,
-    qk_scores,
-    query_operands,
     soft_cap,
 )
 
@@ -128,13 +128,11 @@ def _prefill_kernel(
     K, KH, V, VH, kv_b, kv_h, k_r, v_b, v_h, v_r,  # full and held (quantized) versions share strides
     KB, VB,  # (T,) int32 bounds: query i reads the held version of keys/values j < bound
     OUT,  # (B, T, H, r_v) contiguous
-    STARTS,
-    DEC, dec_h, INV_FREQ, rope_scale, SLOPES,
-    q_heads, groups, length, seq, key_rank, value_rank, half, qk_scale, window,
-    PRE: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, K_HELD: tl.constexpr, V_HELD: tl.constexpr,
-    SLIDING: tl.constexpr,
-    RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    STARTS, SLOPES,
+    q_heads, groups, length, seq, key_width, value_rank, qk_scale, window,
+    ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, K_HELD: tl.constexpr, V_HELD: tl.constexpr, SLIDING: tl.constexpr,
+    RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -149,9 +147,7 @@ def _prefill_kernel(
     q_rows = Q + b * q_b + hq * q_h + rows[:, None].to(tl.int64) * q_t
     rk = tl.arange(0, RK_PAD)
     rv = tl.arange(0, RV_PAD)
-    q, q1, q2, d1, d2, inv_freq = query_operands(
-        q_rows, row_ok, DEC, h * dec_h, INV_FREQ, key_rank, half, rk, PRE, HALF_PAD
-    )
+    q = tl.load(q_rows + rk[None, :], mask=row_ok[:, None] & (rk < key_width)[None, :], other=0.0)
     if ALIBI:
         slope = tl.load(SLOPES + hq) * 1.4426950408889634
     if K_HELD:
@@ -171,10 +167,10 @@ def _prefill_kernel(
         tok = n + tl.arange(0, BLOCK_N)
         tok_ok = (tok >= start) & (tok < seq)
         k = _tile(K, kv_b, kv_h, k_r, b, h, tok, tok_ok, rk).to(dtype)
-        scores = qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
+        scores = dot(q, tl.trans(k), DOT_FP32)
         if K_HELD:
             k = _tile(KH, kv_b, kv_h, k_r, b, h, tok, tok_ok, rk).to(dtype)
-            held = qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE, DOT_FP32)
+            held = dot(q, tl.trans(k), DOT_FP32)
             scores = tl.where(tok[None, :] < k_bound[:, None], held, scores)
         scores = scores * qk_scale
         if SOFTCAP > 0:  # Gemma-2's capped logits (0.0: none, no code): after the scale, before bias and mask
@@ -207,14 +203,14 @@ def _prefill_kernel(
 # --- launcher --------------------------------------------------------------------------------
 
 
-def launch_config(mode: str, width: int, rank_pad: int, value_pad: int, held: bool) -> KernelConfig:
-    """Query and key tile sizes and warps (``width``: HALF_PAD in pre mode, else RK_PAD).
+def launch_config(key_pad: int, value_pad: int, held: bool) -> KernelConfig:
+    """Query and key tile sizes and warps for key and value tiles ``key_pad`` and ``value_pad`` wide.
 
     Chosen from the sm_80/sm_90 compiles: at head size 128, with the second (quantized) versions of keys
     and values live, at most a 32-byte spill a thread.
     """
-    widest = max(width, rank_pad, value_pad)
-    block_n = 32 if (mode == "pre" or held or widest > 64) else 64
+    widest = max(key_pad, value_pad)
+    block_n = 32 if (held or widest > 64) else 64
     warps = 4 if widest <= 32 else 8
     return KernelConfig(constexprs={"BLOCK_M": 64, "BLOCK_N": block_n}, num_warps=warps, num_stages=2)
 
@@ -238,7 +234,7 @@ def _padded_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _held(name: str, view, full: torch.Tensor, length: int):
-    """Validated ``(held, bounds)`` of a quantized view (rows padded like ``full``'s), or (None, None)."""
+    """Validated ``(held, bounds)`` of a quantized view, or (None, None)."""
     if view is None:
         return None, None
     held, bounds = view
@@ -248,7 +244,7 @@ def _held(name: str, view, full: torch.Tensor, length: int):
         raise ValueError(
             f"{name}: bounds must be int32 ({length},) on {full.device}; got {bounds.dtype} {tuple(bounds.shape)}"
         )
-    return _padded_rows(held), bounds.contiguous()
+    return held, bounds.contiguous()
 
 
 @on_input_device
@@ -294,7 +290,12 @@ def lowrank_prefill(
     scoring.check_kernel(query, kv_heads, key_rank)
     key_held, key_bounds = _held("quantized_keys", quantized_keys, keys, length)
     value_held, value_bounds = _held("quantized_values", quantized_values, values, length)
+    if scoring.mode == "pre":  # the keys queries score, rebuilt and rotated once (module doc)
+        keys = scoring.keys(keys)
+        key_held = None if key_held is None else scoring.keys(key_held)
+    key_width = keys.shape[-1]
     keys, values = _padded_rows(keys), _padded_rows(values)
+    key_held, value_held = (None if x is None else _padded_rows(x) for x in (key_held, value_held))
     if starts is None:
         starts = torch.zeros(batch, dtype=torch.int32, device=query.device)
     if starts.shape != (batch,) or starts.dtype != torch.int32 or starts.device != query.device:
@@ -302,16 +303,13 @@ def lowrank_prefill(
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int (a sliding layer's tokens) or None; got {window!r}")
     sliding = window is not None and seq > window  # otherwise the window hides no key
-    mode = scoring.mode
-    half = query.shape[-1] // 2 if mode == "pre" else 0
-    rk_pad, rv_pad = pad_width(key_rank), pad_width(value_rank)
-    half_pad = pad_width(half) if mode == "pre" else 16
+    rk_pad, rv_pad = pad_width(key_width), pad_width(value_rank)
     held = quantized_keys is not None or quantized_values is not None
-    cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad, held)
+    cfg = launch_config(rk_pad, rv_pad, held)
     out = torch.empty((batch, length, q_heads, value_rank), dtype=query.dtype, device=query.device)
     if out.numel() == 0:
         return out
-    decoder, decoder_stride, inv_freq, slopes = scoring.kernel_tensors(query)
+    slopes = scoring.kernel_tensors(query)[3]
     dummy = starts
     grid = (cdiv(length, cfg.constexprs["BLOCK_M"]), batch * q_heads)
     _prefill_kernel[grid](
@@ -319,14 +317,12 @@ def lowrank_prefill(
         keys, keys if key_held is None else key_held, values, values if value_held is None else value_held,
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         dummy if key_bounds is None else key_bounds, dummy if value_bounds is None else value_bounds,
-        out, starts.contiguous(),
-        dummy if decoder is None else decoder, decoder_stride, dummy if inv_freq is None else inv_freq,
-        float(scoring.rope_scale), dummy if slopes is None else slopes,
-        q_heads, q_heads // kv_heads, length, seq, key_rank, value_rank, half,
+        out, starts.contiguous(), dummy if slopes is None else slopes,
+        q_heads, q_heads // kv_heads, length, seq, key_width, value_rank,
         float(scoring.scaling) * math.log2(math.e), window if sliding else 0,
-        PRE=mode == "pre", ALIBI=slopes is not None, SOFTCAP=scoring.softcap or 0.0,
+        ALIBI=slopes is not None, SOFTCAP=scoring.softcap or 0.0,
         K_HELD=key_held is not None, V_HELD=value_held is not None, SLIDING=sliding,
-        RK_PAD=rk_pad, RV_PAD=rv_pad, HALF_PAD=half_pad, DOT_FP32=interpreting(),
+        RK_PAD=rk_pad, RV_PAD=rv_pad, DOT_FP32=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     return out
@@ -339,9 +335,8 @@ def _signature(dtype: str) -> dict:
     sig = {"Q": f"*{dtype}", "q_b": "i32", "q_h": "i32", "q_t": "i32"}
     sig |= {name: f"*{dtype}" for name in ("K", "KH", "V", "VH")}
     sig |= {name: "i32" for name in ("kv_b", "kv_h", "k_r", "v_b", "v_h", "v_r")}
-    sig |= {"KB": "*i32", "VB": "*i32", "OUT": f"*{dtype}", "STARTS": "*i32"}
-    sig |= {"DEC": f"*{dtype}", "dec_h": "i32", "INV_FREQ": "*fp32", "rope_scale": "fp32", "SLOPES": "*fp32"}
-    ints = ("q_heads", "groups", "length", "seq", "key_rank", "value_rank", "half")
+    sig |= {"KB": "*i32", "VB": "*i32", "OUT": f"*{dtype}", "STARTS": "*i32", "SLOPES": "*fp32"}
+    ints = ("q_heads", "groups", "length", "seq", "key_width", "value_rank")
     return sig | {name: "i32" for name in ints} | {"qk_scale": "fp32", "window": "i32"}
 
 
@@ -352,20 +347,20 @@ def _pointers(signature: dict) -> tuple[str, ...]:
 
 
 def prefill_spec(
-    dtype: str, mode: str, half_pad: int, rk_pad: int, rv_pad: int, held: bool, alibi: bool,
-    softcap: float | None = None, sliding: bool = False,
+    dtype: str, rk_pad: int, rv_pad: int, held: bool, alibi: bool, softcap: float | None = None,
+    sliding: bool = False,
 ) -> KernelSpec:  # fmt: skip
-    """The compile a launch makes at these tile widths (``held``: with the quantized views of keys and values;
-    ``softcap``: Gemma-2's logit cap; ``sliding``: a window that hides keys)."""
-    cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad, held)
+    """The compile a launch makes at these tile widths (``rk_pad``: of the rank-space keys, or of the rebuilt
+    ones in pre mode; ``held``: with the quantized views of keys and values; ``softcap``: Gemma-2's logit cap;
+    ``sliding``: a window that hides keys)."""
+    cfg = launch_config(rk_pad, rv_pad, held)
     constexprs = {
-        "PRE": mode == "pre", "ALIBI": alibi, "SOFTCAP": float(softcap or 0.0), "K_HELD": held, "V_HELD": held,
-        "SLIDING": sliding, "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False,
-        **cfg.constexprs,
+        "ALIBI": alibi, "SOFTCAP": float(softcap or 0.0), "K_HELD": held, "V_HELD": held, "SLIDING": sliding,
+        "RK_PAD": rk_pad, "RV_PAD": rv_pad, "DOT_FP32": False, **cfg.constexprs,
     }  # fmt: skip
     return KernelSpec(
-        name=f"lowrank_prefill[{dtype},{mode},h{half_pad},rk{rk_pad},rv{rv_pad},held{int(held)}"
-        f"{',softcap' if softcap else ''}{',sliding' if sliding else ''}]",
+        name=f"lowrank_prefill[{dtype},rk{rk_pad},rv{rv_pad},held{int(held)}"
+        f"{',alibi' if alibi else ''}{',softcap' if softcap else ''}{',sliding' if sliding else ''}]",
         fn=_prefill_kernel,
         signature=_signature(dtype),
         constexprs=constexprs,
@@ -376,20 +371,19 @@ def prefill_spec(
 
 
 def compile_specs():
-    """The launcher's configurations for the sm_80/sm_90 compile test: every tile shape, with and
-    without the quantized (held) versions of keys and values (ALiBi in rank mode); capped logits
-    (Gemma-2: rank mode, no ALiBi) at the widest rank tiles, sliding windows with them; and sliding
-    windows in pre mode (Mistral, Gemma-3)."""
-    tiles = [("rank", 16, 32, 32), ("rank", 16, 64, 64), ("rank", 16, 128, 128), ("pre", 32, 64, 64)]
-    tiles += [("pre", 64, 128, 128)]
+    """The launcher's configurations for the sm_80/sm_90 compile test: key and value tiles of every width, with
+    and without the quantized (held) versions of keys and values (ALiBi at the equal widths); pre mode's, full
+    heads of 64 or 128 features against narrower value ranks; capped logits (Gemma-2, no ALiBi) at the widest
+    tiles, sliding windows with them; sliding windows at head size 128 (Mistral, Gemma-3)."""
+    tiles = [(32, 32, True), (64, 64, True), (128, 128, True), (64, 32, False), (128, 64, False)]
     for dtype in ("fp16", "bf16"):
-        for mode, half_pad, rk_pad, rv_pad in tiles:
+        for rk_pad, rv_pad, alibi in tiles:
             for held in (False, True):
-                yield prefill_spec(dtype, mode, half_pad, rk_pad, rv_pad, held, alibi=mode == "rank")
+                yield prefill_spec(dtype, rk_pad, rv_pad, held, alibi)
         for rk_pad in (128, 256):  # Gemma-2's heads: 128 (27B), 256 (2B, 9B); its sliding layers
             for held, sliding in itertools.product((False, True), repeat=2):
-                yield prefill_spec(dtype, "rank", 16, rk_pad, rk_pad, held, False, softcap=50.0, sliding=sliding)
-        yield prefill_spec(dtype, "pre", 64, 128, 128, held=True, alibi=False, sliding=True)  # Mistral's heads
+                yield prefill_spec(dtype, rk_pad, rk_pad, held, False, softcap=50.0, sliding=sliding)
+        yield prefill_spec(dtype, 128, 128, held=True, alibi=False, sliding=True)  # Mistral's heads
 
 
 # --- static roofline cases ---------------------------------------------------------------------
@@ -402,28 +396,25 @@ def roofline_cases(batch: int = 1, length: int = 8192):
     """Prefill of a ``length``-token prompt at the benchmark shapes (rank and pre modes, no held versions).
 
     A program holds BLOCK_M queries of one head and reads the keys and values before them: per key token
-    it reads ``(r_k + r_v) * 2`` bytes (fp16 rank-space states); the launch reads them about ``T / (2 BLOCK_M)``
-    times per query head (causal). The work is the MMAs': the estimate is bound by their FLOPs (and SDPA's)."""
+    it reads ``(w_k + r_v) * 2`` bytes (fp16 states; ``w_k`` the key rank, or the head size of the keys pre
+    mode rebuilt before the launch); the launch reads them about ``T / (2 BLOCK_M)`` times per query head
+    (causal). The rebuild itself (pre mode, once per prompt, in PyTorch) is not counted."""
     for shape, heads, kv_heads, head_dim, key_rank, value_rank in ROOFLINE_SHAPES:
         for mode in ("rank", "pre"):
-            rk_pad, rv_pad = pad_width(key_rank), pad_width(value_rank)
-            half_pad = pad_width(head_dim // 2) if mode == "pre" else 16
-            cfg = launch_config(mode, half_pad if mode == "pre" else rk_pad, rk_pad, rv_pad, False)
+            key_width = head_dim if mode == "pre" else key_rank
+            rk_pad, rv_pad = pad_width(key_width), pad_width(value_rank)
+            cfg = launch_config(rk_pad, rv_pad, False)
             constexprs = {
-                "PRE": mode == "pre", "ALIBI": False, "SOFTCAP": 0.0, "K_HELD": False, "V_HELD": False,
-                "SLIDING": False, "RK_PAD": rk_pad, "RV_PAD": rv_pad, "HALF_PAD": half_pad, "DOT_FP32": False,
-                **cfg.constexprs,
+                "ALIBI": False, "SOFTCAP": 0.0, "K_HELD": False, "V_HELD": False, "SLIDING": False,
+                "RK_PAD": rk_pad, "RV_PAD": rv_pad, "DOT_FP32": False, **cfg.constexprs,
             }  # fmt: skip
             block_m = cfg.constexprs["BLOCK_M"]
-            # MMA FLOPs per key token a program reads: scores over the query or key width, values over RV_PAD,
-            # and in pre mode the key's rebuild from its codes (both halves of the head)
-            score_width = 2 * half_pad if mode == "pre" else rk_pad
-            per_key = 2 * block_m * (score_width + rv_pad) + (2 * rk_pad * 2 * half_pad if mode == "pre" else 0)
+            per_key = 2 * block_m * (rk_pad + rv_pad)  # MMA FLOPs per key token a program reads
             name = f"lowrank_prefill[{shape},{mode},T{length}]"
             signature = _signature("fp16")
             spec = KernelSpec(name, _prefill_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages,
                               aligned=_pointers(signature))  # fmt: skip
-            per_token = (key_rank + value_rank) * 2
+            per_token = (key_width + value_rank) * 2
             query_blocks = cdiv(length, block_m)
             yield RooflineCase(
                 name=name,

@@ -1,5 +1,5 @@
 """Helpers the kernels share: launch configs, compile specs, tile widths, and the scoring code
-(``dot``, ``query_operands``, ``qk_scores``, ``soft_cap``) that decode and prefill both run."""
+(``dot``, ``rotate_keys``, ``soft_cap``) that the attention kernels run."""
 
 from __future__ import annotations
 
@@ -117,28 +117,6 @@ def dot(a, b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def query_operands(
-    q_rows, row_ok, DEC, dec_base, INV_FREQ, key_rank, half, rk, PRE: tl.constexpr, HALF_PAD: tl.constexpr
-):
-    # (q, q1, q2, d1, d2, inv_freq) for qk_scores from the query rows (M, 1 pointers); the unused ones alias q.
-    # Pre mode: query halves (M, HALF_PAD), decoder halves transposed (RK_PAD, HALF_PAD) with element
-    # (r, j) = D[j, r] and D[half + j, r], and the RoPE frequencies.
-    if PRE:
-        j = tl.arange(0, HALF_PAD)
-        j_ok = j < half
-        q1 = tl.load(q_rows + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        q2 = tl.load(q_rows + half + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        dec = DEC + dec_base + rk[:, None] + j[None, :] * key_rank
-        dec_ok = (rk < key_rank)[:, None] & j_ok[None, :]
-        d1 = tl.load(dec, mask=dec_ok, other=0.0).to(q1.dtype)
-        d2 = tl.load(dec + half * key_rank, mask=dec_ok, other=0.0).to(q1.dtype)
-        return q1, q1, q2, d1, d2, tl.load(INV_FREQ + j, mask=j_ok, other=0.0)
-    else:
-        q = tl.load(q_rows + rk[None, :], mask=row_ok[:, None] & (rk < key_rank)[None, :], other=0.0)
-        return q, q, q, q, q, rk.to(tl.float32)
-
-
-@triton.jit
 def rotate_keys(a1, a2, tok, inv_freq, rope_scale, dtype: tl.constexpr):
     # rebuilt key halves a_i (BLOCK_N, HALF_PAD) fp32 -> rotated halves (k1, k2) in `dtype`, rounded as the
     # model rounds them (Hugging Face's rotate_half convention), each key at its own position `tok`
@@ -148,17 +126,6 @@ def rotate_keys(a1, a2, tok, inv_freq, rope_scale, dtype: tl.constexpr):
     cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
     sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
     return (a1 * cos - a2 * sin).to(dtype), (a2 * cos + a1 * sin).to(dtype)
-
-
-@triton.jit
-def qk_scores(q, q1, q2, k, d1, d2, tok, inv_freq, rope_scale, PRE: tl.constexpr, DOT_FP32: tl.constexpr):
-    # (M, BLOCK_N) raw scores of the query tile against key tile k (BLOCK_N, RK_PAD) at positions tok;
-    # pre mode rebuilds the keys' halves a_i = k D_i^T and rotates them (rotate_keys)
-    if PRE:
-        k1, k2 = rotate_keys(dot(k, d1, DOT_FP32), dot(k, d2, DOT_FP32), tok, inv_freq, rope_scale, q1.dtype)
-        return dot(q1, tl.trans(k1), DOT_FP32) + dot(q2, tl.trans(k2), DOT_FP32)
-    else:
-        return dot(q, tl.trans(k), DOT_FP32)
 
 
 @triton.jit

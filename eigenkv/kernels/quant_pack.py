@@ -198,6 +198,26 @@ def _quantize_pack_kernel(
 
 
 @triton.jit
+def _block_tile(GROUP: tl.constexpr, BLOCK_F: tl.constexpr):
+    # a per-channel program's tile, program (block of GROUP rows, tile of BLOCK_F columns): (block int64, first
+    # column, its columns (BLOCK_F,), its rows (GROUP,) int64)
+    block = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1) * BLOCK_F
+    return block, first, first + tl.arange(0, BLOCK_F), block * GROUP + tl.arange(0, GROUP)
+
+
+@triton.jit
+def _dequantize_codes(codes, S, Z, params, ok, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    # fp32 values of int32 codes from the scales (and zero points) at offsets `params`, shaped to broadcast over
+    # the codes ((R, 1) per token, (1, W) per channel); `ok` masks the parameter loads
+    s = tl.load(S + params, mask=ok, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        return s * (codes.to(tl.float32) - (1 << (BITS - 1)))
+    else:
+        return s * codes.to(tl.float32) + tl.load(Z + params, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _quantize_pack_blocks_kernel(
     X,  # (R, C), unit column stride; R a multiple of GROUP
     P,  # (R, packed bytes per row) uint8
@@ -214,11 +234,9 @@ def _quantize_pack_blocks_kernel(
     PAIRED: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    # per channel: program (block of GROUP rows, tile of BLOCK_F columns), each column's GROUP codes one group
-    block = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    # per channel (_block_tile): each column's GROUP codes one group
+    block, first, cols, rows = _block_tile(GROUP, BLOCK_F)
     col_ok = cols < n_cols
-    rows = block * GROUP + tl.arange(0, GROUP)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=col_ok[None, :], other=0.0).to(tl.float32)
     non_finite = tl.max(tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1), axis=0)
     tl.atomic_max(NON_FINITE, non_finite, mask=non_finite > 0)
@@ -228,7 +246,7 @@ def _quantize_pack_blocks_kernel(
     tl.store(S + params, tl.where(col_ok, scale, 0.0), mask=cols < aligned)  # padding columns: zero
     if not SYMMETRIC:
         tl.store(Z + params, tl.where(col_ok, zero, 0.0), mask=cols < aligned)
-    _pack_rows(codes, P, rows, rows_ok, tl.program_id(1) * BLOCK_F, aligned, stride_p, BITS, PAIRED)
+    _pack_rows(codes, P, rows, rows_ok, first, aligned, stride_p, BITS, PAIRED)
 
 
 @triton.jit
@@ -284,12 +302,7 @@ def _unpack_dequantize_kernel(
     row_ok = rows < n_rows
     codes = _unpack_rows(P, rows, row_ok, g * GROUP, aligned, stride_p, BLOCK_R, GROUP, BITS, PAIRED)
     params = rows.to(tl.int64) * n_groups + g
-    s = tl.load(S + params, mask=row_ok, other=0.0).to(tl.float32)
-    if SYMMETRIC:
-        x = s[:, None] * (codes.to(tl.float32) - (1 << (BITS - 1)))
-    else:
-        z = tl.load(Z + params, mask=row_ok, other=0.0).to(tl.float32)
-        x = s[:, None] * codes.to(tl.float32) + z[:, None]
+    x = _dequantize_codes(codes, S, Z, params[:, None], row_ok[:, None], BITS, SYMMETRIC)
     cols = g * GROUP + tl.arange(0, GROUP)
     ok = row_ok[:, None] & (cols < n_cols)[None, :]
     tl.store(OUT + rows[:, None].to(tl.int64) * stride_out + cols[None, :], x.to(OUT.dtype.element_ty), mask=ok)
@@ -311,20 +324,11 @@ def _unpack_dequantize_blocks_kernel(
     PAIRED: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    # inverse of _quantize_pack_blocks_kernel, program (block of GROUP rows, tile of BLOCK_F columns)
-    block = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    rows = block * GROUP + tl.arange(0, GROUP)
-    rows_ok = rows >= 0
-    codes = _unpack_rows(P, rows, rows_ok, tl.program_id(1) * BLOCK_F, aligned, stride_p, GROUP, BLOCK_F, BITS,
-                         PAIRED)  # fmt: skip
+    # inverse of _quantize_pack_blocks_kernel (_block_tile)
+    block, first, cols, rows = _block_tile(GROUP, BLOCK_F)
+    codes = _unpack_rows(P, rows, rows >= 0, first, aligned, stride_p, GROUP, BLOCK_F, BITS, PAIRED)
     col_ok = cols < n_cols
-    s = tl.load(S + block * aligned + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if SYMMETRIC:
-        x = s * (codes.to(tl.float32) - (1 << (BITS - 1)))
-    else:
-        z = tl.load(Z + block * aligned + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        x = s * codes.to(tl.float32) + z
+    x = _dequantize_codes(codes, S, Z, (block * aligned + cols)[None, :], col_ok[None, :], BITS, SYMMETRIC)
     tl.store(OUT + rows[:, None] * stride_out + cols[None, :], x.to(OUT.dtype.element_ty), mask=col_ok[None, :])
 
 

@@ -179,7 +179,7 @@ def lowrank_decode_reference(
 # --- kernel ----------------------------------------------------------------------------------
 
 # The tail loop (window, partly quantized tiles) reads codes one element at a time (_codes, _segment); the
-# main loop reads whole aligned runs of packed codes (_channel_codes, _token_codes).
+# main loop reads whole aligned runs of packed codes (_token_codes, _token_words).
 
 
 @triton.jit
@@ -847,14 +847,21 @@ def _decode_kernel(
         acc_a += tl.sum(va_shift, axis=0)[None, :]
     if VB_FOLD:
         acc_b += tl.sum(vb_shift, axis=0)[None, :]
-    # tail, element by element: the tile before main_lo (a sequence's partial first tile, when it has one: at
-    # most one) and the tiles from main_hi on (the full-precision window and partly quantized tiles)
+    # tail, element by element, in tiles of TAIL_N tokens: the lead (a sequence's partial first tile before
+    # main_lo, when it has one) and the tokens from main_hi on (the full-precision window and partly quantized
+    # tiles). The tiles are the MMAs' smallest M: the per-element gathers hold a pointer and a value per element,
+    # and 64-token tail tiles made the whole kernel spill (Llama-3-8B 4 bits at 128 registers: an 856-byte stack
+    # and 16 local loads and stores in the main loop; at 16 tokens 128 bytes and 4).
+    TAIL_N: tl.constexpr = 16
     kw = b * kw_b + h * kw_h
     vw = b * vw_b + h * vw_h
-    lead = (lo < main_lo) & (lo < hi)
-    for n in range(tl.where(lead, main_hi - BLOCK_N, main_hi), hi, BLOCK_N):
-        n = tl.where(n < main_hi, lo, n)  # the lead tile takes the iteration before main_hi
-        tok = n + tl.arange(0, BLOCK_N)
+    lead_lo = tl.maximum(lo, start // TAIL_N * TAIL_N)
+    lead_hi = tl.where(lo < main_lo, tl.minimum(main_lo, hi), lead_lo)
+    n_lead = tl.maximum(lead_hi - lead_lo + TAIL_N - 1, 0) // TAIL_N
+    n_tail = tl.maximum(hi - main_hi + TAIL_N - 1, 0) // TAIL_N
+    for i in range(0, n_lead + n_tail):
+        n = tl.where(i < n_lead, lead_lo + i * TAIL_N, main_hi + (i - n_lead) * TAIL_N)
+        tok = n + tl.arange(0, TAIL_N)
         tok_ok = (tok >= start) & (tok < hi)
         k = _chunk_tail(
             KAC,
@@ -1001,15 +1008,15 @@ def launch_config(mode: str, group: int) -> KernelConfig:
 
     Tiles of 64 tokens: the MMAs' M, 16 rows for each of the four warps (smaller tiles leave the tensor
     cores' rows idle, and 64-token tiles are what the GPU correctness check runs); four warps and three
-    stages keep two tiles of loads in flight while one is used. The kernel is latency-bound at two programs
-    per SM (255 registers a thread), so rank mode caps registers at 128: four programs per SM (measured on an
-    H200 at Llama-3-8B B=8 x 32k, 4 bits: 0.31 -> 0.25 ms), although the capped compile spills (a stack of
-    0.5-3.0 KB a thread at head size 128; configs that keep the occupancy without spilling are open work).
-    Pre mode keeps the compiler's choice: capped, its rotation ran twice as slow. ``python -m
-    eigenkv.kernels.roofline`` reports both compiles.
+    stages keep two tiles of loads in flight while one is used. The loop is latency-bound: uncapped, the
+    compiler takes 240-255 registers a thread and an SM holds two programs. Rank mode caps registers at 168:
+    three programs per SM, and at Llama-3-8B shapes no spill (at 128, four programs, it spills: 4 local
+    loads and stores a tile at 4 bits; on an H200 the 128 cap, then spilling 16 a tile, took B=8 x 32k
+    from 0.31 ms uncapped to 0.25). Pre mode keeps the compiler's choice (capped, its rotation ran twice as
+    slow). ``python -m eigenkv.kernels.roofline`` reports both compiles.
     """
     if mode == "rank":
-        return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=128)
+        return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=168)
     return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3)
 
 

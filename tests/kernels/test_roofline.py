@@ -248,18 +248,14 @@ def test_sass_dump_is_the_hot_loop(decode_case, decode_report):
 
 
 # The default decode config (Llama-3-8B shapes at 0.6x, 4-bit, group 64, keys per channel, values per token):
-# what its hot loop issues per stored byte, read from the sm_90 SASS. The bounds are where the kernel stands
-# (0.285 rank, capped at 128 registers, which doubles the programs per SM; 0.455 pre; before per-channel codes were
-# stored as a row per token, like per-token codes: 0.306 and 0.474; before the main loop's scores went unmasked:
-# 0.313 and 0.48; before per-token rows were paired: 0.327 and 0.50; before they were copied 8
-# bytes at a time: 0.333 rank; before the MMA operands were
-# loaded at 16 bits and the slices addressed with 32-bit offsets: 0.41 and 0.57; before 2- and 4-bit codes were
-# converted by PTX: 0.47 and 0.63; before the values' scales were folded into the probabilities: 0.52 and 0.68;
-# before the two-codes-an-instruction conversion, the query heads padded to 8 and the row sums kept per element:
-# 0.60 and 0.78; the first kernel issued 6.3 and 10.5) with a little room: a change that makes the loop heavier
-# fails here. The issue rate of an H100 over its bandwidth is about 0.3 per byte: below that the loop is
-# memory-bound.
-DECODE_TARGETS = {"lowrank_decode[llama3-8b,rank,4bit,g64]": 0.30, "lowrank_decode[llama3-8b,pre,4bit,g64]": 0.47}
+# what its hot loop issues per stored byte, read from the sm_90 SASS, bounded where the kernel stands with a
+# little room, so that a change that makes the loop heavier fails here: 0.268 rank (399 instructions a 64-token
+# tile at 168 registers, three programs per SM), 0.446 pre (663 at 255 registers, two). The first kernel issued
+# 6.3 and 10.5; benchmarks/results/roofline_sm90_before_after.md has the steps between. The issue rate of an H100
+# over its bandwidth is about 0.3 per byte: below that the loop is memory-bound. Neither loop spills, and rank
+# mode has no stack frame at all (pre mode's holds libdevice's sin/cos reduction array: see
+# test_compile_for_gpu.SPILL_BUDGET).
+DECODE_TARGETS = {"lowrank_decode[llama3-8b,rank,4bit,g64]": 0.28, "lowrank_decode[llama3-8b,pre,4bit,g64]": 0.46}
 
 
 def test_default_decode_config_stays_under_its_target(tmp_path):
@@ -271,11 +267,11 @@ def test_default_decode_config_stays_under_its_target(tmp_path):
         row = rows[name]
         assert float(row["warp_instr_per_byte"]) <= target, (name, row["warp_instr_per_byte"])
         assert row["async_copies"] == "True", row
-        # spills (open work, see test_compile_for_gpu.SPILL_BUDGET): the loop's local loads and stores, as the
-        # opcode histogram counts them, and a stack frame to hold them
+        # no spills: the loop's local loads and stores, as the opcode histogram counts them
         histogram = dict(pair.split(":") for pair in row["opcodes"].split())
-        assert int(row["loop_spills"]) == int(histogram.get("LDL", 0)) + int(histogram.get("STL", 0)), row
-        assert int(row["loop_spills"]) == 0 or int(row["spill_bytes"]) > 0, row
+        assert int(row["loop_spills"]) == int(histogram.get("LDL", 0)) + int(histogram.get("STL", 0)) == 0, row
+        if ",rank," in name:
+            assert int(row["spill_bytes"]) == 0, row
         mode = "rank" if ",rank," in name else "pre"
         assert int(row["ctas_per_sm"]) == programs_per_sm(launch_config(mode, 64)), row  # what splits assume
         assert int(row["ldgsts"]) > 0 and int(row["ldg_u8"]) == 0, row  # whole rows copied asynchronously

@@ -19,7 +19,9 @@ attention is timed:
 
 Each is timed ``plain`` (CUDA events around a Python call, median, after an L2
 flush: CPU launch overhead counts where it exceeds the GPU time) and, with
-``--graph``, replayed from a CUDA graph (GPU time only). Metrics: ``ms``,
+``--graph``, replayed from a CUDA graph (GPU time only); ``--register-caps``
+times the kernel again at other register caps (mode ``rank@168r``: programs
+per SM against spills). Metrics: ``ms``,
 ``bytes`` (what the method reads: the bytes the packed stream's tensors really
 hold, plus the decoders in pre mode; K and V for SDPA), ``GB/s`` of those
 bytes, ``pct_copy`` (of the device's copy bandwidth, a 1 GiB device-to-device
@@ -205,19 +207,26 @@ def time_sdpa(log: RowLog, common: dict, backends: dict, timings: list[str], cop
     return best
 
 
-def time_eigenkv(log: RowLog, common: dict, case: DecodeCase, modes, timings, kernel: bool, sdpa, copy, timer) -> None:
-    """Time the decode kernel (or, without ``kernel``, its PyTorch reference) in each mode and timing."""
-    decode = lowrank_decode if kernel else lowrank_decode_reference
+def time_eigenkv(
+    log: RowLog, common: dict, case: DecodeCase, modes, timings, kernel: bool, sdpa, copy, timer, caps=(None,)
+) -> None:
+    """Time the decode kernel (or, without ``kernel``, its PyTorch reference) in each mode and timing; with
+    ``caps`` (register caps, None for the launch config's), the kernel once per cap, as mode ``rank@168r``."""
     cache_bytes = stored_bytes(case.keys, case.values)
     log.add(**common, method="eigenkv", metric="cache_bytes", value=cache_bytes)
     for mode in modes:
         query, scoring = case.queries[mode]
         moved = cache_bytes + (stored_bytes(case.decoder) if mode == "pre" else 0)
-        fn = partial(decode, query, case.keys, case.values, scoring)
-        for timing in timings:
-            ms = timed(log, {**common, "method": "eigenkv", "mode": mode}, fn, timing, timer)
-            if ms is not None:
-                report(log, common, "eigenkv", mode, timing, ms, moved, copy, sdpa.get(timing))
+        for cap in caps if kernel else (None,):
+            if kernel:
+                fn = partial(lowrank_decode, query, case.keys, case.values, scoring, max_registers=cap)
+            else:
+                fn = partial(lowrank_decode_reference, query, case.keys, case.values, scoring)
+            label = mode if cap is None else f"{mode}@{cap}r"
+            for timing in timings:
+                ms = timed(log, {**common, "method": "eigenkv", "mode": label}, fn, timing, timer)
+                if ms is not None:
+                    report(log, common, "eigenkv", label, timing, ms, moved, copy, sdpa.get(timing))
 
 
 def timed(log: RowLog, base: dict, fn, timing: str, timer: dict) -> float | None:
@@ -269,10 +278,23 @@ def decode_point(log: RowLog, args, shape: str, batch: int, context: int, kernel
         torch.cuda.empty_cache()
     config = KVQuantConfig(bits=args.bits, group_size=args.group, residual=args.residual)
     case = decode_case(shape, batch, context, args.ratio, config, torch.float16, compute_device())
-    time_eigenkv(log, common, case, args.modes.split(","), timings, kernel, sdpa, copy, timer)
+    time_eigenkv(log, common, case, args.modes.split(","), timings, kernel, sdpa, copy, timer, args.register_caps)
 
 
 # --- main -----------------------------------------------------------------------------------------
+
+
+def register_caps(text: str) -> list[int | None]:
+    """``--register-caps``: ``"default,168"`` -> ``[None, 168]``."""
+    caps = []
+    for item in text.split(","):
+        if item == "default":
+            caps.append(None)
+        elif item.isdigit() and 64 <= int(item) <= 255:
+            caps.append(int(item))
+        else:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a register cap: give 64-255 or 'default'")
+    return caps
 
 
 def parse_points(args, cuda: bool) -> list[tuple[int, int]]:
@@ -323,6 +345,9 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--residual", type=int, default=0, help="tokens kept in full precision (KVQuantConfig)")
     parser.add_argument("--graph", action="store_true", help="also time each method replayed from a CUDA graph")
+    parser.add_argument("--register-caps", type=register_caps, default=[None], help="comma-separated register "
+                        "caps per thread to time the kernel at (64-255, or 'default': the launch config's), e.g. "
+                        "default,168,255")  # fmt: skip
     parser.add_argument("--sdpa-backends", default="flash,efficient,cudnn,math")
     add_gpu_step_arguments(parser)
     args = parser.parse_args()

@@ -14,6 +14,8 @@
 #      eigenkv.graphs.generate_static (decode step captured as a CUDA graph: capture s, graphed 1/0) (90 s)
 #      -> generate_<gpu>.csv (its own long format: device, model, method, batch, prompt_tokens, new_tokens,
 #      metric, value)
+#   e2. decode in rank mode at B=8 x 32k at register caps 168 and 255 (modes rank@168r, rank@255r; the
+#      launch config's cap is the decode step's rank rows)  -> decode_<gpu>.csv
 #   f. if time is left: pytest of the captured generation (tests/test_graphs.py, a real CUDA graph), device_map
 #      splits (tests/test_device_map.py) and the
 #      attention kernels (90 s) -> pytest_kernels_<gpu>.txt
@@ -89,6 +91,9 @@ if torch.cuda.is_available():
 	step prefill 60 "$PY" benchmarks/bench_prefill.py ${smoke[@]+"${smoke[@]}"} --shapes llama3-8b --batches 1 \
 		--lengths "$prefill_lengths" --out "$out"
 	step generate 90 "$PY" benchmarks/bench_generate.py "${generate[@]}" --out "$out"
+	# rank mode's register cap: 128 (four programs per SM, a few spills) against 168 (three, none) and 255 (two)
+	step decode-caps 45 "$PY" benchmarks/bench_decode.py ${smoke[@]+"${smoke[@]}"} ${graph[@]+"${graph[@]}"} \
+		--shapes llama3-8b --points "${decode_points%%,*}" --modes rank --register-caps 168,255 --sdpa-backends flash --out "$out"
 	if ((BUDGET - SECONDS >= 60)); then
 		# -p no:cacheprovider: nothing written into the checkout; the output goes to a file as it runs
 		step pytest-kernels 90 bash -c '"$0" -m pytest -q -rs --tb=short -p no:cacheprovider $2 >"$1" 2>&1; rc=$?

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -1009,14 +1009,14 @@ def launch_config(mode: str, group: int) -> KernelConfig:
     Tiles of 64 tokens: the MMAs' M, 16 rows for each of the four warps (smaller tiles leave the tensor
     cores' rows idle, and 64-token tiles are what the GPU correctness check runs); four warps and three
     stages keep two tiles of loads in flight while one is used. The loop is latency-bound: uncapped, the
-    compiler takes 240-255 registers a thread and an SM holds two programs. Rank mode caps registers at 168:
-    three programs per SM, and at Llama-3-8B shapes no spill (at 128, four programs, it spills: 4 local
-    loads and stores a tile at 4 bits; on an H200 the 128 cap, then spilling 16 a tile, took B=8 x 32k
-    from 0.31 ms uncapped to 0.25). Pre mode keeps the compiler's choice (capped, its rotation ran twice as
-    slow). ``python -m eigenkv.kernels.roofline`` reports both compiles.
+    compiler takes 240-255 registers a thread and an SM holds two programs. Rank mode caps registers at 128:
+    four programs per SM (measured on an H200 at Llama-3-8B B=8 x 32k, 4 bits: 0.31 -> 0.25 ms, when the
+    capped compile spilled 16 local loads and stores a tile; now 4). At 168 (three programs) it does not
+    spill; ``max_registers`` of :func:`lowrank_decode` takes other caps. Pre mode keeps the compiler's choice
+    (capped, its rotation ran twice as slow). ``python -m eigenkv.kernels.roofline`` reports both compiles.
     """
     if mode == "rank":
-        return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=168)
+        return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=128)
     return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3)
 
 
@@ -1251,6 +1251,7 @@ def lowrank_decode(
     starts: torch.Tensor | None = None,
     ends: torch.Tensor | None = None,
     splits: int | None = None,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """Triton flash-decoding over a packed low-rank cache (module doc) -> ``(B, H, r_v)`` in ``query.dtype``.
 
@@ -1260,6 +1261,8 @@ def lowrank_decode(
         scoring: how queries score keys (:class:`~eigenkv.kernels.scoring.Scoring`).
         starts, ends: ``(B,)`` int32, valid keys ``[starts[b], ends[b])``; default all ``S``.
         splits: programs per sequence (default from the length and the GPU's SM count).
+        max_registers: register cap per thread, 64-255 (default :func:`launch_config`'s: 128 in rank mode, none
+            in pre mode), for benchmarks that weigh programs per SM against spills.
 
     Streams in device form (``PackedStream.counts``, a capturable cache): the launch depends on the
     capacity, not on what is held (read from ``counts`` on the device), so one CUDA graph serves every
@@ -1302,6 +1305,10 @@ def lowrank_decode(
 
     groups = q_heads // kv_heads
     cfg = launch_config(mode, tile_group([(s.group_size, s.axis) for s in (keys, values) if s.segments]))
+    if max_registers is not None:
+        if not 64 <= max_registers <= 255:
+            raise ValueError(f"max_registers must be in [64, 255] (registers per thread); got {max_registers}")
+        cfg = replace(cfg, maxnreg=max_registers)
     block_n = cfg.constexprs["BLOCK_N"]
     slots = multiprocessors(query.device) * programs_per_sm(cfg)
     n_splits = splits or num_splits(tokens, batch * kv_heads, block_n, slots)

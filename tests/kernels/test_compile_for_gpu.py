@@ -29,15 +29,15 @@ def test_every_spec_compiled_for_both_targets(reports):
 
 # The stack frames the compiles hold today: the largest (bytes per thread) of any config of each kernel, on sm_80
 # or sm_90, keyed by (kernel, head size 256). A kernel not listed must not spill at all, and no config may spill
-# more than its kernel does today. The decode kernel in rank mode (capped at 168 registers: three programs per SM)
-# keeps 8-112 bytes below head size 256, values saved before its main loop and read after it, and 512 at 256; in
+# more than its kernel does today. The decode kernel in rank mode (capped at 128 registers: four programs per SM)
+# spills up to 256 bytes below head size 256 and 936 at 256 (at 168 registers, three programs, 112 and 512); in
 # pre mode its 32-272 bytes are libdevice's sin/cos reduction array (angles beyond 1e5 radians), not spilled
 # registers. The prefill kernel spills at head size 256 only. (The decode kernel's frames went from 3656 and 5888
-# bytes to 2560 and 4544 when per-channel codes became a row per token, and to 272 and 512 when its tail loop took
-# tiles of 16 tokens and rank mode 168 registers.)
+# bytes to 2560 and 4544 when per-channel codes became a row per token, and to 272 and 936 when its tail loop
+# took tiles of 16 tokens.)
 SPILL_BUDGET = {
     ("lowrank_decode", False): 272,
-    ("lowrank_decode", True): 512,
+    ("lowrank_decode", True): 936,
     ("lowrank_prefill", True): 304,
     ("quantize_pack", False): 8,
     ("group_minmax", False): 8,

@@ -563,6 +563,8 @@ def test_bad_input_is_refused_with_the_fix():
         lowrank_decode(query, PackedStream.full_precision(x.bfloat16()), stream, one)
     with pytest.raises(ValueError, match="int32"):
         lowrank_decode(query, stream, stream, one, starts=torch.zeros(1, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match=r"max_registers must be in \[64, 255\].*got 32"):
+        lowrank_decode(query, stream, stream, one, max_registers=32)
     packed = make_stream(x, KVQuantConfig(bits=4, group_size=16), "channel")
     broken = PackedStream(packed.segments, packed.window, packed.quantized_tokens + 1, "channel", 16)
     with pytest.raises(ValueError, match="whole blocks of 16 tokens"):

@@ -1,16 +1,17 @@
 """Compile every kernel for sm_80 and sm_90 without a GPU, at every config its launcher uses.
 
-``python -m eigenkv.kernels.compile_check`` prints one JSON line per (kernel
-config, target) with shared memory, registers and register spills (read with the
-``cuobjdump`` shipped in the Triton wheel: the stack frame ptxas spills into, and
-the local loads and stores in the SASS). ``--roofline`` writes the static
-roofline of the attention kernels instead (:mod:`eigenkv.kernels.roofline`).
-Either must run with ``TRITON_INTERPRET`` unset: interpreted kernels cannot be
-compiled.
+``python -m eigenkv.kernels.compile_check [--jobs N]`` prints one JSON line per
+(kernel config, target) with shared memory, registers and register spills (read
+with the ``cuobjdump`` shipped in the Triton wheel: the stack frame ptxas spills
+into, and the local loads and stores in the SASS), compiling in N processes (one
+per CPU by default). ``python -m eigenkv.kernels.roofline`` writes the static
+roofline of the attention kernels. Both must run with ``TRITON_INTERPRET``
+unset: interpreted kernels cannot be compiled.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import multiprocessing
@@ -144,8 +145,8 @@ def _call_forked(index: int):
     return fn(items[index])
 
 
-def fork_map(fn: Callable, items: Sequence, chunksize: int = 1) -> Iterator:
-    """``fn(item)`` for each item, in order, computed by a fork pool of one worker per CPU.
+def fork_map(fn: Callable, items: Sequence, chunksize: int = 1, processes: int | None = None) -> Iterator:
+    """``fn(item)`` for each item, in order, computed by a fork pool of ``processes`` workers (one per CPU).
 
     Workers inherit ``fn`` and ``items`` by forking (specs hold jitted functions, which do not pickle);
     only the results travel back, so they must pickle. Compiling is CPU-bound: processes, not threads.
@@ -153,7 +154,8 @@ def fork_map(fn: Callable, items: Sequence, chunksize: int = 1) -> Iterator:
     global _FORK_JOB
     _FORK_JOB = (fn, items)
     try:
-        with multiprocessing.get_context("fork").Pool(min(os.cpu_count() or 1, max(len(items), 1))) as pool:
+        workers = min(processes or os.cpu_count() or 1, max(len(items), 1))
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
             yield from pool.imap(_call_forked, range(len(items)), chunksize=chunksize)
     finally:
         _FORK_JOB = None
@@ -167,21 +169,27 @@ def _compile_one(job: tuple[KernelSpec, int]) -> dict:
         return {"kernel": spec.name, "target": f"sm_{capability}", "error": f"{type(err).__name__}: {err}"}
 
 
-def check_all() -> int:
-    """Compile every spec for sm_80 and sm_90, print one JSON line each; 1 when any failed."""
+def check_all(processes: int | None = None) -> int:
+    """Compile every spec for sm_80 and sm_90 in ``processes`` workers (one per CPU), print one JSON line each;
+    1 when any failed."""
     jobs = [(spec, capability) for spec in all_specs() for capability in (80, 90)]
     failed = 0
-    for report in fork_map(_compile_one, jobs, chunksize=4):
+    for report in fork_map(_compile_one, jobs, chunksize=4, processes=processes):
         failed += "error" in report
         print(json.dumps(report), flush=True)
     return 1 if failed else 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eigenkv.kernels.compile_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=None, metavar="N", help="compile processes (default one per CPU)")
+    args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be at least 1; got {args.jobs}")
     if interpreting():
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU", file=sys.stderr)
         return 2
-    return check_all()
+    return check_all(args.jobs)
 
 
 if __name__ == "__main__":

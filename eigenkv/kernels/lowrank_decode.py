@@ -595,12 +595,13 @@ def _weigh_folded(C, S, Z, c_r, s_r, n, tok, offset, aligned, groups, p, alpha, 
 
 
 @triton.jit
-def _chunk_tail(C, S, Z, c_base, s_base, c_r, s_r, X, x_base, x_r, quantized, ring, tok, tok_ok, offset, feat0,
+def _chunk_tail(C, S, Z, c_base, s_base, c_r, s_r, X, x_base, x_r, quantized, ring, n, tok, tok_ok, offset, feat0,
                 width, aligned, BITS: tl.constexpr, AXIS_TOKEN: tl.constexpr, GROUP: tl.constexpr,
                 SYMMETRIC: tl.constexpr, W: tl.constexpr, RING: tl.constexpr):  # fmt: skip
-    # (N, W) fp32 of features [offset, offset + W) of a segment (stream features feat0 + j) for any tokens:
-    # dequantized codes for tok < quantized, the full-precision window after (per element: the few last tiles);
-    # the window is a ring of `ring` slots (token j in slot j % ring) when RING, else starts at token `quantized`
+    # (N, W) fp32 of features [offset, offset + W) of a segment (stream features feat0 + j) for tokens `tok`
+    # (from n): dequantized codes for tok < quantized, the full-precision window after (per element: the few last
+    # tiles); the window is a ring of `ring` slots (token j in slot j % ring) when RING, else starts at token
+    # `quantized`. A tile wholly in the window (most tail tiles of a decode step) skips the codes' gathers.
     j = tl.arange(0, W)
     f_ok = offset + j < width
     in_window = tok_ok & (tok >= quantized)
@@ -610,9 +611,10 @@ def _chunk_tail(C, S, Z, c_base, s_base, c_r, s_r, X, x_base, x_r, quantized, ri
         mask=in_window[:, None] & f_ok[None, :],
         other=0.0,
     ).to(tl.float32)
-    if BITS > 0:
-        x += _segment(C, S, Z, c_base, s_base, c_r, s_r, tok, tok_ok & (tok < quantized), offset + j, 0, width,
-                      aligned, AXIS_TOKEN, BITS, GROUP, SYMMETRIC)  # fmt: skip
+    if BITS > 0:  # noqa: SIM102 (compiled away when BITS is 0; the test below is a runtime branch)
+        if n < quantized:
+            x += _segment(C, S, Z, c_base, s_base, c_r, s_r, tok, tok_ok & (tok < quantized), offset + j, 0, width,
+                          aligned, AXIS_TOKEN, BITS, GROUP, SYMMETRIC)  # fmt: skip
     return x
 
 
@@ -851,7 +853,8 @@ def _decode_kernel(
     # main_lo, when it has one) and the tokens from main_hi on (the full-precision window and partly quantized
     # tiles). The tiles are the MMAs' smallest M: the per-element gathers hold a pointer and a value per element,
     # and 64-token tail tiles made the whole kernel spill (Llama-3-8B 4 bits at 128 registers: an 856-byte stack
-    # and 16 local loads and stores in the main loop; at 16 tokens 128 bytes and 4).
+    # and 16 local loads and stores in the main loop; at 16 tokens, with tiles in the window skipping the codes'
+    # gathers, 56 bytes and none in the main loop).
     TAIL_N: tl.constexpr = 16
     kw = b * kw_b + h * kw_h
     vw = b * vw_b + h * vw_h
@@ -876,6 +879,7 @@ def _decode_kernel(
             kw_r,
             k_quantized,
             kw_ring,
+            n,
             tok,
             tok_ok,
             ka_off,
@@ -890,9 +894,9 @@ def _decode_kernel(
             COUNTS,
         ).to(dtype)
         if KB:
-            kb = _chunk_tail(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, KW, kw, kw_r, k_quantized, kw_ring, tok, tok_ok,
-                             kb_off, kb_feat, kb_width, kb_aligned, KB_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC, KB_W,
-                             COUNTS)  # fmt: skip
+            kb = _chunk_tail(KBC, KBS, KBZ, kb_c, kb_s, kbc_r, kbs_r, KW, kw, kw_r, k_quantized, kw_ring, n, tok,
+                             tok_ok, kb_off, kb_feat, kb_width, kb_aligned, KB_BITS, K_TOKEN, K_GROUP, K_SYMMETRIC,
+                             KB_W, COUNTS)  # fmt: skip
             kb = kb.to(dtype)
         if PRE:
             a1 = dot(k, d1a, DOT_FP32)
@@ -929,6 +933,7 @@ def _decode_kernel(
             vw_r,
             v_quantized,
             vw_ring,
+            n,
             tok,
             tok_ok,
             va_off,
@@ -957,6 +962,7 @@ def _decode_kernel(
                 vw_r,
                 v_quantized,
                 vw_ring,
+                n,
                 tok,
                 tok_ok,
                 vb_off,
@@ -1011,9 +1017,9 @@ def launch_config(mode: str, group: int) -> KernelConfig:
     stages keep two tiles of loads in flight while one is used. The loop is latency-bound: uncapped, the
     compiler takes 240-255 registers a thread and an SM holds two programs. Rank mode caps registers at 128:
     four programs per SM (measured on an H200 at Llama-3-8B B=8 x 32k, 4 bits: 0.31 -> 0.25 ms, when the
-    capped compile spilled 16 local loads and stores a tile; now 4). At 168 (three programs) it does not
-    spill; ``max_registers`` of :func:`lowrank_decode` takes other caps. Pre mode keeps the compiler's choice
-    (capped, its rotation ran twice as slow). ``python -m eigenkv.kernels.roofline`` reports both compiles.
+    capped compile spilled 16 local loads and stores a tile; now none in the main loop). ``max_registers`` of
+    :func:`lowrank_decode` takes other caps. Pre mode keeps the compiler's choice (capped, its rotation ran
+    twice as slow). ``python -m eigenkv.kernels.roofline`` reports both compiles.
     """
     if mode == "rank":
         return KernelConfig(constexprs={"BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=128)

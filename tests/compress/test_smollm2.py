@@ -68,6 +68,6 @@ def test_smollm2_compress_perplexity_and_decoding(smollm2, monkeypatch):
     for backend in ("torch", "triton"):
         monkeypatch.setenv("EIGENKV_BACKEND", backend)
         with QuantizedKV(half, kv_config) as kv, torch.no_grad():
-            tokens[backend] = half.generate(prompt, past_key_values=kv.new_cache(), max_new_tokens=3, do_sample=False)
-    assert launches == ["lowrank_prefill"] * 30 + ["lowrank_decode"] * 2 * 30  # every layer, every step
+            tokens[backend] = half.generate(prompt, past_key_values=kv.new_cache(), max_new_tokens=2, do_sample=False)
+    assert launches == ["lowrank_prefill"] * 30 + ["lowrank_decode"] * 30  # every layer: the prompt, one step
     assert torch.equal(tokens["triton"], tokens["torch"])

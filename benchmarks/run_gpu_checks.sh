@@ -91,7 +91,7 @@ if torch.cuda.is_available():
 	step prefill 60 "$PY" benchmarks/bench_prefill.py ${smoke[@]+"${smoke[@]}"} --shapes llama3-8b --batches 1 \
 		--lengths "$prefill_lengths" --out "$out"
 	step generate 90 "$PY" benchmarks/bench_generate.py "${generate[@]}" --out "$out"
-	# rank mode's register cap: 128 (four programs per SM, a few spills) against 168 (three, none) and 255 (two)
+	# rank mode's register cap: the launch config's 128 (four programs per SM) against 168 (three) and 255 (two)
 	step decode-caps 45 "$PY" benchmarks/bench_decode.py ${smoke[@]+"${smoke[@]}"} ${graph[@]+"${graph[@]}"} \
 		--shapes llama3-8b --points "${decode_points%%,*}" --modes rank --register-caps 168,255 --sdpa-backends flash --out "$out"
 	if ((BUDGET - SECONDS >= 60)); then

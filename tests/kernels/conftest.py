@@ -2,7 +2,8 @@
 
 The check (``python -m eigenkv.kernels.compile_check``, hundreds of compiles) is the longest step of the suite, and
 the interpreter tests keep one core busy: run side by side, the suite takes minutes less. The check takes every
-core but one, so that the tests, the longer of the two, never wait for a core (on 2 cores: 17.2 -> MEASURED min).
+core but one, so that the tests, the longer of the two, never wait for a core (the suite on 2 cores: 17.2 -> 13.2
+min, with the SmolLM2 smoke test a decode step shorter).
 Its tests are moved to the end, so they wait for the check only when it has had the whole suite's time.
 """
 

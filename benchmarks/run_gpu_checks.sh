@@ -5,8 +5,9 @@
 #   a. versions and the GPU (nvidia-smi)
 #   b. correctness: decode kernel vs its reference (Llama-3-8B shape, 4k tokens, rank/pre, fp16/bf16, groups 64/16,
 #      4 bits; then 2, 3 and 8 bits in rank mode), prefill kernel vs its reference (1k tokens) -> correct_<gpu>.csv
-#   c. decode timing: B=8 x 32k, B=1 x 32k, B=8 x 4k; eigenkv rank/pre vs SDPA fp16 (each backend that runs)
-#      and the copy bandwidth; plain and CUDA-graph timing   -> decode_<gpu>.csv
+#   c. decode timing: B=8 x 32k, B=1 x 32k, B=8 x 4k, then B=1 x (32k + 32): a step with 32 keys in the
+#      full-precision window, as most steps hold (the others are whole blocks of 64: no window); eigenkv rank/pre
+#      vs SDPA fp16 (each backend that runs) and the copy bandwidth; plain and CUDA-graph timing -> decode_<gpu>.csv
 #   d. prefill timing at 8k and 32k vs SDPA fp16             -> prefill_<gpu>.csv
 #   e. end-to-end generate, B=8 x 4k and 32k prompts, 64 new tokens, on a 4-layer Llama-3-8B-shaped random
 #      model: decode tokens/s, prefill s, peak memory and KV bytes of transformers' dynamic / static /
@@ -48,7 +49,7 @@ else
 	# the captured generation's tests (short; one captures a real CUDA graph), then the attention kernels' tests
 	# (odd shapes against the references): what the interpreter cannot prove about a GPU (alignment claims,
 	# layouts); the other kernel tests compile for GPUs on CPU already
-	decode_points=8x32768,1x32768,8x4096 prefill_lengths=8192,32768 graph=(--graph)
+	decode_points=8x32768,1x32768,8x4096,1x32800 prefill_lengths=8192,32768 graph=(--graph)
 	kernel_tests="tests/test_graphs.py tests/test_device_map.py tests/kernels/test_lowrank_decode.py tests/kernels/test_lowrank_prefill.py"
 	generate=(--batches 8 --prompt-lengths 4096,32768 --new-tokens 64)
 fi

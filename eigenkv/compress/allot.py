@@ -30,7 +30,7 @@ layer versus layer. Four ways to choose them:
   for a multiplier ``lam`` every (layer, kind) independently picks the rank
   minimising ``F(r) + lam * H_kv * r``; ``lam`` is bisected to the ratio.
   (Keys and values are treated as independent and layers as additive: the
-  README's table checks the predicted against the measured perplexity.)
+  docs/results.md, "Eigen Attention alone", checks the predicted against the measured perplexity.)
 
 A ratio is then met within ``RATIO_TOLERANCE`` (and as closely as single steps
 allow from below) by adding or removing single components (``rank_multiple``
